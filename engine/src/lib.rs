@@ -1,0 +1,1 @@
+//! crest checkpoint/restart engine.
