@@ -1,4 +1,11 @@
-//! The crest conformance suite: the library half (report types shared with
-//! `xtask`, which merges per-kernel reports into a matrix).
+//! The crest conformance suite: one trial per (requirement, case) of
+//! REQUIREMENTS.md, run by the `crest-conformance` binary, by `cargo test`
+//! (`tests/native.rs`) and, inside QEMU guests, by `xtask`, which also reads
+//! the JSON reports (`report`).
 
+pub mod cases;
 pub mod report;
+pub mod requirements;
+pub mod runner;
+pub mod suite;
+pub mod view;

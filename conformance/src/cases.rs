@@ -1,0 +1,258 @@
+//! The case table: `conformance/cases.json`, embedded at build time. Each case
+//! declares its trial name (`REQUIREMENT-ID::case`), its workload, its dump
+//! scope, its mode and what it needs; unknown keys are rejected so a typo can't
+//! silently turn a check off.
+
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::requirements::Requirement;
+
+/// The case table as it was when this binary was built.
+pub const CASES_JSON: &str = include_str!("../cases.json");
+
+/// Which processes a dump takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scope {
+    /// The workload process alone.
+    #[default]
+    Pid,
+    /// The workload and all its descendants.
+    Tree,
+    /// Every process of the workload's session.
+    Session,
+}
+
+/// What the harness does with the workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// dump → reap → restore → compare the outside view → go → result `ok`
+    /// (repeated `--cycles` times).
+    #[default]
+    Cycle,
+    /// The workload is traced by another process: the dump must be refused and
+    /// leave it running and unchanged.
+    Traced,
+    /// `crest dump` of a pid that does not exist must fail with a clear error.
+    NoSuchPid,
+    /// Restoring while the original still runs must fail clearly (its pid is taken)
+    /// and leave the original alone.
+    PidInUse,
+    /// `dump --leave-running` keeps the process running unchanged; its image restores.
+    LeaveRunning,
+    /// `dump --stop` leaves the process stopped; SIGCONT resumes it.
+    StopAfterDump,
+    /// `restore --detach` returns once the process runs; it finishes on its own.
+    Detached,
+    /// `crest check` and `crest check --json` succeed; the JSON parses.
+    CheckCommand,
+    /// `crest show IMG` and `crest show IMG --json` describe a fresh image.
+    ShowImage,
+    /// A restore from an image with a flipped byte fails with a clear error.
+    CorruptImage,
+    /// A restore after a file the process had open changed fails with a clear error.
+    FileChanged,
+}
+
+impl Mode {
+    /// Whether the mode starts a workload at all.
+    pub fn needs_workload(self) -> bool {
+        !matches!(self, Mode::NoSuchPid | Mode::CheckCommand)
+    }
+}
+
+/// Something outside the engine a case needs; missing → the case is ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Need {
+    /// An MPI C compiler wrapper on PATH (or `--mpi`).
+    Mpicc,
+    /// A C compiler on PATH.
+    Cc,
+}
+
+/// One case, as written in cases.json.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaseSpec {
+    /// `REQUIREMENT-ID::case`.
+    pub id: String,
+    /// One line: what the case proves.
+    pub about: String,
+    /// The workload binary (in the workload dir), when the mode needs one.
+    #[serde(default)]
+    pub workload: Option<String>,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub scope: Scope,
+    #[serde(default)]
+    pub mode: Mode,
+    /// Overrides `--case-timeout`.
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+    #[serde(default)]
+    pub needs: Vec<Need>,
+    /// The case is declared but cannot run yet (its workload is not written);
+    /// it is reported as ignored with this reason.
+    #[serde(default)]
+    pub pending: Option<String>,
+    /// The exit status `crest restore` must pass through (0, a code, or 128+signal).
+    #[serde(default)]
+    pub expect_exit: i32,
+    /// The image of this case must not be larger (sparse memory costs nothing).
+    #[serde(default)]
+    pub max_image_kib: Option<u64>,
+}
+
+impl CaseSpec {
+    /// The requirement ID part of the name.
+    pub fn requirement(&self) -> &str {
+        self.id.split_once("::").map(|(r, _)| r).unwrap_or(&self.id)
+    }
+}
+
+/// Parses and checks a case table: names well formed and unique, a workload
+/// where the mode needs one.
+pub fn parse(text: &str) -> Result<Vec<CaseSpec>, String> {
+    let cases: Vec<CaseSpec> =
+        serde_json::from_str(text).map_err(|e| format!("cases.json: {e}"))?;
+    let mut seen = BTreeSet::new();
+    for c in &cases {
+        let Some((req, name)) = c.id.split_once("::") else {
+            return Err(format!(
+                "case {:?}: the name must be `REQUIREMENT-ID::case`",
+                c.id
+            ));
+        };
+        if req.is_empty() || name.is_empty() || name.contains("::") {
+            return Err(format!(
+                "case {:?}: the name must be `REQUIREMENT-ID::case`",
+                c.id
+            ));
+        }
+        if !seen.insert(c.id.clone()) {
+            return Err(format!("case {:?} is declared twice", c.id));
+        }
+        if c.mode.needs_workload() && c.workload.is_none() && c.pending.is_none() {
+            return Err(format!(
+                "case {:?}: mode {:?} needs a workload",
+                c.id, c.mode
+            ));
+        }
+    }
+    Ok(cases)
+}
+
+/// The embedded case table.
+pub fn embedded() -> Vec<CaseSpec> {
+    parse(CASES_JSON).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The traceability check run before any case: every case must name a
+/// requirement REQUIREMENTS.md defines. Returns the refusal message otherwise.
+pub fn check_known(cases: &[CaseSpec], reqs: &BTreeMap<String, Requirement>) -> Result<(), String> {
+    let unknown: Vec<&str> = cases
+        .iter()
+        .filter(|c| !reqs.contains_key(c.requirement()))
+        .map(|c| c.id.as_str())
+        .collect();
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "refusing to run: these cases name requirements REQUIREMENTS.md lacks: {}",
+            unknown.join(", ")
+        ))
+    }
+}
+
+/// The must/should requirements no case covers, in ID order.
+pub fn untested<'a>(
+    cases: &[CaseSpec],
+    reqs: &'a BTreeMap<String, Requirement>,
+) -> Vec<&'a Requirement> {
+    let covered: BTreeSet<&str> = cases.iter().map(|c| c.requirement()).collect();
+    reqs.values()
+        .filter(|r| {
+            matches!(
+                r.priority,
+                crate::requirements::Priority::Must | crate::requirements::Priority::Should
+            )
+        })
+        .filter(|r| !covered.contains(r.id.as_str()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::requirements;
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let e = parse(r#"[{"id": "A-B::c", "about": "x", "workload": "w", "timeout": 3}]"#)
+            .unwrap_err();
+        assert!(e.contains("unknown field `timeout`"), "{e}");
+    }
+
+    #[test]
+    fn names_modes_and_duplicates_are_checked() {
+        assert!(parse(r#"[{"id": "A-B", "about": "x", "workload": "w"}]"#)
+            .unwrap_err()
+            .contains("REQUIREMENT-ID::case"));
+        assert!(parse(r#"[{"id": "A-B::c", "about": "x"}]"#)
+            .unwrap_err()
+            .contains("needs a workload"));
+        let dup = r#"[{"id": "A-B::c", "about": "x", "workload": "w"}, {"id": "A-B::c", "about": "y", "workload": "w"}]"#;
+        assert!(parse(dup).unwrap_err().contains("declared twice"));
+        let ok =
+            parse(r#"[{"id": "A-B::c", "about": "x", "mode": "no-such-pid", "scope": "tree"}]"#)
+                .unwrap();
+        assert_eq!(
+            (ok[0].mode, ok[0].scope, ok[0].requirement()),
+            (Mode::NoSuchPid, Scope::Tree, "A-B")
+        );
+    }
+
+    #[test]
+    fn a_case_naming_an_unknown_requirement_is_refused() {
+        let reqs = requirements::parse(
+            "| ID | state | priority | tests | status |\n|---|---|---|---|---|\n| A-B | s | must | | |\n| A-C | s | should | | |\n| A-D | s | later | | |\n",
+        )
+        .unwrap();
+        let cases = parse(r#"[{"id": "A-B::c", "about": "x", "workload": "w"}, {"id": "Z-Z::c", "about": "x", "workload": "w"}]"#).unwrap();
+        let e = check_known(&cases, &reqs).unwrap_err();
+        assert!(e.contains("Z-Z::c") && !e.contains("A-B::c"), "{e}");
+        let ids: Vec<&str> = untested(&cases[..1], &reqs)
+            .iter()
+            .map(|r| r.id.as_str())
+            .collect();
+        assert_eq!(ids, vec!["A-C"]);
+    }
+
+    /// REQUIREMENTS.md's tests column and cases.json name the same trials, both ways.
+    #[test]
+    fn requirements_md_and_cases_json_agree() {
+        let reqs = requirements::embedded();
+        let cases = embedded();
+        check_known(&cases, &reqs).unwrap();
+        let from_cases: BTreeSet<&str> = cases.iter().map(|c| c.id.as_str()).collect();
+        let from_md: BTreeSet<&str> = reqs
+            .values()
+            .flat_map(|r| r.tests.iter().map(String::as_str))
+            .collect();
+        let only_cases: Vec<_> = from_cases.difference(&from_md).collect();
+        let only_md: Vec<_> = from_md.difference(&from_cases).collect();
+        assert!(
+            only_cases.is_empty(),
+            "cases missing from REQUIREMENTS.md's tests column: {only_cases:?}"
+        );
+        assert!(
+            only_md.is_empty(),
+            "REQUIREMENTS.md names tests cases.json lacks: {only_md:?}"
+        );
+    }
+}

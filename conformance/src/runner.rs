@@ -1,0 +1,1069 @@
+//! Runs one case: starts its workload, drives `crest dump` / `crest restore`
+//! through the case's mode, compares outside views and collects the workload's
+//! verdict. Whatever happens, every process the case started (and every process
+//! a restore created) is killed before the case returns.
+
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::cases::{CaseSpec, Mode, Need, Scope};
+use crate::view::{self, Parent};
+
+const READY: &str = "ready";
+const GO: &str = "go";
+const RESULT: &str = "result";
+
+/// The engine's exit code for "refused: not supported yet".
+pub const EXIT_UNSUPPORTED: i32 = 3;
+/// What a Rust panic exits with: never an acceptable answer from crest.
+const EXIT_PANIC: i32 = 101;
+/// How long the harness waits for a restored process to show the recorded view.
+const VIEW_WAIT: Duration = Duration::from_secs(20);
+/// How long a process may take to die after the dump that was to kill it.
+const DEATH_WAIT: Duration = Duration::from_secs(10);
+const POLL: Duration = Duration::from_millis(10);
+
+/// Everything a case run needs from the command line.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub crest_bin: PathBuf,
+    pub workload_dir: PathBuf,
+    pub work_dir: PathBuf,
+    pub cycles: u32,
+    pub case_timeout: Duration,
+    pub keep: bool,
+    pub mpi: Option<PathBuf>,
+    pub is_root: bool,
+}
+
+/// How a case ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaseOutcome {
+    Passed,
+    /// Not run, or refused by the engine as unsupported: the reason.
+    Ignored(String),
+    Failed(String),
+}
+
+/// Why a case stopped early.
+enum Stop {
+    Ignored(String),
+    Failed(String),
+}
+
+type R<T> = Result<T, Stop>;
+
+macro_rules! fail {
+    ($($t:tt)*) => { return Err(Stop::Failed(format!($($t)*))) };
+}
+
+/// How a crest invocation ended.
+struct Exit {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Exit {
+    fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+
+    /// The engine's one-line reason: its `crest: error:` line, else its last line.
+    fn message(&self) -> String {
+        engine_message(&self.stderr)
+    }
+
+    fn describe(&self) -> String {
+        describe_status(self.status)
+    }
+}
+
+/// Picks the engine's reason out of its stderr.
+pub fn engine_message(stderr: &str) -> String {
+    stderr
+        .lines()
+        .find(|l| l.contains("crest: error:"))
+        .or_else(|| stderr.lines().rev().find(|l| !l.trim().is_empty()))
+        .map(|l| l.trim().to_string())
+        .unwrap_or_else(|| "(no message on stderr)".to_string())
+}
+
+fn describe_status(st: ExitStatus) -> String {
+    match (st.code(), st.signal()) {
+        (Some(c), _) => format!("exit {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        _ => format!("{st}"),
+    }
+}
+
+/// The exit status a restorer reports for its child: the code, or 128+signal.
+fn shell_status(st: ExitStatus) -> i32 {
+    st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0))
+}
+
+/// Whether `name` is an executable on PATH.
+pub fn on_path(name: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+        .unwrap_or(false)
+}
+
+/// The state of one running case.
+struct Run<'a> {
+    cfg: &'a Config,
+    spec: &'a CaseSpec,
+    dir: PathBuf,
+    ctl: PathBuf,
+    deadline: Instant,
+    workload: Option<Child>,
+    /// Helper processes (a tracer) to kill and reap at the end.
+    helpers: Vec<Child>,
+    restore: Option<Child>,
+    /// Pids seen in a view (originals and restored ones) with the session they
+    /// belong to, killed at the end if still there and still ours.
+    known: Vec<i32>,
+    sid: Option<i32>,
+    crest_runs: u32,
+}
+
+/// Runs `spec` and always cleans up after it.
+pub fn run_case(cfg: &Config, spec: &CaseSpec, seq: usize) -> CaseOutcome {
+    if let Some(reason) = &spec.pending {
+        return CaseOutcome::Ignored(format!("case not runnable yet: {reason}"));
+    }
+    for need in &spec.needs {
+        match need {
+            Need::Mpicc => {
+                let found =
+                    cfg.mpi.as_ref().map(|m| m.exists()).unwrap_or(false) || on_path("mpicc");
+                if !found {
+                    return CaseOutcome::Ignored(
+                        "needs mpicc (install an MPI, or pass --mpi PATH)".into(),
+                    );
+                }
+            }
+            Need::Cc => {
+                if !on_path("cc") {
+                    return CaseOutcome::Ignored("needs a C compiler (cc) on PATH".into());
+                }
+            }
+        }
+    }
+    if !cfg.crest_bin.is_file() {
+        return CaseOutcome::Failed(format!(
+            "crest binary not found at {} (build it with `cargo build -p crest-engine`, or pass --crest-bin / CREST_BIN)",
+            cfg.crest_bin.display()
+        ));
+    }
+    if let Some(w) = &spec.workload {
+        let bin = cfg.workload_dir.join(w);
+        if !bin.is_file() {
+            return CaseOutcome::Failed(format!(
+                "workload {w} not found at {} (build it with `cargo build -p crest-workloads --bins`, or pass --workload-dir / CREST_WORKLOAD_DIR)",
+                bin.display()
+            ));
+        }
+    }
+    if !cfg.is_root {
+        return CaseOutcome::Ignored("needs root (ptrace, clone3 with set_tid)".into());
+    }
+    let name: String = spec
+        .id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let dir = cfg.work_dir.join(format!("{name}.{seq}"));
+    let _ = fs::remove_dir_all(&dir);
+    let ctl = dir.join("ctl");
+    if let Err(e) = fs::create_dir_all(&ctl) {
+        return CaseOutcome::Failed(format!("cannot create {}: {e}", ctl.display()));
+    }
+    let timeout = spec
+        .timeout_secs
+        .map(Duration::from_secs)
+        .unwrap_or(cfg.case_timeout);
+    let mut run = Run {
+        cfg,
+        spec,
+        dir: dir.clone(),
+        ctl,
+        deadline: Instant::now() + timeout,
+        workload: None,
+        helpers: Vec::new(),
+        restore: None,
+        known: Vec::new(),
+        sid: None,
+        crest_runs: 0,
+    };
+    let result = run.drive();
+    run.cleanup();
+    let outcome = match result {
+        Ok(()) => CaseOutcome::Passed,
+        Err(Stop::Ignored(m)) => CaseOutcome::Ignored(m),
+        Err(Stop::Failed(m)) => CaseOutcome::Failed(format!("{m}\n{}", run.logs())),
+    };
+    // Failed cases keep their dir (logs, images) for a post-mortem.
+    if !matches!(outcome, CaseOutcome::Failed(_)) && !cfg.keep {
+        let _ = fs::remove_dir_all(&dir);
+    }
+    outcome
+}
+
+impl Run<'_> {
+    fn drive(&mut self) -> R<()> {
+        match self.spec.mode {
+            Mode::Cycle => self.cycle(),
+            Mode::Traced => self.traced(),
+            Mode::NoSuchPid => self.no_such_pid(),
+            Mode::PidInUse => self.pid_in_use(),
+            Mode::LeaveRunning => self.leave_running(),
+            Mode::StopAfterDump => self.stop_after_dump(),
+            Mode::Detached => self.detached(),
+            Mode::CheckCommand => self.check_command(),
+            Mode::ShowImage => self.show_image(),
+            Mode::CorruptImage => self.corrupt_image(),
+            Mode::FileChanged => self.file_changed(),
+        }
+    }
+
+    fn time_left(&self) -> R<()> {
+        if Instant::now() > self.deadline {
+            fail!(
+                "case timed out after {:?}",
+                self.spec
+                    .timeout_secs
+                    .map(Duration::from_secs)
+                    .unwrap_or(self.cfg.case_timeout)
+            );
+        }
+        Ok(())
+    }
+
+    fn file(&self, name: &str) -> R<File> {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(name))
+            .map_err(|e| Stop::Failed(format!("cannot open {name} in {}: {e}", self.dir.display())))
+    }
+
+    /// Starts the workload in a session of its own and waits for `ready`.
+    fn start_workload(&mut self) -> R<i32> {
+        let w = self.spec.workload.clone().expect("checked by cases::parse");
+        let bin = self.cfg.workload_dir.join(&w);
+        let mut cmd = Command::new(&bin);
+        cmd.arg("--ctl").arg(&self.ctl).args(&self.spec.args);
+        cmd.stdin(Stdio::null())
+            .stdout(self.file("wl.out")?)
+            .stderr(self.file("wl.err")?);
+        cmd.current_dir(&self.ctl);
+        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| Stop::Failed(format!("cannot start {}: {e}", bin.display())))?;
+        let pid = child.id() as i32;
+        self.sid = Some(pid);
+        self.workload = Some(child);
+        self.known.push(pid);
+        let ready = self.wait_ready(&self.ctl.clone(), "workload")?;
+        if ready != pid {
+            fail!("workload wrote pid {ready} to ready, but its pid is {pid}");
+        }
+        Ok(pid)
+    }
+
+    fn wait_ready(&mut self, ctl: &Path, who: &str) -> R<i32> {
+        let path = ctl.join(READY);
+        loop {
+            if let Ok(text) = fs::read_to_string(&path) {
+                if let Ok(pid) = text.trim().parse() {
+                    return Ok(pid);
+                }
+            }
+            if let Some(c) = self.workload.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    fail!("{who} exited ({}) before it was ready", describe_status(st));
+                }
+            }
+            if Instant::now() > self.deadline {
+                fail!(
+                    "{who} not ready before the case timeout ({} missing)",
+                    path.display()
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    fn view(&mut self, pid: i32, parent: Parent) -> Result<Vec<String>, String> {
+        let tree = self.spec.scope != Scope::Pid;
+        let v = view::capture(pid, parent, tree, &self.dir)?;
+        for p in view::pids_of(&v) {
+            if !self.known.contains(&p) {
+                self.known.push(p);
+            }
+        }
+        Ok(v)
+    }
+
+    fn view_now(&mut self, pid: i32, parent: Parent) -> R<Vec<String>> {
+        self.view(pid, parent)
+            .map_err(|e| Stop::Failed(format!("cannot read the outside view: {e}")))
+    }
+
+    /// Polls until the view of `pid` equals `before`. While a restore runs its
+    /// child may show up before it is complete, hence polling; the restorer
+    /// exiting first ends the wait.
+    fn wait_view(&mut self, pid: i32, before: &[String], parent: Parent, what: &str) -> R<()> {
+        let until = (Instant::now() + VIEW_WAIT).min(self.deadline);
+        let mut last;
+        loop {
+            if let Some(r) = self.restore.as_mut() {
+                if let Ok(Some(st)) = r.try_wait() {
+                    self.restore = None;
+                    let stderr = fs::read_to_string(
+                        self.dir.join(format!("restore{}.log", self.crest_runs)),
+                    )
+                    .unwrap_or_default();
+                    let msg = engine_message(&stderr);
+                    if st.code() == Some(EXIT_UNSUPPORTED) {
+                        return Err(Stop::Ignored(format!("restore refused: {msg}")));
+                    }
+                    fail!("crest restore ended ({}) before the restored process showed its view: {msg}", describe_status(st));
+                }
+            }
+            last = self.view(pid, parent);
+            if let Ok(v) = &last {
+                if view::diff(before, v).is_empty() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > until {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        match last {
+            Ok(v) => fail!(
+                "{what}: the outside view differs (- before, + after):\n{}",
+                view::diff(before, &v).join("\n")
+            ),
+            Err(e) => fail!("{what}: {e}"),
+        }
+    }
+
+    /// Runs crest with `-v` and waits for it (bounded by the case deadline);
+    /// stdout and stderr go to NAME.out and NAME.log in the case dir.
+    fn crest(&mut self, name: &str, args: &[OsString]) -> R<Exit> {
+        let out = self.dir.join(format!("{name}.out"));
+        let log = self.dir.join(format!("{name}.log"));
+        let mut child = Command::new(&self.cfg.crest_bin)
+            .arg("-v")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(
+                File::create(&out).map_err(|e| Stop::Failed(format!("{}: {e}", out.display())))?,
+            )
+            .stderr(
+                File::create(&log).map_err(|e| Stop::Failed(format!("{}: {e}", log.display())))?,
+            )
+            .spawn()
+            .map_err(|e| {
+                Stop::Failed(format!("cannot run {}: {e}", self.cfg.crest_bin.display()))
+            })?;
+        let status = loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                break st;
+            }
+            if Instant::now() > self.deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                fail!(
+                    "crest {} did not finish before the case timeout",
+                    args.first()
+                        .map(|a| a.to_string_lossy())
+                        .unwrap_or_default()
+                );
+            }
+            std::thread::sleep(POLL);
+        };
+        Ok(Exit {
+            status,
+            stdout: fs::read_to_string(&out).unwrap_or_default(),
+            stderr: fs::read_to_string(&log).unwrap_or_default(),
+        })
+    }
+
+    /// Exit 0 → Ok; exit 3 → ignored with the engine's reason; anything else fails.
+    fn expect_success(&self, what: &str, e: &Exit) -> R<()> {
+        match e.code() {
+            Some(0) => Ok(()),
+            Some(EXIT_UNSUPPORTED) => {
+                Err(Stop::Ignored(format!("{what} refused: {}", e.message())))
+            }
+            _ => fail!("crest {what} failed ({}): {}", e.describe(), e.message()),
+        }
+    }
+
+    /// A refusal must be a non-zero exit (not a panic or a signal) with a
+    /// `crest: error:` line on stderr.
+    fn expect_clear_error(&self, what: &str, e: &Exit) -> R<String> {
+        match e.code() {
+            Some(0) => fail!("crest {what} succeeded but should have been refused"),
+            Some(EXIT_PANIC) => fail!("crest {what} panicked: {}", e.message()),
+            None => fail!("crest {what} died: {}", e.describe()),
+            Some(_) => {}
+        }
+        let Some(line) = e.stderr.lines().find(|l| l.starts_with("crest: error:")) else {
+            fail!(
+                "crest {what} refused ({}) without a `crest: error: …` line on stderr: {}",
+                e.describe(),
+                e.message()
+            );
+        };
+        Ok(line.to_string())
+    }
+
+    fn dump(&mut self, pid: i32, cycle: u32, extra: &[&str]) -> R<PathBuf> {
+        let img = self.dir.join(format!("img{cycle}"));
+        let mut args: Vec<OsString> = vec![
+            "dump".into(),
+            "-t".into(),
+            pid.to_string().into(),
+            "-D".into(),
+            img.clone().into(),
+        ];
+        args.extend(scope_args(self.spec.scope).iter().map(OsString::from));
+        args.extend(extra.iter().map(OsString::from));
+        let e = self.crest(&format!("dump{cycle}"), &args)?;
+        self.expect_success("dump", &e)?;
+        if let Some(max) = self.spec.max_image_kib {
+            let kib = dir_size(&img) / 1024;
+            if kib > max {
+                fail!("the image is {kib} KiB, more than the {max} KiB this case allows");
+            }
+        }
+        Ok(img)
+    }
+
+    /// Waits for the workload (our child) to die after a dump that kills it,
+    /// which also frees its pid for the restore.
+    fn reap_workload(&mut self, pid: i32) -> R<()> {
+        let Some(mut c) = self.workload.take() else {
+            return Ok(());
+        };
+        let until = Instant::now() + DEATH_WAIT;
+        loop {
+            if let Ok(Some(_)) = c.try_wait() {
+                return Ok(());
+            }
+            if Instant::now() > until {
+                self.workload = Some(c);
+                fail!("crest dump succeeded but pid {pid} is still alive {DEATH_WAIT:?} later (the dump should kill it)");
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Waits for the background `crest restore` to exit and returns its status.
+    fn wait_restore(&mut self, limit: Option<Duration>) -> R<ExitStatus> {
+        let Some(mut r) = self.restore.take() else {
+            fail!("no crest restore is running");
+        };
+        let until = limit
+            .map(|l| (Instant::now() + l).min(self.deadline))
+            .unwrap_or(self.deadline);
+        loop {
+            if let Ok(Some(st)) = r.try_wait() {
+                return Ok(st);
+            }
+            if Instant::now() > until {
+                self.restore = Some(r);
+                fail!("crest restore (the restored process's parent) did not exit in time");
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    fn spawn_restore(&mut self, img: &Path) -> R<i32> {
+        self.crest_runs += 1;
+        let n = self.crest_runs;
+        let child = Command::new(&self.cfg.crest_bin)
+            .arg("-v")
+            .arg("restore")
+            .arg("-D")
+            .arg(img)
+            .stdin(Stdio::null())
+            .stdout(self.file(&format!("restore{n}.out"))?)
+            .stderr(self.file(&format!("restore{n}.log"))?)
+            .spawn()
+            .map_err(|e| Stop::Failed(format!("cannot run crest restore: {e}")))?;
+        let pid = child.id() as i32;
+        self.restore = Some(child);
+        Ok(pid)
+    }
+
+    fn go(&self, ctl: &Path) -> R<()> {
+        File::create(ctl.join(GO))
+            .map(|_| ())
+            .map_err(|e| Stop::Failed(format!("cannot create go: {e}")))
+    }
+
+    fn result(&self, ctl: &Path) -> String {
+        fs::read_to_string(ctl.join(RESULT)).unwrap_or_else(|_| "(no result file)".into())
+    }
+
+    fn expect_ok(&self, ctl: &Path, who: &str) -> R<()> {
+        let r = self.result(ctl);
+        if r.trim() != "ok" {
+            fail!("{who} found differences after restore:\n{}", r.trim_end());
+        }
+        Ok(())
+    }
+
+    /// Waits for our own (not dumped) workload to exit after `go` and checks its verdict.
+    fn finish_original(&mut self) -> R<()> {
+        self.go(&self.ctl.clone())?;
+        let Some(mut c) = self.workload.take() else {
+            fail!("the workload is not ours to wait for");
+        };
+        let st = loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                break st;
+            }
+            if Instant::now() > self.deadline {
+                self.workload = Some(c);
+                fail!("the workload did not finish after go");
+            }
+            std::thread::sleep(POLL);
+        };
+        self.expect_ok(&self.ctl.clone(), "the workload")?;
+        if st.code() != Some(0) {
+            fail!("the workload ended with {}", describe_status(st));
+        }
+        Ok(())
+    }
+
+    // ---- modes -------------------------------------------------------------
+
+    fn cycle(&mut self) -> R<()> {
+        let me = std::process::id() as i32;
+        let pid = self.start_workload()?;
+        let before = self.view_now(pid, Parent::Expect(me))?;
+        for cycle in 1..=self.cfg.cycles {
+            self.time_left()?;
+            let img = self.dump(pid, cycle, &[])?;
+            if cycle == 1 {
+                self.reap_workload(pid)?;
+            } else {
+                // The dump killed the restored process, so its parent, the
+                // previous `crest restore`, reports 128+SIGKILL.
+                let st = self.wait_restore(Some(DEATH_WAIT))?;
+                if shell_status(st) != 128 + libc::SIGKILL {
+                    fail!("cycle {cycle}: the previous crest restore ended with {} (expected 137: its process was killed by the dump)", describe_status(st));
+                }
+            }
+            let rpid = self.spawn_restore(&img)?;
+            self.wait_view(
+                pid,
+                &before,
+                Parent::Expect(rpid),
+                &format!("cycle {cycle}"),
+            )?;
+        }
+        self.go(&self.ctl.clone())?;
+        let st = self.wait_restore(None)?;
+        let result = self.result(&self.ctl.clone());
+        if shell_status(st) != self.spec.expect_exit {
+            fail!(
+                "crest restore exited with {} (expected {}); the workload's result:\n{}",
+                describe_status(st),
+                self.spec.expect_exit,
+                result.trim_end()
+            );
+        }
+        self.expect_ok(&self.ctl.clone(), "the restored workload")
+    }
+
+    fn traced(&mut self) -> R<()> {
+        let me = std::process::id() as i32;
+        let pid = self.start_workload()?;
+        let tctl = self.dir.join("tracer-ctl");
+        fs::create_dir_all(&tctl).map_err(|e| Stop::Failed(format!("{e}")))?;
+        let tracer = Command::new(self.cfg.workload_dir.join("wl-tracer"))
+            .arg("--ctl")
+            .arg(&tctl)
+            .arg(pid.to_string())
+            .stdin(Stdio::null())
+            .stdout(self.file("tracer.out")?)
+            .stderr(self.file("tracer.err")?)
+            .spawn()
+            .map_err(|e| Stop::Failed(format!("cannot start wl-tracer: {e}")))?;
+        self.helpers.push(tracer);
+        self.wait_ready(&tctl, "wl-tracer")?;
+        let before = self.view_now(pid, Parent::Expect(me))?;
+        if !before
+            .iter()
+            .any(|l| l.contains(" TracerPid ") && !l.ends_with(" TracerPid 0"))
+        {
+            fail!("wl-tracer did not attach to pid {pid}");
+        }
+        let img = self.dir.join("img1");
+        let e = self.crest(
+            "dump1",
+            &[
+                "dump".into(),
+                "-t".into(),
+                pid.to_string().into(),
+                "-D".into(),
+                img.into(),
+            ],
+        )?;
+        if e.code() == Some(0) {
+            fail!("crest dump accepted a process another process traces");
+        }
+        self.expect_clear_error("dump of a traced process", &e)?;
+        self.wait_unchanged(pid, &before, Parent::Expect(me), "after the refused dump")?;
+        self.go(&tctl)?;
+        let mut t = self.helpers.pop().expect("pushed above");
+        let st = t.wait().map_err(|e| Stop::Failed(format!("{e}")))?;
+        if st.code() != Some(0) {
+            fail!(
+                "wl-tracer failed ({}): {}",
+                describe_status(st),
+                self.result(&tctl).trim_end()
+            );
+        }
+        self.finish_original()
+    }
+
+    /// The view must stay as it was (a refused or non-destructive command ran).
+    fn wait_unchanged(&mut self, pid: i32, before: &[String], parent: Parent, what: &str) -> R<()> {
+        self.wait_view(pid, before, parent, what)
+    }
+
+    fn no_such_pid(&mut self) -> R<()> {
+        let max: i32 = fs::read_to_string("/proc/sys/kernel/pid_max")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(32768);
+        let Some(pid) = (2..max)
+            .rev()
+            .find(|p| !Path::new(&format!("/proc/{p}")).exists())
+        else {
+            return Err(Stop::Ignored("no free pid to name".into()));
+        };
+        let img = self.dir.join("img1");
+        let e = self.crest(
+            "dump1",
+            &[
+                "dump".into(),
+                "-t".into(),
+                pid.to_string().into(),
+                "-D".into(),
+                img.into(),
+            ],
+        )?;
+        let line = self.expect_clear_error("dump of a nonexistent pid", &e)?;
+        if e.code() != Some(1) {
+            fail!("crest dump of nonexistent pid {pid} exited {} (expected 1: an error, not \"unsupported\"): {line}", e.describe());
+        }
+        if !line.contains(&pid.to_string()) {
+            fail!("the error does not name pid {pid}: {line}");
+        }
+        Ok(())
+    }
+
+    fn pid_in_use(&mut self) -> R<()> {
+        let me = std::process::id() as i32;
+        let pid = self.start_workload()?;
+        let before = self.view_now(pid, Parent::Expect(me))?;
+        let img = self.dump(pid, 1, &["--leave-running"])?;
+        self.wait_unchanged(
+            pid,
+            &before,
+            Parent::Expect(me),
+            "after dump --leave-running",
+        )?;
+        let e = self.crest("restore1", &["restore".into(), "-D".into(), img.into()])?;
+        if e.code() == Some(EXIT_UNSUPPORTED) {
+            return Err(Stop::Ignored(format!("restore refused: {}", e.message())));
+        }
+        let line = self.expect_clear_error("restore onto a pid in use", &e)?;
+        if !line.contains(&pid.to_string()) {
+            fail!("the error does not name pid {pid}: {line}");
+        }
+        self.wait_unchanged(
+            pid,
+            &before,
+            Parent::Expect(me),
+            "the original after the refused restore",
+        )?;
+        self.finish_original()
+    }
+
+    fn leave_running(&mut self) -> R<()> {
+        let me = std::process::id() as i32;
+        let pid = self.start_workload()?;
+        let before = self.view_now(pid, Parent::Expect(me))?;
+        let img = self.dump(pid, 1, &["--leave-running"])?;
+        self.wait_unchanged(
+            pid,
+            &before,
+            Parent::Expect(me),
+            "after dump --leave-running",
+        )?;
+        // The original must still work...
+        self.finish_original()?;
+        let _ = fs::remove_file(self.ctl.join(GO));
+        let _ = fs::remove_file(self.ctl.join(RESULT));
+        // ...and so must its image, which was taken before `go`.
+        let rpid = self.spawn_restore(&img)?;
+        self.wait_view(
+            pid,
+            &before,
+            Parent::Expect(rpid),
+            "restored from a leave-running dump",
+        )?;
+        self.go(&self.ctl.clone())?;
+        let st = self.wait_restore(None)?;
+        if shell_status(st) != 0 {
+            fail!(
+                "crest restore exited with {}: {}",
+                describe_status(st),
+                self.result(&self.ctl.clone()).trim_end()
+            );
+        }
+        self.expect_ok(&self.ctl.clone(), "the restored workload")
+    }
+
+    fn stop_after_dump(&mut self) -> R<()> {
+        let me = std::process::id() as i32;
+        let pid = self.start_workload()?;
+        let before = self.view_now(pid, Parent::Expect(me))?;
+        self.dump(pid, 1, &["--stop"])?;
+        let stopped: Vec<String> = before
+            .iter()
+            .map(|l| l.replace(" running", " stopped"))
+            .collect();
+        self.wait_view(
+            pid,
+            &stopped,
+            Parent::Expect(me),
+            "after dump --stop (expected stopped, untraced)",
+        )?;
+        // SAFETY: kill has no memory effects; pid is our own child, still unreaped.
+        if unsafe { libc::kill(pid, libc::SIGCONT) } != 0 {
+            fail!("SIGCONT to {pid}: {}", std::io::Error::last_os_error());
+        }
+        self.wait_unchanged(pid, &before, Parent::Expect(me), "after SIGCONT")?;
+        self.finish_original()
+    }
+
+    fn detached(&mut self) -> R<()> {
+        let me = std::process::id() as i32;
+        let pid = self.start_workload()?;
+        let before: Vec<String> = self
+            .view_now(pid, Parent::Expect(me))?
+            .into_iter()
+            .map(|l| l.replace(" ppid <parent>", " ppid <any>"))
+            .collect();
+        let img = self.dump(pid, 1, &[])?;
+        self.reap_workload(pid)?;
+        let e = self.crest(
+            "restore1",
+            &["restore".into(), "-d".into(), "-D".into(), img.into()],
+        )?;
+        self.expect_success("restore --detach", &e)?;
+        self.wait_view(pid, &before, Parent::Any, "restored detached")?;
+        self.go(&self.ctl.clone())?;
+        let result = self.ctl.join(RESULT);
+        while !result.exists() {
+            self.time_left()?;
+            std::thread::sleep(POLL);
+        }
+        self.expect_ok(&self.ctl.clone(), "the detached workload")
+    }
+
+    fn check_command(&mut self) -> R<()> {
+        let e = self.crest("check", &["check".into()])?;
+        self.expect_success("check", &e)?;
+        if e.stdout.trim().is_empty() {
+            fail!("crest check printed nothing");
+        }
+        let e = self.crest("check-json", &["check".into(), "--json".into()])?;
+        self.expect_success("check --json", &e)?;
+        serde_json::from_str::<serde_json::Value>(&e.stdout).map_err(|err| {
+            Stop::Failed(format!("crest check --json printed invalid JSON: {err}"))
+        })?;
+        Ok(())
+    }
+
+    fn show_image(&mut self) -> R<()> {
+        let pid = self.start_workload()?;
+        let img = self.dump(pid, 1, &[])?;
+        self.reap_workload(pid)?;
+        let e = self.crest("show", &["show".into(), img.clone().into()])?;
+        self.expect_success("show", &e)?;
+        if !e.stdout.contains(&pid.to_string()) {
+            fail!("crest show does not mention pid {pid}");
+        }
+        let e = self.crest("show-json", &["show".into(), img.into(), "--json".into()])?;
+        self.expect_success("show --json", &e)?;
+        let v: serde_json::Value = serde_json::from_str(&e.stdout).map_err(|err| {
+            Stop::Failed(format!("crest show --json printed invalid JSON: {err}"))
+        })?;
+        if !v.to_string().contains(&pid.to_string()) {
+            fail!("crest show --json does not mention pid {pid}");
+        }
+        Ok(())
+    }
+
+    fn corrupt_image(&mut self) -> R<()> {
+        let pid = self.start_workload()?;
+        let img = self.dump(pid, 1, &[])?;
+        self.reap_workload(pid)?;
+        let Some(victim) = largest_file(&img) else {
+            fail!("the image dir {} holds no file", img.display());
+        };
+        flip_middle_byte(&victim)
+            .map_err(|e| Stop::Failed(format!("cannot corrupt {}: {e}", victim.display())))?;
+        let rpid = self.spawn_restore(&img)?;
+        let st = self.wait_restore(Some(Duration::from_secs(30)));
+        let stderr = fs::read_to_string(self.dir.join("restore1.log")).unwrap_or_default();
+        let st = match st {
+            Ok(st) => st,
+            Err(_) => fail!(
+                "crest restore of a corrupted image ({} changed) did not exit; restorer pid {rpid}",
+                victim.display()
+            ),
+        };
+        let e = Exit {
+            status: st,
+            stdout: String::new(),
+            stderr,
+        };
+        self.expect_clear_error(
+            &format!("restore of an image with {} corrupted", victim.display()),
+            &e,
+        )?;
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            fail!("a process runs at pid {pid} after a refused restore");
+        }
+        Ok(())
+    }
+
+    fn file_changed(&mut self) -> R<()> {
+        let me = std::process::id() as i32;
+        let pid = self.start_workload()?;
+        let before = self.view_now(pid, Parent::Expect(me))?;
+        let img = self.dump(pid, 1, &[])?;
+        self.reap_workload(pid)?;
+        let data = self.ctl.join("data");
+        let mut f = OpenOptions::new()
+            .append(true)
+            .custom_flags(0)
+            .open(&data)
+            .map_err(|e| Stop::Failed(format!("cannot change {}: {e}", data.display())))?;
+        f.write_all(b"changed after the dump\n")
+            .map_err(|e| Stop::Failed(format!("{e}")))?;
+        drop(f);
+        let rpid = self.spawn_restore(&img)?;
+        // A correct engine refuses; a wrong one restores, which shows as the view.
+        match self.wait_view(pid, &before, Parent::Expect(rpid), "x") {
+            Ok(()) => fail!(
+                "crest restore accepted an image whose open file {} changed since the dump",
+                data.display()
+            ),
+            Err(Stop::Ignored(m)) => return Err(Stop::Ignored(m)),
+            Err(Stop::Failed(_)) => {}
+        }
+        let st = self.wait_restore(Some(Duration::from_secs(5)))?;
+        let stderr = fs::read_to_string(self.dir.join("restore1.log")).unwrap_or_default();
+        let e = Exit {
+            status: st,
+            stdout: String::new(),
+            stderr,
+        };
+        let line = self.expect_clear_error("restore after a file changed", &e)?;
+        if !line.contains("data") {
+            fail!(
+                "the error does not name the changed file {}: {line}",
+                data.display()
+            );
+        }
+        Ok(())
+    }
+
+    // ---- cleanup and logs --------------------------------------------------
+
+    /// Kills whatever the case left: restored processes (checked to still be
+    /// ours: same session or a child of our restorer), the restorer, helpers
+    /// and the workload. SIGKILL also ends stopped and traced processes.
+    fn cleanup(&mut self) {
+        let restorer = self.restore.as_ref().map(|c| c.id() as i32);
+        for &pid in &self.known {
+            if let Some(st) = view::read_stat(pid) {
+                let ours = Some(st.sid) == self.sid
+                    || Some(st.ppid) == restorer
+                    || st.ppid == std::process::id() as i32;
+                if ours {
+                    // SAFETY: kill has no memory effects; the pid was checked to be ours.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        for c in self
+            .restore
+            .iter_mut()
+            .chain(self.workload.iter_mut())
+            .chain(self.helpers.iter_mut())
+        {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.restore = None;
+        self.workload = None;
+        self.helpers.clear();
+    }
+
+    /// The tails of the case's logs, for a failure message.
+    fn logs(&self) -> String {
+        let mut names: Vec<PathBuf> = fs::read_dir(&self.dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.path())
+                    .filter(|p| p.is_file())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names.push(self.ctl.join(RESULT));
+        let mut out = format!("case dir (kept): {}", self.dir.display());
+        for p in names {
+            let Ok(text) = fs::read_to_string(&p) else {
+                continue;
+            };
+            if text.trim().is_empty() {
+                continue;
+            }
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(15)..];
+            out.push_str(&format!(
+                "\n--- {} ---\n{}",
+                p.file_name().unwrap_or_default().to_string_lossy(),
+                tail.join("\n")
+            ));
+        }
+        out
+    }
+}
+
+/// The extra `crest dump` arguments a scope needs. The engine dumps a single
+/// pid for now; `--tree` and `--session` come later, and until then a tree case
+/// sees whatever the engine does with `-t` alone (a refusal, normally).
+fn scope_args(scope: Scope) -> &'static [&'static str] {
+    match scope {
+        Scope::Pid | Scope::Tree | Scope::Session => &[],
+    }
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                total += dir_size(&p);
+            } else if let Ok(m) = p.metadata() {
+                // Allocated blocks, so a sparse page file counts what it stores.
+                total += m.blocks() * 512;
+            }
+        }
+    }
+    total
+}
+
+fn largest_file(dir: &Path) -> Option<PathBuf> {
+    let mut best: Option<(u64, PathBuf)> = None;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).ok()?.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(m) = p.metadata() {
+                if best
+                    .as_ref()
+                    .map(|(s, _)| m.len() > *s)
+                    .unwrap_or(m.len() > 0)
+                {
+                    best = Some((m.len(), p));
+                }
+            }
+        }
+    }
+    best.map(|(_, p)| p)
+}
+
+fn flip_middle_byte(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = OpenOptions::new().read(true).write(true).open(path)?;
+    let at = f.metadata()?.len() / 2;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at)?;
+    b[0] ^= 0x5a;
+    f.write_all_at(&b, at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_message_prefers_the_error_line() {
+        let s = "DEBUG seize 42\ncrest: error: pid 42: fd 5 is a pipe: not supported yet\nDEBUG resumed\n";
+        assert_eq!(
+            engine_message(s),
+            "crest: error: pid 42: fd 5 is a pipe: not supported yet"
+        );
+        assert_eq!(engine_message("a\nlast words\n\n"), "last words");
+        assert_eq!(engine_message(""), "(no message on stderr)");
+    }
+
+    #[test]
+    fn corrupting_flips_one_byte_of_the_largest_file() {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir(d.path().join("sub")).unwrap();
+        fs::write(d.path().join("small"), b"ab").unwrap();
+        fs::write(d.path().join("sub/big"), [0u8; 100]).unwrap();
+        let big = largest_file(d.path()).unwrap();
+        assert!(big.ends_with("sub/big"));
+        flip_middle_byte(&big).unwrap();
+        let data = fs::read(&big).unwrap();
+        assert_eq!(data.iter().filter(|&&b| b != 0).count(), 1);
+        assert_eq!(data[50], 0x5a);
+    }
+}

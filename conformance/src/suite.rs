@@ -1,0 +1,582 @@
+//! The suite's entry point, shared by the `crest-conformance` binary and the
+//! `cargo test` target: parses the suite's own flags, hands the rest to
+//! libtest-mimic, runs one trial per case and writes the reports.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use libtest_mimic::{Arguments, Completion, Failed, Trial};
+
+use crate::cases::{self, CaseSpec};
+use crate::report::{self, CaseRecord, Outcome, Report, RequirementRow, REPORT_SCHEMA};
+use crate::requirements::{self, Requirement};
+use crate::runner::{self, CaseOutcome, Config};
+
+/// The suite's own options; everything else goes to libtest-mimic.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Options {
+    pub crest_bin: Option<PathBuf>,
+    pub workload_dir: Option<PathBuf>,
+    pub work_dir: Option<PathBuf>,
+    pub report: Option<PathBuf>,
+    pub junit: Option<PathBuf>,
+    pub markdown: Option<PathBuf>,
+    pub cycles: u32,
+    pub case_timeout: Duration,
+    pub keep: bool,
+    pub mpi: Option<PathBuf>,
+    /// The arguments left for libtest-mimic (program name first).
+    pub rest: Vec<OsString>,
+}
+
+const USAGE: &str = "\
+usage: crest-conformance [SUITE OPTIONS] [LIBTEST OPTIONS] [FILTER]
+       crest-conformance compare BASE.json CAND.json
+
+suite options (before or among libtest's):
+  --crest-bin PATH       the crest binary (env CREST_BIN; default: next to this program)
+  --workload-dir DIR     where wl-* and foundation are (env CREST_WORKLOAD_DIR; same default)
+  --work-dir DIR         case dirs go here (env CREST_WORK_DIR; default: a temp dir)
+  --report PATH          write the JSON report
+  --junit PATH           write JUnit XML
+  --markdown PATH        write the requirement x outcome table
+  --cycles N             dump/restore cycles per case (default 1)
+  --case-timeout SECS    per-case timeout (default 60)
+  --keep                 keep the case dirs of passed cases too
+  --mpi PATH             the mpirun to run the MPI section against
+";
+
+/// Splits the suite's flags from libtest's. `args[0]` is the program name.
+pub fn parse_options(args: Vec<OsString>) -> anyhow::Result<Options> {
+    let mut o = Options {
+        cycles: 1,
+        case_timeout: Duration::from_secs(60),
+        ..Options::default()
+    };
+    let mut it = args.into_iter();
+    o.rest
+        .push(it.next().unwrap_or_else(|| "crest-conformance".into()));
+    while let Some(a) = it.next() {
+        let s = a.to_string_lossy().to_string();
+        let (flag, inline) = match s.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(OsString::from(v))),
+            _ => (s.clone(), None),
+        };
+        let known = [
+            "--crest-bin",
+            "--workload-dir",
+            "--work-dir",
+            "--report",
+            "--junit",
+            "--markdown",
+            "--cycles",
+            "--case-timeout",
+            "--mpi",
+        ];
+        if flag == "--keep" {
+            o.keep = true;
+            continue;
+        }
+        if flag == "--suite-help" {
+            bail!("{USAGE}");
+        }
+        if !known.contains(&flag.as_str()) {
+            o.rest.push(a);
+            continue;
+        }
+        let v = match inline.or_else(|| it.next()) {
+            Some(v) => v,
+            None => bail!("{flag} needs a value\n{USAGE}"),
+        };
+        let path = Some(PathBuf::from(&v));
+        match flag.as_str() {
+            "--crest-bin" => o.crest_bin = path,
+            "--workload-dir" => o.workload_dir = path,
+            "--work-dir" => o.work_dir = path,
+            "--report" => o.report = path,
+            "--junit" => o.junit = path,
+            "--markdown" => o.markdown = path,
+            "--mpi" => o.mpi = path,
+            "--cycles" => {
+                o.cycles = v
+                    .to_string_lossy()
+                    .parse()
+                    .context("--cycles needs a number")?;
+                if o.cycles == 0 {
+                    bail!("--cycles must be at least 1");
+                }
+            }
+            "--case-timeout" => {
+                o.case_timeout = Duration::from_secs(
+                    v.to_string_lossy()
+                        .parse()
+                        .context("--case-timeout needs seconds")?,
+                )
+            }
+            _ => unreachable!("flag list above"),
+        }
+    }
+    Ok(o)
+}
+
+/// Where binaries are when nobody says: next to the running program, and for a
+/// cargo test (`target/debug/deps/native-HASH`) one level up.
+pub fn default_bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.file_name().map(|n| n == "deps").unwrap_or(false) {
+        dir.parent().map(Path::to_path_buf).unwrap_or(dir)
+    } else {
+        dir
+    }
+}
+
+fn env_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os(name)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn engine_version(crest: &Path) -> String {
+    std::process::Command::new(crest)
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| format!("unknown ({} --version failed)", crest.display()))
+}
+
+/// The suite's main, for the binary and for `tests/native.rs`.
+pub fn main(args: Vec<OsString>) -> ExitCode {
+    if args.get(1).map(|a| a == "compare").unwrap_or(false) {
+        return match compare_main(&args[2..]) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("crest-conformance compare: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    match run_suite(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("crest-conformance: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn compare_main(args: &[OsString]) -> anyhow::Result<ExitCode> {
+    let [base, cand] = args else {
+        bail!("usage: crest-conformance compare BASE.json CAND.json");
+    };
+    let base = Report::read(Path::new(base))?;
+    let cand = Report::read(Path::new(cand))?;
+    let regs = report::compare(&base, &cand);
+    println!(
+        "base: kernel {} ({}), candidate: kernel {} ({})",
+        base.kernel, base.engine_version, cand.kernel, cand.engine_version
+    );
+    for id in report::improvements(&base, &cand) {
+        println!("improved: {id}");
+    }
+    for r in &regs {
+        let first = r.message.lines().next().unwrap_or("");
+        println!(
+            "REGRESSION: {} passed before, {} now{}",
+            r.id,
+            r.now,
+            if first.is_empty() {
+                String::new()
+            } else {
+                format!(": {first}")
+            }
+        );
+    }
+    println!("{} regression(s)", regs.len());
+    Ok(if regs.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn run_suite(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
+    let opts = parse_options(args)?;
+    let reqs = requirements::parse(requirements::REQUIREMENTS_MD)
+        .map_err(|e| anyhow::anyhow!("REQUIREMENTS.md: {e}"))?;
+    let specs = cases::parse(cases::CASES_JSON).map_err(|e| anyhow::anyhow!("{e}"))?;
+    cases::check_known(&specs, &reqs).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let libtest = Arguments::from_iter(opts.rest.clone());
+
+    let bin_dir = default_bin_dir();
+    let crest_bin = opts
+        .crest_bin
+        .clone()
+        .or_else(|| env_path("CREST_BIN"))
+        .unwrap_or_else(|| bin_dir.join("crest"));
+    let workload_dir = opts
+        .workload_dir
+        .clone()
+        .or_else(|| env_path("CREST_WORKLOAD_DIR"))
+        .unwrap_or_else(|| bin_dir.clone());
+    let (work_dir, temp) = match opts.work_dir.clone().or_else(|| env_path("CREST_WORK_DIR")) {
+        Some(d) => (d, false),
+        None => (
+            std::env::temp_dir().join(format!("crest-conformance.{}", std::process::id())),
+            true,
+        ),
+    };
+    std::fs::create_dir_all(&work_dir)
+        .with_context(|| format!("creating {}", work_dir.display()))?;
+    let cfg = Arc::new(Config {
+        crest_bin: crest_bin.clone(),
+        workload_dir,
+        work_dir: work_dir.clone(),
+        cycles: opts.cycles,
+        case_timeout: opts.case_timeout,
+        keep: opts.keep,
+        mpi: opts.mpi.clone(),
+        is_root: nix::unistd::geteuid().is_root(),
+    });
+
+    let untested = cases::untested(&specs, &reqs);
+    if !untested.is_empty() && !libtest.list {
+        let ids: Vec<&str> = untested.iter().map(|r| r.id.as_str()).collect();
+        eprintln!(
+            "must/should requirements without a test yet: {}",
+            ids.join(", ")
+        );
+    }
+
+    let started = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let records: Arc<Mutex<Vec<CaseRecord>>> = Arc::new(Mutex::new(Vec::new()));
+    let trials = trials(&specs, &reqs, &cfg, &records);
+    let conclusion = libtest_mimic::run(&libtest, trials);
+
+    if !libtest.list {
+        let mut cases = records.lock().map(|r| r.clone()).unwrap_or_default();
+        let order: BTreeMap<&str, usize> = specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.id.as_str(), i))
+            .collect();
+        cases.sort_by_key(|c| order.get(c.id.as_str()).copied().unwrap_or(usize::MAX));
+        let report = Report {
+            schema: REPORT_SCHEMA.to_string(),
+            kernel: kernel_release(),
+            engine_version: engine_version(&crest_bin),
+            timestamp: report::rfc3339(started),
+            cases,
+        };
+        write_reports(&opts, &report, &reqs)?;
+    }
+    if temp {
+        // Only removes it when empty: failed cases keep their dirs.
+        let _ = std::fs::remove_dir(&work_dir);
+    }
+    if conclusion.has_failed() && std::fs::read_dir(&work_dir).is_ok() {
+        eprintln!("failed cases keep their dirs under {}", work_dir.display());
+    }
+    Ok(conclusion.exit_code())
+}
+
+/// One trial per case, named `ID::case`; each records its outcome for the reports.
+pub fn trials(
+    specs: &[CaseSpec],
+    reqs: &BTreeMap<String, Requirement>,
+    cfg: &Arc<Config>,
+    records: &Arc<Mutex<Vec<CaseRecord>>>,
+) -> Vec<Trial> {
+    specs
+        .iter()
+        .enumerate()
+        .map(|(seq, spec)| {
+            let spec = spec.clone();
+            let priority = reqs
+                .get(spec.requirement())
+                .map(|r| r.priority.name())
+                .unwrap_or("?")
+                .to_string();
+            let cfg = Arc::clone(cfg);
+            let records = Arc::clone(records);
+            let (name, kind) = (spec.id.clone(), spec.requirement().to_string());
+            Trial::ignorable_test(name, move || {
+                let t0 = Instant::now();
+                let outcome = runner::run_case(&cfg, &spec, seq);
+                let (o, message, ret) = match outcome {
+                    CaseOutcome::Passed => {
+                        (Outcome::Passed, String::new(), Ok(Completion::Completed))
+                    }
+                    CaseOutcome::Ignored(m) => {
+                        (Outcome::Ignored, m.clone(), Ok(Completion::ignored_with(m)))
+                    }
+                    CaseOutcome::Failed(m) => (Outcome::Failed, m.clone(), Err(Failed::from(m))),
+                };
+                if let Ok(mut r) = records.lock() {
+                    r.push(CaseRecord {
+                        id: spec.id.clone(),
+                        requirement: spec.requirement().to_string(),
+                        priority,
+                        outcome: o,
+                        duration_ms: t0.elapsed().as_millis() as u64,
+                        message,
+                    });
+                }
+                ret
+            })
+            .with_kind(kind)
+        })
+        .collect()
+}
+
+fn write_reports(
+    opts: &Options,
+    report: &Report,
+    reqs: &BTreeMap<String, Requirement>,
+) -> anyhow::Result<()> {
+    if let Some(p) = &opts.report {
+        let text = serde_json::to_string_pretty(report)?;
+        std::fs::write(p, text + "\n").with_context(|| format!("writing {}", p.display()))?;
+    }
+    if let Some(p) = &opts.junit {
+        std::fs::write(p, report::junit(report))
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    if let Some(p) = &opts.markdown {
+        std::fs::write(p, report::markdown(report, &rows(reqs)))
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// REQUIREMENTS.md's rows in file order, for the markdown matrix.
+pub fn rows(reqs: &BTreeMap<String, Requirement>) -> Vec<RequirementRow> {
+    let mut v: Vec<&Requirement> = reqs.values().collect();
+    v.sort_by_key(|r| r.line);
+    v.iter()
+        .map(|r| RequirementRow {
+            id: r.id.clone(),
+            priority: r.priority.name().to_string(),
+            state: r.state.clone(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cases::{Mode, Scope};
+    use std::os::unix::fs::PermissionsExt;
+
+    fn os(v: &[&str]) -> Vec<OsString> {
+        v.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn suite_flags_are_split_from_libtest_flags() {
+        let o = parse_options(os(&[
+            "prog",
+            "--crest-bin",
+            "/x/crest",
+            "--exact",
+            "--cycles=3",
+            "PIPE-CONTENTS::fifo",
+            "--report",
+            "r.json",
+            "--test-threads",
+            "1",
+            "--keep",
+            "--case-timeout",
+            "9",
+            "--mpi",
+            "/usr/bin/mpirun",
+        ]))
+        .unwrap();
+        assert_eq!(o.crest_bin, Some(PathBuf::from("/x/crest")));
+        assert_eq!(o.cycles, 3);
+        assert_eq!(o.case_timeout, Duration::from_secs(9));
+        assert_eq!(o.report, Some(PathBuf::from("r.json")));
+        assert_eq!(o.mpi, Some(PathBuf::from("/usr/bin/mpirun")));
+        assert!(o.keep);
+        assert_eq!(
+            o.rest,
+            os(&[
+                "prog",
+                "--exact",
+                "PIPE-CONTENTS::fifo",
+                "--test-threads",
+                "1"
+            ])
+        );
+        assert!(parse_options(os(&["prog", "--cycles", "0"])).is_err());
+        assert!(parse_options(os(&["prog", "--report"])).is_err());
+    }
+
+    #[test]
+    fn default_bin_dir_skips_deps() {
+        // This unit test itself runs from target/debug/deps/.
+        let d = default_bin_dir();
+        assert_ne!(d.file_name().unwrap(), "deps");
+    }
+
+    /// A fake crest and a fake workload exercise the bookkeeping without the engine.
+    struct Fake {
+        dir: tempfile::TempDir,
+    }
+
+    impl Fake {
+        fn new(crest_script: &str) -> Fake {
+            let dir = tempfile::tempdir().unwrap();
+            let write = |name: &str, body: &str| {
+                let p = dir.path().join(name);
+                std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+            };
+            write("crest", crest_script);
+            // A workload speaking the protocol: ready, wait for go, verdict.
+            write(
+                "wl-fake",
+                "ctl=$2; echo $$ > $ctl/ready.tmp; mv $ctl/ready.tmp $ctl/ready\n\
+                 while [ ! -e $ctl/go ]; do sleep 0.01; done; echo ok > $ctl/result",
+            );
+            std::fs::create_dir(dir.path().join("work")).unwrap();
+            Fake { dir }
+        }
+
+        fn cfg(&self, root: bool) -> Config {
+            Config {
+                crest_bin: self.dir.path().join("crest"),
+                workload_dir: self.dir.path().to_path_buf(),
+                work_dir: self.dir.path().join("work"),
+                cycles: 1,
+                case_timeout: Duration::from_secs(20),
+                keep: false,
+                mpi: None,
+                is_root: root,
+            }
+        }
+    }
+
+    fn spec(mode: Mode) -> CaseSpec {
+        CaseSpec {
+            id: "PIPE-CONTENTS::fake".into(),
+            about: "fake".into(),
+            workload: Some("wl-fake".into()),
+            args: vec![],
+            scope: Scope::Pid,
+            mode,
+            timeout_secs: None,
+            needs: vec![],
+            pending: None,
+            expect_exit: 0,
+            max_image_kib: None,
+        }
+    }
+
+    #[test]
+    fn exit_3_is_ignored_with_the_engines_reason() {
+        let f =
+            Fake::new("echo 'crest: error: pid 1: fd 5 is a pipe: not supported yet' >&2; exit 3");
+        let out = runner::run_case(&f.cfg(true), &spec(Mode::Cycle), 0);
+        assert_eq!(
+            out,
+            CaseOutcome::Ignored(
+                "dump refused: crest: error: pid 1: fd 5 is a pipe: not supported yet".into()
+            )
+        );
+        // The workload was killed and its dir removed (not a failure).
+        assert_eq!(
+            std::fs::read_dir(f.dir.path().join("work"))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+
+    #[test]
+    fn other_dump_errors_fail_and_keep_the_case_dir() {
+        let f = Fake::new("echo 'crest: error: boom' >&2; exit 1");
+        match runner::run_case(&f.cfg(true), &spec(Mode::Cycle), 0) {
+            CaseOutcome::Failed(m) => assert!(
+                m.contains("crest dump failed (exit 1): crest: error: boom"),
+                "{m}"
+            ),
+            o => panic!("{o:?}"),
+        }
+        assert_eq!(
+            std::fs::read_dir(f.dir.path().join("work"))
+                .unwrap()
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_dump_that_claims_success_but_leaves_the_target_alive_fails() {
+        let f = Fake::new("exit 0");
+        let mut s = spec(Mode::Cycle);
+        s.timeout_secs = Some(15);
+        match runner::run_case(&f.cfg(true), &s, 0) {
+            CaseOutcome::Failed(m) => assert!(m.contains("still alive"), "{m}"),
+            o => panic!("{o:?}"),
+        }
+    }
+
+    #[test]
+    fn refusing_a_nonexistent_pid_needs_a_clear_error() {
+        let good = Fake::new("echo \"crest: error: pid $4: no such process\" >&2; exit 1");
+        assert_eq!(
+            runner::run_case(&good.cfg(true), &spec(Mode::NoSuchPid), 0),
+            CaseOutcome::Passed
+        );
+        let vague = Fake::new("echo 'failed' >&2; exit 1");
+        assert!(matches!(
+            runner::run_case(&vague.cfg(true), &spec(Mode::NoSuchPid), 0),
+            CaseOutcome::Failed(_)
+        ));
+        let accepts = Fake::new("exit 0");
+        assert!(matches!(
+            runner::run_case(&accepts.cfg(true), &spec(Mode::NoSuchPid), 0),
+            CaseOutcome::Failed(_)
+        ));
+    }
+
+    #[test]
+    fn not_root_pending_and_missing_binaries() {
+        let f = Fake::new("exit 0");
+        assert!(
+            matches!(runner::run_case(&f.cfg(false), &spec(Mode::Cycle), 0), CaseOutcome::Ignored(m) if m.contains("needs root"))
+        );
+        let mut s = spec(Mode::Cycle);
+        s.pending = Some("workload not written".into());
+        assert!(
+            matches!(runner::run_case(&f.cfg(true), &s, 0), CaseOutcome::Ignored(m) if m.contains("workload not written"))
+        );
+        let mut s = spec(Mode::Cycle);
+        s.workload = Some("wl-missing".into());
+        assert!(
+            matches!(runner::run_case(&f.cfg(true), &s, 0), CaseOutcome::Failed(m) if m.contains("cargo build -p crest-workloads"))
+        );
+        let mut c = f.cfg(true);
+        c.crest_bin = f.dir.path().join("nope");
+        assert!(
+            matches!(runner::run_case(&c, &spec(Mode::Cycle), 0), CaseOutcome::Failed(m) if m.contains("cargo build -p crest-engine"))
+        );
+    }
+}
