@@ -14,6 +14,8 @@
 //! The control directory is a plain directory so that the protocol itself uses
 //! no resource the engine must carry across (no pipe, socket or signal).
 
+pub mod support;
+
 use std::ffi::OsString;
 use std::fs;
 use std::io::Write;

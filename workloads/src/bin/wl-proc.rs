@@ -1,0 +1,336 @@
+//! Process-level state: identity, exit status, credentials, prctl, personality,
+//! rlimits, cwd/umask, and process trees (children, groups, sessions, zombies,
+//! orphans, stopped children).
+//!
+//! `wl-proc --ctl DIR MODE [ARGS]`, MODE one of: idle, exit CODE, signal SIG,
+//! creds, prctl, personality, rlimit, fs, tree, pgid, session, zombie, orphan,
+//! stopped.
+
+use crest_workloads::support::{fork_child, mode, num_arg, setup_failed, sys, wait_ok};
+use crest_workloads::{Checks, Ctl};
+use std::ffi::CString;
+use std::time::{Duration, Instant};
+
+fn main() {
+    let (ctl, args) = Ctl::from_args();
+    let (mode, args) = mode(&args);
+    // SAFETY: getpid cannot fail.
+    let pid = unsafe { libc::getpid() };
+    let mut c = Checks::new();
+    match mode.as_str() {
+        "idle" => {
+            ctl.ready();
+            ctl.wait_for_go();
+        }
+        "exit" => {
+            let code: i32 = num_arg(&args, 0, "exit code");
+            ctl.ready();
+            ctl.wait_for_go();
+            std::fs::write(ctl.path("result"), "ok\n").unwrap_or_else(|_| setup_failed("result"));
+            std::process::exit(code);
+        }
+        "signal" => {
+            let sig: i32 = num_arg(&args, 0, "signal number");
+            ctl.ready();
+            ctl.wait_for_go();
+            std::fs::write(ctl.path("result"), "ok\n").unwrap_or_else(|_| setup_failed("result"));
+            // SAFETY: restoring the default action and raising a signal at ourselves.
+            unsafe {
+                libc::signal(sig, libc::SIG_DFL);
+                libc::raise(sig);
+            }
+            std::process::exit(99);
+        }
+        "creds" => creds(&ctl, &mut c),
+        "prctl" => prctl(&ctl, &mut c),
+        "personality" => {
+            let want = (libc::ADDR_NO_RANDOMIZE | libc::ADDR_COMPAT_LAYOUT) as libc::c_ulong;
+            // SAFETY: personality takes a plain value.
+            sys(unsafe { libc::personality(want) }, "personality");
+            ctl.ready();
+            ctl.wait_for_go();
+            // SAFETY: 0xffffffff queries without changing.
+            let now = unsafe { libc::personality(0xffff_ffff) } as libc::c_ulong;
+            c.eq("personality", now, want);
+        }
+        "rlimit" => rlimit(&ctl, &mut c),
+        "fs" => {
+            let dir = ctl.path("cwd dir");
+            std::fs::create_dir_all(&dir).unwrap_or_else(|_| setup_failed("mkdir"));
+            std::env::set_current_dir(&dir).unwrap_or_else(|_| setup_failed("chdir"));
+            // SAFETY: umask cannot fail.
+            unsafe { libc::umask(0o027) };
+            ctl.ready();
+            ctl.wait_for_go();
+            // SAFETY: as above; read and put back.
+            let m = unsafe { libc::umask(0o022) };
+            c.eq("umask", m, 0o027);
+            c.eq("cwd", std::env::current_dir().ok(), Some(dir));
+        }
+        "tree" => tree(&ctl, &mut c),
+        "pgid" => pgid(&ctl, &mut c),
+        "session" => {
+            let child = fork_child(|| {
+                // SAFETY: setsid/getsid take no pointers.
+                let me = unsafe { libc::setsid() };
+                child_ready(&ctl, "session");
+                ctl.wait_for_go();
+                // SAFETY: as above.
+                let (sid, pgid) = unsafe { (libc::getsid(0), libc::getpgid(0)) };
+                i32::from(sid != me || pgid != me)
+            });
+            wait_children_ready(&ctl, &["session"]);
+            ctl.ready();
+            ctl.wait_for_go();
+            // SAFETY: getsid takes no pointers.
+            let (sid, csid) = unsafe { (libc::getsid(0), libc::getsid(child)) };
+            c.eq("own sid", sid, pid);
+            c.eq("child's sid", csid, child);
+            if let Err(e) = wait_ok(child, "child") {
+                c.fail(e);
+            }
+        }
+        "zombie" => {
+            let child = fork_child(|| 42);
+            // Ready only once the child is a zombie.
+            wait_until("the child to become a zombie", || proc_state(child) == Some('Z'));
+            ctl.ready();
+            ctl.wait_for_go();
+            c.eq("child state before wait", proc_state(child), Some('Z'));
+            let mut st = 0;
+            // SAFETY: st is a valid out pointer.
+            let r = unsafe { libc::waitpid(child, &mut st, libc::WNOHANG) };
+            c.eq("waitpid on the zombie", r, child);
+            c.check(libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 42, || format!("zombie's wait status {st:#x}, expected exit 42"));
+        }
+        "orphan" => orphan(&ctl, &mut c),
+        "stopped" => {
+            let child = fork_child(|| {
+                // SAFETY: raising SIGSTOP at ourselves.
+                unsafe { libc::raise(libc::SIGSTOP) };
+                ctl.wait_for_go();
+                0
+            });
+            let mut st = 0;
+            // SAFETY: st is a valid out pointer.
+            sys(unsafe { libc::waitpid(child, &mut st, libc::WUNTRACED) }, "waitpid WUNTRACED");
+            ctl.ready();
+            ctl.wait_for_go();
+            c.eq("child state", proc_state(child), Some('T'));
+            // SAFETY: kill takes no pointers.
+            unsafe { libc::kill(child, libc::SIGCONT) };
+            if let Err(e) = wait_ok(child, "stopped child") {
+                c.fail(e);
+            }
+        }
+        other => {
+            eprintln!("wl-proc: unknown mode {other:?}");
+            std::process::exit(2);
+        }
+    }
+    // SAFETY: getpid cannot fail.
+    c.eq("getpid()", unsafe { libc::getpid() }, pid);
+    ctl.finish(&c.into_differences());
+}
+
+fn creds(ctl: &Ctl, c: &mut Checks) {
+    let groups: [libc::gid_t; 3] = [4, 24, 27];
+    // SAFETY: groups is valid for its length; setresgid takes plain values.
+    unsafe {
+        sys(libc::setgroups(groups.len(), groups.as_ptr()), "setgroups");
+        sys(libc::setresgid(1000, 1001, 0), "setresgid");
+    }
+    ctl.ready();
+    ctl.wait_for_go();
+    let mut got = [0 as libc::gid_t; 16];
+    // SAFETY: got is valid for 16 entries.
+    let n = unsafe { libc::getgroups(16, got.as_mut_ptr()) };
+    c.eq("groups", got.get(..n.max(0) as usize).map(|g| g.to_vec()), Some(groups.to_vec()));
+    let (mut r, mut e, mut s) = (0, 0, 0);
+    // SAFETY: valid out pointers.
+    unsafe { libc::getresgid(&mut r, &mut e, &mut s) };
+    c.eq("real/effective/saved gid", (r, e, s), (1000, 1001, 0));
+}
+
+fn prctl(ctl: &Ctl, c: &mut Checks) {
+    let name = CString::new("wl-prctl-name").unwrap_or_default();
+    // SAFETY: prctl with a NUL-terminated name and plain values.
+    unsafe {
+        sys(libc::prctl(libc::PR_SET_NAME, name.as_ptr()), "PR_SET_NAME");
+        sys(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGUSR2), "PR_SET_PDEATHSIG");
+        sys(libc::prctl(libc::PR_SET_DUMPABLE, 0), "PR_SET_DUMPABLE");
+        sys(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS");
+        sys(libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1), "PR_SET_CHILD_SUBREAPER");
+    }
+    ctl.ready();
+    ctl.wait_for_go();
+    let mut buf = [0u8; 16];
+    let mut sig: libc::c_int = 0;
+    let mut reaper: libc::c_int = 0;
+    // SAFETY: buf holds 16 bytes (TASK_COMM_LEN); sig and reaper are valid out pointers.
+    let (dumpable, nnp) = unsafe {
+        libc::prctl(libc::PR_GET_NAME, buf.as_mut_ptr());
+        libc::prctl(libc::PR_GET_PDEATHSIG, &mut sig);
+        libc::prctl(libc::PR_GET_CHILD_SUBREAPER, &mut reaper);
+        (libc::prctl(libc::PR_GET_DUMPABLE), libc::prctl(libc::PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0))
+    };
+    let got = String::from_utf8_lossy(buf.split(|&b| b == 0).next().unwrap_or(&[])).to_string();
+    c.eq("comm", got.as_str(), "wl-prctl-name");
+    c.eq("pdeathsig", sig, libc::SIGUSR2);
+    c.eq("dumpable", dumpable, 0);
+    c.eq("no_new_privs", nnp, 1);
+    c.eq("child_subreaper", reaper, 1);
+}
+
+fn rlimit(ctl: &Ctl, c: &mut Checks) {
+    let set = [
+        (libc::RLIMIT_NOFILE, 200, 300),
+        (libc::RLIMIT_CORE, 0, 0),
+        (libc::RLIMIT_NPROC, 5000, 6000),
+        (libc::RLIMIT_MSGQUEUE, 4096, 8192),
+    ];
+    for (res, cur, max) in set {
+        let l = libc::rlimit { rlim_cur: cur, rlim_max: max };
+        // SAFETY: l is a valid rlimit.
+        sys(unsafe { libc::setrlimit(res, &l) }, "setrlimit");
+    }
+    ctl.ready();
+    ctl.wait_for_go();
+    for (res, cur, max) in set {
+        let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: l is a valid out pointer.
+        unsafe { libc::getrlimit(res, &mut l) };
+        c.eq(&format!("rlimit {res}"), (l.rlim_cur, l.rlim_max), (cur, max));
+    }
+}
+
+/// A child announces it is set up by creating `ready.NAME`.
+fn child_ready(ctl: &Ctl, name: &str) {
+    let tmp = ctl.path(&format!("ready.{name}.tmp"));
+    // SAFETY: getpid cannot fail.
+    let _ = std::fs::write(&tmp, format!("{}\n", unsafe { libc::getpid() }));
+    let _ = std::fs::rename(&tmp, ctl.path(&format!("ready.{name}")));
+}
+
+fn wait_children_ready(ctl: &Ctl, names: &[&str]) {
+    wait_until("the children to be ready", || names.iter().all(|n| ctl.path(&format!("ready.{n}")).exists()));
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        if t0.elapsed() > Duration::from_secs(20) {
+            eprintln!("setup failed: timed out waiting for {what}");
+            std::process::exit(2);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn proc_state(pid: libc::pid_t) -> Option<char> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.get(s.rfind(')')? + 2..)?.chars().next()
+}
+
+/// parent → A → C, parent → B; everyone checks its parent after the restore.
+fn tree(ctl: &Ctl, c: &mut Checks) {
+    // SAFETY: getpid/getppid cannot fail.
+    let me = unsafe { libc::getpid() };
+    let a = fork_child(|| {
+        // SAFETY: as above.
+        let a = unsafe { libc::getpid() };
+        let gc = fork_child(|| {
+            child_ready(ctl, "c");
+            ctl.wait_for_go();
+            // SAFETY: getppid cannot fail.
+            i32::from(unsafe { libc::getppid() } != a)
+        });
+        child_ready(ctl, "a");
+        ctl.wait_for_go();
+        // SAFETY: getppid cannot fail.
+        let bad_parent = unsafe { libc::getppid() } != me;
+        let gc_ok = wait_ok(gc, "grandchild").map_err(|e| eprintln!("{e}")).is_ok();
+        i32::from(bad_parent || !gc_ok)
+    });
+    let b = fork_child(|| {
+        child_ready(ctl, "b");
+        ctl.wait_for_go();
+        // SAFETY: getppid cannot fail.
+        i32::from(unsafe { libc::getppid() } != me)
+    });
+    wait_children_ready(ctl, &["a", "b", "c"]);
+    ctl.ready();
+    ctl.wait_for_go();
+    for (pid, who) in [(a, "child a (with a grandchild)"), (b, "child b")] {
+        if let Err(e) = wait_ok(pid, who) {
+            c.fail(e);
+        }
+    }
+}
+
+/// Child a leads its own group; child b stays in the parent's.
+fn pgid(ctl: &Ctl, c: &mut Checks) {
+    // SAFETY: getpid cannot fail.
+    let me = unsafe { libc::getpid() };
+    let a = fork_child(|| {
+        // SAFETY: setpgid/getpgid take plain values.
+        unsafe { libc::setpgid(0, 0) };
+        child_ready(ctl, "a");
+        ctl.wait_for_go();
+        // SAFETY: as above.
+        i32::from(unsafe { libc::getpgid(0) != libc::getpid() })
+    });
+    let b = fork_child(|| {
+        child_ready(ctl, "b");
+        ctl.wait_for_go();
+        // SAFETY: getpgid takes a plain value.
+        i32::from(unsafe { libc::getpgid(0) } != me)
+    });
+    wait_children_ready(ctl, &["a", "b"]);
+    ctl.ready();
+    ctl.wait_for_go();
+    // SAFETY: getpgid takes a plain value.
+    let (pa, pb) = unsafe { (libc::getpgid(a), libc::getpgid(b)) };
+    c.eq("child a's pgid", pa, a);
+    c.eq("child b's pgid", pb, me);
+    for (pid, who) in [(a, "child a"), (b, "child b")] {
+        if let Err(e) = wait_ok(pid, who) {
+            c.fail(e);
+        }
+    }
+}
+
+/// parent → A → C; A exits, so C is an orphan reparented to init or a
+/// subreaper. C reports through `result.orphan`.
+fn orphan(ctl: &Ctl, c: &mut Checks) {
+    let a = fork_child(|| {
+        fork_child(|| {
+            // SAFETY: getppid cannot fail.
+            let dead_parent = unsafe { libc::getppid() };
+            wait_until("reparenting", || unsafe { libc::getppid() } != dead_parent);
+            child_ready(ctl, "c");
+            ctl.wait_for_go();
+            // SAFETY: getppid/getsid cannot fail.
+            let (ppid, sid) = unsafe { (libc::getppid(), libc::getsid(0)) };
+            let verdict = if ppid == dead_parent { format!("parent is the dead {dead_parent}") } else { "ok".into() };
+            let _ = std::fs::write(ctl.path("result.orphan"), format!("{verdict} sid {sid}\n"));
+            0
+        });
+        0
+    });
+    if let Err(e) = wait_ok(a, "middle child") {
+        setup_failed(&e);
+    }
+    wait_children_ready(ctl, &["c"]);
+    ctl.ready();
+    ctl.wait_for_go();
+    // SAFETY: getsid cannot fail.
+    let sid = unsafe { libc::getsid(0) };
+    let path = ctl.path("result.orphan");
+    let t0 = Instant::now();
+    while !path.exists() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let got = std::fs::read_to_string(&path).unwrap_or_else(|_| "no report from the orphan".into());
+    c.eq("orphan's report", got.trim(), format!("ok sid {sid}").as_str());
+}
