@@ -1,1 +1,40 @@
-//! crest checkpoint/restart engine.
+//! crest: a checkpoint/restart engine for Linux processes.
+//!
+//! Dump: freeze ([`ptrace`]) → collect (one module per resource kind:
+//! [`mm`], [`task`], [`files`]) → write an [`image`] → kill, resume or stop.
+//! Restore: read and validate the image → fork a child with the original PID
+//! → the child sets up what it can on itself (files, signals, limits) → the
+//! restorer rebuilds its address space and registers through ptrace → resume.
+
+pub mod check;
+pub mod dump;
+pub mod error;
+pub mod files;
+pub mod image;
+pub mod mm;
+pub mod proc;
+pub mod ptrace;
+pub mod restore;
+pub mod show;
+pub mod task;
+
+use serde::{Deserialize, Serialize};
+
+pub use error::{Error, Result, EXIT_UNSUPPORTED};
+
+/// x86-64 base page size.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Everything the image holds about one process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessImage {
+    pub pid: i32,
+    pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
+    pub threads: Vec<task::ThreadImage>,
+    pub state: task::ProcessState,
+    pub mm: mm::MmImage,
+    pub files: files::FilesImage,
+}

@@ -1,1 +1,211 @@
-fn main() {}
+//! The `crest` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use crest_engine::dump::{AfterDump, DumpOptions};
+use crest_engine::restore::{RestoreOptions, Restored};
+use crest_engine::{check, image, show, Error};
+
+/// crest: checkpoint and restore Linux processes.
+#[derive(Debug, Parser)]
+#[command(name = "crest", version, about, propagate_version = true)]
+struct Cli {
+    /// Log what crest does (-v info, -vv debug, -vvv trace), on stderr.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Checkpoint a process into an image directory. By default the process is
+    /// killed once the image is complete; on any failure it is left running,
+    /// exactly as it was.
+    Dump {
+        /// The process to dump.
+        #[arg(short = 't', long = "tree", value_name = "PID")]
+        pid: i32,
+        /// Where to write the image (must not exist, or be empty).
+        #[arg(short = 'D', long = "images-dir", value_name = "DIR")]
+        dir: PathBuf,
+        /// Let the process continue after the dump.
+        #[arg(long, conflicts_with = "stop")]
+        leave_running: bool,
+        /// Leave the process stopped (SIGSTOP) after the dump.
+        #[arg(long)]
+        stop: bool,
+    },
+    /// Restore a process from an image directory, with its original PID.
+    /// Without --detach crest stays its parent and exits with its exit status
+    /// (128+N if it is killed by signal N).
+    Restore {
+        #[arg(short = 'D', long = "images-dir", value_name = "DIR")]
+        dir: PathBuf,
+        /// Return once the process runs; it is reparented to init.
+        #[arg(short, long)]
+        detach: bool,
+        /// Leave the restored process stopped (SIGSTOP).
+        #[arg(long)]
+        stop: bool,
+        /// Write the restored PID to this file (atomically) once the process runs,
+        /// so a supervisor knows the restore is complete.
+        #[arg(long, value_name = "FILE")]
+        pidfile: Option<PathBuf>,
+        /// How long to wait for the original PID to become free, in seconds.
+        #[arg(long, default_value_t = 5.0, value_name = "SECS")]
+        pid_wait: f64,
+    },
+    /// Print an image: processes, memory, registers, files, signals.
+    Show {
+        dir: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Which kernel features this kernel offers, and which crest needs.
+    Check {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn progress_bar() -> indicatif::ProgressBar {
+    // Shows only on a terminal and only for work that takes more than a moment.
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {elapsed} {msg}")
+            .expect("valid template"),
+    );
+    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr_with_hz(4));
+    bar
+}
+
+fn run(cli: Cli) -> Result<u8, Error> {
+    match cli.command {
+        Command::Dump {
+            pid,
+            dir,
+            leave_running,
+            stop,
+        } => {
+            let after = if leave_running {
+                AfterDump::LeaveRunning
+            } else if stop {
+                AfterDump::Stop
+            } else {
+                AfterDump::Kill
+            };
+            let bar = progress_bar();
+            let stats = crest_engine::dump::dump(&DumpOptions { pid, dir, after }, &bar)?;
+            bar.finish_and_clear();
+            tracing::info!(
+                "frozen for {:.1} ms, {} pages written",
+                stats.frozen_us as f64 / 1000.0,
+                stats.pages_written
+            );
+            Ok(0)
+        }
+        Command::Restore {
+            dir,
+            detach,
+            stop,
+            pidfile,
+            pid_wait,
+        } => {
+            let bar = progress_bar();
+            let opts = RestoreOptions {
+                dir,
+                detach,
+                stop,
+                pid_wait: Duration::from_secs_f64(pid_wait.max(0.0)),
+            };
+            let restored = crest_engine::restore::restore(&opts, &bar)?;
+            bar.finish_and_clear();
+            if let Some(path) = pidfile {
+                let pid = match restored {
+                    Restored::Detached { pid } | Restored::Child { pid } => pid,
+                };
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, format!("{pid}\n"))
+                    .and_then(|()| std::fs::rename(&tmp, &path))
+                    .map_err(|e| Error::io(&path, e))?;
+            }
+            match restored {
+                Restored::Detached { pid } => {
+                    tracing::info!(pid, "restored and detached");
+                    Ok(0)
+                }
+                Restored::Child { pid } => {
+                    use nix::sys::wait::{waitpid, WaitStatus};
+                    // Our own SIGINT/SIGTERM would otherwise kill us and orphan the job.
+                    loop {
+                        match waitpid(nix::unistd::Pid::from_raw(pid), None) {
+                            Ok(WaitStatus::Exited(_, code)) => return Ok(code as u8),
+                            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as u8),
+                            Ok(_) => continue,
+                            Err(nix::errno::Errno::EINTR) => continue,
+                            Err(e) => return Err(Error::sys(pid, "waitpid", e)),
+                        }
+                    }
+                }
+            }
+        }
+        Command::Show { dir, json } => {
+            let img = image::Image::read(&dir)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&show::to_json(&img)).expect("serialisable")
+                );
+            } else {
+                print!("{}", show::render(&img));
+            }
+            Ok(0)
+        }
+        Command::Check { json } => {
+            let report = check::check();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("serialisable")
+                );
+            } else {
+                print!("{}", check::render(&report));
+            }
+            Ok(if report.missing_required().is_empty() {
+                0
+            } else {
+                1
+            })
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CREST_LOG")
+                .unwrap_or_else(|_| level.into()),
+        )
+        .with_writer(std::io::stderr)
+        .without_time()
+        .init();
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("crest: error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}

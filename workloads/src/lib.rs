@@ -131,10 +131,12 @@ impl Checks {
 
 fn write_atomically(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp");
-    fs::write(&tmp, text).and_then(|()| fs::rename(&tmp, path)).unwrap_or_else(|e| {
-        eprintln!("workload: cannot write {}: {e}", path.display());
-        std::process::exit(3);
-    });
+    fs::write(&tmp, text)
+        .and_then(|()| fs::rename(&tmp, path))
+        .unwrap_or_else(|e| {
+            eprintln!("workload: cannot write {}: {e}", path.display());
+            std::process::exit(3);
+        });
 }
 
 /// A deterministic byte pattern: `pattern_byte(seed, i)` for offset `i`.
@@ -179,7 +181,11 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         let ctl = Ctl::new(&dir);
         ctl.ready();
-        let pid: u32 = fs::read_to_string(dir.join(READY_FILE)).unwrap().trim().parse().unwrap();
+        let pid: u32 = fs::read_to_string(dir.join(READY_FILE))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         assert_eq!(pid, std::process::id());
         assert!(!dir.join("ready.tmp").exists());
         fs::remove_dir_all(&dir).unwrap();

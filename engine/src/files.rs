@@ -1,0 +1,279 @@
+//! File descriptors: regular files, character devices, descriptors that share
+//! one open file description, and stdio that points outside the dump.
+//!
+//! Collect reads `/proc/PID/fd` and `fdinfo`; restore runs in the restore
+//! child (it opens files as itself, before it becomes the target).
+
+use std::os::unix::fs::MetadataExt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::proc;
+
+/// What a file looked like at dump time, to notice it changed before a restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileIdentity {
+    pub dev: u64,
+    pub inode: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+}
+
+impl FileIdentity {
+    pub fn of(meta: &std::fs::Metadata) -> FileIdentity {
+        FileIdentity {
+            dev: meta.dev(),
+            inode: meta.ino(),
+            size: meta.size(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum FdKind {
+    /// A regular file, reopened by path at its offset.
+    Regular {
+        path: String,
+        /// open(2) flags: access mode, O_APPEND, O_NONBLOCK, O_DIRECT…
+        flags: i32,
+        pos: u64,
+        identity: FileIdentity,
+    },
+    /// A character device reopened by path (/dev/null, /dev/zero, /dev/urandom…).
+    Device { path: String, flags: i32 },
+    /// Shares the open file description of a lower descriptor (dup, or inherited across fork).
+    Dup { of: i32 },
+    /// stdin/stdout/stderr pointing outside the dump (a terminal, or a pipe or
+    /// socket to a process not dumped): rebound to the restorer's own.
+    Inherited { was: String },
+}
+
+// No deny_unknown_fields here: serde cannot combine it with `flatten`; the
+// flattened FdKind variants deny unknown fields themselves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FdImage {
+    pub fd: i32,
+    pub cloexec: bool,
+    #[serde(flatten)]
+    pub kind: FdKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesImage {
+    pub fds: Vec<FdImage>,
+    pub cwd: String,
+    pub root: String,
+}
+
+/// Devices reopened by path: they carry no state of their own.
+const STATELESS_DEVICES: &[&str] = &[
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/random",
+    "/dev/urandom",
+];
+
+/// Flags kept when reopening: everything but creation-time and close-on-exec.
+const REOPEN_MASK: i32 =
+    !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY | libc::O_CLOEXEC);
+
+fn kcmp_same_file(pid: i32, fd1: i32, fd2: i32) -> bool {
+    const KCMP_FILE: libc::c_long = 0;
+    // SAFETY: kcmp takes only integers and reads no memory of ours.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, KCMP_FILE, fd1, fd2) };
+    r == 0
+}
+
+/// Describes a socket fd of `pid` for a refusal message, via pidfd_getfd.
+fn describe_socket(pid: i32, fd: i32) -> String {
+    // SAFETY: pidfd_open/pidfd_getfd take integers and return new fds we own and close.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
+        if pidfd < 0 {
+            return "a socket".into();
+        }
+        let ours = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
+        libc::close(pidfd);
+        if ours < 0 {
+            return "a socket".into();
+        }
+        let opt = |name| {
+            let mut v: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            libc::getsockopt(
+                ours,
+                libc::SOL_SOCKET,
+                name,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            );
+            v
+        };
+        let (domain, ty) = (opt(libc::SO_DOMAIN), opt(libc::SO_TYPE));
+        libc::close(ours);
+        let ty = match ty {
+            libc::SOCK_STREAM => "stream",
+            libc::SOCK_DGRAM => "datagram",
+            libc::SOCK_SEQPACKET => "seqpacket",
+            libc::SOCK_RAW => "raw",
+            _ => "",
+        };
+        match (domain, ty) {
+            (libc::AF_INET | libc::AF_INET6, "stream") => "a TCP socket".into(),
+            (libc::AF_INET | libc::AF_INET6, "datagram") => "a UDP socket".into(),
+            (libc::AF_UNIX, t) => format!("a unix {t} socket"),
+            (libc::AF_NETLINK, _) => "a netlink socket".into(),
+            (d, t) => format!("a socket (family {d}, {t})"),
+        }
+    }
+}
+
+pub fn collect(pid: i32) -> Result<FilesImage> {
+    let dir = format!("/proc/{pid}/fd");
+    let mut fds: Vec<i32> = std::fs::read_dir(&dir)
+        .map_err(|e| Error::io(&dir, e))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    fds.sort_unstable();
+    let mut out: Vec<FdImage> = Vec::new();
+    for &fd in &fds {
+        let link = proc::readlink(pid, &format!("fd/{fd}"))?
+            .to_string_lossy()
+            .into_owned();
+        let info = proc::parse_fdinfo(&proc::read(pid, &format!("fdinfo/{fd}"))?);
+        let cloexec = info.flags & libc::O_CLOEXEC != 0;
+        let refuse = |what: String| Err(Error::unsupported(pid, format!("fd {fd} is {what}")));
+        if let Some(first) = out
+            .iter()
+            .find(|o| !matches!(o.kind, FdKind::Dup { .. }) && kcmp_same_file(pid, o.fd, fd))
+        {
+            out.push(FdImage {
+                fd,
+                cloexec,
+                kind: FdKind::Dup { of: first.fd },
+            });
+            continue;
+        }
+        let stdio = fd <= 2;
+        let kind = if link.starts_with("pipe:") || link.starts_with("socket:") {
+            let held_elsewhere = fds.iter().any(|&o| {
+                o != fd
+                    && proc::readlink(pid, &format!("fd/{o}"))
+                        .map(|l| l.to_string_lossy() == link)
+                        .unwrap_or(false)
+            });
+            if stdio && !held_elsewhere {
+                FdKind::Inherited { was: link }
+            } else if link.starts_with("pipe:") {
+                return refuse("a pipe".into());
+            } else {
+                return refuse(describe_socket(pid, fd));
+            }
+        } else if let Some(name) = link.strip_prefix("anon_inode:") {
+            return refuse(format!("an {} file", name.trim_matches(['[', ']'])));
+        } else if link.ends_with(" (deleted)") {
+            return refuse(format!("an unlinked file ({link})"));
+        } else if link.starts_with('/') {
+            let meta = std::fs::metadata(format!("/proc/{pid}/fd/{fd}"))
+                .map_err(|e| Error::io(&link, e))?;
+            let ft = meta.file_type();
+            use std::os::unix::fs::FileTypeExt;
+            if ft.is_file() {
+                FdKind::Regular {
+                    path: link,
+                    flags: info.flags & REOPEN_MASK,
+                    pos: info.pos,
+                    identity: FileIdentity::of(&meta),
+                }
+            } else if ft.is_char_device() && STATELESS_DEVICES.contains(&link.as_str()) {
+                FdKind::Device {
+                    path: link,
+                    flags: info.flags & REOPEN_MASK,
+                }
+            } else if ft.is_char_device() && stdio {
+                FdKind::Inherited { was: link }
+            } else if ft.is_dir() {
+                return refuse(format!("a directory ({link})"));
+            } else if ft.is_fifo() {
+                return refuse(format!("a FIFO ({link})"));
+            } else if ft.is_char_device() {
+                return refuse(format!("a character device ({link})"));
+            } else {
+                return refuse(format!("{link}, a file of a kind crest does not know"));
+            }
+        } else {
+            return refuse(link);
+        };
+        out.push(FdImage { fd, cloexec, kind });
+    }
+    Ok(FilesImage {
+        fds: out,
+        cwd: proc::readlink(pid, "cwd")?.to_string_lossy().into_owned(),
+        root: proc::readlink(pid, "root")?.to_string_lossy().into_owned(),
+    })
+}
+
+/// Checks before a restore that every regular file is still the file that was
+/// dumped (same inode, size and mtime).
+pub fn verify_unchanged(pid: i32, files: &FilesImage) -> Result<()> {
+    for f in &files.fds {
+        if let FdKind::Regular { path, identity, .. } = &f.kind {
+            let meta = std::fs::metadata(path)
+                .map_err(|e| Error::Restore(format!("pid {pid}: fd {}: {path}: {e}", f.fd)))?;
+            let now = FileIdentity::of(&meta);
+            if now != *identity {
+                let how = if now.inode != identity.inode || now.dev != identity.dev {
+                    "was replaced by another file".to_string()
+                } else if now.size != identity.size {
+                    format!("size changed from {} to {} bytes", identity.size, now.size)
+                } else {
+                    "was modified (mtime changed)".to_string()
+                };
+                return Err(Error::Restore(format!(
+                    "pid {pid}: fd {}: {path} {how} since the dump",
+                    f.fd
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Opens one descriptor as the image says, in the restore child. Returns the
+/// new fd (not yet at its final number) or `None` when nothing needs opening.
+pub fn open_for_restore(f: &FdImage) -> std::result::Result<Option<i32>, String> {
+    let (path, flags, pos) = match &f.kind {
+        FdKind::Regular {
+            path, flags, pos, ..
+        } => (path, *flags, Some(*pos)),
+        FdKind::Device { path, flags } => (path, *flags, None),
+        FdKind::Dup { .. } | FdKind::Inherited { .. } => return Ok(None),
+    };
+    let c = std::ffi::CString::new(path.as_str()).map_err(|_| format!("fd {}: bad path", f.fd))?;
+    // SAFETY: `c` is a valid NUL-terminated string; open returns a new fd or -1.
+    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(format!(
+            "fd {}: open {path}: {}",
+            f.fd,
+            std::io::Error::last_os_error()
+        ));
+    }
+    if let Some(pos) = pos {
+        // SAFETY: lseek on the fd we just opened.
+        if unsafe { libc::lseek(fd, pos as i64, libc::SEEK_SET) } < 0 {
+            return Err(format!(
+                "fd {}: seek {path} to {pos}: {}",
+                f.fd,
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(Some(fd))
+}

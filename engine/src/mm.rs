@@ -1,0 +1,428 @@
+//! The address space: VMAs, page contents, the vDSO, brk and the mm fields.
+//!
+//! Collect reads `/proc/PID/maps` and `pagemap`, and copies only pages that
+//! were ever touched (present or swapped; for private file mappings only the
+//! copy-on-write ones) into `pages-PID.img`, page-aligned, in runs ("chunks")
+//! each with its own checksum. Restore maps every VMA at its old address and
+//! copies the chunks straight from the (mmapped) page file into place.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::proc::{self, pagemap, MapsEntry};
+use crate::PAGE_SIZE;
+
+/// What backs a VMA.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Backing {
+    /// Private anonymous memory (heap, stack, anonymous mmap).
+    Anon,
+    /// A mapping of a file. Private: pages the process wrote are in the image.
+    /// Shared: its contents live in the file, nothing is saved.
+    File {
+        path: String,
+        offset: u64,
+        dev: u64,
+        inode: u64,
+        #[serde(default)]
+        shared: bool,
+        /// The mapping may be made writable (VM_MAYWRITE): the file must be
+        /// reopened for writing when the mapping is shared.
+        #[serde(default)]
+        may_write: bool,
+    },
+    /// A mapping the kernel provides (`[vdso]`, `[vvar]`, `[vvar_vclock]`).
+    Special { name: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vma {
+    pub start: u64,
+    pub end: u64,
+    /// PROT_* bits.
+    pub prot: i32,
+    pub backing: Backing,
+    /// `[heap]`, `[stack]`, or empty.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// VM_GROWSDOWN (the main stack).
+    #[serde(default)]
+    pub growsdown: bool,
+}
+
+impl Vma {
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+}
+
+/// A run of saved pages: `len` bytes for `[vaddr, vaddr+len)` at `offset` in
+/// the page file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageChunk {
+    pub vaddr: u64,
+    pub len: u64,
+    pub offset: u64,
+    pub crc32c: u32,
+}
+
+/// The mm fields PR_SET_MM_MAP restores (from `/proc/PID/stat` and `brk(0)`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MmFields {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MmImage {
+    pub vmas: Vec<Vma>,
+    pub fields: MmFields,
+    pub auxv: Vec<u64>,
+    /// `/proc/PID/exe`.
+    pub exe: String,
+    pub chunks: Vec<PageChunk>,
+}
+
+impl MmImage {
+    pub fn saved_bytes(&self) -> u64 {
+        self.chunks.iter().map(|c| c.len).sum()
+    }
+}
+
+/// Largest chunk: a chunk is checksummed and copied as one piece.
+const MAX_CHUNK: u64 = 4 << 20;
+
+/// Classifies the maps of `pid`, refusing what the engine cannot restore yet.
+pub fn collect_vmas(
+    pid: i32,
+    maps: &[MapsEntry],
+    vmflags: &[(u64, Vec<String>)],
+) -> Result<Vec<Vma>> {
+    let has_flag = |start: u64, flag: &str| {
+        vmflags
+            .iter()
+            .any(|(s, f)| *s == start && f.iter().any(|x| x == flag))
+    };
+    let mut vmas = Vec::new();
+    for m in maps {
+        let prot = (if m.read { libc::PROT_READ } else { 0 })
+            | (if m.write { libc::PROT_WRITE } else { 0 })
+            | (if m.exec { libc::PROT_EXEC } else { 0 });
+        let what = || {
+            format!(
+                "mapping {:#x}-{:#x} {}",
+                m.start,
+                m.end,
+                if m.name.is_empty() {
+                    "(anonymous)"
+                } else {
+                    &m.name
+                }
+            )
+        };
+        let backing = if m.name == "[vsyscall]" {
+            continue; // fixed by the kernel, the same in every process
+        } else if m.is_special() {
+            if m.name == "[uprobes]" {
+                return Err(Error::unsupported(
+                    pid,
+                    format!("{} (uprobes are attached)", what()),
+                ));
+            }
+            Backing::Special {
+                name: m.name.clone(),
+            }
+        } else if m.shared
+            && (m.deleted
+                || !m.name.starts_with('/')
+                || m.name.starts_with("/dev/")
+                || m.name.starts_with("/SYSV"))
+        {
+            return Err(Error::unsupported(
+                pid,
+                format!("{} is shared memory", what()),
+            ));
+        } else if m.inode != 0 {
+            if m.deleted || !m.name.starts_with('/') {
+                return Err(Error::unsupported(
+                    pid,
+                    format!("{} maps a deleted file", what()),
+                ));
+            }
+            Backing::File {
+                path: m.name.clone(),
+                offset: m.offset,
+                dev: ((m.dev_major as u64) << 8) | m.dev_minor as u64,
+                inode: m.inode,
+                shared: m.shared,
+                may_write: has_flag(m.start, "mw"),
+            }
+        } else {
+            Backing::Anon
+        };
+        let name = if matches!(m.name.as_str(), "[heap]" | "[stack]") {
+            m.name.clone()
+        } else {
+            String::new()
+        };
+        vmas.push(Vma {
+            start: m.start,
+            end: m.end,
+            prot,
+            backing,
+            name,
+            growsdown: has_flag(m.start, "gd"),
+        });
+    }
+    Ok(vmas)
+}
+
+/// Copies the touched pages of `vmas` from `pid` into `pages_path`.
+pub fn collect_pages(
+    pid: i32,
+    vmas: &[Vma],
+    pages_path: &Path,
+    stats: &mut crate::image::DumpStats,
+) -> Result<Vec<PageChunk>> {
+    let pm_path = format!("/proc/{pid}/pagemap");
+    let pagemap_file = File::open(&pm_path).map_err(|e| Error::io(&pm_path, e))?;
+    let mut out = crate::image::create_private(pages_path)?;
+    let mut chunks = Vec::new();
+    let mut entries = Vec::new();
+    let mut offset = 0u64;
+    let mut buf = vec![0u8; MAX_CHUNK as usize];
+    for vma in vmas {
+        let file_backed = match &vma.backing {
+            Backing::Special { .. } | Backing::File { shared: true, .. } => continue,
+            Backing::File { .. } => true,
+            Backing::Anon => false,
+        };
+        proc::read_pagemap(&pagemap_file, vma.start, vma.end, &mut entries)
+            .map_err(|e| Error::io(&pm_path, e))?;
+        let keep = |e: u64| {
+            if file_backed {
+                // Only copy-on-write pages differ from the file.
+                (e & pagemap::PRESENT != 0 && e & pagemap::FILE_OR_SHARED == 0)
+                    || e & pagemap::SWAPPED != 0
+            } else {
+                e & (pagemap::PRESENT | pagemap::SWAPPED) != 0
+            }
+        };
+        let mut i = 0;
+        while i < entries.len() {
+            if !keep(entries[i]) {
+                stats.pages_skipped += 1;
+                i += 1;
+                continue;
+            }
+            let first = i;
+            while i < entries.len()
+                && keep(entries[i])
+                && ((i - first + 1) as u64 * PAGE_SIZE) <= MAX_CHUNK
+            {
+                i += 1;
+            }
+            let vaddr = vma.start + first as u64 * PAGE_SIZE;
+            let len = (i - first) as u64 * PAGE_SIZE;
+            let data = &mut buf[..len as usize];
+            read_target(pid, vaddr, data, vma.prot & libc::PROT_READ != 0)?;
+            out.write_all(data).map_err(|e| Error::io(pages_path, e))?;
+            chunks.push(PageChunk {
+                vaddr,
+                len,
+                offset,
+                crc32c: crc32c::crc32c(data),
+            });
+            offset += len;
+            stats.pages_written += len / PAGE_SIZE;
+        }
+    }
+    Ok(chunks)
+}
+
+/// Reads target memory: `process_vm_readv` where readable, else `/proc/PID/mem`
+/// (which a tracer may read through PROT_NONE).
+fn read_target(pid: i32, addr: u64, buf: &mut [u8], readable: bool) -> Result<()> {
+    if readable {
+        let len = buf.len();
+        let local = [std::io::IoSliceMut::new(buf)];
+        let remote = [nix::sys::uio::RemoteIoVec {
+            base: addr as usize,
+            len,
+        }];
+        match nix::sys::uio::process_vm_readv(
+            nix::unistd::Pid::from_raw(pid),
+            &mut { local },
+            &remote,
+        ) {
+            Ok(n) if n == len => return Ok(()),
+            Ok(_) | Err(_) => {} // fall back below: partial reads happen at odd mappings
+        }
+    }
+    crate::ptrace::read_mem(pid, addr, buf)
+}
+
+/// Reads the mm fields from `/proc/PID/stat` (fields 26–28 and 45–51).
+pub fn parse_stat_mm_fields(stat: &str) -> Option<MmFields> {
+    // The comm field may contain spaces and parentheses: split after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|s| s.parse().unwrap_or(0))
+        .collect();
+    // rest[0] is field 3 (state); field N is rest[N-3].
+    let field = |n: usize| f.get(n - 3).copied();
+    Some(MmFields {
+        start_code: field(26)?,
+        end_code: field(27)?,
+        start_stack: field(28)?,
+        start_data: field(45)?,
+        end_data: field(46)?,
+        start_brk: field(47)?,
+        brk: 0,
+        arg_start: field(48)?,
+        arg_end: field(49)?,
+        env_start: field(50)?,
+        env_end: field(51)?,
+    })
+}
+
+/// Parses `/proc/PID/auxv` (pairs of native u64) up to and including AT_NULL.
+pub fn parse_auxv(bytes: &[u8]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for pair in bytes.chunks_exact(16) {
+        let k = u64::from_ne_bytes(pair[..8].try_into().expect("8 bytes"));
+        let v = u64::from_ne_bytes(pair[8..].try_into().expect("8 bytes"));
+        out.push(k);
+        out.push(v);
+        if k == 0 {
+            break;
+        }
+    }
+    out
+}
+
+/// `struct prctl_mm_map` for PR_SET_MM_MAP, as bytes with `auxv_addr` pointing
+/// at the auxv copy in the target.
+pub fn prctl_mm_map(fields: &MmFields, auxv_addr: u64, auxv_len: usize, exe_fd: u32) -> Vec<u8> {
+    let mut b = Vec::with_capacity(104);
+    for v in [
+        fields.start_code,
+        fields.end_code,
+        fields.start_data,
+        fields.end_data,
+        fields.start_brk,
+        fields.brk,
+        fields.start_stack,
+        fields.arg_start,
+        fields.arg_end,
+        fields.env_start,
+        fields.env_end,
+        auxv_addr,
+    ] {
+        b.extend_from_slice(&v.to_ne_bytes());
+    }
+    b.extend_from_slice(&((auxv_len * 8) as u32).to_ne_bytes());
+    b.extend_from_slice(&exe_fd.to_ne_bytes());
+    b
+}
+
+/// Finds `size` bytes of address space free of every range in `taken`, at or
+/// above `from`.
+pub fn find_gap(taken: &[(u64, u64)], size: u64, from: u64) -> Option<u64> {
+    let mut ranges: Vec<(u64, u64)> = taken.to_vec();
+    ranges.sort();
+    let mut cand = from;
+    for (s, e) in ranges {
+        if e <= cand {
+            continue;
+        }
+        if s >= cand + size {
+            return Some(cand);
+        }
+        cand = cand.max(e);
+    }
+    (cand + size <= 0x7fff_ffff_f000).then_some(cand)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_parse_despite_parentheses_in_comm() {
+        let mut stat = String::from("42 (a) b) S");
+        for n in 4..=52 {
+            stat.push_str(&format!(" {n}"));
+        }
+        let f = parse_stat_mm_fields(&stat).unwrap();
+        assert_eq!((f.start_code, f.end_code, f.start_stack), (26, 27, 28));
+        assert_eq!((f.start_data, f.end_data, f.start_brk), (45, 46, 47));
+        assert_eq!(
+            (f.arg_start, f.arg_end, f.env_start, f.env_end),
+            (48, 49, 50, 51)
+        );
+        assert!(parse_stat_mm_fields("42 (x) S 1 2").is_none());
+    }
+
+    #[test]
+    fn auxv_stops_at_at_null() {
+        let mut b = Vec::new();
+        for v in [6u64, 4096, 0, 0, 99, 99] {
+            b.extend_from_slice(&v.to_ne_bytes());
+        }
+        assert_eq!(parse_auxv(&b), vec![6, 4096, 0, 0]);
+    }
+
+    #[test]
+    fn prctl_mm_map_is_104_bytes() {
+        assert_eq!(prctl_mm_map(&MmFields::default(), 0, 4, 3).len(), 104);
+    }
+
+    #[test]
+    fn gaps_avoid_every_taken_range() {
+        let taken = [(0x10000, 0x20000), (0x21000, 0x30000)];
+        assert_eq!(find_gap(&taken, 0x1000, 0x10000), Some(0x20000));
+        assert_eq!(find_gap(&taken, 0x2000, 0x10000), Some(0x30000));
+        assert_eq!(find_gap(&taken, 0x1000, 0x40000), Some(0x40000));
+    }
+
+    #[test]
+    fn vsyscall_is_skipped_and_shared_memory_refused() {
+        let maps = crate::proc::parse_maps(
+            "1000-2000 rw-p 00000000 00:00 0 [heap]\nffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]\n",
+        )
+        .unwrap();
+        let vmas = collect_vmas(1, &maps, &[]).unwrap();
+        assert_eq!(vmas.len(), 1);
+        assert_eq!(vmas[0].name, "[heap]");
+        let shared =
+            crate::proc::parse_maps("1000-2000 rw-s 00000000 00:01 5 /dev/zero (deleted)\n")
+                .unwrap();
+        let err = collect_vmas(7, &shared, &[]).unwrap_err();
+        assert!(matches!(err, Error::Unsupported { pid: 7, .. }), "{err}");
+        assert!(err.to_string().contains("shared memory"));
+    }
+}

@@ -1,0 +1,295 @@
+//! Readers for `/proc/PID/*` that the `procfs` crate does not cover exactly
+//! enough for checkpointing: `maps` with its `(deleted)` marker, `smaps` VmFlags,
+//! `pagemap` and `fdinfo`. Parsers are pure functions, tested on literal text.
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+use crate::error::{Error, Result};
+
+/// One line of `/proc/PID/maps`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapsEntry {
+    pub start: u64,
+    pub end: u64,
+    pub read: bool,
+    pub write: bool,
+    pub exec: bool,
+    pub shared: bool,
+    pub offset: u64,
+    pub dev_major: u32,
+    pub dev_minor: u32,
+    pub inode: u64,
+    /// The path or pseudo-name (`[heap]`, `[stack]`, `[vdso]`…), empty for anonymous.
+    pub name: String,
+    /// The mapped file was unlinked (`(deleted)` suffix).
+    pub deleted: bool,
+}
+
+impl MapsEntry {
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+
+    /// A kernel-provided special mapping such as `[vdso]` or `[vvar]`.
+    pub fn is_special(&self) -> bool {
+        matches!(
+            self.name.as_str(),
+            "[vdso]" | "[vvar]" | "[vvar_vclock]" | "[vsyscall]" | "[uprobes]"
+        )
+    }
+
+    /// Backed by a file (as opposed to anonymous memory or a special mapping).
+    pub fn is_file(&self) -> bool {
+        self.inode != 0 && self.name.starts_with('/')
+    }
+}
+
+/// Parses the text of `/proc/PID/maps`.
+pub fn parse_maps(text: &str) -> std::result::Result<Vec<MapsEntry>, String> {
+    text.lines()
+        .filter(|l| !l.is_empty())
+        .map(parse_maps_line)
+        .collect()
+}
+
+fn parse_maps_line(line: &str) -> std::result::Result<MapsEntry, String> {
+    let bad = || format!("malformed maps line {line:?}");
+    // Five space-separated fields, then padding, then the name (which may contain spaces).
+    let mut rest = line;
+    let mut fields = [""; 5];
+    for f in fields.iter_mut() {
+        rest = rest.trim_start_matches(' ');
+        let end = rest.find(' ').unwrap_or(rest.len());
+        *f = &rest[..end];
+        rest = &rest[end..];
+    }
+    let name = rest.trim_start_matches(' ');
+    let (range, perms, offset, dev, inode) =
+        (fields[0], fields[1], fields[2], fields[3], fields[4]);
+    let (start, end) = range.split_once('-').ok_or_else(bad)?;
+    let perms = perms.as_bytes();
+    if perms.len() != 4 {
+        return Err(bad());
+    }
+    let (major, minor) = dev.split_once(':').ok_or_else(bad)?;
+    let (name, deleted) = match name.strip_suffix(" (deleted)") {
+        Some(n) => (n.to_string(), true),
+        None => (name.to_string(), false),
+    };
+    Ok(MapsEntry {
+        start: u64::from_str_radix(start, 16).map_err(|_| bad())?,
+        end: u64::from_str_radix(end, 16).map_err(|_| bad())?,
+        read: perms[0] == b'r',
+        write: perms[1] == b'w',
+        exec: perms[2] == b'x',
+        shared: perms[3] == b's',
+        offset: u64::from_str_radix(offset, 16).map_err(|_| bad())?,
+        dev_major: u32::from_str_radix(major, 16).map_err(|_| bad())?,
+        dev_minor: u32::from_str_radix(minor, 16).map_err(|_| bad())?,
+        inode: inode.parse().map_err(|_| bad())?,
+        name,
+        deleted,
+    })
+}
+
+/// The `VmFlags:` line of each VMA in `/proc/PID/smaps`, keyed by start address.
+pub fn parse_smaps_vmflags(text: &str) -> Vec<(u64, Vec<String>)> {
+    let mut out = Vec::new();
+    let mut current: Option<u64> = None;
+    for line in text.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if let Some(start) = current.take() {
+                out.push((
+                    start,
+                    flags.split_whitespace().map(str::to_string).collect(),
+                ));
+            }
+        } else if let Some((range, _)) = line.split_once(' ') {
+            if let Some((start, _)) = range.split_once('-') {
+                if let Ok(start) = u64::from_str_radix(start, 16) {
+                    current = Some(start);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The fields of `/proc/PID/fdinfo/N` the engine uses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FdInfo {
+    pub pos: u64,
+    /// Open flags in octal in the file, including O_CLOEXEC.
+    pub flags: i32,
+    pub mnt_id: u64,
+}
+
+pub fn parse_fdinfo(text: &str) -> FdInfo {
+    let mut info = FdInfo::default();
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        match key {
+            "pos" => info.pos = value.parse().unwrap_or(0),
+            "flags" => info.flags = i32::from_str_radix(value, 8).unwrap_or(0),
+            "mnt_id" => info.mnt_id = value.parse().unwrap_or(0),
+            _ => {}
+        }
+    }
+    info
+}
+
+/// Reads a `/proc/PID/…` file; a missing process is reported as [`Error::Gone`].
+pub fn read(pid: i32, name: &str) -> Result<String> {
+    let path = PathBuf::from(format!("/proc/{pid}/{name}"));
+    fs::read_to_string(&path).map_err(|e| gone_or_io(pid, path, e))
+}
+
+pub fn readlink(pid: i32, name: &str) -> Result<PathBuf> {
+    let path = PathBuf::from(format!("/proc/{pid}/{name}"));
+    fs::read_link(&path).map_err(|e| gone_or_io(pid, path, e))
+}
+
+fn gone_or_io(pid: i32, path: PathBuf, e: std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::NotFound && !PathBuf::from(format!("/proc/{pid}")).exists() {
+        Error::Gone {
+            pid,
+            during: "dump",
+        }
+    } else {
+        Error::io(path, e)
+    }
+}
+
+pub fn maps(pid: i32) -> Result<Vec<MapsEntry>> {
+    let text = read(pid, "maps")?;
+    parse_maps(&text).map_err(|e| Error::Refused { pid, reason: e })
+}
+
+/// A line such as `SigBlk:\t0000000000000000` from `/proc/PID/status`.
+pub fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
+    status.lines().find_map(|l| {
+        l.strip_prefix(key)
+            .and_then(|r| r.strip_prefix(':'))
+            .map(str::trim)
+    })
+}
+
+/// `/proc/PID/pagemap` bits.
+pub mod pagemap {
+    pub const PRESENT: u64 = 1 << 63;
+    pub const SWAPPED: u64 = 1 << 62;
+    /// Page is a file page or shared anonymous memory.
+    pub const FILE_OR_SHARED: u64 = 1 << 61;
+    pub const PFN_MASK: u64 = (1 << 55) - 1;
+}
+
+/// Reads pagemap entries for `[start, end)` of `pid` into `out` (one u64 per page).
+pub fn read_pagemap(
+    file: &fs::File,
+    start: u64,
+    end: u64,
+    out: &mut Vec<u64>,
+) -> std::io::Result<()> {
+    let pages = ((end - start) / crate::PAGE_SIZE) as usize;
+    out.clear();
+    out.resize(pages, 0);
+    // SAFETY: a u64 slice is plain memory; viewing it as bytes of the same length is sound.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), pages * 8) };
+    let mut done = 0;
+    while done < bytes.len() {
+        let n = file.read_at(
+            &mut bytes[done..],
+            (start / crate::PAGE_SIZE) * 8 + done as u64,
+        )?;
+        if n == 0 {
+            break;
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAPS: &str = "\
+55d0c0a00000-55d0c0a02000 r--p 00000000 fe:01 1835041                    /usr/bin/cat
+55d0c2400000-55d0c2421000 rw-p 00000000 00:00 0                          [heap]
+7f1e5c000000-7f1e5c021000 rw-s 00000000 00:01 4321                       /memfd:shm with space (deleted)
+7ffd4a9d6000-7ffd4a9f7000 rw-p 00000000 00:00 0                          [stack]
+7ffd4a9fb000-7ffd4a9fd000 r-xp 00000000 00:00 0                          [vdso]
+ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsyscall]
+7f0000000000-7f0000001000 ---p 00001000 00:00 0 
+";
+
+    #[test]
+    fn maps_lines_parse_with_names_spaces_and_deleted_marker() {
+        let maps = parse_maps(MAPS).unwrap();
+        assert_eq!(maps.len(), 7);
+        assert_eq!(maps[0].name, "/usr/bin/cat");
+        assert!(maps[0].read && !maps[0].write && !maps[0].shared && maps[0].is_file());
+        assert_eq!(
+            (maps[0].dev_major, maps[0].dev_minor, maps[0].inode),
+            (0xfe, 1, 1835041)
+        );
+        assert_eq!(maps[1].name, "[heap]");
+        assert_eq!(maps[1].len(), 0x21000);
+        assert_eq!(maps[2].name, "/memfd:shm with space");
+        assert!(maps[2].deleted && maps[2].shared);
+        assert!(maps[4].is_special() && maps[5].is_special());
+        assert_eq!(maps[6].name, "");
+        assert_eq!(maps[6].offset, 0x1000);
+        assert!(!maps[6].read && !maps[6].write && !maps[6].exec);
+    }
+
+    #[test]
+    fn malformed_maps_line_is_an_error_not_a_panic() {
+        assert!(parse_maps("zzzz r--p").is_err());
+        assert!(parse_maps("1000-2000 rw 0 0:0 0").is_err());
+    }
+
+    #[test]
+    fn smaps_vmflags_are_keyed_by_start() {
+        let text = "7ffd4a9d6000-7ffd4a9f7000 rw-p 00000000 00:00 0      [stack]\nSize: 132 kB\nVmFlags: rd wr mr mw me gd ac\n";
+        assert_eq!(
+            parse_smaps_vmflags(text),
+            vec![(
+                0x7ffd4a9d6000,
+                ["rd", "wr", "mr", "mw", "me", "gd", "ac"]
+                    .map(String::from)
+                    .to_vec()
+            )]
+        );
+    }
+
+    #[test]
+    fn fdinfo_flags_are_octal() {
+        let info = parse_fdinfo("pos:\t4096\nflags:\t02100002\nmnt_id:\t25\nino:\t12\n");
+        assert_eq!(
+            info,
+            FdInfo {
+                pos: 4096,
+                flags: 0o2100002,
+                mnt_id: 25
+            }
+        );
+    }
+
+    #[test]
+    fn status_fields_are_found_by_key() {
+        let status = "Name:\tcat\nUmask:\t0022\nSigBlk:\t0000000000010000\n";
+        assert_eq!(status_field(status, "Umask"), Some("0022"));
+        assert_eq!(status_field(status, "SigBlk"), Some("0000000000010000"));
+        assert_eq!(status_field(status, "Nope"), None);
+    }
+}

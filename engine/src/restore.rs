@@ -1,0 +1,964 @@
+//! `crest restore`: recreate a process from an image.
+//!
+//! 1. Read and validate everything first (metadata and every page checksum),
+//!    so a bad image fails before any process exists.
+//! 2. `clone3` a child with the original PID. The child sets up what it can on
+//!    itself — descriptors, cwd, limits, signal dispositions, pending signals —
+//!    maps a two-page trampoline (a `syscall` instruction and a scratch page)
+//!    where the image has nothing, and stops under ptrace.
+//! 3. Through remote syscalls at the trampoline we unmap the child's own
+//!    memory, move its vDSO to the old address, map every VMA, copy the pages
+//!    in, restore mm fields, rseq, robust list, timers and credentials; the last
+//!    syscall unmaps the trampoline itself, and at its exit stop the child gets
+//!    its original registers and is released.
+//!
+//! Any failure after the clone kills the child: no half-restored process is
+//! ever left behind.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::error::{Error, Result};
+use crate::files::{self, FdKind};
+use crate::image::Image;
+use crate::mm::{self, Backing};
+use crate::ptrace::Tracee;
+use crate::task::{self, ThreadImage};
+use crate::{proc, ProcessImage, PAGE_SIZE};
+
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub dir: PathBuf,
+    /// Return once the process runs instead of waiting for it.
+    pub detach: bool,
+    /// Leave the restored process stopped (SIGSTOP).
+    pub stop: bool,
+    /// How long to wait for the original PID to become free.
+    pub pid_wait: Duration,
+}
+
+/// What `restore` leaves behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restored {
+    /// The process runs and is our child.
+    Child { pid: i32 },
+    /// The process runs, detached from us (reparented to init or a subreaper).
+    Detached { pid: i32 },
+}
+
+/// The page file, mapped read-only, with every chunk checked against its checksum.
+struct Pages {
+    map: Option<(*mut libc::c_void, usize)>,
+}
+
+impl Pages {
+    fn open(dir: &Path, p: &ProcessImage) -> Result<Pages> {
+        let path = Image::pages_path(dir, p.pid);
+        let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let len = f.metadata().map_err(|e| Error::io(&path, e))?.len();
+        let bad = |reason: String| Error::bad_image(&path, reason);
+        for c in &p.mm.chunks {
+            if c.offset.checked_add(c.len).is_none_or(|end| end > len) {
+                return Err(bad(format!(
+                    "truncated: chunk at offset {} ({} bytes) runs past the end ({len} bytes)",
+                    c.offset, c.len
+                )));
+            }
+            let inside =
+                p.mm.vmas
+                    .iter()
+                    .any(|v| c.vaddr >= v.start && c.vaddr + c.len <= v.end);
+            if !inside || c.len % PAGE_SIZE != 0 || c.vaddr % PAGE_SIZE != 0 {
+                return Err(bad(format!(
+                    "chunk {:#x}+{:#x} does not lie inside one mapping",
+                    c.vaddr, c.len
+                )));
+            }
+        }
+        if len == 0 {
+            return Ok(Pages { map: None });
+        }
+        // SAFETY: a private read-only mapping of a file we opened; unmapped in Drop.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(Error::io(&path, std::io::Error::last_os_error()));
+        }
+        let pages = Pages {
+            map: Some((addr, len as usize)),
+        };
+        for c in &p.mm.chunks {
+            if crc32c::crc32c(pages.slice(c.offset, c.len)) != c.crc32c {
+                return Err(bad(format!(
+                    "checksum mismatch in the chunk at offset {} (memory {:#x})",
+                    c.offset, c.vaddr
+                )));
+            }
+        }
+        Ok(pages)
+    }
+
+    fn slice(&self, offset: u64, len: u64) -> &[u8] {
+        match self.map {
+            // SAFETY: bounds were checked against the file length in `open`.
+            Some((addr, _)) => unsafe {
+                std::slice::from_raw_parts(addr.cast::<u8>().add(offset as usize), len as usize)
+            },
+            None => &[],
+        }
+    }
+}
+
+impl Drop for Pages {
+    fn drop(&mut self) {
+        if let Some((addr, len)) = self.map {
+            // SAFETY: unmapping exactly the mapping made in `open`.
+            unsafe { libc::munmap(addr, len) };
+        }
+    }
+}
+
+/// Restores the image in `opts.dir`.
+pub fn restore(opts: &RestoreOptions, progress: &indicatif::ProgressBar) -> Result<Restored> {
+    let image = Image::read(&opts.dir)?;
+    if image.processes.len() != 1 {
+        return Err(Error::unsupported(
+            image.inventory.root_pid,
+            format!(
+                "image holds {} processes: process trees",
+                image.processes.len()
+            ),
+        ));
+    }
+    let p = &image.processes[0];
+    if p.threads.len() != 1 {
+        return Err(Error::unsupported(
+            p.pid,
+            format!("has {} threads: multi-threaded processes", p.threads.len()),
+        ));
+    }
+    files::verify_unchanged(p.pid, &p.files)?;
+    progress.set_message(format!("pid {}: checking pages", p.pid));
+    let pages = Pages::open(&image.dir, p)?;
+    if !opts.detach {
+        let pid = restore_process(p, &pages, opts, progress)?;
+        return Ok(Restored::Child { pid });
+    }
+    // Detached: an intermediate process restores and exits, so the restored
+    // process is reparented to init (or the nearest subreaper).
+    let (rd, wr) = nix::unistd::pipe().map_err(|e| Error::sys(0, "pipe", e))?;
+    // SAFETY: crest is single-threaded here; the child only runs the restore and exits.
+    match unsafe { nix::unistd::fork() }.map_err(|e| Error::sys(0, "fork", e))? {
+        nix::unistd::ForkResult::Child => {
+            drop(rd);
+            let msg = match restore_process(p, &pages, opts, progress) {
+                Ok(pid) => format!("ok {pid}"),
+                Err(e) => format!("err {} {e}", e.exit_code()),
+            };
+            let _ = nix::unistd::write(&wr, msg.as_bytes());
+            // SAFETY: _exit skips atexit handlers and destructors the parent owns.
+            unsafe { libc::_exit(0) }
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(wr);
+            let mut msg = String::new();
+            use std::io::Read;
+            let _ = File::from(rd).read_to_string(&mut msg);
+            let _ = waitpid(child, None);
+            if let Some(pid) = msg.strip_prefix("ok ").and_then(|s| s.trim().parse().ok()) {
+                return Ok(Restored::Detached { pid });
+            }
+            let rest = msg.strip_prefix("err ").unwrap_or("1 restore helper died");
+            let (code, text) = rest.split_once(' ').unwrap_or(("1", rest));
+            Err(if code == "3" {
+                Error::Unsupported {
+                    pid: p.pid,
+                    what: text
+                        .trim_start_matches(&format!("pid {}: ", p.pid))
+                        .trim_end_matches(": not supported yet")
+                        .to_string(),
+                }
+            } else {
+                Error::Restore(text.to_string())
+            })
+        }
+    }
+}
+
+/// Everything the restore child needs, computed before the clone.
+struct ChildPlan {
+    fds: Vec<files::FdImage>,
+    /// Files to keep open for mmap, the fd each goes to, and whether for writing.
+    map_files: Vec<(CString, i32, bool)>,
+    exe: (CString, i32, bool),
+    err_fd: i32,
+    cwd: CString,
+    umask: u32,
+    personality: u32,
+    comm: CString,
+    rlimits: Vec<task::Rlimit>,
+    sigactions: Vec<task::SigAction>,
+    altstack: Option<task::AltStack>,
+    thread_pending: Vec<task::SigInfo>,
+    shared_pending: Vec<task::SigInfo>,
+    trampoline: u64,
+}
+
+const TRAMPOLINE_LEN: u64 = 2 * PAGE_SIZE;
+
+fn restore_process(
+    p: &ProcessImage,
+    pages: &Pages,
+    opts: &RestoreOptions,
+    progress: &indicatif::ProgressBar,
+) -> Result<i32> {
+    let thread = &p.threads[0];
+    let (file_fds, exe_fd) = helper_fds(p);
+    let map_files = file_fds
+        .iter()
+        .map(|(path, fd, writable)| {
+            let c = CString::new(path.as_str())
+                .map_err(|_| Error::Restore(format!("pid {}: bad path {path:?}", p.pid)))?;
+            Ok((c, *fd, *writable))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let own_maps = proc::maps(std::process::id() as i32)?;
+    let mut taken: Vec<(u64, u64)> = own_maps.iter().map(|m| (m.start, m.end)).collect();
+    taken.extend(p.mm.vmas.iter().map(|v| (v.start, v.end)));
+    let trampoline = mm::find_gap(&taken, TRAMPOLINE_LEN, 0x10_0000).ok_or_else(|| {
+        Error::Restore(format!(
+            "pid {}: no free address range for the restore trampoline",
+            p.pid
+        ))
+    })?;
+    let cstr = |s: &str, what: &str| {
+        CString::new(s).map_err(|_| Error::Restore(format!("pid {}: bad {what} {s:?}", p.pid)))
+    };
+    let plan = ChildPlan {
+        fds: p.files.fds.clone(),
+        map_files,
+        exe: (cstr(&p.mm.exe, "exe")?, exe_fd, false),
+        err_fd: exe_fd + 1,
+        cwd: cstr(&p.files.cwd, "cwd")?,
+        umask: p.state.umask,
+        personality: p.state.personality,
+        comm: cstr(&p.state.comm, "comm")?,
+        rlimits: p.state.rlimits.clone(),
+        sigactions: p.state.sigactions.clone(),
+        altstack: thread.altstack,
+        thread_pending: thread.pending.clone(),
+        shared_pending: p.state.shared_pending.clone(),
+        trampoline,
+    };
+
+    let child = clone_with_pid(p.pid, &plan, opts.pid_wait)?;
+    let guard = KillOnDrop {
+        pid: child,
+        armed: true,
+    };
+    progress.set_message(format!("pid {}: memory", p.pid));
+    rebuild(child, p, thread, pages, trampoline, opts.stop)?;
+    let mut guard = guard;
+    guard.armed = false;
+    Ok(child)
+}
+
+/// The descriptors the restore child keeps open for the restorer: one per
+/// mapped file (in order of first appearance), then the executable. They sit
+/// just above the process's own highest fd and are closed before it resumes.
+fn helper_fds(p: &ProcessImage) -> (Vec<(String, i32, bool)>, i32) {
+    let base = p.files.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) + 1;
+    let mut out: Vec<(String, i32, bool)> = Vec::new();
+    for v in &p.mm.vmas {
+        if let Backing::File {
+            path,
+            shared,
+            may_write,
+            ..
+        } = &v.backing
+        {
+            let writable = *shared && *may_write;
+            match out.iter_mut().find(|(q, _, _)| q == path) {
+                Some(entry) => entry.2 |= writable,
+                None => out.push((path.clone(), base + out.len() as i32, writable)),
+            }
+        }
+    }
+    let exe = base + out.len() as i32;
+    (out, exe)
+}
+
+/// Kills a half-restored child.
+struct KillOnDrop {
+    pid: i32,
+    armed: bool,
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
+            let _ = waitpid(Pid::from_raw(self.pid), Some(WaitPidFlag::__WALL));
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// Forks the restore child with PID `pid` (waiting up to `wait` for it to be
+/// free), and returns once the child has set itself up and stopped.
+fn clone_with_pid(pid: i32, plan: &ChildPlan, wait: Duration) -> Result<i32> {
+    let deadline = Instant::now() + wait;
+    let mut pipe = [0i32; 2];
+    // SAFETY: pipe2 writes two fds into the array.
+    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(Error::sys(pid, "pipe2", nix::errno::Errno::last()));
+    }
+    // SAFETY: both fds are fresh and owned by us from here on.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
+    let set_tid = [pid];
+    let args = CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: set_tid.as_ptr() as u64,
+        set_tid_size: 1,
+        ..Default::default()
+    };
+    let child = loop {
+        // SAFETY: clone3 without CLONE_VM behaves like fork; the child only runs
+        // `child_main`, which never returns. crest is single-threaded here.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_clone3,
+                &args as *const CloneArgs,
+                std::mem::size_of::<CloneArgs>(),
+            )
+        };
+        if r == 0 {
+            drop(rd);
+            child_main(plan, wr.as_raw_fd());
+        }
+        if r > 0 {
+            break r as i32;
+        }
+        let e = nix::errno::Errno::last();
+        match e {
+            nix::errno::Errno::EEXIST if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            nix::errno::Errno::EEXIST => {
+                let comm = proc::read(pid, "comm")
+                    .map(|c| c.trim().to_string())
+                    .unwrap_or_else(|_| "?".into());
+                return Err(Error::Restore(format!(
+                    "pid {pid} is in use (by '{comm}'); stop that process or restore into a new PID namespace (--pidns, not supported yet)"
+                )));
+            }
+            nix::errno::Errno::ENOSYS => {
+                return Err(Error::Restore(
+                    "this kernel has no clone3 (Linux 5.5+ needed to restore PIDs)".into(),
+                ))
+            }
+            nix::errno::Errno::EPERM => {
+                return Err(Error::Restore(format!(
+                    "pid {pid}: clone3 with set_tid needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE"
+                )))
+            }
+            e => return Err(Error::sys(pid, "clone3 with set_tid", e)),
+        }
+    };
+    drop(wr);
+    let mut msg = String::new();
+    use std::io::Read;
+    let _ = File::from(rd).read_to_string(&mut msg);
+    let guard = KillOnDrop {
+        pid: child,
+        armed: true,
+    };
+    if !msg.is_empty() {
+        return Err(Error::Restore(format!("pid {pid}: {msg}")));
+    }
+    match waitpid(Pid::from_raw(child), Some(WaitPidFlag::__WALL))
+        .map_err(|e| Error::sys(child, "waitpid", e))?
+    {
+        WaitStatus::Stopped(_, Signal::SIGSTOP) => {
+            // EXITKILL: should crest itself die mid-restore, the half-built child dies too.
+            let opts = nix::sys::ptrace::Options::PTRACE_O_TRACESYSGOOD
+                | nix::sys::ptrace::Options::PTRACE_O_EXITKILL;
+            nix::sys::ptrace::setoptions(Pid::from_raw(child), opts)
+                .map_err(|e| Error::sys(child, "PTRACE_SETOPTIONS", e))?;
+        }
+        other => {
+            return Err(Error::Restore(format!(
+                "pid {pid}: restore child did not stop as expected: {other:?}"
+            )))
+        }
+    }
+    let mut guard = guard;
+    guard.armed = false;
+    Ok(child)
+}
+
+/// The restore child: sets itself up, then stops for the restorer. On failure it
+/// writes the reason to `err_fd` and exits.
+fn child_main(plan: &ChildPlan, err_fd: i32) -> ! {
+    let result = child_setup(plan, err_fd);
+    let fd = plan.err_fd;
+    if let Err(msg) = result {
+        // SAFETY: writing a buffer we own to our error pipe, then exiting without unwinding.
+        unsafe {
+            libc::write(
+                if fd >= 0 { fd } else { err_fd },
+                msg.as_ptr().cast(),
+                msg.len(),
+            );
+            libc::_exit(1);
+        }
+    }
+    // SAFETY: closing our end of the error pipe (EOF tells the parent we are ready),
+    // then stopping ourselves for the tracer, which never lets this code continue.
+    unsafe {
+        libc::close(fd);
+        libc::syscall(libc::SYS_kill, libc::getpid(), libc::SIGSTOP);
+        loop {
+            libc::pause();
+        }
+    }
+}
+
+fn errno_msg(what: &str) -> String {
+    format!("{what}: {}", std::io::Error::last_os_error())
+}
+
+fn child_setup(plan: &ChildPlan, err_fd: i32) -> std::result::Result<(), String> {
+    // SAFETY: every call below is a plain syscall on our own process with
+    // arguments we own; this is the freshly cloned child, single-threaded.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+        if libc::dup3(err_fd, plan.err_fd, libc::O_CLOEXEC) < 0 {
+            return Err(errno_msg("moving the error pipe"));
+        }
+        // Close everything crest had open except stdio (which may be rebound).
+        let open: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+            .map_err(|e| format!("/proc/self/fd: {e}"))?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        for fd in open {
+            if fd > 2 && fd != plan.err_fd {
+                libc::close(fd);
+            }
+        }
+        for f in &plan.fds {
+            match &f.kind {
+                FdKind::Dup { of } => {
+                    if libc::dup2(*of, f.fd) < 0 {
+                        return Err(errno_msg(&format!("fd {}: dup of fd {of}", f.fd)));
+                    }
+                }
+                FdKind::Inherited { .. } => {
+                    if libc::fcntl(f.fd, libc::F_GETFD) < 0 {
+                        // Our own stdio is closed: give it /dev/null rather than nothing.
+                        let n = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+                        if n >= 0 && n != f.fd {
+                            libc::dup2(n, f.fd);
+                            libc::close(n);
+                        }
+                    }
+                }
+                _ => {
+                    let fd = files::open_for_restore(f)?.expect("regular or device");
+                    if fd != f.fd {
+                        if libc::dup2(fd, f.fd) < 0 {
+                            return Err(errno_msg(&format!("fd {}: dup2", f.fd)));
+                        }
+                        libc::close(fd);
+                    }
+                }
+            }
+            libc::fcntl(
+                f.fd,
+                libc::F_SETFD,
+                if f.cloexec { libc::FD_CLOEXEC } else { 0 },
+            );
+        }
+        for fd in 0..=2 {
+            if !plan.fds.iter().any(|f| f.fd == fd) {
+                libc::close(fd);
+            }
+        }
+        for (path, at, writable) in plan.map_files.iter().chain(std::iter::once(&plan.exe)) {
+            let mode = if *writable {
+                libc::O_RDWR
+            } else {
+                libc::O_RDONLY
+            };
+            let fd = libc::open(path.as_ptr(), mode | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(errno_msg(&format!("open {}", path.to_string_lossy())));
+            }
+            if fd != *at {
+                libc::dup3(fd, *at, libc::O_CLOEXEC);
+                libc::close(fd);
+            }
+        }
+        if libc::chdir(plan.cwd.as_ptr()) < 0 {
+            return Err(errno_msg(&format!("cwd {}", plan.cwd.to_string_lossy())));
+        }
+        libc::umask(plan.umask);
+        libc::personality(plan.personality as libc::c_ulong);
+        libc::prctl(libc::PR_SET_NAME, plan.comm.as_ptr());
+        for l in &plan.rlimits {
+            let want = libc::rlimit {
+                rlim_cur: l.soft,
+                rlim_max: l.hard,
+            };
+            if libc::setrlimit(l.resource as _, &want) < 0 {
+                // Raising a hard limit needs CAP_SYS_RESOURCE: keep ours, cap the soft one.
+                let mut have = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                libc::getrlimit(l.resource as _, &mut have);
+                let capped = libc::rlimit {
+                    rlim_cur: l.soft.min(have.rlim_max),
+                    rlim_max: have.rlim_max,
+                };
+                libc::setrlimit(l.resource as _, &capped);
+            }
+        }
+        for signo in 1..=64 {
+            if signo == libc::SIGKILL || signo == libc::SIGSTOP {
+                continue;
+            }
+            let act = plan.sigactions.iter().find(|a| a.signo == signo);
+            let k: [u64; 4] = act
+                .map(|a| [a.handler, a.flags, a.restorer, a.mask])
+                .unwrap_or([0; 4]);
+            if libc::syscall(libc::SYS_rt_sigaction, signo, k.as_ptr(), 0usize, 8usize) < 0 {
+                return Err(errno_msg(&format!(
+                    "sigaction {}",
+                    task::signal_name(signo)
+                )));
+            }
+        }
+        let ss = match plan.altstack {
+            Some(a) => libc::stack_t {
+                ss_sp: a.sp as *mut libc::c_void,
+                ss_flags: a.flags & !libc::SS_ONSTACK,
+                ss_size: a.size as usize,
+            },
+            None => libc::stack_t {
+                ss_sp: std::ptr::null_mut(),
+                ss_flags: libc::SS_DISABLE,
+                ss_size: 0,
+            },
+        };
+        if libc::sigaltstack(&ss, std::ptr::null_mut()) < 0 {
+            return Err(errno_msg("sigaltstack"));
+        }
+        let me = libc::getpid();
+        for (info, shared) in plan
+            .thread_pending
+            .iter()
+            .map(|i| (i, false))
+            .chain(plan.shared_pending.iter().map(|i| (i, true)))
+        {
+            let r = if shared {
+                libc::syscall(libc::SYS_rt_sigqueueinfo, me, info.signo(), info.0.as_ptr())
+            } else {
+                libc::syscall(
+                    libc::SYS_rt_tgsigqueueinfo,
+                    me,
+                    me,
+                    info.signo(),
+                    info.0.as_ptr(),
+                )
+            };
+            if r < 0 {
+                return Err(errno_msg(&format!(
+                    "queueing pending {}",
+                    task::signal_name(info.signo())
+                )));
+            }
+        }
+        let t = libc::mmap(
+            plan.trampoline as *mut libc::c_void,
+            TRAMPOLINE_LEN as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        );
+        if t != plan.trampoline as *mut libc::c_void {
+            return Err(errno_msg(&format!(
+                "mapping the trampoline at {:#x}",
+                plan.trampoline
+            )));
+        }
+        // syscall; int3 (never reached: the restorer stops at syscall exit).
+        std::ptr::copy_nonoverlapping([0x0f_u8, 0x05, 0xcc].as_ptr(), t.cast::<u8>(), 3);
+        libc::mprotect(t, PAGE_SIZE as usize, libc::PROT_READ | libc::PROT_EXEC);
+        if libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) < 0 {
+            return Err(errno_msg("PTRACE_TRACEME"));
+        }
+    }
+    Ok(())
+}
+
+/// Rebuilds the stopped child `pid` into the process of the image.
+fn rebuild(
+    pid: i32,
+    p: &ProcessImage,
+    thread: &ThreadImage,
+    pages: &Pages,
+    insn: u64,
+    stop: bool,
+) -> Result<()> {
+    let t = Tracee { pid };
+    let call = |nr: i64, args: [u64; 6], what: &str| t.remote_ok(insn, nr, args, what);
+    let scratch = insn + PAGE_SIZE;
+    let (file_fds, exe_fd) = helper_fds(p);
+
+    // Our rseq area lives in memory we are about to unmap.
+    if let Some(r) = t.rseq()? {
+        call(
+            libc::SYS_rseq,
+            [
+                r.rseq_abi_pointer,
+                r.rseq_abi_size as u64,
+                1,
+                r.signature as u64,
+                0,
+                0,
+            ],
+            "rseq unregister",
+        )?;
+    }
+    let own = proc::maps(pid)?;
+    for m in &own {
+        if (m.start >= insn && m.end <= insn + TRAMPOLINE_LEN) || m.is_special() {
+            continue;
+        }
+        call(libc::SYS_munmap, [m.start, m.len(), 0, 0, 0, 0], "munmap")?;
+    }
+    move_specials(pid, p, &own, &call)?;
+
+    for v in &p.mm.vmas {
+        let has_pages =
+            p.mm.chunks
+                .iter()
+                .any(|c| c.vaddr >= v.start && c.vaddr < v.end);
+        let prot = if has_pages {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            v.prot
+        };
+        let mut flags = libc::MAP_PRIVATE | libc::MAP_FIXED;
+        if v.growsdown {
+            flags |= libc::MAP_GROWSDOWN;
+        }
+        let (fd, off) = match &v.backing {
+            Backing::Special { .. } => continue,
+            Backing::Anon => {
+                flags |= libc::MAP_ANONYMOUS;
+                (u64::MAX, 0)
+            }
+            Backing::File {
+                path,
+                offset,
+                shared,
+                ..
+            } => {
+                let fd = file_fds
+                    .iter()
+                    .find(|(p, _, _)| p == path)
+                    .map(|(_, fd, _)| *fd)
+                    .expect("every mapped file has a helper fd");
+                if *shared {
+                    flags = (flags & !libc::MAP_PRIVATE) | libc::MAP_SHARED;
+                }
+                (fd as u64, *offset)
+            }
+        };
+        let got = call(
+            libc::SYS_mmap,
+            [v.start, v.len(), prot as u64, flags as u64, fd, off],
+            &format!("mmap {:#x}-{:#x}", v.start, v.end),
+        )?;
+        if got != v.start {
+            return Err(Error::Restore(format!(
+                "pid {pid}: mapping {:#x} landed at {got:#x}",
+                v.start
+            )));
+        }
+    }
+
+    write_pages(pid, p, pages)?;
+
+    for v in &p.mm.vmas {
+        let has_pages =
+            p.mm.chunks
+                .iter()
+                .any(|c| c.vaddr >= v.start && c.vaddr < v.end);
+        if has_pages
+            && v.prot != libc::PROT_READ | libc::PROT_WRITE
+            && !matches!(v.backing, Backing::Special { .. })
+        {
+            call(
+                libc::SYS_mprotect,
+                [v.start, v.len(), v.prot as u64, 0, 0, 0],
+                "mprotect",
+            )?;
+        }
+    }
+
+    // mm fields, auxv and /proc/PID/exe in one PR_SET_MM_MAP.
+    let auxv_addr = scratch + 512;
+    let auxv: Vec<u8> = p.mm.auxv.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    if auxv.len() > 2048 {
+        return Err(Error::bad_image(
+            Image::pages_path(Path::new(""), pid),
+            "auxv is larger than the kernel's",
+        ));
+    }
+    crate::ptrace::write_mem(pid, auxv_addr, &auxv)?;
+    crate::ptrace::write_mem(
+        pid,
+        scratch,
+        &mm::prctl_mm_map(&p.mm.fields, auxv_addr, p.mm.auxv.len(), exe_fd as u32),
+    )?;
+    const PR_SET_MM: u64 = 35;
+    const PR_SET_MM_MAP: u64 = 14;
+    call(
+        libc::SYS_prctl,
+        [PR_SET_MM, PR_SET_MM_MAP, scratch, 104, 0, 0],
+        "prctl(PR_SET_MM_MAP)",
+    )?;
+    for fd in file_fds.iter().map(|(_, fd, _)| *fd).chain([exe_fd]) {
+        call(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0], "close")?;
+    }
+
+    if let Some(r) = &thread.rseq {
+        call(
+            libc::SYS_rseq,
+            [r.pointer, r.size as u64, 0, r.signature as u64, 0, 0],
+            "rseq register",
+        )?;
+    }
+    if let Some(rl) = &thread.robust_list {
+        call(
+            libc::SYS_set_robust_list,
+            [rl.head, rl.len, 0, 0, 0, 0],
+            "set_robust_list",
+        )?;
+    }
+    call(
+        libc::SYS_set_tid_address,
+        [thread.clear_child_tid, 0, 0, 0, 0, 0],
+        "set_tid_address",
+    )?;
+    for it in &p.state.itimers {
+        let v = [
+            it.interval_us / 1_000_000,
+            it.interval_us % 1_000_000,
+            it.value_us / 1_000_000,
+            it.value_us % 1_000_000,
+        ];
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_ne_bytes()).collect();
+        crate::ptrace::write_mem(pid, scratch, &bytes)?;
+        call(
+            libc::SYS_setitimer,
+            [it.which as u64, scratch, 0, 0, 0, 0],
+            "setitimer",
+        )?;
+    }
+    let c = &p.state.creds;
+    let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
+    if groups.len() > PAGE_SIZE as usize {
+        return Err(Error::unsupported(
+            pid,
+            format!("{} supplementary groups", c.groups.len()),
+        ));
+    }
+    crate::ptrace::write_mem(pid, scratch, &groups)?;
+    call(
+        libc::SYS_setgroups,
+        [c.groups.len() as u64, scratch, 0, 0, 0, 0],
+        "setgroups",
+    )?;
+    call(
+        libc::SYS_setresgid,
+        [
+            c.gids[0] as u64,
+            c.gids[1] as u64,
+            c.gids[2] as u64,
+            0,
+            0,
+            0,
+        ],
+        "setresgid",
+    )?;
+    call(
+        libc::SYS_setresuid,
+        [
+            c.uids[0] as u64,
+            c.uids[1] as u64,
+            c.uids[2] as u64,
+            0,
+            0,
+            0,
+        ],
+        "setresuid",
+    )?;
+
+    t.set_sigmask(thread.sigmask)?;
+    t.set_xstate(&thread.xstate)?;
+    // The last syscall removes the trampoline it runs from; at its exit stop the
+    // task gets its own registers and never returns into the trampoline.
+    let mut regs = thread.regs;
+    task::resume_interrupted_syscall(&mut regs, false);
+    let base = t.regs()?;
+    let r = t.syscall_with_regs(
+        insn,
+        libc::SYS_munmap,
+        [insn, TRAMPOLINE_LEN, 0, 0, 0, 0],
+        &base,
+    )?;
+    if r != 0 {
+        return Err(Error::sys(
+            pid,
+            "remote munmap of the trampoline",
+            nix::errno::Errno::from_raw(-r as i32),
+        ));
+    }
+    t.set_prstatus(&regs.to_user_regs())?;
+    t.detach(stop.then_some(Signal::SIGSTOP))?;
+    Ok(())
+}
+
+/// Moves the child's vDSO and vvar areas to where the dumped process had them.
+/// Same kernel: same sizes, so a move is enough. Another layout is refused.
+fn move_specials(
+    pid: i32,
+    p: &ProcessImage,
+    own: &[proc::MapsEntry],
+    call: &dyn Fn(i64, [u64; 6], &str) -> Result<u64>,
+) -> Result<()> {
+    let wanted: Vec<_> =
+        p.mm.vmas
+            .iter()
+            .filter_map(|v| match &v.backing {
+                Backing::Special { name } => Some((name.as_str(), v.start, v.len())),
+                _ => None,
+            })
+            .collect();
+    let have: Vec<_> = own
+        .iter()
+        .filter(|m| m.is_special() && m.name != "[vsyscall]")
+        .map(|m| (m.name.as_str(), m.start, m.len()))
+        .collect();
+    let layout = |v: &[(&str, u64, u64)]| {
+        v.iter()
+            .map(|(n, _, l)| format!("{n} {}K", l / 1024))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut sorted_w: Vec<_> = wanted.iter().map(|(n, _, l)| (*n, *l)).collect();
+    let mut sorted_h: Vec<_> = have.iter().map(|(n, _, l)| (*n, *l)).collect();
+    sorted_w.sort();
+    sorted_h.sort();
+    if sorted_w != sorted_h {
+        return Err(Error::unsupported(
+            pid,
+            format!("vDSO layout differs from the dump's kernel (image: {}; here: {}): cross-kernel vDSO", layout(&wanted), layout(&have)),
+        ));
+    }
+    // Two moves: first out of the way of every final address, then into place.
+    let mut taken: Vec<(u64, u64)> = own.iter().map(|m| (m.start, m.end)).collect();
+    taken.extend(p.mm.vmas.iter().map(|v| (v.start, v.end)));
+    let total: u64 = have.iter().map(|h| h.2).sum();
+    let mut tmp = mm::find_gap(&taken, total, 0x1000_0000)
+        .ok_or_else(|| Error::Restore(format!("pid {pid}: no room to move the vDSO")))?;
+    let mut parked = Vec::new();
+    for (name, start, len) in &have {
+        let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
+        call(
+            libc::SYS_mremap,
+            [*start, *len, *len, flags, tmp, 0],
+            &format!("mremap {name}"),
+        )?;
+        parked.push((*name, tmp, *len));
+        tmp += len;
+    }
+    for (name, at, len) in parked {
+        let (_, dest, _) = wanted
+            .iter()
+            .find(|w| w.0 == name)
+            .expect("same names checked above");
+        let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
+        call(
+            libc::SYS_mremap,
+            [at, len, len, flags, *dest, 0],
+            &format!("mremap {name}"),
+        )?;
+    }
+    Ok(())
+}
+
+/// Copies every saved chunk into the child, in batches of up to 1024 iovecs.
+fn write_pages(pid: i32, p: &ProcessImage, pages: &Pages) -> Result<()> {
+    for batch in p.mm.chunks.chunks(1024) {
+        let local: Vec<std::io::IoSlice> = batch
+            .iter()
+            .map(|c| std::io::IoSlice::new(pages.slice(c.offset, c.len)))
+            .collect();
+        let remote: Vec<nix::sys::uio::RemoteIoVec> = batch
+            .iter()
+            .map(|c| nix::sys::uio::RemoteIoVec {
+                base: c.vaddr as usize,
+                len: c.len as usize,
+            })
+            .collect();
+        let want: u64 = batch.iter().map(|c| c.len).sum();
+        let n = nix::sys::uio::process_vm_writev(Pid::from_raw(pid), &local, &remote)
+            .map_err(|e| Error::sys(pid, "process_vm_writev", e))?;
+        if n as u64 != want {
+            // A short write stops at the first chunk that failed: finish chunk by chunk
+            // through /proc/PID/mem, which reports the address that failed.
+            for c in batch {
+                crate::ptrace::write_mem(pid, c.vaddr, pages.slice(c.offset, c.len))?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,249 @@
+//! `crest show`: an image as text for people, or JSON for tools.
+
+use std::fmt::Write;
+
+use crate::files::FdKind;
+use crate::image::Image;
+use crate::mm::Backing;
+use crate::task::{mask_names, signal_name};
+
+fn prot(p: i32) -> String {
+    let b = |bit, c| if p & bit != 0 { c } else { '-' };
+    [
+        b(libc::PROT_READ, 'r'),
+        b(libc::PROT_WRITE, 'w'),
+        b(libc::PROT_EXEC, 'x'),
+    ]
+    .iter()
+    .collect()
+}
+
+fn access(flags: i32) -> String {
+    let mode = match flags & libc::O_ACCMODE {
+        libc::O_RDONLY => "read-only",
+        libc::O_WRONLY => "write-only",
+        _ => "read-write",
+    };
+    let mut s = mode.to_string();
+    for (bit, name) in [
+        (libc::O_APPEND, "append"),
+        (libc::O_NONBLOCK, "nonblock"),
+        (libc::O_DIRECT, "direct"),
+        (libc::O_SYNC, "sync"),
+    ] {
+        if flags & bit != 0 {
+            s.push_str(", ");
+            s.push_str(name);
+        }
+    }
+    s
+}
+
+fn sa_flags(flags: u64) -> String {
+    let names = [
+        (libc::SA_SIGINFO as u64, "SA_SIGINFO"),
+        (libc::SA_ONSTACK as u64, "SA_ONSTACK"),
+        (libc::SA_RESTART as u64, "SA_RESTART"),
+        (libc::SA_NODEFER as u64, "SA_NODEFER"),
+        (libc::SA_RESETHAND as u64, "SA_RESETHAND"),
+        (libc::SA_NOCLDSTOP as u64, "SA_NOCLDSTOP"),
+        (libc::SA_NOCLDWAIT as u64, "SA_NOCLDWAIT"),
+        (0x0400_0000, "SA_RESTORER"),
+    ];
+    let v: Vec<&str> = names
+        .iter()
+        .filter(|(b, _)| flags & b != 0)
+        .map(|(_, n)| *n)
+        .collect();
+    if v.is_empty() {
+        "0".into()
+    } else {
+        v.join("|")
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// Renders `image` as text.
+pub fn render(image: &Image) -> String {
+    let mut o = String::new();
+    let h = &image.header;
+    let s = &image.inventory.stats;
+    let _ = writeln!(o, "image {}", image.dir.display());
+    let _ = writeln!(
+        o,
+        "  format {}, {}, written by crest {} on Linux {}",
+        h.format_version, h.arch, h.engine_version, h.kernel
+    );
+    let _ = writeln!(
+        o,
+        "  frozen {:.1} ms (memory copy {:.1} ms); {} pages written, {} untouched pages skipped",
+        s.frozen_us as f64 / 1000.0,
+        s.memory_us as f64 / 1000.0,
+        s.pages_written,
+        s.pages_skipped
+    );
+    for p in &image.processes {
+        let st = &p.state;
+        let _ = writeln!(
+            o,
+            "\nprocess {} ({}): ppid {}, pgid {}, sid {}",
+            p.pid, st.comm, p.ppid, p.pgid, p.sid
+        );
+        let _ = writeln!(o, "  exe {}", p.mm.exe);
+        let _ = writeln!(
+            o,
+            "  cwd {}, root {}, umask {:04o}, personality {:#x}",
+            p.files.cwd, p.files.root, st.umask, st.personality
+        );
+        let c = &st.creds;
+        let _ = writeln!(
+            o,
+            "  uids {:?} gids {:?} groups {:?} capeff {:#x}",
+            c.uids, c.gids, c.groups, c.cap_eff
+        );
+        for t in &p.threads {
+            let r = &t.regs;
+            let _ = writeln!(
+                o,
+                "  thread {}: rip {:#x} rsp {:#x} fs_base {:#x} gs_base {:#x}",
+                t.tid, r.rip, r.rsp, r.fs_base, r.gs_base
+            );
+            if let Some(nr) = r.interrupted_syscall() {
+                let _ = writeln!(o, "    stopped in syscall {nr} (rax {})", r.rax as i64);
+            }
+            let _ = writeln!(o, "    xstate {} bytes", t.xstate.len());
+            if let Some(q) = &t.rseq {
+                let _ = writeln!(
+                    o,
+                    "    rseq at {:#x} ({} bytes, signature {:#x})",
+                    q.pointer, q.size, q.signature
+                );
+            }
+            if let Some(rl) = &t.robust_list {
+                let _ = writeln!(o, "    robust list at {:#x}", rl.head);
+            }
+            if t.clear_child_tid != 0 {
+                let _ = writeln!(o, "    clear_child_tid at {:#x}", t.clear_child_tid);
+            }
+            let _ = writeln!(o, "    blocked: {}", list_or_none(mask_names(t.sigmask)));
+            let _ = writeln!(
+                o,
+                "    pending: {}",
+                list_or_none(t.pending.iter().map(|i| signal_name(i.signo())).collect())
+            );
+            if let Some(a) = &t.altstack {
+                let _ = writeln!(o, "    sigaltstack at {:#x}, {} bytes", a.sp, a.size);
+            }
+        }
+        let _ = writeln!(
+            o,
+            "  pending (process): {}",
+            list_or_none(
+                st.shared_pending
+                    .iter()
+                    .map(|i| signal_name(i.signo()))
+                    .collect()
+            )
+        );
+        let _ = writeln!(o, "  signal handlers:");
+        for a in &st.sigactions {
+            let handler = match a.handler {
+                0 => "default".to_string(),
+                1 => "ignore".to_string(),
+                h => format!("{h:#x}"),
+            };
+            let _ = writeln!(
+                o,
+                "    {:<10} {handler} flags {} mask [{}]",
+                signal_name(a.signo),
+                sa_flags(a.flags),
+                mask_names(a.mask).join(" ")
+            );
+        }
+        for t in &st.itimers {
+            let which = ["ITIMER_REAL", "ITIMER_VIRTUAL", "ITIMER_PROF"]
+                .get(t.which as usize)
+                .copied()
+                .unwrap_or("?");
+            let _ = writeln!(
+                o,
+                "  {which}: {:.6} s left, interval {:.6} s",
+                t.value_us as f64 / 1e6,
+                t.interval_us as f64 / 1e6
+            );
+        }
+        let saved = p.mm.saved_bytes();
+        let _ = writeln!(
+            o,
+            "  memory: {} mappings, {} saved in {} chunks; brk {:#x}",
+            p.mm.vmas.len(),
+            mib(saved),
+            p.mm.chunks.len(),
+            p.mm.fields.brk
+        );
+        for v in &p.mm.vmas {
+            let pages: u64 =
+                p.mm.chunks
+                    .iter()
+                    .filter(|c| c.vaddr >= v.start && c.vaddr < v.end)
+                    .map(|c| c.len / crate::PAGE_SIZE)
+                    .sum();
+            let what = match &v.backing {
+                Backing::Anon if v.name.is_empty() => "anonymous".to_string(),
+                Backing::Anon => v.name.clone(),
+                Backing::File { path, offset, .. } => format!("{path} @ {offset:#x}"),
+                Backing::Special { name } => name.clone(),
+            };
+            let _ = writeln!(
+                o,
+                "    {:>12x}-{:<12x} {} {:>7} pages saved  {what}",
+                v.start,
+                v.end,
+                prot(v.prot),
+                pages
+            );
+        }
+        let _ = writeln!(o, "  files:");
+        for f in &p.files.fds {
+            let cloexec = if f.cloexec { ", cloexec" } else { "" };
+            let what = match &f.kind {
+                FdKind::Regular {
+                    path,
+                    flags,
+                    pos,
+                    identity,
+                } => format!(
+                    "{path} ({}, offset {pos}, {} bytes{cloexec})",
+                    access(*flags),
+                    identity.size
+                ),
+                FdKind::Device { path, flags } => format!("{path} ({}{cloexec})", access(*flags)),
+                FdKind::Dup { of } => format!("same open file as fd {of}{cloexec}"),
+                FdKind::Inherited { was } => format!("rebound to the restorer's own (was {was})"),
+            };
+            let _ = writeln!(o, "    {:>3}  {what}", f.fd);
+        }
+    }
+    o
+}
+
+fn list_or_none(v: Vec<String>) -> String {
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(" ")
+    }
+}
+
+/// The image as JSON: header, inventory and every process record.
+pub fn to_json(image: &Image) -> serde_json::Value {
+    serde_json::json!({
+        "dir": image.dir,
+        "header": image.header,
+        "inventory": image.inventory,
+        "processes": image.processes,
+    })
+}
