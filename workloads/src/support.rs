@@ -37,12 +37,10 @@ pub fn mode(args: &[OsString]) -> (String, Vec<String>) {
 
 /// The `i`th argument as a number, or a setup failure naming it.
 pub fn num_arg<T: std::str::FromStr>(args: &[String], i: usize, what: &str) -> T {
-    args.get(i)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| {
-            eprintln!("usage: missing or bad argument {i}: {what}");
-            std::process::exit(2)
-        })
+    args.get(i).and_then(|a| a.parse().ok()).unwrap_or_else(|| {
+        eprintln!("usage: missing or bad argument {i}: {what}");
+        std::process::exit(2)
+    })
 }
 
 /// Writes all of `buf` to `fd` (a blocking fd).
@@ -89,7 +87,8 @@ pub fn pattern_diff(what: &str, data: &[u8], len: usize, seed: u64) -> Option<St
     if data.len() != len {
         return Some(format!("{what}: {} bytes, expected {len}", data.len()));
     }
-    crate::first_pattern_mismatch(data, seed).map(|i| format!("{what}: byte {i} differs from the pattern"))
+    crate::first_pattern_mismatch(data, seed)
+        .map(|i| format!("{what}: byte {i} differs from the pattern"))
 }
 
 /// A pattern buffer of `len` bytes.
@@ -102,7 +101,12 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
 /// `fcntl(F_GETFD)` / `fcntl(F_GETFL)`; -1 when the fd is not open.
 pub fn fd_flags(fd: RawFd) -> (i32, i32) {
     // SAFETY: fcntl with no pointer arguments.
-    unsafe { (libc::fcntl(fd, libc::F_GETFD), libc::fcntl(fd, libc::F_GETFL)) }
+    unsafe {
+        (
+            libc::fcntl(fd, libc::F_GETFD),
+            libc::fcntl(fd, libc::F_GETFL),
+        )
+    }
 }
 
 /// Forks a child that runs `f` and exits with its return value. Only call
@@ -128,12 +132,18 @@ pub fn wait_ok(pid: libc::pid_t, who: &str) -> Result<(), String> {
     // SAFETY: st is a valid out pointer.
     let r = unsafe { libc::waitpid(pid, &mut st, 0) };
     if r < 0 {
-        return Err(format!("waitpid({who} {pid}): {}", io::Error::last_os_error()));
+        return Err(format!(
+            "waitpid({who} {pid}): {}",
+            io::Error::last_os_error()
+        ));
     }
     if libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0 {
         Ok(())
     } else if libc::WIFEXITED(st) {
-        Err(format!("{who} {pid} exited {} (it found differences; see its stderr)", libc::WEXITSTATUS(st)))
+        Err(format!(
+            "{who} {pid} exited {} (it found differences; see its stderr)",
+            libc::WEXITSTATUS(st)
+        ))
     } else {
         Err(format!("{who} {pid} ended with wait status {st:#x}"))
     }

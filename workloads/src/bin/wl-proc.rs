@@ -93,7 +93,9 @@ fn main() {
         "zombie" => {
             let child = fork_child(|| 42);
             // Ready only once the child is a zombie.
-            wait_until("the child to become a zombie", || proc_state(child) == Some('Z'));
+            wait_until("the child to become a zombie", || {
+                proc_state(child) == Some('Z')
+            });
             ctl.ready();
             ctl.wait_for_go();
             c.eq("child state before wait", proc_state(child), Some('Z'));
@@ -101,7 +103,9 @@ fn main() {
             // SAFETY: st is a valid out pointer.
             let r = unsafe { libc::waitpid(child, &mut st, libc::WNOHANG) };
             c.eq("waitpid on the zombie", r, child);
-            c.check(libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 42, || format!("zombie's wait status {st:#x}, expected exit 42"));
+            c.check(libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 42, || {
+                format!("zombie's wait status {st:#x}, expected exit 42")
+            });
         }
         "orphan" => orphan(&ctl, &mut c),
         "stopped" => {
@@ -113,7 +117,10 @@ fn main() {
             });
             let mut st = 0;
             // SAFETY: st is a valid out pointer.
-            sys(unsafe { libc::waitpid(child, &mut st, libc::WUNTRACED) }, "waitpid WUNTRACED");
+            sys(
+                unsafe { libc::waitpid(child, &mut st, libc::WUNTRACED) },
+                "waitpid WUNTRACED",
+            );
             ctl.ready();
             ctl.wait_for_go();
             c.eq("child state", proc_state(child), Some('T'));
@@ -145,7 +152,11 @@ fn creds(ctl: &Ctl, c: &mut Checks) {
     let mut got = [0 as libc::gid_t; 16];
     // SAFETY: got is valid for 16 entries.
     let n = unsafe { libc::getgroups(16, got.as_mut_ptr()) };
-    c.eq("groups", got.get(..n.max(0) as usize).map(|g| g.to_vec()), Some(groups.to_vec()));
+    c.eq(
+        "groups",
+        got.get(..n.max(0) as usize).map(|g| g.to_vec()),
+        Some(groups.to_vec()),
+    );
     let (mut r, mut e, mut s) = (0, 0, 0);
     // SAFETY: valid out pointers.
     unsafe { libc::getresgid(&mut r, &mut e, &mut s) };
@@ -157,10 +168,19 @@ fn prctl(ctl: &Ctl, c: &mut Checks) {
     // SAFETY: prctl with a NUL-terminated name and plain values.
     unsafe {
         sys(libc::prctl(libc::PR_SET_NAME, name.as_ptr()), "PR_SET_NAME");
-        sys(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGUSR2), "PR_SET_PDEATHSIG");
+        sys(
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGUSR2),
+            "PR_SET_PDEATHSIG",
+        );
         sys(libc::prctl(libc::PR_SET_DUMPABLE, 0), "PR_SET_DUMPABLE");
-        sys(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS");
-        sys(libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1), "PR_SET_CHILD_SUBREAPER");
+        sys(
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
+            "PR_SET_NO_NEW_PRIVS",
+        );
+        sys(
+            libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1),
+            "PR_SET_CHILD_SUBREAPER",
+        );
     }
     ctl.ready();
     ctl.wait_for_go();
@@ -172,7 +192,10 @@ fn prctl(ctl: &Ctl, c: &mut Checks) {
         libc::prctl(libc::PR_GET_NAME, buf.as_mut_ptr());
         libc::prctl(libc::PR_GET_PDEATHSIG, &mut sig);
         libc::prctl(libc::PR_GET_CHILD_SUBREAPER, &mut reaper);
-        (libc::prctl(libc::PR_GET_DUMPABLE), libc::prctl(libc::PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0))
+        (
+            libc::prctl(libc::PR_GET_DUMPABLE),
+            libc::prctl(libc::PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0),
+        )
     };
     let got = String::from_utf8_lossy(buf.split(|&b| b == 0).next().unwrap_or(&[])).to_string();
     c.eq("comm", got.as_str(), "wl-prctl-name");
@@ -190,17 +213,27 @@ fn rlimit(ctl: &Ctl, c: &mut Checks) {
         (libc::RLIMIT_MSGQUEUE, 4096, 8192),
     ];
     for (res, cur, max) in set {
-        let l = libc::rlimit { rlim_cur: cur, rlim_max: max };
+        let l = libc::rlimit {
+            rlim_cur: cur,
+            rlim_max: max,
+        };
         // SAFETY: l is a valid rlimit.
         sys(unsafe { libc::setrlimit(res, &l) }, "setrlimit");
     }
     ctl.ready();
     ctl.wait_for_go();
     for (res, cur, max) in set {
-        let mut l = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let mut l = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         // SAFETY: l is a valid out pointer.
         unsafe { libc::getrlimit(res, &mut l) };
-        c.eq(&format!("rlimit {res}"), (l.rlim_cur, l.rlim_max), (cur, max));
+        c.eq(
+            &format!("rlimit {res}"),
+            (l.rlim_cur, l.rlim_max),
+            (cur, max),
+        );
     }
 }
 
@@ -213,7 +246,11 @@ fn child_ready(ctl: &Ctl, name: &str) {
 }
 
 fn wait_children_ready(ctl: &Ctl, names: &[&str]) {
-    wait_until("the children to be ready", || names.iter().all(|n| ctl.path(&format!("ready.{n}")).exists()));
+    wait_until("the children to be ready", || {
+        names
+            .iter()
+            .all(|n| ctl.path(&format!("ready.{n}")).exists())
+    });
 }
 
 fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
@@ -249,7 +286,9 @@ fn tree(ctl: &Ctl, c: &mut Checks) {
         ctl.wait_for_go();
         // SAFETY: getppid cannot fail.
         let bad_parent = unsafe { libc::getppid() } != me;
-        let gc_ok = wait_ok(gc, "grandchild").map_err(|e| eprintln!("{e}")).is_ok();
+        let gc_ok = wait_ok(gc, "grandchild")
+            .map_err(|e| eprintln!("{e}"))
+            .is_ok();
         i32::from(bad_parent || !gc_ok)
     });
     let b = fork_child(|| {
@@ -304,15 +343,19 @@ fn pgid(ctl: &Ctl, c: &mut Checks) {
 /// subreaper. C reports through `result.orphan`.
 fn orphan(ctl: &Ctl, c: &mut Checks) {
     let a = fork_child(|| {
+        // SAFETY: getpid cannot fail.
+        let dead_parent = unsafe { libc::getpid() };
         fork_child(|| {
-            // SAFETY: getppid cannot fail.
-            let dead_parent = unsafe { libc::getppid() };
             wait_until("reparenting", || unsafe { libc::getppid() } != dead_parent);
             child_ready(ctl, "c");
             ctl.wait_for_go();
             // SAFETY: getppid/getsid cannot fail.
             let (ppid, sid) = unsafe { (libc::getppid(), libc::getsid(0)) };
-            let verdict = if ppid == dead_parent { format!("parent is the dead {dead_parent}") } else { "ok".into() };
+            let verdict = if ppid == dead_parent {
+                format!("parent is the dead {dead_parent}")
+            } else {
+                "ok".into()
+            };
             let _ = std::fs::write(ctl.path("result.orphan"), format!("{verdict} sid {sid}\n"));
             0
         });
@@ -332,5 +375,9 @@ fn orphan(ctl: &Ctl, c: &mut Checks) {
         std::thread::sleep(Duration::from_millis(5));
     }
     let got = std::fs::read_to_string(&path).unwrap_or_else(|_| "no report from the orphan".into());
-    c.eq("orphan's report", got.trim(), format!("ok sid {sid}").as_str());
+    c.eq(
+        "orphan's report",
+        got.trim(),
+        format!("ok sid {sid}").as_str(),
+    );
 }
