@@ -90,7 +90,8 @@ impl BootKernel {
         self.modules
             .iter()
             .map(|(name, path)| {
-                let raw = std::fs::read(path).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+                let raw = std::fs::read(path)
+                    .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
                 if modinfo::is_xz(&raw) && !self.module_decompress {
                     let data = modinfo::decompress(&raw).map_err(|msg| Error::Module {
                         path: path.clone(),
@@ -116,7 +117,10 @@ impl BootKernel {
     /// tree. Without one, 9p and virtio must be built in.
     pub fn custom(image: &Path, modules_dir: Option<&Path>) -> Result<Self, Error> {
         if !image.is_file() {
-            return Err(Error::Other(format!("kernel image {} not found", image.display())));
+            return Err(Error::Other(format!(
+                "kernel image {} not found",
+                image.display()
+            )));
         }
         let mut kernel = BootKernel {
             label: "custom".into(),
@@ -132,7 +136,8 @@ impl BootKernel {
             let mut idx = ModuleIndex::scan(dir)?.with_config(&config);
             idx.assume_builtin_if_missing = config.is_empty() && idx.builtin.is_none();
             let order = idx.load_order(GUEST_LEAF_MODULES)?;
-            kernel.module_decompress = modinfo::config_y_symbols(&config).contains("CONFIG_MODULE_DECOMPRESS");
+            kernel.module_decompress =
+                modinfo::config_y_symbols(&config).contains("CONFIG_MODULE_DECOMPRESS");
             kernel.modules = order
                 .into_iter()
                 .filter_map(|n| idx.files.get(&n).cloned().map(|p| (n, p)))
@@ -145,7 +150,8 @@ impl BootKernel {
 
 /// sha256 of a file, hex.
 pub fn sha256_file(path: &Path) -> Result<String, Error> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+    let mut f =
+        std::fs::File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
     let mut h = Sha256::new();
     std::io::copy(&mut f, &mut h).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
     Ok(hex(&h.finalize()))
@@ -205,10 +211,16 @@ impl Cache {
         };
         let m: Manifest = serde_json::from_str(&text).map_err(|e| format!("bad manifest: {e}"))?;
         if m.schema != MANIFEST_SCHEMA {
-            return Err(format!("manifest schema {} (want {MANIFEST_SCHEMA})", m.schema));
+            return Err(format!(
+                "manifest schema {} (want {MANIFEST_SCHEMA})",
+                m.schema
+            ));
         }
         if m.leaves != GUEST_LEAF_MODULES {
-            return Err(format!("cached for modules {:?}, now needed {:?}", m.leaves, GUEST_LEAF_MODULES));
+            return Err(format!(
+                "cached for modules {:?}, now needed {:?}",
+                m.leaves, GUEST_LEAF_MODULES
+            ));
         }
         for (file, want) in &m.files {
             let got = sha256_file(&dir.join(file)).map_err(|e| e.to_string())?;
@@ -226,7 +238,11 @@ impl Cache {
             label: m.version.clone(),
             vmlinuz: dir.join("vmlinuz"),
             release: Some(m.release.clone()),
-            modules: m.modules.iter().map(|r| (r.name.clone(), dir.join(&r.file))).collect(),
+            modules: m
+                .modules
+                .iter()
+                .map(|r| (r.name.clone(), dir.join(&r.file)))
+                .collect(),
             module_decompress: m.module_decompress,
         }
     }
@@ -261,19 +277,24 @@ impl Cache {
         match self.check(version) {
             Ok(Some(m)) => return Ok((self.boot_kernel(&m), true)),
             Ok(None) => {}
-            Err(problem) => tracing::warn!(version, %problem, "cached kernel unusable, fetching again"),
+            Err(problem) => {
+                tracing::warn!(version, %problem, "cached kernel unusable, fetching again")
+            }
         }
         let kernels = self.root.join("kernels");
-        std::fs::create_dir_all(&kernels).map_err(|e| Error::io(format!("create {}", kernels.display()), e))?;
+        std::fs::create_dir_all(&kernels)
+            .map_err(|e| Error::io(format!("create {}", kernels.display()), e))?;
         let staging = kernels.join(format!(".{version}.staging-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::create_dir_all(&staging).map_err(|e| Error::io("create staging dir", e))?;
         let result = fetch(&staging).and_then(|m| {
             let text = serde_json::to_string_pretty(&m).map_err(|e| Error::Other(e.to_string()))?;
-            std::fs::write(staging.join(MANIFEST), text).map_err(|e| Error::io("write manifest", e))?;
+            std::fs::write(staging.join(MANIFEST), text)
+                .map_err(|e| Error::io("write manifest", e))?;
             let dest = self.kernel_dir(version);
             let _ = std::fs::remove_dir_all(&dest);
-            std::fs::rename(&staging, &dest).map_err(|e| Error::io(format!("rename to {}", dest.display()), e))?;
+            std::fs::rename(&staging, &dest)
+                .map_err(|e| Error::io(format!("rename to {}", dest.display()), e))?;
             Ok(m)
         });
         let _ = std::fs::remove_dir_all(&staging);
@@ -343,10 +364,14 @@ impl Apt {
     pub fn prepare(&self, mirror: &str, suites: &[&str]) -> Result<(), Error> {
         for sub in ["lists/partial", "cache/archives/partial"] {
             let p = self.dir.join(sub);
-            std::fs::create_dir_all(&p).map_err(|e| Error::io(format!("create {}", p.display()), e))?;
+            std::fs::create_dir_all(&p)
+                .map_err(|e| Error::io(format!("create {}", p.display()), e))?;
         }
-        std::fs::write(self.dir.join("sources.list"), Self::sources_list(mirror, suites))
-            .map_err(|e| Error::io("write private sources.list", e))?;
+        std::fs::write(
+            self.dir.join("sources.list"),
+            Self::sources_list(mirror, suites),
+        )
+        .map_err(|e| Error::io("write private sources.list", e))?;
         let status = self.dir.join("status");
         if !status.exists() {
             std::fs::write(&status, "").map_err(|e| Error::io("write private status", e))?;
@@ -394,7 +419,8 @@ impl Apt {
 
     /// Downloads `name=version` into `dest`; returns the `.deb` path.
     pub fn download(&self, pkg: &catalog::PackageRef, dest: &Path) -> Result<PathBuf, Error> {
-        std::fs::create_dir_all(dest).map_err(|e| Error::io(format!("create {}", dest.display()), e))?;
+        std::fs::create_dir_all(dest)
+            .map_err(|e| Error::io(format!("create {}", dest.display()), e))?;
         let mut c = self.command("apt-get");
         c.current_dir(dest)
             .args(["-q", "download", &format!("{}={}", pkg.name, pkg.version)]);
@@ -409,7 +435,12 @@ impl Apt {
                     .and_then(|n| n.to_str())
                     .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".deb"))
             })
-            .ok_or_else(|| Error::Other(format!("apt-get download left no {prefix}*.deb in {}", dest.display())))
+            .ok_or_else(|| {
+                Error::Other(format!(
+                    "apt-get download left no {prefix}*.deb in {}",
+                    dest.display()
+                ))
+            })
     }
 }
 
@@ -422,7 +453,9 @@ fn is_root() -> bool {
 pub fn run_checked(mut c: Command) -> Result<String, Error> {
     let shown = format!("{c:?}");
     tracing::debug!(command = %shown, "running");
-    let out = c.output().map_err(|e| Error::io(format!("run {shown}"), e))?;
+    let out = c
+        .output()
+        .map_err(|e| Error::io(format!("run {shown}"), e))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
@@ -449,7 +482,10 @@ pub struct Layout {
 /// `/usr/lib/modules/R/vmlinuz` in sid's split packages).
 pub fn find_layout(root: &Path, release: &str) -> Result<Layout, Error> {
     let first = |cands: &[PathBuf]| cands.iter().find(|p| p.is_file()).cloned();
-    let mods = [root.join("usr/lib/modules").join(release), root.join("lib/modules").join(release)];
+    let mods = [
+        root.join("usr/lib/modules").join(release),
+        root.join("lib/modules").join(release),
+    ];
     let vmlinuz = first(&[
         root.join("boot").join(format!("vmlinuz-{release}")),
         mods[0].join("vmlinuz"),
@@ -461,11 +497,12 @@ pub fn find_layout(root: &Path, release: &str) -> Result<Layout, Error> {
         mods[0].join("config"),
         mods[1].join("config"),
     ]);
-    let modules_root = mods
-        .iter()
-        .find(|p| p.is_dir())
-        .cloned()
-        .ok_or_else(|| Error::Layout(format!("no modules directory for {release} under {}", root.display())))?;
+    let modules_root = mods.iter().find(|p| p.is_dir()).cloned().ok_or_else(|| {
+        Error::Layout(format!(
+            "no modules directory for {release} under {}",
+            root.display()
+        ))
+    })?;
     Ok(Layout {
         vmlinuz,
         config,
@@ -475,24 +512,33 @@ pub fn find_layout(root: &Path, release: &str) -> Result<Layout, Error> {
 
 /// Copies what the guest needs from an unpacked kernel into `staging` and
 /// returns the manifest (without package records).
-pub fn keep_from_unpacked(unpacked: &Path, resolved: &Resolved, staging: &Path) -> Result<Manifest, Error> {
+pub fn keep_from_unpacked(
+    unpacked: &Path,
+    resolved: &Resolved,
+    staging: &Path,
+) -> Result<Manifest, Error> {
     let layout = find_layout(unpacked, &resolved.release)?;
     let config_text = match &layout.config {
-        Some(p) => std::fs::read_to_string(p).map_err(|e| Error::io(format!("read {}", p.display()), e))?,
+        Some(p) => {
+            std::fs::read_to_string(p).map_err(|e| Error::io(format!("read {}", p.display()), e))?
+        }
         None => String::new(),
     };
     let idx = ModuleIndex::scan(&layout.modules_root)?.with_config(&config_text);
     let order = idx.load_order(GUEST_LEAF_MODULES)?;
     let mut files = BTreeMap::new();
-    let copy = |from: &Path, rel: &str, files: &mut BTreeMap<String, String>| -> Result<(), Error> {
-        let to = staging.join(rel);
-        if let Some(parent) = to.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| Error::io("create dir", e))?;
-        }
-        std::fs::copy(from, &to).map_err(|e| Error::io(format!("copy {} to {}", from.display(), to.display()), e))?;
-        files.insert(rel.to_string(), sha256_file(&to)?);
-        Ok(())
-    };
+    let copy =
+        |from: &Path, rel: &str, files: &mut BTreeMap<String, String>| -> Result<(), Error> {
+            let to = staging.join(rel);
+            if let Some(parent) = to.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| Error::io("create dir", e))?;
+            }
+            std::fs::copy(from, &to).map_err(|e| {
+                Error::io(format!("copy {} to {}", from.display(), to.display()), e)
+            })?;
+            files.insert(rel.to_string(), sha256_file(&to)?);
+            Ok(())
+        };
     copy(&layout.vmlinuz, "vmlinuz", &mut files)?;
     if let Some(c) = &layout.config {
         copy(c, "config", &mut files)?;
@@ -504,7 +550,10 @@ pub fn keep_from_unpacked(unpacked: &Path, resolved: &Resolved, staging: &Path) 
     let mut modules = Vec::new();
     for name in order {
         let src = &idx.files[&name];
-        let fname = src.file_name().and_then(|n| n.to_str()).unwrap_or("module.ko");
+        let fname = src
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("module.ko");
         let rel = format!("modules/{fname}");
         copy(src, &rel, &mut files)?;
         modules.push(ModuleRecord { name, file: rel });
@@ -580,7 +629,11 @@ mod tests {
         let m = root.join("lib/modules").join(release).join("kernel");
         std::fs::create_dir_all(&m).unwrap();
         let w = |n: &str, deps: &str| {
-            std::fs::write(m.join(format!("{n}.ko")), fake_module(format!("depends={deps}\0").as_bytes())).unwrap()
+            std::fs::write(
+                m.join(format!("{n}.ko")),
+                fake_module(format!("depends={deps}\0").as_bytes()),
+            )
+            .unwrap()
         };
         w("virtio_pci", "virtio_pci_modern_dev,virtio");
         w("virtio_pci_modern_dev", "");
@@ -634,7 +687,16 @@ mod tests {
         assert!(dir.join("manifest.json").is_file());
         // Only the modules the guest loads, dependencies first; virtio is built in.
         let names: Vec<_> = k.modules.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["virtio_pci_modern_dev", "virtio_pci", "9pnet", "9pnet_virtio", "9p"]);
+        assert_eq!(
+            names,
+            [
+                "virtio_pci_modern_dev",
+                "virtio_pci",
+                "9pnet",
+                "9pnet_virtio",
+                "9p"
+            ]
+        );
         assert!(!dir.join("modules/ext4.ko").exists());
         assert!(dir.join("modules/9p.ko").is_file());
         // No staging leftovers.
@@ -646,7 +708,9 @@ mod tests {
 
         // Second run: from the cache, fetch not called.
         let (k2, cached) = cache
-            .ensure_with("6.1", |_| -> Result<Manifest, Error> { panic!("fetched again") })
+            .ensure_with("6.1", |_| -> Result<Manifest, Error> {
+                panic!("fetched again")
+            })
             .unwrap();
         assert!(cached);
         assert_eq!(k2.modules, k.modules);
@@ -660,13 +724,17 @@ mod tests {
         assert_eq!(calls.get(), 2);
 
         // A failed fetch leaves nothing behind.
-        let e = cache.ensure_with("5.10", |_| Err(Error::Other("offline".into()))).unwrap_err();
+        let e = cache
+            .ensure_with("5.10", |_| Err(Error::Other("offline".into())))
+            .unwrap_err();
         assert!(e.to_string().contains("offline"));
         assert!(!cache.kernel_dir("5.10").exists());
 
         let st = cache.status();
         assert_eq!(st.len(), catalog::CATALOG.len());
-        assert!(st.iter().any(|s| s.entry.version == "6.1" && s.manifest.is_some()));
+        assert!(st
+            .iter()
+            .any(|s| s.entry.version == "6.1" && s.manifest.is_some()));
     }
 
     #[test]
@@ -692,7 +760,8 @@ mod tests {
         let release = "6.6.1-custom";
         fake_unpacked(d.path(), release);
         let img = d.path().join("boot").join(format!("vmlinuz-{release}"));
-        let k = BootKernel::custom(&img, Some(&d.path().join("lib/modules").join(release))).unwrap();
+        let k =
+            BootKernel::custom(&img, Some(&d.path().join("lib/modules").join(release))).unwrap();
         assert_eq!(k.release.as_deref(), Some(release));
         // No config: virtio assumed built in.
         assert_eq!(k.modules.len(), 5);

@@ -90,7 +90,8 @@ pub fn parse_packages(text: &str) -> Vec<Stanza> {
             continue;
         }
         if let Some((k, v)) = line.split_once(':') {
-            cur.fields.insert(k.trim().to_string(), v.trim().to_string());
+            cur.fields
+                .insert(k.trim().to_string(), v.trim().to_string());
             last_key = Some(k.trim().to_string());
         }
     }
@@ -145,7 +146,12 @@ fn newest<'a>(stanzas: &'a [Stanza], name: &str) -> Option<&'a Stanza> {
     stanzas
         .iter()
         .filter(|s| s.get("Package") == Some(name))
-        .max_by(|a, b| debver::compare(a.get("Version").unwrap_or(""), b.get("Version").unwrap_or("")))
+        .max_by(|a, b| {
+            debver::compare(
+                a.get("Version").unwrap_or(""),
+                b.get("Version").unwrap_or(""),
+            )
+        })
 }
 
 /// Picks the newest plain-`amd64` kernel of `version` in `stanzas`, and the
@@ -190,10 +196,12 @@ pub fn resolve(version: &str, suites: &[&str], stanzas: &[Stanza]) -> Result<Res
     } else if let Some(unsigned) = pin(format!("linux-image-{release}-unsigned")) {
         vec![unsigned]
     } else {
-        vec![pin(format!("linux-image-{release}")).ok_or_else(|| Error::NoPackage {
-            version: version.to_string(),
-            suites: suites.join(", "),
-        })?]
+        vec![
+            pin(format!("linux-image-{release}")).ok_or_else(|| Error::NoPackage {
+                version: version.to_string(),
+                suites: suites.join(", "),
+            })?,
+        ]
     };
     Ok(Resolved {
         version: version.to_string(),
@@ -210,8 +218,9 @@ pub fn candidate_names<'a>(version: &str, names: impl IntoIterator<Item = &'a st
         .filter(|n| {
             image_release(n, version).is_some()
                 || ["linux-binary-", "linux-modules-"].iter().any(|p| {
-                    n.strip_prefix(p)
-                        .is_some_and(|r| image_release(&format!("linux-image-{r}"), version).is_some())
+                    n.strip_prefix(p).is_some_and(|r| {
+                        image_release(&format!("linux-image-{r}"), version).is_some()
+                    })
                 })
         })
         .map(str::to_string)
@@ -278,7 +287,10 @@ Version: 7.2.13-1
     fn parses_stanzas_with_continuations() {
         let s = parse_packages(SAMPLE);
         assert_eq!(s.len(), 13);
-        assert_eq!(s[0].get("Package"), Some("linux-image-6.1.0-47-amd64-unsigned"));
+        assert_eq!(
+            s[0].get("Package"),
+            Some("linux-image-6.1.0-47-amd64-unsigned")
+        );
         assert_eq!(
             s[0].get("Description"),
             Some("Linux 6.1 for 64-bit PCs\nThe Linux kernel 6.1 and modules.")
@@ -291,9 +303,18 @@ Version: 7.2.13-1
             image_release("linux-image-6.1.0-50-amd64-unsigned", "6.1").as_deref(),
             Some("6.1.0-50-amd64")
         );
-        assert_eq!(image_release("linux-image-6.12.95+deb12-amd64", "6.1"), None);
-        assert_eq!(image_release("linux-image-6.1.0-50-cloud-amd64", "6.1"), None);
-        assert_eq!(image_release("linux-image-6.1.0-50-rt-amd64-unsigned", "6.1"), None);
+        assert_eq!(
+            image_release("linux-image-6.12.95+deb12-amd64", "6.1"),
+            None
+        );
+        assert_eq!(
+            image_release("linux-image-6.1.0-50-cloud-amd64", "6.1"),
+            None
+        );
+        assert_eq!(
+            image_release("linux-image-6.1.0-50-rt-amd64-unsigned", "6.1"),
+            None
+        );
         assert_eq!(image_release("linux-image-6.1.0-50-amd64-dbg", "6.1"), None);
         assert_eq!(image_release("linux-image-amd64", "6.1"), None);
         assert_eq!(
@@ -321,7 +342,10 @@ Version: 7.2.13-1
         let s = parse_packages(SAMPLE);
         let r = resolve("6.12", &["trixie", "bookworm-backports"], &s).unwrap();
         assert_eq!(r.release, "6.12.117+deb13-amd64");
-        assert_eq!(r.packages[0].name, "linux-image-6.12.117+deb13-amd64-unsigned");
+        assert_eq!(
+            r.packages[0].name,
+            "linux-image-6.12.117+deb13-amd64-unsigned"
+        );
         assert_eq!(r.packages[0].version, "6.12.117-1");
     }
 
@@ -333,7 +357,10 @@ Version: 7.2.13-1
         let names: Vec<_> = r.packages.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(
             names,
-            ["linux-binary-7.2.13+deb14-amd64", "linux-modules-7.2.13+deb14-amd64"]
+            [
+                "linux-binary-7.2.13+deb14-amd64",
+                "linux-modules-7.2.13+deb14-amd64"
+            ]
         );
     }
 
@@ -357,7 +384,10 @@ Version: 7.2.13-1
             "linux-modules-7.2.13+deb14-amd64",
             "linux-image-7.2.13+deb14-amd64",
         ];
-        assert_eq!(candidate_names("6.1", names), ["linux-image-6.1.0-50-amd64"]);
+        assert_eq!(
+            candidate_names("6.1", names),
+            ["linux-image-6.1.0-50-amd64"]
+        );
         assert_eq!(
             candidate_names("7.2", names),
             [

@@ -54,8 +54,9 @@ fn pad4(w: &mut impl Write, len: usize) -> io::Result<()> {
 }
 
 fn write_one(w: &mut impl Write, ino: u32, e: &Entry) -> io::Result<()> {
-    let size = u32::try_from(e.data.len())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{} too large", e.name)))?;
+    let size = u32::try_from(e.data.len()).map_err(|_| {
+        io::Error::new(io::ErrorKind::InvalidInput, format!("{} too large", e.name))
+    })?;
     let namesize = e.name.len() + 1;
     let nlink = if e.mode & 0o170000 == S_IFDIR { 2 } else { 1 };
     let fields = [

@@ -101,9 +101,11 @@ mod tests {
         assert_eq!(init.mode, cpio::S_IFREG | 0o755);
         assert_eq!(init.data, b"\x7fELFinit");
         let console = entries.iter().find(|e| e.name == "dev/console").unwrap();
-        assert_eq!((console.mode & 0o170000, console.rdev), (cpio::S_IFCHR, (5, 1)));
-        let spec: GuestSpec =
-            serde_json::from_slice(&entries.last().unwrap().data).unwrap();
+        assert_eq!(
+            (console.mode & 0o170000, console.rdev),
+            (cpio::S_IFCHR, (5, 1))
+        );
+        let spec: GuestSpec = serde_json::from_slice(&entries.last().unwrap().data).unwrap();
         assert_eq!(spec.argv, ["/bin/true"]);
         assert_eq!(
             spec.modules,

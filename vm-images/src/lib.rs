@@ -34,7 +34,10 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error("kernel {requested} is not in the catalog; available: {available}, or `host` (the running kernel). To use another kernel, pass your own image with --kernel-image PATH (a bzImage/vmlinuz, plus --modules-dir DIR if 9p/virtio are modules)")]
-    UnknownKernel { requested: String, available: String },
+    UnknownKernel {
+        requested: String,
+        available: String,
+    },
     #[error("no plain amd64 kernel package for {version} in suite(s) {suites} (looked for linux-image-{version}*-amd64[-unsigned]); pass your own image with --kernel-image PATH")]
     NoPackage { version: String, suites: String },
     #[error("no Debian archive mirror found in /etc/apt/sources.list or /etc/apt/sources.list.d/*.sources; set CREST_DEBIAN_MIRROR or pass --mirror URL")]

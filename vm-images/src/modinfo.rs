@@ -178,7 +178,8 @@ impl ModuleIndex {
         let mut idx = ModuleIndex::default();
         let mut stack = vec![root.to_path_buf()];
         while let Some(dir) = stack.pop() {
-            let rd = std::fs::read_dir(&dir).map_err(|e| Error::io(format!("read dir {}", dir.display()), e))?;
+            let rd = std::fs::read_dir(&dir)
+                .map_err(|e| Error::io(format!("read dir {}", dir.display()), e))?;
             for e in rd {
                 let e = e.map_err(|e| Error::io(format!("read dir {}", dir.display()), e))?;
                 let ft = e.file_type().map_err(|e| Error::io("stat", e))?;
@@ -207,7 +208,8 @@ impl ModuleIndex {
     }
 
     fn is_builtin(&self, name: &str) -> bool {
-        if self.assume_builtin_if_missing || self.builtin.as_ref().is_some_and(|b| b.contains(name)) {
+        if self.assume_builtin_if_missing || self.builtin.as_ref().is_some_and(|b| b.contains(name))
+        {
             return true;
         }
         config_symbol(name).is_some_and(|sym| self.config_y.contains(sym))
@@ -276,7 +278,13 @@ pub fn load_order(
         Ok(())
     }
     for leaf in leaves {
-        visit(&normalize(leaf), &mut deps_of, &mut order, &mut done, &mut visiting)?;
+        visit(
+            &normalize(leaf),
+            &mut deps_of,
+            &mut order,
+            &mut done,
+            &mut visiting,
+        )?;
     }
     Ok(order)
 }
@@ -361,7 +369,12 @@ pub(crate) mod tests {
             ("virtio_pci_legacy_dev", vec![]),
             (
                 "virtio_pci",
-                vec!["virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_ring", "virtio"],
+                vec![
+                    "virtio_pci_modern_dev",
+                    "virtio_pci_legacy_dev",
+                    "virtio_ring",
+                    "virtio",
+                ],
             ),
             ("netfs", vec![]),
             ("fscache", vec!["netfs"]),
@@ -372,7 +385,10 @@ pub(crate) mod tests {
     }
 
     fn position(order: &[String], m: &str) -> usize {
-        order.iter().position(|x| x == m).unwrap_or_else(|| panic!("{m} not in {order:?}"))
+        order
+            .iter()
+            .position(|x| x == m)
+            .unwrap_or_else(|| panic!("{m} not in {order:?}"))
     }
 
     #[test]
@@ -385,7 +401,10 @@ pub(crate) mod tests {
         assert_eq!(order.len(), g.len());
         for (m, deps) in &g {
             for d in deps {
-                assert!(position(&order, d) < position(&order, m), "{d} before {m}: {order:?}");
+                assert!(
+                    position(&order, d) < position(&order, m),
+                    "{d} before {m}: {order:?}"
+                );
             }
         }
     }
@@ -398,14 +417,26 @@ pub(crate) mod tests {
         std::fs::create_dir_all(root.join("net/9p")).unwrap();
         std::fs::create_dir_all(root.join("fs/9p")).unwrap();
         std::fs::create_dir_all(root.join("fs/netfs")).unwrap();
-        std::fs::write(root.join("net/9p/9pnet.ko.xz"), xz(&fake_module(b"depends=\0"))).unwrap();
+        std::fs::write(
+            root.join("net/9p/9pnet.ko.xz"),
+            xz(&fake_module(b"depends=\0")),
+        )
+        .unwrap();
         std::fs::write(
             root.join("net/9p/9pnet_virtio.ko.xz"),
             xz(&fake_module(b"depends=9pnet,virtio_ring,virtio\0")),
         )
         .unwrap();
-        std::fs::write(root.join("fs/netfs/netfs.ko.xz"), xz(&fake_module(b"depends=\0"))).unwrap();
-        std::fs::write(root.join("fs/9p/9p.ko.xz"), xz(&fake_module(b"depends=9pnet,netfs\0"))).unwrap();
+        std::fs::write(
+            root.join("fs/netfs/netfs.ko.xz"),
+            xz(&fake_module(b"depends=\0")),
+        )
+        .unwrap();
+        std::fs::write(
+            root.join("fs/9p/9p.ko.xz"),
+            xz(&fake_module(b"depends=9pnet,netfs\0")),
+        )
+        .unwrap();
         std::fs::write(
             d.path().join("modules.builtin"),
             "kernel/drivers/virtio/virtio.ko\nkernel/drivers/virtio/virtio_ring.ko\n",
@@ -419,7 +450,10 @@ pub(crate) mod tests {
 
         let idx2 = ModuleIndex::scan(d.path()).unwrap();
         let e = idx2.load_order(&["virtio_pci"]).unwrap_err();
-        assert!(matches!(e, Error::MissingModule(ref m) if m == "virtio_pci"), "{e}");
+        assert!(
+            matches!(e, Error::MissingModule(ref m) if m == "virtio_pci"),
+            "{e}"
+        );
 
         let e = load_order(&["a"], |n| {
             Ok(Some(vec![if n == "a" { "b".into() } else { "a".into() }]))
@@ -434,7 +468,10 @@ pub(crate) mod tests {
             module_name_from_path(Path::new("a/9pnet-virtio.ko.xz")).as_deref(),
             Some("9pnet_virtio")
         );
-        assert_eq!(module_name_from_path(Path::new("a/9p.ko")).as_deref(), Some("9p"));
+        assert_eq!(
+            module_name_from_path(Path::new("a/9p.ko")).as_deref(),
+            Some("9p")
+        );
         assert_eq!(module_name_from_path(Path::new("modules.order")), None);
     }
 }

@@ -17,9 +17,24 @@ pub enum Accel {
     Tcg,
 }
 
+/// Set once QEMU failed to start a KVM guest in this process: later VMs use TCG.
+static KVM_BROKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Environment variable forcing the accelerator (`kvm` or `tcg`).
+pub const ACCEL_ENV: &str = "CREST_VM_ACCEL";
+
 impl Accel {
-    /// KVM when `/dev/kvm` opens read-write, TCG otherwise.
+    /// KVM when `/dev/kvm` opens read-write (and no KVM guest failed to start
+    /// in this process), TCG otherwise. `$CREST_VM_ACCEL` overrides.
     pub fn detect() -> Self {
+        match std::env::var(ACCEL_ENV).as_deref() {
+            Ok("tcg") => return Accel::Tcg,
+            Ok("kvm") => return Accel::Kvm,
+            _ => {}
+        }
+        if KVM_BROKEN.load(std::sync::atomic::Ordering::Relaxed) {
+            return Accel::Tcg;
+        }
         let ok = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -31,6 +46,24 @@ impl Accel {
             Accel::Tcg
         }
     }
+
+    /// Records that KVM does not work here (e.g. `/dev/kvm` exists but QEMU
+    /// cannot set the guest's MSRs).
+    pub fn mark_kvm_broken() {
+        KVM_BROKEN.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Whether a QEMU run failed because KVM is unusable: it died before the
+/// guest printed anything, blaming KVM.
+pub fn kvm_start_failure(cfg: &VmConfig, f: &VmFiles, qemu_log: &Path) -> bool {
+    cfg.accel == Accel::Kvm
+        && std::fs::metadata(&f.console_log)
+            .map(|m| m.len() == 0)
+            .unwrap_or(true)
+        && std::fs::read_to_string(qemu_log)
+            .map(|t| t.to_ascii_lowercase().contains("kvm"))
+            .unwrap_or(false)
 }
 
 /// VM settings.
@@ -87,7 +120,13 @@ pub fn kernel_cmdline(cfg: &VmConfig) -> String {
 pub fn qemu_args(cfg: &VmConfig, f: &VmFiles) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
-    push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ]);
     match cfg.accel {
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
         Accel::Tcg => push(&["-accel", "tcg,thread=multi", "-cpu", "max"]),
@@ -133,8 +172,14 @@ pub fn qemu_available() -> bool {
 
 /// Runs QEMU until it exits or the timeout passes (then kills it). QEMU's own
 /// stdout/stderr go to `qemu_log`. `tick` is called about every 200 ms.
-pub fn run(cfg: &VmConfig, f: &VmFiles, qemu_log: &Path, tick: &mut dyn FnMut()) -> Result<VmExit, Error> {
-    let log = std::fs::File::create(qemu_log).map_err(|e| Error::io(format!("create {}", qemu_log.display()), e))?;
+pub fn run(
+    cfg: &VmConfig,
+    f: &VmFiles,
+    qemu_log: &Path,
+    tick: &mut dyn FnMut(),
+) -> Result<VmExit, Error> {
+    let log = std::fs::File::create(qemu_log)
+        .map_err(|e| Error::io(format!("create {}", qemu_log.display()), e))?;
     let log2 = log.try_clone().map_err(|e| Error::io("dup log", e))?;
     let args = qemu_args(cfg, f);
     tracing::debug!(?args, "starting {QEMU}");
@@ -145,9 +190,16 @@ pub fn run(cfg: &VmConfig, f: &VmFiles, qemu_log: &Path, tick: &mut dyn FnMut())
         .stdout(log)
         .stderr(log2)
         .spawn()
-        .map_err(|e| Error::Qemu(format!("cannot start {QEMU}: {e} (install qemu-system-x86)")))?;
+        .map_err(|e| {
+            Error::Qemu(format!(
+                "cannot start {QEMU}: {e} (install qemu-system-x86)"
+            ))
+        })?;
     loop {
-        if let Some(st) = child.try_wait().map_err(|e| Error::io("wait for qemu", e))? {
+        if let Some(st) = child
+            .try_wait()
+            .map_err(|e| Error::io("wait for qemu", e))?
+        {
             return Ok(VmExit {
                 status: Some(st),
                 timed_out: false,
@@ -191,16 +243,27 @@ mod tests {
         let a = qemu_args(&cfg, &f).join(" ");
         assert!(a.contains("-accel tcg,thread=multi -cpu max"), "{a}");
         assert!(a.contains("-m 1024 -smp 3"), "{a}");
-        assert!(a.contains("-kernel /k/vmlinuz -initrd /r/initramfs.cpio"), "{a}");
+        assert!(
+            a.contains("-kernel /k/vmlinuz -initrd /r/initramfs.cpio"),
+            "{a}"
+        );
         assert!(a.contains("-serial file:/r/console.log"), "{a}");
         assert!(a.contains("-no-reboot"), "{a}");
-        assert!(a.contains("path=/,mount_tag=hostroot,security_model=none,readonly=on"), "{a}");
-        assert!(a.contains("path=/r/results,mount_tag=results,security_model=none"), "{a}");
+        assert!(
+            a.contains("path=/,mount_tag=hostroot,security_model=none,readonly=on"),
+            "{a}"
+        );
+        assert!(
+            a.contains("path=/r/results,mount_tag=results,security_model=none"),
+            "{a}"
+        );
         assert!(kernel_cmdline(&cfg).ends_with("foo=1"));
         let kvm = VmConfig {
             accel: Accel::Kvm,
             ..cfg
         };
-        assert!(qemu_args(&kvm, &f).join(" ").contains("-accel kvm -cpu host"));
+        assert!(qemu_args(&kvm, &f)
+            .join(" ")
+            .contains("-accel kvm -cpu host"));
     }
 }

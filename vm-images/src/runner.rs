@@ -103,7 +103,10 @@ impl GuestOutcome {
 
     /// The guest command's exit code (shell convention), if it ran.
     pub fn exit_code(&self) -> Option<i32> {
-        self.status.as_ref().filter(|s| s.error.is_none()).map(GuestStatus::code)
+        self.status
+            .as_ref()
+            .filter(|s| s.error.is_none())
+            .map(GuestStatus::code)
     }
 }
 
@@ -120,7 +123,8 @@ pub fn run_in_guest(
 ) -> Result<GuestOutcome, Error> {
     let results = run_dir.join("results");
     let _ = std::fs::remove_dir_all(&results);
-    std::fs::create_dir_all(&results).map_err(|e| Error::io(format!("create {}", results.display()), e))?;
+    std::fs::create_dir_all(&results)
+        .map_err(|e| Error::io(format!("create {}", results.display()), e))?;
     let spec = GuestSpec {
         modules: Vec::new(),
         argv: cmd.argv.clone(),
@@ -131,14 +135,28 @@ pub fn run_in_guest(
     };
     let img = initramfs::build(init, &kernel.module_files()?, spec)?;
     let initrd = run_dir.join("initramfs.cpio");
-    std::fs::write(&initrd, img).map_err(|e| Error::io(format!("write {}", initrd.display()), e))?;
+    std::fs::write(&initrd, img)
+        .map_err(|e| Error::io(format!("write {}", initrd.display()), e))?;
     let files = VmFiles {
         vmlinuz: kernel.vmlinuz.clone(),
         initrd,
         console_log: run_dir.join("console.log"),
         results_dir: results.clone(),
     };
-    let exit = qemu::run(vm, &files, &run_dir.join("qemu.log"), tick)?;
+    let qemu_log = run_dir.join("qemu.log");
+    let mut exit = qemu::run(vm, &files, &qemu_log, tick)?;
+    if qemu::kvm_start_failure(vm, &files, &qemu_log) {
+        tracing::warn!(
+            "KVM is present but QEMU could not use it ({}); using TCG",
+            crate::tail_file(&qemu_log, 2).replace('\n', " / ")
+        );
+        qemu::Accel::mark_kvm_broken();
+        let tcg = VmConfig {
+            accel: qemu::Accel::Tcg,
+            ..vm.clone()
+        };
+        exit = qemu::run(&tcg, &files, &qemu_log, tick)?;
+    }
     let status = match std::fs::read(results.join(STATUS_FILE)) {
         Ok(b) => Some(
             serde_json::from_slice::<GuestStatus>(&b)
@@ -202,7 +220,11 @@ mod tests {
     #[test]
     fn failure_without_status_shows_console_tail() {
         let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("console.log"), "boot\nKernel panic - not syncing: VFS\n").unwrap();
+        std::fs::write(
+            d.path().join("console.log"),
+            "boot\nKernel panic - not syncing: VFS\n",
+        )
+        .unwrap();
         let o = GuestOutcome {
             status: None,
             timed_out: false,

@@ -1,1 +1,261 @@
-fn main() {}
+//! crest's developer tasks (`cargo xtask …`).
+
+mod conformance;
+mod matrix;
+mod run;
+mod support;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+use crest_vm::cache::Cache;
+
+use crate::support::{KernelChoice, VmOpts};
+
+#[derive(Debug, Parser)]
+#[command(name = "xtask", about = "crest developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the conformance suite on kernels (default: host and 6.1) and print
+    /// the requirement × kernel matrix.
+    Conformance(conformance::ConformanceArgs),
+    /// List the kernel catalog and what is cached.
+    Kernels,
+    /// Fetch kernels into the cache (default: every catalog kernel).
+    Images {
+        /// Catalog version to fetch; repeatable.
+        #[arg(long = "kernel", value_name = "V")]
+        kernels: Vec<String>,
+        /// Debian archive URL (default: $CREST_DEBIAN_MIRROR, else the system's apt sources).
+        #[arg(long)]
+        mirror: Option<String>,
+    },
+    /// Run one command in a guest of a kernel and print its output (debugging aid).
+    VmRun(VmRunArgs),
+    /// Run the criterion benchmarks (`cargo bench -p crest-bench`).
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct VmRunArgs {
+    /// Catalog version (5.10, 6.1, 6.12, 7.2) or `host`.
+    #[arg(long, default_value = "6.1", value_name = "V")]
+    kernel: String,
+    /// Your own kernel image instead of a catalog kernel.
+    #[arg(long, value_name = "PATH")]
+    kernel_image: Option<PathBuf>,
+    /// The `lib/modules/<release>` tree of --kernel-image.
+    #[arg(long, value_name = "DIR", requires = "kernel_image")]
+    modules_dir: Option<PathBuf>,
+    /// Seconds before the VM is killed.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+    /// Working directory of the command.
+    #[arg(long, default_value = "/")]
+    workdir: String,
+    /// Extra environment variable KEY=VALUE; repeatable.
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    #[command(flatten)]
+    vm: VmOpts,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+fn kernels() -> Result<i32> {
+    let cache = Cache::new(Cache::default_root()?);
+    println!("cache: {}", cache.root.join("kernels").display());
+    println!("{:<6} {:<28} {:<26} status", "kernel", "suites", "release");
+    println!(
+        "{:<6} {:<28} {:<26} native (the running kernel, {})",
+        "host",
+        "-",
+        "-",
+        host_release()
+    );
+    for st in cache.status() {
+        let suites = st.entry.suites.join(", ");
+        match (&st.manifest, &st.problem) {
+            (Some(m), _) => {
+                let pk: Vec<String> = m
+                    .packages
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "{}={} sha256:{}",
+                            p.name,
+                            p.version,
+                            &p.sha256[..16.min(p.sha256.len())]
+                        )
+                    })
+                    .collect();
+                println!(
+                    "{:<6} {:<28} {:<26} cached, {} modules; {}",
+                    st.entry.version,
+                    suites,
+                    m.release,
+                    m.modules.len(),
+                    pk.join(", ")
+                );
+            }
+            (None, Some(p)) => println!(
+                "{:<6} {:<28} {:<26} cache unusable: {p}",
+                st.entry.version, suites, "?"
+            ),
+            (None, None) => println!(
+                "{:<6} {:<28} {:<26} not cached (fetched on first use)",
+                st.entry.version, suites, "?"
+            ),
+        }
+    }
+    println!("any other kernel: --kernel-image PATH [--modules-dir DIR]");
+    Ok(0)
+}
+
+fn host_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn images(versions: Vec<String>, mirror: Option<String>) -> Result<i32> {
+    let versions = if versions.is_empty() {
+        crest_vm::catalog::available_versions()
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    } else {
+        versions
+    };
+    let cache = Cache::new(Cache::default_root()?);
+    let mut failed = 0;
+    for v in versions {
+        let start = std::time::Instant::now();
+        match cache.ensure(&v, mirror.as_deref(), &|m| eprintln!("[{v}] {m}")) {
+            Ok((k, cached)) => eprintln!(
+                "[{v}] {} {} in {:.1} s ({} modules)",
+                k.release.as_deref().unwrap_or("?"),
+                if cached { "cached" } else { "fetched" },
+                start.elapsed().as_secs_f64(),
+                k.modules.len()
+            ),
+            Err(e) => {
+                eprintln!("[{v}] error: {e}");
+                failed += 1;
+            }
+        }
+    }
+    Ok(i32::from(failed > 0))
+}
+
+fn vm_run(a: VmRunArgs) -> Result<i32> {
+    let choice = match &a.kernel_image {
+        Some(img) => KernelChoice::Custom {
+            image: img.clone(),
+            modules: a.modules_dir.clone(),
+        },
+        None => support::choose_kernels(std::slice::from_ref(&a.kernel), None, None, &[])?
+            .pop()
+            .ok_or_else(|| anyhow::anyhow!("no kernel"))?,
+    };
+    let init = if choice == KernelChoice::Host {
+        None
+    } else {
+        support::ensure_qemu()?;
+        Some(support::build_guest_init()?)
+    };
+    let mut env = Vec::new();
+    for kv in &a.env {
+        let Some((k, v)) = kv.split_once('=') else {
+            bail!("--env {kv}: expected KEY=VALUE");
+        };
+        env.push((k.to_string(), v.to_string()));
+    }
+    let label = choice.label();
+    let spec = run::RunSpec {
+        kernel: &choice,
+        argv: a.command.clone(),
+        env,
+        workdir: a.workdir.clone(),
+        run_dir: support::target_dir()
+            .join("xtask")
+            .join("vm-run")
+            .join(&label),
+        timeout: Duration::from_secs(a.timeout),
+        vm: &a.vm,
+        init: init.as_deref(),
+    };
+    let ran = run::run(&spec, &mut |_| {}, &|m| eprintln!("[{label}] {m}"))?;
+    run::print_file(&ran.stdout, false);
+    run::print_file(&ran.stderr, true);
+    if let Some(c) = &ran.console_log {
+        eprintln!("[{label}] console log: {}", c.display());
+    }
+    match (&ran.failure, ran.exit_code) {
+        (Some(f), _) => {
+            eprintln!("[{label}] FAILED after {:.1} s: {f}", ran.seconds);
+            Ok(1)
+        }
+        (None, Some(code)) => {
+            eprintln!(
+                "[{label}] exit {code} after {:.1} s (kernel {}{})",
+                ran.seconds,
+                ran.kernel_release.as_deref().unwrap_or("?"),
+                match ran.cached {
+                    Some(true) => ", cached",
+                    Some(false) => ", fetched",
+                    None => "",
+                }
+            );
+            Ok(code)
+        }
+        (None, None) => Ok(1),
+    }
+}
+
+fn bench(args: Vec<String>) -> Result<i32> {
+    let st =
+        std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .current_dir(support::workspace_root())
+            .args(["bench", "-p", "crest-bench"])
+            .args(args)
+            .status()?;
+    Ok(st.code().unwrap_or(1))
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("warn,xtask=info,crest_vm=info")
+            }),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Conformance(a) => conformance::main(a),
+        Cmd::Kernels => kernels(),
+        Cmd::Images { kernels, mirror } => images(kernels, mirror),
+        Cmd::VmRun(a) => vm_run(a),
+        Cmd::Bench { args } => bench(args),
+    };
+    match r {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}

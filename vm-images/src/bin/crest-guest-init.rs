@@ -40,7 +40,13 @@ fn cstr(s: &str) -> Result<CString, String> {
     CString::new(s).map_err(|_| format!("NUL in {s:?}"))
 }
 
-fn mount(src: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> Result<(), std::io::Error> {
+fn mount(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> Result<(), std::io::Error> {
     let (src, target, fstype, data) = (
         CString::new(src)?,
         CString::new(target)?,
@@ -67,8 +73,15 @@ fn mount(src: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str
     }
 }
 
-fn must_mount(src: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> Result<(), String> {
-    mount(src, target, fstype, flags, data).map_err(|e| format!("mount {fstype} {src} on {target}: {e}"))
+fn must_mount(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> Result<(), String> {
+    mount(src, target, fstype, flags, data)
+        .map_err(|e| format!("mount {fstype} {src} on {target}: {e}"))
 }
 
 fn load_module(m: &GuestModule) -> Result<(), String> {
@@ -81,7 +94,14 @@ fn load_module(m: &GuestModule) -> Result<(), String> {
     let params = c"";
     // SAFETY: finit_module takes an fd we own, a valid NUL-terminated string
     // and an int of flags; no memory is written.
-    let r = unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), params.as_ptr(), flags) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_finit_module,
+            f.as_raw_fd(),
+            params.as_ptr(),
+            flags,
+        )
+    };
     if r == 0 {
         return Ok(());
     }
@@ -139,7 +159,10 @@ fn bring_up_lo() -> Result<(), String> {
 }
 
 fn boottime_ms() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: ts is a valid timespec to fill.
     unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
     ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
@@ -162,7 +185,10 @@ fn setup(spec: &GuestSpec) -> Result<(), String> {
         HOSTROOT_TAG,
         "/newroot",
         ro,
-        &format!("trans=virtio,version=9p2000.L,ro,msize={},cache=loose", spec.msize),
+        &format!(
+            "trans=virtio,version=9p2000.L,ro,msize={},cache=loose",
+            spec.msize
+        ),
     )?;
     let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
     let nr = |p: &str| format!("/newroot{p}");
@@ -172,7 +198,13 @@ fn setup(spec: &GuestSpec) -> Result<(), String> {
     for d in ["/newroot/dev/pts", "/newroot/dev/shm"] {
         let _ = std::fs::create_dir_all(d);
     }
-    must_mount("devpts", &nr("/dev/pts"), "devpts", libc::MS_NOSUID | libc::MS_NOEXEC, "gid=5,mode=620,ptmxmode=666")?;
+    must_mount(
+        "devpts",
+        &nr("/dev/pts"),
+        "devpts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        "gid=5,mode=620,ptmxmode=666",
+    )?;
     must_mount("shm", &nr("/dev/shm"), "tmpfs", nosuid_nodev, "mode=1777")?;
     for (link, target) in [
         ("/newroot/dev/fd", "/proc/self/fd"),
@@ -182,7 +214,13 @@ fn setup(spec: &GuestSpec) -> Result<(), String> {
     ] {
         let _ = std::os::unix::fs::symlink(target, link);
     }
-    if let Err(e) = mount("cgroup2", &nr("/sys/fs/cgroup"), "cgroup2", nosuid_nodev | libc::MS_NOEXEC, "") {
+    if let Err(e) = mount(
+        "cgroup2",
+        &nr("/sys/fs/cgroup"),
+        "cgroup2",
+        nosuid_nodev | libc::MS_NOEXEC,
+        "",
+    ) {
         log(&format!("cgroup2 not mounted: {e}"));
     }
     must_mount("tmpfs", &nr("/tmp"), "tmpfs", nosuid_nodev, "mode=1777")?;
@@ -190,7 +228,12 @@ fn setup(spec: &GuestSpec) -> Result<(), String> {
     must_mount("tmpfs", &nr("/run"), "tmpfs", nosuid_nodev, "mode=755")?;
     let results = nr(GUEST_RESULTS_DIR);
     std::fs::create_dir_all(&results).map_err(|e| format!("mkdir {results}: {e}"))?;
-    mount_9p(RESULTS_TAG, &results, 0, &format!("trans=virtio,version=9p2000.L,msize={}", spec.msize))?;
+    mount_9p(
+        RESULTS_TAG,
+        &results,
+        0,
+        &format!("trans=virtio,version=9p2000.L,msize={}", spec.msize),
+    )?;
     // Switch root: move /newroot over / and chroot into it (pivot_root is
     // not allowed on the initramfs).
     std::env::set_current_dir("/newroot").map_err(|e| format!("chdir /newroot: {e}"))?;
@@ -223,8 +266,10 @@ fn run_command(spec: &GuestSpec) -> GuestStatus {
     let results = Path::new(GUEST_RESULTS_DIR);
     let spawn = || -> Result<u32, String> {
         let (prog, args) = spec.argv.split_first().ok_or("empty command")?;
-        let out = File::create(results.join(STDOUT_FILE)).map_err(|e| format!("create stdout file: {e}"))?;
-        let err = File::create(results.join(STDERR_FILE)).map_err(|e| format!("create stderr file: {e}"))?;
+        let out = File::create(results.join(STDOUT_FILE))
+            .map_err(|e| format!("create stdout file: {e}"))?;
+        let err = File::create(results.join(STDERR_FILE))
+            .map_err(|e| format!("create stderr file: {e}"))?;
         let child = Command::new(prog)
             .args(args)
             .env_clear()
@@ -269,8 +314,10 @@ fn write_status(st: &GuestStatus) -> Result<(), String> {
     let p = Path::new(GUEST_RESULTS_DIR).join(STATUS_FILE);
     let json = serde_json::to_vec_pretty(st).map_err(|e| e.to_string())?;
     let mut f = File::create(&p).map_err(|e| format!("create {}: {e}", p.display()))?;
-    f.write_all(&json).map_err(|e| format!("write {}: {e}", p.display()))?;
-    f.sync_all().map_err(|e| format!("sync {}: {e}", p.display()))
+    f.write_all(&json)
+        .map_err(|e| format!("write {}: {e}", p.display()))?;
+    f.sync_all()
+        .map_err(|e| format!("sync {}: {e}", p.display()))
 }
 
 fn power_off() -> ! {
@@ -306,7 +353,10 @@ fn main() {
     match (&st.error, st.exit_code, st.signal) {
         (Some(e), _, _) => log(&format!("command not run: {e}")),
         (None, Some(c), _) => log(&format!("command exited with {c} after {} ms", st.run_ms)),
-        (None, None, s) => log(&format!("command killed by signal {s:?} after {} ms", st.run_ms)),
+        (None, None, s) => log(&format!(
+            "command killed by signal {s:?} after {} ms",
+            st.run_ms
+        )),
     }
     if let Err(e) = write_status(&st) {
         log(&format!("FATAL: {e}"));

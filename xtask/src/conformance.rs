@@ -1,0 +1,458 @@
+//! `cargo xtask conformance`: the suite on several kernels, in parallel, then
+//! a requirement × kernel matrix.
+
+use std::collections::VecDeque;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use crest_conformance::report::{Report, REPORT_SCHEMA};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+use crate::matrix::{self, Baseline, KernelRun};
+use crate::run::{self, RunSpec, RESULTS, WORK};
+use crate::support::{self, KernelChoice, VmOpts};
+
+/// Runs the conformance suite on one or more kernels.
+///
+/// With no --kernel (and no --kernel-image) it runs on `host` (natively) and
+/// `6.1` (Debian bookworm's kernel in QEMU). `--kernel all` means every
+/// catalog kernel (5.10, 6.1, 6.12, 7.2) plus host.
+#[derive(Debug, clap::Args)]
+pub struct ConformanceArgs {
+    /// Kernel to run on: `host`, a catalog version (5.10, 6.1, 6.12, 7.2) or
+    /// `all`; repeatable. Default: host and 6.1.
+    #[arg(long = "kernel", value_name = "V")]
+    pub kernels: Vec<String>,
+    /// Your own kernel image (bzImage/vmlinuz), run as kernel `custom`.
+    #[arg(long, value_name = "PATH")]
+    pub kernel_image: Option<PathBuf>,
+    /// The `lib/modules/<release>` tree of --kernel-image, if 9p/virtio are modules.
+    #[arg(long, value_name = "DIR", requires = "kernel_image")]
+    pub modules_dir: Option<PathBuf>,
+    /// Only cases whose name contains PATTERN (passed to the harness).
+    #[arg(long, value_name = "PATTERN")]
+    pub filter: Option<String>,
+    /// Kernels run at the same time (default: number of cores).
+    #[arg(long, value_name = "N")]
+    pub jobs: Option<usize>,
+    /// A previous matrix.json or report.json: a case that passed there and
+    /// does not pass now is a regression (non-zero exit).
+    #[arg(long, value_name = "REPORT.json")]
+    pub baseline: Option<PathBuf>,
+    /// Output directory (default: target/conformance).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// The MPI launcher (mpirun) for the MPI section.
+    #[arg(long, value_name = "PATH")]
+    pub mpi: Option<PathBuf>,
+    /// Per-kernel timeout in seconds (boot + suite).
+    #[arg(long, value_name = "SECS", default_value_t = 1800)]
+    pub timeout: u64,
+    /// Extra arguments for the harness (libtest flags such as --test-threads=1).
+    #[arg(last = true)]
+    pub harness_args: Vec<String>,
+    #[command(flatten)]
+    pub vm: VmOpts,
+}
+
+/// Live progress of one kernel, from the harness's libtest lines.
+#[derive(Debug, Default, Clone)]
+pub struct Tally {
+    pub total: Option<u32>,
+    pub passed: u32,
+    pub failed: u32,
+    pub ignored: u32,
+    pub last: String,
+}
+
+impl Tally {
+    /// Feeds one stdout line; returns true for a finished test.
+    pub fn feed(&mut self, line: &str) -> bool {
+        if let Some(n) = line
+            .strip_prefix("running ")
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+        {
+            self.total = Some(n);
+            return false;
+        }
+        let Some(rest) = line.strip_prefix("test ") else {
+            return false;
+        };
+        let Some((name, result)) = rest.rsplit_once(" ... ") else {
+            return false;
+        };
+        let result = result.trim();
+        if result == "ok" {
+            self.passed += 1;
+        } else if result.starts_with("FAILED") {
+            self.failed += 1;
+        } else if result.starts_with("ignored") {
+            self.ignored += 1;
+        } else {
+            return false;
+        }
+        self.last = format!("{name} {result}");
+        true
+    }
+
+    pub fn summary(&self) -> String {
+        let done = self.passed + self.failed + self.ignored;
+        let total = self.total.map(|t| format!("/{t}")).unwrap_or_default();
+        format!(
+            "{done}{total} done: {} passed, {} failed, {} ignored",
+            self.passed, self.failed, self.ignored
+        )
+    }
+}
+
+/// The harness's argument list (placeholders for results and work dirs).
+fn harness_argv(bin: &Path, args: &ConformanceArgs) -> Vec<String> {
+    let s = |p: &Path| p.display().to_string();
+    let mut v = vec![
+        s(&bin.join("crest-conformance")),
+        "--crest-bin".into(),
+        s(&bin.join("crest")),
+        "--workload-dir".into(),
+        s(bin),
+        "--work-dir".into(),
+        WORK.into(),
+        "--report".into(),
+        format!("{RESULTS}/report.json"),
+        "--junit".into(),
+        format!("{RESULTS}/junit.xml"),
+    ];
+    if let Some(m) = &args.mpi {
+        v.push("--mpi".into());
+        v.push(s(m));
+    }
+    v.extend(args.harness_args.iter().cloned());
+    if let Some(f) = &args.filter {
+        v.push(f.clone());
+    }
+    v
+}
+
+/// Reads a run's report, or explains why there is none.
+fn collect(label: &str, ran: &Result<run::Ran>) -> KernelRun {
+    let mut kr = KernelRun {
+        label: label.into(),
+        report: None,
+        error: None,
+        seconds: 0.0,
+    };
+    let ran = match ran {
+        Ok(r) => r,
+        Err(e) => {
+            kr.error = Some(format!("{e:#}"));
+            return kr;
+        }
+    };
+    kr.seconds = ran.seconds;
+    let path = ran.results_dir.join("report.json");
+    let report = std::fs::read_to_string(&path)
+        .with_context(|| format!("read {}", path.display()))
+        .and_then(|t| {
+            serde_json::from_str::<Report>(&t).with_context(|| format!("parse {}", path.display()))
+        })
+        .and_then(|r| {
+            if r.schema == REPORT_SCHEMA {
+                Ok(r)
+            } else {
+                bail!(
+                    "{}: schema {:?}, expected {REPORT_SCHEMA:?}",
+                    path.display(),
+                    r.schema
+                )
+            }
+        });
+    match (report, &ran.failure) {
+        (Ok(r), None) => kr.report = Some(r),
+        (Ok(r), Some(f)) => {
+            kr.report = Some(r);
+            kr.error = Some(f.clone());
+        }
+        (Err(e), Some(f)) => kr.error = Some(format!("{f}\n({e:#})")),
+        (Err(e), None) => {
+            kr.error = Some(format!(
+                "harness exited with {:?} without a usable report: {e:#}\n--- stderr tail ---\n{}",
+                ran.exit_code,
+                crest_vm::tail_file(&ran.stderr, 20)
+            ))
+        }
+    }
+    kr
+}
+
+fn copy_artifacts(out: &Path, label: &str, ran: &run::Ran) {
+    let pairs = [
+        (
+            ran.results_dir.join("report.json"),
+            format!("report-{label}.json"),
+        ),
+        (
+            ran.results_dir.join("junit.xml"),
+            format!("junit-{label}.xml"),
+        ),
+        (ran.stdout.clone(), format!("stdout-{label}.txt")),
+        (ran.stderr.clone(), format!("stderr-{label}.txt")),
+    ];
+    for (from, to) in pairs.iter().chain(
+        ran.console_log
+            .iter()
+            .map(|c| (c.clone(), format!("console-{label}.log")))
+            .collect::<Vec<_>>()
+            .iter(),
+    ) {
+        if from.is_file() {
+            if let Err(e) = std::fs::copy(from, out.join(to)) {
+                tracing::warn!("copy {} to {}: {e}", from.display(), to);
+            }
+        }
+    }
+}
+
+pub fn main(args: ConformanceArgs) -> Result<i32> {
+    let kernels = support::choose_kernels(
+        &args.kernels,
+        args.kernel_image.as_deref(),
+        args.modules_dir.as_deref(),
+        &["host", "6.1"],
+    )?;
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| support::target_dir().join("conformance"));
+    let out = std::path::absolute(&out)?;
+    std::fs::create_dir_all(&out)?;
+    let baseline = match &args.baseline {
+        Some(p) => Some(Baseline::parse(
+            &std::fs::read_to_string(p)
+                .with_context(|| format!("read baseline {}", p.display()))?,
+        )?),
+        None => None,
+    };
+    let any_vm = kernels.iter().any(|k| *k != KernelChoice::Host);
+    let init = if any_vm {
+        support::ensure_qemu()?;
+        Some(support::build_guest_init()?)
+    } else {
+        None
+    };
+    let bin = support::build_workspace_bins()?;
+    let harness = bin.join("crest-conformance");
+    if !harness.is_file() {
+        bail!("{} was not built", harness.display());
+    }
+    if any_vm {
+        support::check_guest_visible(&bin)?;
+    }
+    let argv = harness_argv(&bin, &args);
+    let jobs = args
+        .jobs
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+        .max(1);
+    eprintln!(
+        "conformance on {} ({} at a time), output in {}",
+        kernels
+            .iter()
+            .map(|k| k.label())
+            .collect::<Vec<_>>()
+            .join(", "),
+        jobs,
+        out.display()
+    );
+
+    let tty = std::io::stderr().is_terminal();
+    let multi = MultiProgress::new();
+    let style = ProgressStyle::with_template("{spinner} [{prefix}] {elapsed:>4} {wide_msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    let queue: Arc<Mutex<VecDeque<(usize, KernelChoice)>>> =
+        Arc::new(Mutex::new(kernels.iter().cloned().enumerate().collect()));
+    let results: Arc<Mutex<Vec<Option<KernelRun>>>> =
+        Arc::new(Mutex::new(vec![None; kernels.len()]));
+    let bars: Vec<ProgressBar> = kernels
+        .iter()
+        .map(|k| {
+            let pb = multi.add(ProgressBar::new_spinner());
+            pb.set_style(style.clone());
+            pb.set_prefix(k.label());
+            pb.set_message("waiting");
+            if tty {
+                pb.enable_steady_tick(Duration::from_millis(250));
+            }
+            pb
+        })
+        .collect();
+    std::thread::scope(|s| {
+        for _ in 0..jobs.min(kernels.len()) {
+            s.spawn(|| loop {
+                let Some((i, k)) = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front()
+                else {
+                    break;
+                };
+                let label = k.label();
+                let pb = &bars[i];
+                let say = |m: &str| {
+                    pb.set_message(m.to_string());
+                    if !tty {
+                        eprintln!("[{label}] {m}");
+                    }
+                };
+                say("starting");
+                let mut tally = Tally::default();
+                let spec = RunSpec {
+                    kernel: &k,
+                    argv: argv.clone(),
+                    env: vec![
+                        ("RUST_BACKTRACE".into(), "1".into()),
+                        ("CREST_KERNEL_LABEL".into(), label.clone()),
+                    ],
+                    workdir: support::workspace_root().display().to_string(),
+                    run_dir: out.join("runs").join(&label),
+                    timeout: Duration::from_secs(args.timeout),
+                    vm: &args.vm,
+                    init: init.as_deref(),
+                };
+                let mut on_line = |l: &str| {
+                    if tally.feed(l) {
+                        pb.set_message(format!("{} | {}", tally.summary(), tally.last));
+                        if !tty && !l.ends_with(" ok") {
+                            eprintln!("[{label}] {l}");
+                        }
+                    }
+                };
+                let ran = run::run(&spec, &mut on_line, &say);
+                if let Ok(r) = &ran {
+                    copy_artifacts(&out, &label, r);
+                }
+                let kr = collect(&label, &ran);
+                let done = match (&kr.error, &kr.report) {
+                    (Some(e), _) => format!("ERROR: {}", e.lines().next().unwrap_or("")),
+                    (None, Some(_)) => format!("done in {:.0} s: {}", kr.seconds, tally.summary()),
+                    (None, None) => "no report".into(),
+                };
+                pb.finish_with_message(done.clone());
+                if !tty {
+                    eprintln!("[{label}] {done}");
+                }
+                results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(kr);
+            });
+        }
+    });
+    let runs: Vec<KernelRun> = Arc::try_unwrap(results)
+        .map_err(|_| anyhow::anyhow!("worker still holds results"))?
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .into_iter()
+        .flatten()
+        .collect();
+    for r in &runs {
+        if let Some(e) = &r.error {
+            eprintln!("\n[{}] run failed:\n{e}", r.label);
+        }
+    }
+    let mut m = matrix::build(&runs);
+    if let Some(b) = &baseline {
+        matrix::compare(&mut m, b);
+    }
+    std::fs::write(out.join("matrix.json"), serde_json::to_string_pretty(&m)?)?;
+    std::fs::write(out.join("matrix.md"), m.markdown())?;
+    println!("\n{}", m.terminal());
+    for k in &m.kernels {
+        println!(
+            "{:>8}: {} passed, {} failed, {} ignored ({:.0} s){}",
+            k.label,
+            k.totals.passed,
+            k.totals.failed,
+            k.totals.ignored,
+            k.seconds,
+            if k.error.is_some() { "  ERROR" } else { "" }
+        );
+    }
+    let gate = m.gate_failures();
+    println!("\nmatrix: {}", out.join("matrix.md").display());
+    if gate.is_empty() {
+        println!("gate: passed");
+        Ok(0)
+    } else {
+        println!("gate: FAILED");
+        for g in &gate {
+            println!("  - {g}");
+        }
+        Ok(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tally_reads_libtest_lines() {
+        let mut t = Tally::default();
+        assert!(!t.feed("running 4 tests"));
+        assert!(t.feed("test PIPE-CONTENTS::small ... ok"));
+        assert!(t.feed("test PIPE-CONTENTS::full ... FAILED"));
+        assert!(t.feed("test SOCK-TCP::est ... ignored, not supported yet"));
+        assert!(!t.feed("test result: FAILED. 1 passed; 1 failed"));
+        assert!(!t.feed("random"));
+        assert_eq!((t.total, t.passed, t.failed, t.ignored), (Some(4), 1, 1, 1));
+        assert_eq!(t.summary(), "3/4 done: 1 passed, 1 failed, 1 ignored");
+    }
+
+    #[test]
+    fn harness_arguments() {
+        let args = ConformanceArgs {
+            kernels: vec![],
+            kernel_image: None,
+            modules_dir: None,
+            filter: Some("PIPE".into()),
+            jobs: None,
+            baseline: None,
+            out: None,
+            mpi: Some("/usr/bin/mpirun".into()),
+            timeout: 1,
+            harness_args: vec!["--test-threads=1".into()],
+            vm: VmOpts {
+                memory: 1,
+                cpus: 1,
+                mirror: None,
+                no_kvm: true,
+            },
+        };
+        let v = harness_argv(Path::new("/w/target/debug"), &args).join(" ");
+        assert_eq!(
+            v,
+            "/w/target/debug/crest-conformance --crest-bin /w/target/debug/crest --workload-dir /w/target/debug \
+             --work-dir {work} --report {results}/report.json --junit {results}/junit.xml \
+             --mpi /usr/bin/mpirun --test-threads=1 PIPE"
+        );
+    }
+
+    #[test]
+    fn collect_without_report_is_an_error() {
+        let d = tempfile::tempdir().unwrap();
+        let ran = run::Ran {
+            exit_code: None,
+            failure: Some("the guest wrote no status\n--- console ---\nKernel panic".into()),
+            stdout: d.path().join("stdout.txt"),
+            stderr: d.path().join("stderr.txt"),
+            results_dir: d.path().to_path_buf(),
+            console_log: None,
+            kernel_release: None,
+            cached: Some(true),
+            seconds: 4.0,
+        };
+        let kr = collect("6.1", &Ok(ran));
+        assert!(kr.report.is_none());
+        assert!(kr.error.unwrap().contains("Kernel panic"));
+    }
+}
