@@ -154,3 +154,41 @@ fn wl_fd() {
         ],
     );
 }
+
+#[test]
+fn wl_sock() {
+    run_all(
+        env!("CARGO_BIN_EXE_wl-sock"),
+        &[
+            &["pair", "stream"],
+            &["pair", "dgram"],
+            &["pair", "seqpacket"],
+            &["listen", "path"],
+            &["listen", "abstract"],
+            &["tcp-listen"],
+            &["tcp-established"],
+            &["udp"],
+        ],
+    );
+}
+
+#[test]
+fn wl_mem() {
+    run_all(
+        env!("CARGO_BIN_EXE_wl-mem"),
+        &[
+            &["anon", "16"],
+            &["sparse", "64"],
+            &["file-private"],
+            &["file-shared"],
+            &["shared-anon"],
+            &["shared-anon-fork"],
+            &["prot"],
+            &["brk"],
+            &["vdso"],
+            &["memfd"],
+            &["posix-shm"],
+            &["sysv-shm"],
+        ],
+    );
+}

@@ -1,0 +1,509 @@
+//! Address-space state.
+//!
+//! `wl-mem --ctl DIR MODE [ARGS]`, MODE one of: anon MIB, sparse GIB,
+//! file-private, file-shared, shared-anon, shared-anon-fork, prot, brk, vdso,
+//! memfd, posix-shm, sysv-shm.
+
+use crest_workloads::support::{
+    fork_child, mode, num_arg, pattern, pattern_diff, setup_failed, sys, wait_ok, write_all,
+};
+use crest_workloads::{fill_pattern, first_pattern_mismatch, Checks, Ctl};
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::ptr;
+
+const SEED: u64 = 0x3e3;
+const PAGE: usize = 4096;
+
+fn mmap(len: usize, prot: i32, flags: i32, fd: i32) -> *mut u8 {
+    // SAFETY: a fresh mapping at an address of the kernel's choice.
+    let p = unsafe { libc::mmap(ptr::null_mut(), len, prot, flags, fd, 0) };
+    if p == libc::MAP_FAILED {
+        setup_failed("mmap");
+    }
+    p.cast()
+}
+
+/// A mapping as a slice.
+///
+/// # Safety
+/// `p` must be a live readable mapping of at least `len` bytes.
+unsafe fn slice<'a>(p: *mut u8, len: usize) -> &'a mut [u8] {
+    // SAFETY: guaranteed by the caller.
+    unsafe { std::slice::from_raw_parts_mut(p, len) }
+}
+
+const RW: i32 = libc::PROT_READ | libc::PROT_WRITE;
+
+fn main() {
+    let (ctl, args) = Ctl::from_args();
+    let (mode, args) = mode(&args);
+    let mut c = Checks::new();
+    match mode.as_str() {
+        "anon" => {
+            let mib: usize = num_arg(&args, 0, "MiB");
+            let mut heap = vec![0u8; mib << 20];
+            fill_pattern(&mut heap, SEED);
+            let m = mmap(1 << 20, RW, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1);
+            // SAFETY: m is a fresh 1 MiB RW mapping.
+            fill_pattern(unsafe { slice(m, 1 << 20) }, SEED + 1);
+            let mut stack = [0u8; 8192];
+            fill_pattern(&mut stack, SEED + 2);
+            ctl.ready();
+            ctl.wait_for_go();
+            let stack = std::hint::black_box(stack);
+            c.eq(
+                "heap pattern mismatch at",
+                first_pattern_mismatch(&heap, SEED),
+                None,
+            );
+            // SAFETY: as above.
+            c.eq(
+                "mmap pattern mismatch at",
+                first_pattern_mismatch(unsafe { slice(m, 1 << 20) }, SEED + 1),
+                None,
+            );
+            c.eq(
+                "stack pattern mismatch at",
+                first_pattern_mismatch(&stack, SEED + 2),
+                None,
+            );
+        }
+        "sparse" => {
+            let gib: usize = num_arg(&args, 0, "GiB");
+            let len = gib << 30;
+            let m = mmap(
+                len,
+                RW,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+            );
+            let touched: Vec<usize> = (0..16).map(|i| (len / 16) * i + PAGE * i).collect();
+            for &off in &touched {
+                // SAFETY: off + PAGE is inside the mapping.
+                fill_pattern(unsafe { slice(m.add(off), PAGE) }, off as u64);
+            }
+            ctl.ready();
+            ctl.wait_for_go();
+            for &off in &touched {
+                // SAFETY: as above.
+                let s = unsafe { slice(m.add(off), PAGE) };
+                c.check(first_pattern_mismatch(s, off as u64).is_none(), || {
+                    format!("touched page at +{off:#x} differs")
+                });
+                // SAFETY: the page after a touched one is inside the mapping, never touched.
+                let z = unsafe { slice(m.add(off + PAGE), PAGE) };
+                c.check(z.iter().all(|&b| b == 0), || {
+                    format!("untouched page at +{:#x} is not zero", off + PAGE)
+                });
+            }
+        }
+        "file-private" | "file-shared" => file_map(&ctl, &mut c, mode == "file-shared"),
+        "shared-anon" => {
+            let len = 1 << 20;
+            let a = mmap(len, RW, libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1);
+            // SAFETY: a is a fresh RW mapping of len bytes.
+            fill_pattern(unsafe { slice(a, len) }, SEED);
+            // mremap with old size 0 maps the same shared object a second time.
+            // SAFETY: a is a shared mapping; the result is checked.
+            let b = unsafe { libc::mremap(a.cast(), 0, len, libc::MREMAP_MAYMOVE) };
+            if b == libc::MAP_FAILED {
+                setup_failed("mremap");
+            }
+            let b: *mut u8 = b.cast();
+            ctl.ready();
+            ctl.wait_for_go();
+            // SAFETY: both are live mappings of len bytes.
+            let (sa, sb) = unsafe { (slice(a, len), slice(b, len)) };
+            c.eq(
+                "first mapping mismatch at",
+                first_pattern_mismatch(sa, SEED),
+                None,
+            );
+            c.eq(
+                "second mapping mismatch at",
+                first_pattern_mismatch(sb, SEED),
+                None,
+            );
+            sa[100] ^= 0xff;
+            c.check(sb[100] == sa[100], || {
+                "a write through one mapping is not seen through the other: no longer shared".into()
+            });
+        }
+        "shared-anon-fork" => {
+            let len = 1 << 20;
+            let m = mmap(len, RW, libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1);
+            // SAFETY: m is a fresh RW mapping of len bytes.
+            let s = unsafe { slice(m, len) };
+            fill_pattern(&mut s[PAGE..], SEED);
+            s[0] = 0;
+            s[1] = 0;
+            let child = fork_child(|| {
+                ctl.wait_for_go();
+                // SAFETY: m stays mapped in the child; volatile because the parent writes it.
+                let ok = wait_byte(unsafe { m.add(0) }, 1);
+                if ok {
+                    // SAFETY: as above.
+                    unsafe { ptr::write_volatile(m.add(1), 2) };
+                }
+                i32::from(!ok)
+            });
+            ctl.ready();
+            ctl.wait_for_go();
+            // SAFETY: m is mapped.
+            unsafe { ptr::write_volatile(m, 1) };
+            c.check(wait_byte(m.wrapping_add(1), 2), || {
+                "the child never saw the parent's write: the region is no longer shared".into()
+            });
+            if let Err(e) = wait_ok(child, "child") {
+                c.fail(e);
+            }
+            c.eq(
+                "pattern mismatch at",
+                first_pattern_mismatch(&s[PAGE..], SEED),
+                None,
+            );
+        }
+        "prot" => prot(&ctl, &mut c),
+        "brk" => brk(&ctl, &mut c),
+        "vdso" => {
+            // SAFETY: getauxval has no preconditions.
+            let vdso = unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) } as usize;
+            ctl.ready();
+            ctl.wait_for_go();
+            let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+            let start = maps
+                .lines()
+                .find(|l| l.ends_with("[vdso]"))
+                .and_then(|l| usize::from_str_radix(l.split('-').next()?, 16).ok());
+            c.eq("[vdso] start", start, Some(vdso));
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: ts is a valid out pointer; glibc calls into the vDSO.
+            let r = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+            c.check(r == 0 && ts.tv_sec > 0, || {
+                "clock_gettime through the vDSO failed".into()
+            });
+            let mut tv = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 0,
+            };
+            // SAFETY: tv is a valid out pointer.
+            let r = unsafe { libc::gettimeofday(&mut tv, ptr::null_mut()) };
+            c.check(r == 0 && tv.tv_sec > 1_600_000_000, || {
+                "gettimeofday through the vDSO failed".into()
+            });
+        }
+        "memfd" => memfd(&ctl, &mut c),
+        "posix-shm" => {
+            let name =
+                CString::new(format!("/crest-wl-{}", std::process::id())).unwrap_or_default();
+            let len = 64 * 1024;
+            // SAFETY: name is NUL-terminated.
+            let fd = sys(
+                unsafe { libc::shm_open(name.as_ptr(), libc::O_CREAT | libc::O_RDWR, 0o600) },
+                "shm_open",
+            );
+            // SAFETY: plain values.
+            sys(unsafe { libc::ftruncate(fd, len as i64) }, "ftruncate");
+            let m = mmap(len, RW, libc::MAP_SHARED, fd);
+            // SAFETY: m is a RW mapping of len bytes.
+            fill_pattern(unsafe { slice(m, len) }, SEED);
+            ctl.ready();
+            ctl.wait_for_go();
+            // SAFETY: as above.
+            let s = unsafe { slice(m, len) };
+            c.eq("mapping mismatch at", first_pattern_mismatch(s, SEED), None);
+            let mut b = vec![0u8; len];
+            // SAFETY: b is valid for len bytes.
+            unsafe { libc::pread(fd, b.as_mut_ptr().cast(), len, 0) };
+            c.eq(
+                "contents read through the fd mismatch at",
+                first_pattern_mismatch(&b, SEED),
+                None,
+            );
+            c.check(
+                std::path::Path::new(&format!("/dev/shm{}", name.to_string_lossy())).exists(),
+                || "the shm object is gone".into(),
+            );
+            // SAFETY: name is NUL-terminated.
+            unsafe { libc::shm_unlink(name.as_ptr()) };
+        }
+        "sysv-shm" => {
+            let len = 64 * 1024;
+            // SAFETY: plain values.
+            let id = sys(
+                unsafe { libc::shmget(libc::IPC_PRIVATE, len, libc::IPC_CREAT | 0o600) },
+                "shmget",
+            );
+            // SAFETY: id is a fresh segment.
+            let p = unsafe { libc::shmat(id, ptr::null(), 0) };
+            if p as isize == -1 {
+                setup_failed("shmat");
+            }
+            let p: *mut u8 = p.cast();
+            // SAFETY: p is an attached RW segment of len bytes.
+            fill_pattern(unsafe { slice(p, len) }, SEED);
+            ctl.ready();
+            ctl.wait_for_go();
+            // SAFETY: as above.
+            c.eq(
+                "segment mismatch at",
+                first_pattern_mismatch(unsafe { slice(p, len) }, SEED),
+                None,
+            );
+            // SAFETY: ds is a valid out pointer.
+            let mut ds: libc::shmid_ds = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
+            let r = unsafe { libc::shmctl(id, libc::IPC_STAT, &mut ds) };
+            c.check(r == 0, || {
+                format!(
+                    "shmctl(IPC_STAT) on segment {id}: {}",
+                    std::io::Error::last_os_error()
+                )
+            });
+            c.eq("attach count", ds.shm_nattch, 1);
+            c.eq("segment size", ds.shm_segsz, len);
+            // SAFETY: removing our own segment.
+            unsafe { libc::shmctl(id, libc::IPC_RMID, ptr::null_mut()) };
+        }
+        other => {
+            eprintln!("wl-mem: unknown mode {other:?}");
+            std::process::exit(2);
+        }
+    }
+    ctl.finish(&c.into_differences());
+}
+
+fn wait_byte(p: *mut u8, want: u8) -> bool {
+    let t0 = std::time::Instant::now();
+    // SAFETY: callers pass a live shared mapping.
+    while unsafe { ptr::read_volatile(p) } != want {
+        if t0.elapsed() > std::time::Duration::from_secs(5) {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    true
+}
+
+fn file_map(ctl: &Ctl, c: &mut Checks, shared: bool) {
+    let len = 16 * PAGE;
+    let path = ctl.path("mapped");
+    std::fs::write(&path, pattern(len, SEED)).unwrap_or_else(|_| setup_failed("write"));
+    let cp = CString::new(path.as_os_str().as_bytes()).unwrap_or_default();
+    // SAFETY: cp is NUL-terminated.
+    let fd = sys(unsafe { libc::open(cp.as_ptr(), libc::O_RDWR) }, "open");
+    let flags = if shared {
+        libc::MAP_SHARED
+    } else {
+        libc::MAP_PRIVATE
+    };
+    let m = mmap(len, RW, flags, fd);
+    // SAFETY: m is a RW mapping of len bytes.
+    let s = unsafe { slice(m, len) };
+    // Modify pages 3 and 7 (COW copies for a private mapping).
+    for pg in [3, 7] {
+        s[pg * PAGE..(pg + 1) * PAGE].fill(0xaa);
+    }
+    // SAFETY: plain values.
+    unsafe { libc::close(fd) };
+    ctl.ready();
+    ctl.wait_for_go();
+    let mut want = pattern(len, SEED);
+    for pg in [3, 7] {
+        want[pg * PAGE..(pg + 1) * PAGE].fill(0xaa);
+    }
+    c.check(s == want.as_slice(), || {
+        let i = s.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
+        format!("mapping differs at byte {i} (page {})", i / PAGE)
+    });
+    let file = std::fs::read(&path).unwrap_or_default();
+    if shared {
+        c.check(file == want, || {
+            "the file does not hold the writes made through the shared mapping".into()
+        });
+        s[5 * PAGE] = 0x55;
+        // SAFETY: m is a mapping of len bytes.
+        unsafe { libc::msync(m.cast(), len, libc::MS_SYNC) };
+        let file = std::fs::read(&path).unwrap_or_default();
+        c.eq(
+            "file byte written through the mapping after restore",
+            file.get(5 * PAGE).copied(),
+            Some(0x55),
+        );
+    } else {
+        if let Some(d) = pattern_diff("the file under a private mapping", &file, len, SEED) {
+            c.fail(d);
+        }
+    }
+}
+
+fn perms_at(addr: usize) -> Option<String> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines().find_map(|l| {
+        let (range, rest) = l.split_once(' ')?;
+        let (a, b) = range.split_once('-')?;
+        let (a, b) = (
+            usize::from_str_radix(a, 16).ok()?,
+            usize::from_str_radix(b, 16).ok()?,
+        );
+        (a <= addr && addr < b).then(|| rest[..4].to_string())
+    })
+}
+
+fn prot(ctl: &Ctl, c: &mut Checks) {
+    let m = mmap(4 * PAGE, RW, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1);
+    // SAFETY: m is a RW mapping of 4 pages.
+    let s = unsafe { slice(m, 4 * PAGE) };
+    fill_pattern(s, SEED);
+    let want = s.to_vec();
+    // SAFETY: changing protections of our own pages.
+    unsafe {
+        sys(
+            libc::mprotect(m.cast(), PAGE, libc::PROT_NONE),
+            "mprotect none",
+        );
+        sys(
+            libc::mprotect(m.add(PAGE).cast(), PAGE, libc::PROT_READ),
+            "mprotect ro",
+        );
+        sys(
+            libc::mprotect(m.add(3 * PAGE).cast(), PAGE, libc::PROT_NONE),
+            "mprotect guard",
+        );
+    }
+    ctl.ready();
+    ctl.wait_for_go();
+    let base = m as usize;
+    let got: Vec<Option<String>> = (0..4).map(|i| perms_at(base + i * PAGE)).collect();
+    let expect: Vec<Option<String>> = ["---p", "r--p", "rw-p", "---p"]
+        .iter()
+        .map(|s| Some(s.to_string()))
+        .collect();
+    c.eq("page permissions", got, expect);
+    // SAFETY: pages 1 and 2 are readable.
+    let readable = unsafe { slice(m.add(PAGE), 2 * PAGE) };
+    c.check(readable == &want[PAGE..3 * PAGE], || {
+        "contents of the read-only or RW page differ".into()
+    });
+    // Reading the PROT_NONE pages' contents needs permission back.
+    // SAFETY: our own pages.
+    unsafe { libc::mprotect(m.cast(), 4 * PAGE, libc::PROT_READ) };
+    // SAFETY: now readable.
+    c.check(unsafe { slice(m, 4 * PAGE) } == want.as_slice(), || {
+        "contents of the PROT_NONE pages differ".into()
+    });
+}
+
+fn stat_fields() -> Vec<String> {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest: Vec<String> = s[s.rfind(')').map(|i| i + 2).unwrap_or(0)..]
+        .split_whitespace()
+        .map(String::from)
+        .collect();
+    // Fields 26-28 (start_code, end_code, start_stack) and 45-51 (data, brk,
+    // arg, env ranges); rest[0] is field 3.
+    [25, 26, 27, 44, 45, 46, 47, 48, 49, 50]
+        .iter()
+        .map(|&f| rest.get(f - 3).cloned().unwrap_or_default())
+        .collect()
+}
+
+fn brk(ctl: &Ctl, c: &mut Checks) {
+    // SAFETY: sbrk grows the heap; nothing else in this process uses brk
+    // concurrently (single-threaded, and glibc's malloc tolerates a moved break).
+    let (start, grown) = unsafe {
+        let start = libc::sbrk(0) as usize;
+        if libc::sbrk(1 << 20) as isize == -1 {
+            setup_failed("sbrk");
+        }
+        (start, libc::sbrk(0) as usize)
+    };
+    // SAFETY: [start, grown) is the heap we just grew.
+    fill_pattern(unsafe { slice(start as *mut u8, grown - start) }, SEED);
+    let auxv = std::fs::read("/proc/self/auxv").unwrap_or_default();
+    let cmdline = std::fs::read("/proc/self/cmdline").unwrap_or_default();
+    let environ = std::fs::read("/proc/self/environ").unwrap_or_default();
+    let exe = std::fs::read_link("/proc/self/exe").ok();
+    let fields = stat_fields();
+    ctl.ready();
+    ctl.wait_for_go();
+    // SAFETY: sbrk(0) only reads the break.
+    c.eq("program break", unsafe { libc::sbrk(0) } as usize, grown);
+    // SAFETY: as above.
+    c.eq(
+        "brk heap mismatch at",
+        first_pattern_mismatch(unsafe { slice(start as *mut u8, grown - start) }, SEED),
+        None,
+    );
+    c.check(
+        std::fs::read("/proc/self/auxv").unwrap_or_default() == auxv,
+        || "auxv differs".into(),
+    );
+    c.check(
+        std::fs::read("/proc/self/cmdline").unwrap_or_default() == cmdline,
+        || "cmdline (arg range) differs".into(),
+    );
+    c.check(
+        std::fs::read("/proc/self/environ").unwrap_or_default() == environ,
+        || "environ (env range) differs".into(),
+    );
+    c.eq("exe link", std::fs::read_link("/proc/self/exe").ok(), exe);
+    c.eq(
+        "mm fields of /proc/self/stat (code, stack, data, brk, arg, env)",
+        stat_fields(),
+        fields,
+    );
+}
+
+fn memfd(ctl: &Ctl, c: &mut Checks) {
+    let len = 100 * 1024;
+    let name = CString::new("crest-wl").unwrap_or_default();
+    // SAFETY: name is NUL-terminated.
+    let fd = sys(
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_ALLOW_SEALING) },
+        "memfd_create",
+    );
+    write_all(fd, &pattern(len, SEED));
+    let m = mmap(len, RW, libc::MAP_SHARED, fd);
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+    // SAFETY: plain values.
+    sys(
+        unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) },
+        "F_ADD_SEALS",
+    );
+    ctl.ready();
+    ctl.wait_for_go();
+    // SAFETY: plain values.
+    c.eq(
+        "seals",
+        unsafe { libc::fcntl(fd, libc::F_GET_SEALS) },
+        seals,
+    );
+    // SAFETY: m is a RW mapping of len bytes.
+    let s = unsafe { slice(m, len) };
+    c.eq("mapping mismatch at", first_pattern_mismatch(s, SEED), None);
+    s[10] = !s[10];
+    let mut b = [0u8; 1];
+    // SAFETY: b is valid for 1 byte.
+    unsafe { libc::pread(fd, b.as_mut_ptr().cast(), 1, 10) };
+    c.eq(
+        "a write through the mapping, read through the fd",
+        b[0],
+        s[10],
+    );
+    let link = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .ok()
+        .map(|l| l.to_string_lossy().to_string());
+    c.eq(
+        "memfd name",
+        link.as_deref(),
+        Some("/memfd:crest-wl (deleted)"),
+    );
+    // SAFETY: plain values; a sealed memfd must refuse to grow.
+    let grew = unsafe { libc::ftruncate(fd, (2 * len) as i64) } == 0;
+    c.check(!grew, || "the memfd grew despite F_SEAL_GROW".into());
+}

@@ -1,0 +1,269 @@
+//! Sockets: unix socketpairs with queued data, listening unix sockets, TCP over
+//! 127.0.0.1 (listening and established with queued data), UDP.
+//!
+//! `wl-sock --ctl DIR MODE [KIND]`, MODE one of: pair stream|dgram|seqpacket,
+//! listen path|abstract, tcp-listen, tcp-established, udp.
+
+use crest_workloads::support::{mode, pattern, pattern_diff, read_available, sys, write_all};
+use crest_workloads::{Checks, Ctl};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::Duration;
+
+const SEED: u64 = 0x50c;
+
+fn main() {
+    let (ctl, args) = Ctl::from_args();
+    let (mode, args) = mode(&args);
+    let kind = args.first().cloned().unwrap_or_default();
+    let mut c = Checks::new();
+    match mode.as_str() {
+        "pair" => pair(&ctl, &mut c, &kind),
+        "listen" => listen(&ctl, &mut c, &kind),
+        "tcp-listen" => {
+            let l =
+                TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| fail(&format!("bind: {e}")));
+            let addr = l.local_addr().unwrap_or_else(|e| fail(&format!("{e}")));
+            ctl.ready();
+            ctl.wait_for_go();
+            c.eq("listening address", l.local_addr().ok(), Some(addr));
+            match connect_and_accept(&l, addr) {
+                Ok(()) => {}
+                Err(e) => c.fail(format!("a new connection to {addr}: {e}")),
+            }
+        }
+        "tcp-established" => tcp_established(&ctl, &mut c),
+        "udp" => {
+            let a = UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| fail(&format!("bind: {e}")));
+            let b = UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| fail(&format!("bind: {e}")));
+            let (aa, ba) = (a.local_addr().ok(), b.local_addr().ok());
+            b.send_to(b"queued datagram", aa.unwrap_or_else(|| fail("no address")))
+                .unwrap_or_else(|e| fail(&format!("send_to: {e}")));
+            ctl.ready();
+            ctl.wait_for_go();
+            c.eq("a's address", a.local_addr().ok(), aa);
+            c.eq("b's address", b.local_addr().ok(), ba);
+            let _ = a.set_read_timeout(Some(Duration::from_millis(500)));
+            let mut buf = [0u8; 64];
+            match a.recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    c.eq("queued datagram", &buf[..n], b"queued datagram".as_slice());
+                    c.eq("its sender", Some(from), ba);
+                }
+                Err(e) => c.fail(format!("the queued datagram is gone: {e}")),
+            }
+            let ok = b
+                .send_to(b"new", aa.unwrap_or_else(|| fail("no address")))
+                .is_ok()
+                && a.recv_from(&mut buf).is_ok();
+            c.check(ok, || "a datagram sent after restore did not arrive".into());
+        }
+        other => {
+            eprintln!("wl-sock: unknown mode {other:?}");
+            std::process::exit(2);
+        }
+    }
+    ctl.finish(&c.into_differences());
+}
+
+fn fail(what: &str) -> ! {
+    eprintln!("setup failed: {what}");
+    std::process::exit(2);
+}
+
+fn connect_and_accept(l: &TcpListener, addr: SocketAddr) -> std::io::Result<()> {
+    let mut cl = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    let (mut sv, _) = l.accept()?;
+    cl.write_all(b"ping")?;
+    let mut b = [0u8; 4];
+    sv.set_read_timeout(Some(Duration::from_secs(2)))?;
+    sv.read_exact(&mut b)?;
+    if &b != b"ping" {
+        return Err(std::io::Error::other("wrong bytes"));
+    }
+    Ok(())
+}
+
+fn sock_type(fd: RawFd) -> i32 {
+    let mut t: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: t and len are valid out pointers of the right size.
+    unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut t as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    t
+}
+
+/// Receives whole messages until EAGAIN.
+fn recv_messages(fd: RawFd) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        // SAFETY: buf is valid for its length.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n < 0 {
+            break;
+        }
+        out.push(buf[..n as usize].to_vec());
+        if n == 0 {
+            break;
+        }
+    }
+    out
+}
+
+fn pair(ctl: &Ctl, c: &mut Checks, kind: &str) {
+    let ty = match kind {
+        "stream" => libc::SOCK_STREAM,
+        "dgram" => libc::SOCK_DGRAM,
+        "seqpacket" => libc::SOCK_SEQPACKET,
+        _ => fail("pair needs stream, dgram or seqpacket"),
+    };
+    let mut sv = [0; 2];
+    // SAFETY: sv is valid for two ints.
+    sys(
+        unsafe { libc::socketpair(libc::AF_UNIX, ty, 0, sv.as_mut_ptr()) },
+        "socketpair",
+    );
+    let (a, b) = (sv[0], sv[1]);
+    let big = pattern(3000, SEED);
+    for m in [b"first".as_slice(), b"second message", &big] {
+        write_all(a, m);
+    }
+    write_all(b, b"reply");
+    ctl.ready();
+    ctl.wait_for_go();
+    c.eq("socket type", (sock_type(a), sock_type(b)), (ty, ty));
+    if ty == libc::SOCK_STREAM {
+        let (got, _) = read_available(b);
+        let mut want = b"firstsecond message".to_vec();
+        want.extend_from_slice(&big);
+        c.check(got == want, || {
+            format!(
+                "stream a→b: {} bytes queued, expected {} with the pattern",
+                got.len(),
+                want.len()
+            )
+        });
+        let (back, _) = read_available(a);
+        c.eq("stream b→a", back, b"reply".to_vec());
+    } else {
+        let got = recv_messages(b);
+        let lens: Vec<usize> = got.iter().map(Vec::len).collect();
+        c.eq(
+            "message lengths a→b (boundaries kept)",
+            lens,
+            vec![5, 14, 3000],
+        );
+        if let Some(d) = got
+            .get(2)
+            .and_then(|m| pattern_diff("third message", m, 3000, SEED))
+        {
+            c.fail(d);
+        }
+        c.eq("messages b→a", recv_messages(a), vec![b"reply".to_vec()]);
+    }
+    write_all(a, b"more");
+    let (more, _) = read_available(b);
+    c.eq("data sent after restore", more, b"more".to_vec());
+}
+
+fn listen(ctl: &Ctl, c: &mut Checks, kind: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    let addr = match kind {
+        "path" => std::os::unix::net::SocketAddr::from_pathname(ctl.path("listen.sock")),
+        "abstract" => std::os::unix::net::SocketAddr::from_abstract_name(format!(
+            "crest-wl-{}",
+            std::process::id()
+        )),
+        _ => fail("listen needs path or abstract"),
+    }
+    .unwrap_or_else(|e| fail(&format!("address: {e}")));
+    let l = UnixListener::bind_addr(&addr).unwrap_or_else(|e| fail(&format!("bind: {e}")));
+    ctl.ready();
+    ctl.wait_for_go();
+    let now = l.local_addr().ok();
+    let same = match (kind, &now) {
+        ("path", Some(a)) => a.as_pathname() == addr.as_pathname(),
+        (_, Some(a)) => a.as_abstract_name() == addr.as_abstract_name(),
+        _ => false,
+    };
+    c.check(same, || {
+        format!("listening address {now:?}, expected {addr:?}")
+    });
+    let r = UnixStream::connect_addr(&addr).and_then(|mut cl| {
+        let (mut sv, _) = l.accept()?;
+        cl.write_all(b"ping")?;
+        let mut b = [0u8; 4];
+        sv.read_exact(&mut b)?;
+        Ok(b)
+    });
+    match r {
+        Ok(b) => c.eq("bytes over a new connection", &b, b"ping"),
+        Err(e) => c.fail(format!("a new connection to the listener: {e}")),
+    }
+    let _ = l.as_raw_fd();
+}
+
+fn tcp_established(ctl: &Ctl, c: &mut Checks) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| fail(&format!("bind: {e}")));
+    let addr = l.local_addr().unwrap_or_else(|e| fail(&format!("{e}")));
+    let mut cl = TcpStream::connect(addr).unwrap_or_else(|e| fail(&format!("connect: {e}")));
+    let (mut sv, _) = l.accept().unwrap_or_else(|e| fail(&format!("accept: {e}")));
+    let up = pattern(100_000, SEED);
+    let down = pattern(5000, SEED + 1);
+    cl.write_all(&up)
+        .unwrap_or_else(|e| fail(&format!("write: {e}")));
+    sv.write_all(&down)
+        .unwrap_or_else(|e| fail(&format!("write: {e}")));
+    let ends = (
+        cl.local_addr().ok(),
+        cl.peer_addr().ok(),
+        sv.local_addr().ok(),
+        sv.peer_addr().ok(),
+    );
+    // Let the data reach the receive queues before the dump.
+    std::thread::sleep(Duration::from_millis(100));
+    ctl.ready();
+    ctl.wait_for_go();
+    c.eq(
+        "connection addresses",
+        (
+            cl.local_addr().ok(),
+            cl.peer_addr().ok(),
+            sv.local_addr().ok(),
+            sv.peer_addr().ok(),
+        ),
+        ends,
+    );
+    for (s, want, what) in [
+        (&mut sv, &up, "client→server"),
+        (&mut cl, &down, "server→client"),
+    ] {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut got = vec![0u8; want.len()];
+        match s.read_exact(&mut got) {
+            Ok(()) => c.check(&got == want, || format!("{what}: queued data differs")),
+            Err(e) => c.fail(format!(
+                "{what}: reading the queued {} bytes: {e}",
+                want.len()
+            )),
+        }
+    }
+    let ok = cl.write_all(b"after").is_ok() && {
+        let mut b = [0u8; 5];
+        sv.read_exact(&mut b).is_ok() && &b == b"after"
+    };
+    c.check(ok, || "bytes sent after restore did not arrive".into());
+    c.check(connect_and_accept(&l, addr).is_ok(), || {
+        "the listener no longer accepts".into()
+    });
+}
