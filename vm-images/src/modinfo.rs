@@ -245,6 +245,9 @@ pub fn config_y_symbols(config: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// Dependencies of a module, or `None` when it is built in.
+pub type DepsOf<'a> = dyn FnMut(&str) -> Result<Option<Vec<String>>, Error> + 'a;
+
 /// Depth-first post-order over `deps_of` (which returns `None` for a module
 /// that is built in). Dependencies come before their users; each module once.
 pub fn load_order(
@@ -256,7 +259,7 @@ pub fn load_order(
     let mut visiting = BTreeSet::new();
     fn visit(
         name: &str,
-        deps_of: &mut dyn FnMut(&str) -> Result<Option<Vec<String>>, Error>,
+        deps_of: &mut DepsOf<'_>,
         order: &mut Vec<String>,
         done: &mut BTreeSet<String>,
         visiting: &mut BTreeSet<String>,
