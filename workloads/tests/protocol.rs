@@ -192,3 +192,31 @@ fn wl_mem() {
         ],
     );
 }
+
+#[test]
+fn wl_thread() {
+    run_all(
+        env!("CARGO_BIN_EXE_wl-thread"),
+        &[
+            &["multi", "4"],
+            &["fpu"],
+            &["sigmask"],
+            &["futex"],
+            &["syscall"],
+            &["robust"],
+            &["rseq"],
+        ],
+    );
+}
+
+#[test]
+fn wl_sig_and_wl_time() {
+    run_all(
+        env!("CARGO_BIN_EXE_wl-sig"),
+        &[&["handlers"], &["pending"], &["altstack"]],
+    );
+    run_all(
+        env!("CARGO_BIN_EXE_wl-time"),
+        &[&["itimer"], &["posix-timer"], &["timerfd"]],
+    );
+}
