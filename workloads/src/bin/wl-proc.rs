@@ -346,6 +346,7 @@ fn orphan(ctl: &Ctl, c: &mut Checks) {
         // SAFETY: getpid cannot fail.
         let dead_parent = unsafe { libc::getpid() };
         fork_child(|| {
+            // SAFETY: getppid cannot fail.
             wait_until("reparenting", || unsafe { libc::getppid() } != dead_parent);
             child_ready(ctl, "c");
             ctl.wait_for_go();
