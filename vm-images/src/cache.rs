@@ -400,7 +400,7 @@ impl Apt {
     /// Package stanzas (`apt-cache show`) of every candidate name for `version`.
     pub fn candidates(&self, version: &str) -> Result<Vec<catalog::Stanza>, Error> {
         let mut names = Vec::new();
-        for prefix in ["linux-image-", "linux-binary-", "linux-modules-"] {
+        for prefix in ["linux-image-", "linux-binary-", "linux-modules-", "linux-base-"] {
             let mut c = self.command("apt-cache");
             c.args(["pkgnames", &format!("{prefix}{version}")]);
             // pkgnames exits non-zero when nothing matches.

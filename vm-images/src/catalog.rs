@@ -156,7 +156,8 @@ fn newest<'a>(stanzas: &'a [Stanza], name: &str) -> Option<&'a Stanza> {
 
 /// Picks the newest plain-`amd64` kernel of `version` in `stanzas`, and the
 /// packages holding it:
-/// - `linux-binary-R` + `linux-modules-R` where the kernel is split (sid 7.x),
+/// - `linux-binary-R` + `linux-modules-R` (+ `linux-base-R`, with config and
+///   `modules.builtin`) where the kernel is split (sid 7.x),
 /// - else `linux-image-R-unsigned` (the unsigned image; same kernel as the
 ///   signed one, without the EFI signature),
 /// - else `linux-image-R`.
@@ -192,7 +193,10 @@ pub fn resolve(version: &str, suites: &[&str], stanzas: &[Stanza]) -> Result<Res
             version: format!("{version} (linux-modules-{release})"),
             suites: suites.join(", "),
         })?;
-        vec![bin, modules]
+        // linux-base-R holds config and modules.builtin.
+        let mut v = vec![bin, modules];
+        v.extend(pin(format!("linux-base-{release}")));
+        v
     } else if let Some(unsigned) = pin(format!("linux-image-{release}-unsigned")) {
         vec![unsigned]
     } else {
@@ -217,7 +221,7 @@ pub fn candidate_names<'a>(version: &str, names: impl IntoIterator<Item = &'a st
         .into_iter()
         .filter(|n| {
             image_release(n, version).is_some()
-                || ["linux-binary-", "linux-modules-"].iter().any(|p| {
+                || ["linux-binary-", "linux-modules-", "linux-base-"].iter().any(|p| {
                     n.strip_prefix(p).is_some_and(|r| {
                         image_release(&format!("linux-image-{r}"), version).is_some()
                     })
@@ -281,12 +285,15 @@ Version: 7.2.13-1
 
 Package: linux-binary-7.2.13+deb14-cloud-amd64
 Version: 7.2.13-1
+
+Package: linux-base-7.2.13+deb14-amd64
+Version: 7.2.13-1
 ";
 
     #[test]
     fn parses_stanzas_with_continuations() {
         let s = parse_packages(SAMPLE);
-        assert_eq!(s.len(), 13);
+        assert_eq!(s.len(), 14);
         assert_eq!(
             s[0].get("Package"),
             Some("linux-image-6.1.0-47-amd64-unsigned")
@@ -359,7 +366,8 @@ Version: 7.2.13-1
             names,
             [
                 "linux-binary-7.2.13+deb14-amd64",
-                "linux-modules-7.2.13+deb14-amd64"
+                "linux-modules-7.2.13+deb14-amd64",
+                "linux-base-7.2.13+deb14-amd64"
             ]
         );
     }
