@@ -293,8 +293,13 @@ impl Cache {
                 .map_err(|e| Error::io("write manifest", e))?;
             let dest = self.kernel_dir(version);
             let _ = std::fs::remove_dir_all(&dest);
-            std::fs::rename(&staging, &dest)
-                .map_err(|e| Error::io(format!("rename to {}", dest.display()), e))?;
+            if let Err(e) = std::fs::rename(&staging, &dest) {
+                // Another process may have filled the cache meanwhile.
+                return match self.check(version) {
+                    Ok(Some(theirs)) => Ok(theirs),
+                    _ => Err(Error::io(format!("rename to {}", dest.display()), e)),
+                };
+            }
             Ok(m)
         });
         let _ = std::fs::remove_dir_all(&staging);
@@ -400,7 +405,12 @@ impl Apt {
     /// Package stanzas (`apt-cache show`) of every candidate name for `version`.
     pub fn candidates(&self, version: &str) -> Result<Vec<catalog::Stanza>, Error> {
         let mut names = Vec::new();
-        for prefix in ["linux-image-", "linux-binary-", "linux-modules-", "linux-base-"] {
+        for prefix in [
+            "linux-image-",
+            "linux-binary-",
+            "linux-modules-",
+            "linux-base-",
+        ] {
             let mut c = self.command("apt-cache");
             c.args(["pkgnames", &format!("{prefix}{version}")]);
             // pkgnames exits non-zero when nothing matches.

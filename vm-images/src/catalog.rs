@@ -221,11 +221,13 @@ pub fn candidate_names<'a>(version: &str, names: impl IntoIterator<Item = &'a st
         .into_iter()
         .filter(|n| {
             image_release(n, version).is_some()
-                || ["linux-binary-", "linux-modules-", "linux-base-"].iter().any(|p| {
-                    n.strip_prefix(p).is_some_and(|r| {
-                        image_release(&format!("linux-image-{r}"), version).is_some()
+                || ["linux-binary-", "linux-modules-", "linux-base-"]
+                    .iter()
+                    .any(|p| {
+                        n.strip_prefix(p).is_some_and(|r| {
+                            image_release(&format!("linux-image-{r}"), version).is_some()
+                        })
                     })
-                })
         })
         .map(str::to_string)
         .collect();
