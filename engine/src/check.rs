@@ -83,6 +83,7 @@ fn probe_syscall(nr: i64, args: [i64; 3], ok: &[Errno]) -> (bool, String) {
 fn probe_rseq_config() -> (bool, String) {
     // SAFETY: a forked child that only stops itself and exits; the parent traces it.
     match unsafe { nix::unistd::fork() } {
+        // SAFETY: the child only makes raw syscalls and exits.
         Ok(nix::unistd::ForkResult::Child) => unsafe {
             libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0);
             libc::raise(libc::SIGSTOP);
@@ -190,12 +191,30 @@ fn probe_userfaultfd() -> (bool, String) {
 }
 
 fn probe_soft_dirty() -> (bool, String) {
-    match std::fs::write("/proc/self/clear_refs", "4") {
-        Ok(()) => (true, "clear_refs accepts 4".into()),
-        Err(e) => (
+    // Writing 4 to clear_refs succeeds even without CONFIG_MEM_SOFT_DIRTY, so
+    // look for the bit itself on a page written after clearing.
+    if let Err(e) = std::fs::write("/proc/self/clear_refs", "4") {
+        return (false, format!("clear_refs refuses 4 ({e})"));
+    }
+    let mut page = vec![0u8; 2 * crate::PAGE_SIZE as usize];
+    let addr = (page.as_mut_ptr() as u64).next_multiple_of(crate::PAGE_SIZE);
+    // SAFETY: `addr` lies inside `page`, which we own.
+    unsafe { std::ptr::write_volatile(addr as *mut u8, 1) };
+    let Ok(f) = std::fs::File::open("/proc/self/pagemap") else {
+        return (false, "no /proc/self/pagemap".into());
+    };
+    let mut entry = Vec::new();
+    if crate::proc::read_pagemap(&f, addr, addr + crate::PAGE_SIZE, &mut entry).is_err() {
+        return (false, "cannot read /proc/self/pagemap".into());
+    }
+    drop(page);
+    if entry.first().is_some_and(|e| e & (1 << 55) != 0) {
+        (true, "written pages are marked soft-dirty".into())
+    } else {
+        (
             false,
-            format!("clear_refs refuses 4 ({e}): CONFIG_MEM_SOFT_DIRTY is off"),
-        ),
+            "written pages are not marked: CONFIG_MEM_SOFT_DIRTY is off".into(),
+        )
     }
 }
 

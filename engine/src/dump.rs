@@ -71,11 +71,12 @@ impl Frozen {
 impl Drop for Frozen {
     fn drop(&mut self) {
         if !self.released {
-            if let Err(e) = self.release(None) {
-                tracing::error!(
+            match self.release(None) {
+                Ok(()) | Err(Error::Gone { .. }) => {}
+                Err(e) => tracing::error!(
                     pid = self.tracee.pid,
                     "could not resume the target after a failed dump: {e}"
-                );
+                ),
             }
         }
     }
@@ -140,6 +141,18 @@ fn precheck(pid: i32, status: &str, seized_by_us: bool) -> Result<()> {
 
 /// Dumps one single-threaded process into `opts.dir`.
 pub fn dump(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<DumpStats> {
+    dump_one(opts, progress).map_err(|e| match e {
+        // Whatever failed, if the target died meanwhile that is the real reason.
+        Error::Gone { .. } | Error::NoSuchProcess { .. } => e,
+        _ if proc::is_gone(opts.pid) => Error::Gone {
+            pid: opts.pid,
+            during: "dump",
+        },
+        e => e,
+    })
+}
+
+fn dump_one(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<DumpStats> {
     let pid = opts.pid;
     if !PathBuf::from(format!("/proc/{pid}")).exists() {
         return Err(Error::NoSuchProcess { pid });

@@ -161,17 +161,24 @@ pub fn collect(pid: i32) -> Result<FilesImage> {
             continue;
         }
         let stdio = fd <= 2;
-        let kind = if link.starts_with("pipe:") || link.starts_with("socket:") {
-            let held_elsewhere = fds.iter().any(|&o| {
+        let kind = if link.starts_with("pipe:") {
+            // A pipe whose other end the process does not hold leads outside the dump.
+            let access = info.flags & libc::O_ACCMODE;
+            let other_end_here = fds.iter().any(|&o| {
                 o != fd
                     && proc::readlink(pid, &format!("fd/{o}"))
-                        .map(|l| l.to_string_lossy() == link)
-                        .unwrap_or(false)
+                        .is_ok_and(|l| l.to_string_lossy() == link)
+                    && proc::read(pid, &format!("fdinfo/{o}"))
+                        .is_ok_and(|t| proc::parse_fdinfo(&t).flags & libc::O_ACCMODE != access)
             });
-            if stdio && !held_elsewhere {
+            if stdio && !other_end_here {
                 FdKind::Inherited { was: link }
-            } else if link.starts_with("pipe:") {
+            } else {
                 return refuse("a pipe".into());
+            }
+        } else if link.starts_with("socket:") {
+            if stdio {
+                FdKind::Inherited { was: link }
             } else {
                 return refuse(describe_socket(pid, fd));
             }

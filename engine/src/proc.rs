@@ -159,13 +159,25 @@ pub fn readlink(pid: i32, name: &str) -> Result<PathBuf> {
 }
 
 fn gone_or_io(pid: i32, path: PathBuf, e: std::io::Error) -> Error {
-    if e.kind() == std::io::ErrorKind::NotFound && !PathBuf::from(format!("/proc/{pid}")).exists() {
+    if e.kind() == std::io::ErrorKind::NotFound && is_gone(pid) {
         Error::Gone {
             pid,
             during: "dump",
         }
     } else {
         Error::io(path, e)
+    }
+}
+
+/// The process no longer exists, or only as a zombie (whose /proc entries
+/// other than `stat` and `status` have gone).
+pub fn is_gone(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| matches!(rest.trim_start().chars().next(), Some('Z' | 'X'))),
+        Err(_) => true,
     }
 }
 

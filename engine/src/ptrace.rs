@@ -308,9 +308,9 @@ impl Tracee {
 pub fn read_mem(pid: i32, addr: u64, buf: &mut [u8]) -> Result<()> {
     use std::os::unix::fs::FileExt;
     let path = format!("/proc/{pid}/mem");
-    let f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+    let f = std::fs::File::open(&path).map_err(|e| mem_error(pid, &path, addr, e))?;
     f.read_exact_at(buf, addr)
-        .map_err(|e| Error::io(format!("{path} at {addr:#x}"), e))
+        .map_err(|e| mem_error(pid, &path, addr, e))
 }
 
 /// Writes `data` at `addr` of `pid` through `/proc/PID/mem` (works on read-only
@@ -321,7 +321,21 @@ pub fn write_mem(pid: i32, addr: u64, data: &[u8]) -> Result<()> {
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(&path)
-        .map_err(|e| Error::io(&path, e))?;
+        .map_err(|e| mem_error(pid, &path, addr, e))?;
     f.write_all_at(data, addr)
-        .map_err(|e| Error::io(format!("{path} at {addr:#x}"), e))
+        .map_err(|e| mem_error(pid, &path, addr, e))
+}
+
+/// A vanished process is an expected event, not an I/O error.
+fn mem_error(pid: i32, path: &str, addr: u64, e: std::io::Error) -> Error {
+    let gone = e.raw_os_error() == Some(libc::ESRCH)
+        || (e.kind() == std::io::ErrorKind::NotFound && crate::proc::is_gone(pid));
+    if gone {
+        Error::Gone {
+            pid,
+            during: "dump",
+        }
+    } else {
+        Error::io(format!("{path} at {addr:#x}"), e)
+    }
 }

@@ -752,10 +752,16 @@ fn rebuild(
         ));
     }
     crate::ptrace::write_mem(pid, auxv_addr, &auxv)?;
+    // The child's exe is crest's own. When the target is crest too (a benchmark
+    // re-executing itself), the kernel refuses to replace an exe that is still
+    // mapped (EBUSY), and there is nothing to replace: leave it (-1).
+    let same_exe =
+        std::fs::read_link("/proc/self/exe").is_ok_and(|e| e.as_os_str() == p.mm.exe.as_str());
+    let exe_fd_for_prctl = if same_exe { u32::MAX } else { exe_fd as u32 };
     crate::ptrace::write_mem(
         pid,
         scratch,
-        &mm::prctl_mm_map(&p.mm.fields, auxv_addr, p.mm.auxv.len(), exe_fd as u32),
+        &mm::prctl_mm_map(&p.mm.fields, auxv_addr, p.mm.auxv.len(), exe_fd_for_prctl),
     )?;
     const PR_SET_MM: u64 = 35;
     const PR_SET_MM_MAP: u64 = 14;
@@ -866,13 +872,16 @@ fn rebuild(
     Ok(())
 }
 
+/// Runs one system call in the restore child: (number, arguments, what for).
+type RemoteCall<'a> = dyn Fn(i64, [u64; 6], &str) -> Result<u64> + 'a;
+
 /// Moves the child's vDSO and vvar areas to where the dumped process had them.
 /// Same kernel: same sizes, so a move is enough. Another layout is refused.
 fn move_specials(
     pid: i32,
     p: &ProcessImage,
     own: &[proc::MapsEntry],
-    call: &dyn Fn(i64, [u64; 6], &str) -> Result<u64>,
+    call: &RemoteCall,
 ) -> Result<()> {
     let wanted: Vec<_> =
         p.mm.vmas

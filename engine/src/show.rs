@@ -62,8 +62,12 @@ fn sa_flags(flags: u64) -> String {
     }
 }
 
-fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+fn size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b => format!("{} KiB", b / 1024),
+    }
 }
 
 /// Renders `image` as text.
@@ -180,7 +184,7 @@ pub fn render(image: &Image) -> String {
             o,
             "  memory: {} mappings, {} saved in {} chunks; brk {:#x}",
             p.mm.vmas.len(),
-            mib(saved),
+            size(saved),
             p.mm.chunks.len(),
             p.mm.fields.brk
         );

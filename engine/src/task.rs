@@ -361,7 +361,7 @@ pub fn collect_process(remote: &Remote, status: &str) -> Result<ProcessState> {
         )?;
         let b = remote.read_scratch(32)?;
         let t = ITimer {
-            which: which as i32,
+            which,
             interval_us: u64_at(&b, 0) * 1_000_000 + u64_at(&b, 1),
             value_us: u64_at(&b, 2) * 1_000_000 + u64_at(&b, 3),
         };
@@ -416,7 +416,7 @@ pub fn collect_process(remote: &Remote, status: &str) -> Result<ProcessState> {
             ));
         }
         rlimits.push(Rlimit {
-            resource: resource as u32,
+            resource,
             soft: lim.rlim_cur,
             hard: lim.rlim_max,
         });

@@ -1,0 +1,317 @@
+//! Failure paths: each ends in a clear error, and the target is unharmed
+//! (running, not stopped, not traced, its state intact).
+
+mod common;
+
+use std::fs;
+use std::time::Duration;
+
+use common::*;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn status_line(pid: i32, key: &str) -> String {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .unwrap_or("")
+        .to_string()
+}
+
+/// The target is running normally: not stopped, not traced.
+fn assert_unharmed(pid: i32) {
+    assert!(alive(pid), "pid {pid} should still run");
+    assert_eq!(
+        status_line(pid, "TracerPid:"),
+        "TracerPid:\t0",
+        "pid {pid} is still traced"
+    );
+    let state = status_line(pid, "State:");
+    assert!(
+        !state.contains("stopped") && !state.contains("tracing"),
+        "pid {pid} left {state}"
+    );
+}
+
+/// Lets the workload verify itself and checks it found nothing wrong.
+fn finish(w: &mut Running) {
+    fs::write(w.dir.join("go"), "").unwrap();
+    let st = wait_with_timeout(&mut w.child, TIMEOUT);
+    let result = fs::read_to_string(w.dir.join("result")).unwrap_or_default();
+    assert_eq!(result, "ok\n");
+    assert!(st.success());
+}
+
+#[test]
+fn dumping_a_pid_that_does_not_exist_is_a_clear_error() {
+    require_root!();
+    let tmp = tempfile::tempdir().unwrap();
+    // PIDs above pid_max never exist.
+    let out = dump(999_999_999, &tmp.path().join("img"), &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        stderr_of(&out),
+        "crest: error: pid 999999999: no such process\n"
+    );
+    assert!(!tmp.path().join("img").exists());
+}
+
+#[test]
+fn unsupported_resource_is_refused_and_the_target_keeps_running() {
+    require_root!();
+    use std::os::unix::process::CommandExt;
+    // coreutils `sleep` holding a TCP socket on fd 5, which the engine cannot carry yet.
+    let mut cmd = std::process::Command::new("sleep");
+    cmd.arg("30");
+    // SAFETY: only async-signal-safe syscalls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            let s = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            if s < 0 || libc::dup2(s, 5) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::close(s);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let pid = child.id() as i32;
+    wait_for_file(format!("/proc/{pid}/fd/5").as_ref(), TIMEOUT);
+    std::thread::sleep(Duration::from_millis(50)); // let it reach its nanosleep
+    let tmp = tempfile::tempdir().unwrap();
+    let out = dump(pid, &tmp.path().join("img"), &[]);
+    assert_eq!(out.status.code(), Some(crest_engine::EXIT_UNSUPPORTED));
+    assert_eq!(
+        stderr_of(&out),
+        format!("crest: error: pid {pid}: fd 5 is a TCP socket: not supported yet\n")
+    );
+    assert!(!tmp.path().join("img").exists());
+    assert_unharmed(pid);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn leave_running_and_stop_leave_the_target_as_asked() {
+    require_root!();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ctl");
+    let mut w = start(&dir, &workload("foundation"), &["--heap-mib", "4"], true);
+    wait_for_file(&dir.join("ready"), TIMEOUT);
+    let out = dump(w.pid, &tmp.path().join("img1"), &["--leave-running"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_unharmed(w.pid);
+    let out = dump(w.pid, &tmp.path().join("img2"), &["--stop"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(
+        status_line(w.pid, "State:").contains("stopped"),
+        "{}",
+        status_line(w.pid, "State:")
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(w.pid),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .unwrap();
+    assert_unharmed(w.pid);
+    // Both dumps interrupted its nanosleep loop and xmm7 must have survived them.
+    finish(&mut w);
+}
+
+#[test]
+fn a_traced_process_is_refused_and_left_alone() {
+    require_root!();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ctl");
+    let mut w = start(&dir, &workload("foundation"), &["--heap-mib", "4"], true);
+    wait_for_file(&dir.join("ready"), TIMEOUT);
+    // This test thread becomes its tracer (PTRACE_SEIZE does not stop it).
+    nix::sys::ptrace::seize(
+        nix::unistd::Pid::from_raw(w.pid),
+        nix::sys::ptrace::Options::empty(),
+    )
+    .unwrap();
+    let out = dump(w.pid, &tmp.path().join("img"), &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let msg = stderr_of(&out);
+    assert!(
+        msg.contains(&format!(
+            "pid {}: is traced by pid {}",
+            w.pid,
+            nix::unistd::gettid()
+        )),
+        "{msg}"
+    );
+    assert!(!tmp.path().join("img").exists(), "no image after a refusal");
+    // Detaching needs the tracee stopped: interrupt it first.
+    let tracee = nix::unistd::Pid::from_raw(w.pid);
+    nix::sys::ptrace::interrupt(tracee).unwrap();
+    nix::sys::wait::waitpid(tracee, Some(nix::sys::wait::WaitPidFlag::__WALL)).unwrap();
+    nix::sys::ptrace::detach(tracee, None).unwrap();
+    assert_unharmed(w.pid);
+    finish(&mut w);
+}
+
+#[test]
+fn a_target_that_dies_during_the_dump_leaves_no_image() {
+    require_root!();
+    let tmp = tempfile::tempdir().unwrap();
+    // Large enough that the dump takes a while; retried if the dump wins the race.
+    for attempt in 0..5 {
+        let dir = tmp.path().join(format!("ctl{attempt}"));
+        let mut w = start(&dir, &workload("foundation"), &["--heap-mib", "512"], true);
+        wait_for_file(&dir.join("ready"), TIMEOUT);
+        let img = tmp.path().join(format!("img{attempt}"));
+        let dumper = std::process::Command::new(crest())
+            .args(["dump", "-t", &w.pid.to_string(), "-D"])
+            .arg(&img)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(40 + 30 * attempt));
+        let _ = w.child.kill();
+        let _ = w.child.wait();
+        let out = dumper.wait_with_output().unwrap();
+        if out.status.success() {
+            continue; // the dump finished before the kill: try again, slower
+        }
+        let msg = stderr_of(&out);
+        assert!(
+            msg.starts_with(&format!("crest: error: pid {}", w.pid)),
+            "{msg}"
+        );
+        assert!(!img.exists(), "a failed dump must not leave an image");
+        let leftovers: Vec<_> = fs::read_dir(tmp.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+            .collect();
+        assert!(leftovers.is_empty(), "staging dir left behind");
+        return;
+    }
+    panic!("the dump always finished before the target was killed");
+}
+
+/// Dumps a small process and returns (image dir, pid).
+fn small_image(tmp: &std::path::Path) -> (std::path::PathBuf, i32) {
+    let dir = tmp.join("ctl");
+    let mut w = start(&dir, &workload("foundation"), &["--heap-mib", "1"], true);
+    wait_for_file(&dir.join("ready"), TIMEOUT);
+    let img = tmp.join("img");
+    let out = dump(w.pid, &img, &[]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let _ = w.child.wait();
+    (img, w.pid)
+}
+
+fn restore_fails_with(img: &std::path::Path, pid: i32, want: &str) {
+    let out = run_crest(&["restore", "-D", img.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    let msg = stderr_of(&out);
+    assert!(msg.contains(want), "{msg:?} should contain {want:?}");
+    assert!(!alive(pid), "no half-restored process may be left behind");
+}
+
+#[test]
+fn a_flipped_byte_in_the_pages_is_caught_before_anything_runs() {
+    require_root!();
+    let tmp = tempfile::tempdir().unwrap();
+    let (img, pid) = small_image(tmp.path());
+    let pages = img.join(format!("pages-{pid}.img"));
+    let mut bytes = fs::read(&pages).unwrap();
+    bytes[100] ^= 0x01;
+    fs::write(&pages, bytes).unwrap();
+    restore_fails_with(
+        &img,
+        pid,
+        &format!(
+            "image {}: checksum mismatch in the chunk at offset 0",
+            pages.display()
+        ),
+    );
+}
+
+#[test]
+fn a_flipped_byte_in_the_metadata_is_a_clear_error() {
+    require_root!();
+    let tmp = tempfile::tempdir().unwrap();
+    let (img, pid) = small_image(tmp.path());
+    let meta = img.join("meta.crest");
+    let mut bytes = fs::read(&meta).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x01;
+    fs::write(&meta, bytes).unwrap();
+    restore_fails_with(&img, pid, "meta.crest: record checksum mismatch at offset");
+    let out = run_crest(&["show", img.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_of(&out).contains("record checksum mismatch"));
+}
+
+#[test]
+fn an_image_from_a_newer_format_is_refused_by_version() {
+    require_root!();
+    let tmp = tempfile::tempdir().unwrap();
+    let (img, pid) = small_image(tmp.path());
+    let meta = img.join("meta.crest");
+    let mut bytes = fs::read(&meta).unwrap();
+    bytes[8..12].copy_from_slice(&99u32.to_le_bytes());
+    fs::write(&meta, bytes).unwrap();
+    restore_fails_with(
+        &img,
+        pid,
+        "format version 99, this crest (0.1.0) reads version 1 only",
+    );
+}
+
+#[test]
+fn a_truncated_page_file_is_a_clear_error() {
+    require_root!();
+    let tmp = tempfile::tempdir().unwrap();
+    let (img, pid) = small_image(tmp.path());
+    let pages = img.join(format!("pages-{pid}.img"));
+    let len = fs::metadata(&pages).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&pages)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    restore_fails_with(&img, pid, "truncated: chunk at offset");
+}
+
+#[test]
+fn a_file_changed_since_the_dump_stops_the_restore() {
+    require_root!();
+    let tmp = tempfile::tempdir().unwrap();
+    let (img, pid) = small_image(tmp.path());
+    fs::write(tmp.path().join("ctl/data.txt"), "shorter").unwrap();
+    restore_fails_with(
+        &img,
+        pid,
+        "data.txt size changed from 4000 to 7 bytes since the dump",
+    );
+}
+
+#[test]
+fn a_pid_in_use_is_named_in_the_error() {
+    require_root!();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ctl");
+    let mut w = start(&dir, &workload("foundation"), &["--heap-mib", "1"], true);
+    wait_for_file(&dir.join("ready"), TIMEOUT);
+    let img = tmp.path().join("img");
+    let out = dump(w.pid, &img, &["--leave-running"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    // The original still runs, so its PID is taken.
+    let out = run_crest(&["restore", "--pid-wait", "0", "-D", img.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let msg = stderr_of(&out);
+    assert!(
+        msg.contains(&format!("pid {} is in use (by 'crest-fdn')", w.pid)),
+        "{msg}"
+    );
+    assert_unharmed(w.pid);
+    finish(&mut w);
+}
