@@ -112,15 +112,16 @@ fn load_module(m: &GuestModule) -> Result<(), String> {
     Err(format!("finit_module {} ({}): {e}", m.name, m.path))
 }
 
-/// 9p devices appear when virtio_pci has probed them; retry briefly.
+/// 9p channels appear when virtio_pci has probed the devices; retry briefly.
 fn mount_9p(tag: &str, target: &str, flags: libc::c_ulong, opts: &str) -> Result<(), String> {
     let start = Instant::now();
     loop {
         match mount(tag, target, "9p", flags, opts) {
             Ok(()) => return Ok(()),
             Err(e)
-                if start.elapsed().as_secs() < 10
-                    && matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENODEV)) =>
+                // ENOENT: no 9p channel with that tag (yet); ENODEV (no 9p
+                // file system) is final.
+                if start.elapsed().as_secs() < 10 && e.raw_os_error() == Some(libc::ENOENT) =>
             {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
