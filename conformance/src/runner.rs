@@ -131,6 +131,12 @@ struct Run<'a> {
     known: Vec<i32>,
     sid: Option<i32>,
     crest_runs: u32,
+    /// Whether the root's process group and session are outside the
+    /// comparison: with a pid scope they are not part of the dump (the way a
+    /// pipe to an outside process is not), so a restore may put the process
+    /// into the restorer's group and session. PROC-PGID and PROC-SID cases use
+    /// tree and session scopes, where they are compared.
+    mask_session: bool,
 }
 
 /// Runs `spec` and always cleans up after it.
@@ -207,6 +213,7 @@ pub fn run_case(cfg: &Config, spec: &CaseSpec, seq: usize) -> CaseOutcome {
         known: Vec::new(),
         sid: None,
         crest_runs: 0,
+        mask_session: false,
     };
     let result = run.drive();
     run.cleanup();
@@ -270,12 +277,14 @@ impl Run<'_> {
             .stdout(self.file("wl.out")?)
             .stderr(self.file("wl.err")?);
         cmd.current_dir(&self.ctl);
-        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+        // SAFETY: setsid and fcntl (in only_stdio) are async-signal-safe and
+        // touch no memory of the parent.
         unsafe {
             cmd.pre_exec(|| {
                 if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                only_stdio();
                 Ok(())
             });
         }
@@ -318,7 +327,10 @@ impl Run<'_> {
 
     fn view(&mut self, pid: i32, parent: Parent) -> Result<Vec<String>, String> {
         let tree = self.spec.scope != Scope::Pid;
-        let v = view::capture(pid, parent, tree, &self.dir)?;
+        let mut v = view::capture(pid, parent, tree, &self.dir)?;
+        if self.mask_session {
+            v = view::mask_session(v, pid);
+        }
         for p in view::pids_of(&v) {
             if !self.known.contains(&p) {
                 self.known.push(p);
@@ -336,7 +348,18 @@ impl Run<'_> {
     /// child may show up before it is complete, hence polling; the restorer
     /// exiting first ends the wait.
     fn wait_view(&mut self, pid: i32, before: &[String], parent: Parent, what: &str) -> R<()> {
-        let until = (Instant::now() + VIEW_WAIT).min(self.deadline);
+        self.wait_view_for(pid, before, parent, what, VIEW_WAIT)
+    }
+
+    fn wait_view_for(
+        &mut self,
+        pid: i32,
+        before: &[String],
+        parent: Parent,
+        what: &str,
+        limit: Duration,
+    ) -> R<()> {
+        let until = (Instant::now() + limit).min(self.deadline);
         let mut last;
         loop {
             if let Some(r) = self.restore.as_mut() {
@@ -378,7 +401,7 @@ impl Run<'_> {
     fn crest(&mut self, name: &str, args: &[OsString]) -> R<Exit> {
         let out = self.dir.join(format!("{name}.out"));
         let log = self.dir.join(format!("{name}.log"));
-        let mut child = Command::new(&self.cfg.crest_bin)
+        let mut child = command(&self.cfg.crest_bin)
             .arg("-v")
             .args(args)
             .stdin(Stdio::null())
@@ -509,7 +532,7 @@ impl Run<'_> {
     fn spawn_restore(&mut self, img: &Path) -> R<i32> {
         self.crest_runs += 1;
         let n = self.crest_runs;
-        let child = Command::new(&self.cfg.crest_bin)
+        let child = command(&self.cfg.crest_bin)
             .arg("-v")
             .arg("restore")
             .arg("-D")
@@ -570,10 +593,15 @@ impl Run<'_> {
     fn cycle(&mut self) -> R<()> {
         let me = std::process::id() as i32;
         let pid = self.start_workload()?;
+        self.mask_session = self.spec.scope == Scope::Pid;
         let before = self.view_now(pid, Parent::Expect(me))?;
         for cycle in 1..=self.cfg.cycles {
             self.time_left()?;
-            let img = self.dump(pid, cycle, &[])?;
+            let img = match self.dump(pid, cycle, &[]) {
+                Ok(img) => img,
+                Err(stop) if cycle == 1 => return Err(self.check_rolled_back(pid, &before, stop)),
+                Err(stop) => return Err(stop),
+            };
             if cycle == 1 {
                 self.reap_workload(pid)?;
             } else {
@@ -611,7 +639,7 @@ impl Run<'_> {
         let pid = self.start_workload()?;
         let tctl = self.dir.join("tracer-ctl");
         fs::create_dir_all(&tctl).map_err(|e| Stop::Failed(format!("{e}")))?;
-        let tracer = Command::new(self.cfg.workload_dir.join("wl-tracer"))
+        let tracer = command(&self.cfg.workload_dir.join("wl-tracer"))
             .arg("--ctl")
             .arg(&tctl)
             .arg(pid.to_string())
@@ -643,7 +671,11 @@ impl Run<'_> {
         if e.code() == Some(0) {
             fail!("crest dump accepted a process another process traces");
         }
-        self.expect_clear_error("dump of a traced process", &e)?;
+        let line = self.expect_clear_error("dump of a traced process", &e)?;
+        // The refusal must be for the right reason, not some other unsupported resource.
+        if !line.to_lowercase().contains("trac") {
+            fail!("the refusal does not say the process is traced: {line}");
+        }
         self.wait_unchanged(pid, &before, Parent::Expect(me), "after the refused dump")?;
         self.go(&tctl)?;
         let mut t = self.helpers.pop().expect("pushed above");
@@ -656,6 +688,41 @@ impl Run<'_> {
             );
         }
         self.finish_original()
+    }
+
+    /// A first dump of our own workload; on refusal or failure, also checks the
+    /// target was left as it was.
+    fn dump_or_rollback(&mut self, pid: i32, extra: &[&str], before: &[String]) -> R<PathBuf> {
+        match self.dump(pid, 1, extra) {
+            Ok(img) => Ok(img),
+            Err(stop) => Err(self.check_rolled_back(pid, before, stop)),
+        }
+    }
+
+    /// After a refused or failed dump the target must be running exactly as
+    /// before: not stopped, not traced, nothing changed. A refusal that breaks
+    /// this turns into a failure.
+    fn check_rolled_back(&mut self, pid: i32, before: &[String], stop: Stop) -> Stop {
+        let me = std::process::id() as i32;
+        let what = "the target after the refused dump";
+        match self.wait_view_for(
+            pid,
+            before,
+            Parent::Expect(me),
+            what,
+            Duration::from_secs(3),
+        ) {
+            Ok(()) => stop,
+            Err(Stop::Failed(m)) | Err(Stop::Ignored(m)) => {
+                let why = match stop {
+                    Stop::Failed(f) => f,
+                    Stop::Ignored(i) => i,
+                };
+                Stop::Failed(format!(
+                    "{why}\nand it did not leave the target as it was: {m}"
+                ))
+            }
+        }
     }
 
     /// The view must stay as it was (a refused or non-destructive command ran).
@@ -699,7 +766,7 @@ impl Run<'_> {
         let me = std::process::id() as i32;
         let pid = self.start_workload()?;
         let before = self.view_now(pid, Parent::Expect(me))?;
-        let img = self.dump(pid, 1, &["--leave-running"])?;
+        let img = self.dump_or_rollback(pid, &["--leave-running"], &before)?;
         self.wait_unchanged(
             pid,
             &before,
@@ -727,7 +794,7 @@ impl Run<'_> {
         let me = std::process::id() as i32;
         let pid = self.start_workload()?;
         let before = self.view_now(pid, Parent::Expect(me))?;
-        let img = self.dump(pid, 1, &["--leave-running"])?;
+        let img = self.dump_or_rollback(pid, &["--leave-running"], &before)?;
         self.wait_unchanged(
             pid,
             &before,
@@ -739,6 +806,12 @@ impl Run<'_> {
         let _ = fs::remove_file(self.ctl.join(GO));
         let _ = fs::remove_file(self.ctl.join(RESULT));
         // ...and so must its image, which was taken before `go`.
+        self.mask_session = self.spec.scope == Scope::Pid;
+        let before: Vec<String> = if self.mask_session {
+            view::mask_session(before, pid)
+        } else {
+            before
+        };
         let rpid = self.spawn_restore(&img)?;
         self.wait_view(
             pid,
@@ -762,7 +835,7 @@ impl Run<'_> {
         let me = std::process::id() as i32;
         let pid = self.start_workload()?;
         let before = self.view_now(pid, Parent::Expect(me))?;
-        self.dump(pid, 1, &["--stop"])?;
+        self.dump_or_rollback(pid, &["--stop"], &before)?;
         let stopped: Vec<String> = before
             .iter()
             .map(|l| l.replace(" running", " stopped"))
@@ -784,6 +857,7 @@ impl Run<'_> {
     fn detached(&mut self) -> R<()> {
         let me = std::process::id() as i32;
         let pid = self.start_workload()?;
+        self.mask_session = self.spec.scope == Scope::Pid;
         let before: Vec<String> = self
             .view_now(pid, Parent::Expect(me))?
             .into_iter()
@@ -878,7 +952,7 @@ impl Run<'_> {
         let me = std::process::id() as i32;
         let pid = self.start_workload()?;
         let before = self.view_now(pid, Parent::Expect(me))?;
-        let img = self.dump(pid, 1, &[])?;
+        let img = self.dump_or_rollback(pid, &[], &before)?;
         self.reap_workload(pid)?;
         let data = self.ctl.join("data");
         let mut f = OpenOptions::new()
@@ -978,6 +1052,41 @@ impl Run<'_> {
         }
         out
     }
+}
+
+/// Marks every fd above stderr close-on-exec, so a child starts with only its
+/// stdio: an fd the harness inherited (a pipe from whatever started it) would
+/// otherwise become part of the workload's state. Runs between fork and exec.
+fn only_stdio() {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets flags (Linux 5.11+).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if r != 0 {
+        // Older kernels: set the flag one fd at a time.
+        for fd in 3..4096 {
+            // SAFETY: fcntl on a possibly-closed fd only fails with EBADF.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
+    }
+}
+
+/// A command whose child starts with only its stdio (see [`only_stdio`]).
+fn command(program: &Path) -> Command {
+    let mut cmd = Command::new(program);
+    // SAFETY: only_stdio is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            only_stdio();
+            Ok(())
+        });
+    }
+    cmd
 }
 
 /// The extra `crest dump` arguments a scope needs. The engine dumps a single

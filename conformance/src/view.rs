@@ -342,6 +342,22 @@ pub fn capture(
     Ok(lines)
 }
 
+/// Takes the root's process group and session out of a view (see the runner's
+/// pid scope): the line stays, so a view without it still differs.
+pub fn mask_session(lines: Vec<String>, root: i32) -> Vec<String> {
+    let prefix = format!("pid {root}: pgid ");
+    lines
+        .into_iter()
+        .map(|l| {
+            if l.starts_with(&prefix) {
+                format!("pid {root}: pgid/sid outside the dump scope")
+            } else {
+                l
+            }
+        })
+        .collect()
+}
+
 /// The pids a view mentions (for cleanup).
 pub fn pids_of(lines: &[String]) -> BTreeSet<i32> {
     lines
@@ -433,6 +449,17 @@ mod tests {
         assert_eq!(diff(&b, &a), vec!["- pid 1: a", "+ pid 1: c"]);
         assert!(diff(&b, &b).is_empty());
         assert_eq!(pids_of(&a), BTreeSet::from([1]));
+        let masked = mask_session(
+            vec!["pid 7: pgid 7 sid 7".into(), "pid 8: pgid 7 sid 7".into()],
+            7,
+        );
+        assert_eq!(
+            masked,
+            vec![
+                "pid 7: pgid/sid outside the dump scope",
+                "pid 8: pgid 7 sid 7"
+            ]
+        );
     }
 
     #[test]
