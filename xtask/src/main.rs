@@ -30,7 +30,7 @@ enum Cmd {
     Kernels,
     /// Fetch kernels into the cache (default: every catalog kernel).
     Images {
-        /// Catalog version to fetch; repeatable.
+        /// Catalog version to fetch (or `all`); repeatable.
         #[arg(long = "kernel", value_name = "V")]
         kernels: Vec<String>,
         /// Debian archive URL (default: $CREST_DEBIAN_MIRROR, else the system's apt sources).
@@ -130,7 +130,7 @@ fn host_release() -> String {
 }
 
 fn images(versions: Vec<String>, mirror: Option<String>) -> Result<i32> {
-    let versions = if versions.is_empty() {
+    let versions = if versions.is_empty() || versions.iter().any(|v| v == "all") {
         crest_vm::catalog::available_versions()
             .iter()
             .map(|s| s.to_string())

@@ -178,10 +178,14 @@ fn run_vm(
     start: Instant,
 ) -> Result<Ran> {
     let (kernel, cached) = support::boot_kernel(spec.kernel, spec.vm.mirror.as_deref(), status)?;
+    let source = match spec.kernel {
+        KernelChoice::Custom { image, .. } => format!("user image {}", image.display()),
+        _ if cached => "cached".into(),
+        _ => "fetched".into(),
+    };
     status(&format!(
-        "booting {} ({})",
+        "booting {} ({source})",
         kernel.release.as_deref().unwrap_or("custom kernel"),
-        if cached { "cached" } else { "fetched" }
     ));
     let argv = substitute(&spec.argv, GUEST_RESULTS_DIR, "/tmp");
     let mut cmd = GuestCommand::new(argv).workdir(&spec.workdir);
@@ -217,7 +221,10 @@ fn run_vm(
             .as_ref()
             .map(|s| s.kernel_release.clone())
             .or(kernel.release.clone()),
-        cached: Some(cached),
+        cached: match spec.kernel {
+            KernelChoice::Custom { .. } => None,
+            _ => Some(cached),
+        },
         seconds: start.elapsed().as_secs_f64(),
     })
 }
