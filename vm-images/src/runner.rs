@@ -147,8 +147,8 @@ pub fn run_in_guest(
     let mut exit = qemu::run(vm, &files, &qemu_log, tick)?;
     if qemu::kvm_start_failure(vm, &files, &qemu_log) {
         tracing::warn!(
-            "KVM is present but QEMU could not use it ({}); using TCG",
-            crate::tail_file(&qemu_log, 2).replace('\n', " / ")
+            "/dev/kvm is there but QEMU cannot use it ({}); using TCG",
+            crate::tail_file(&qemu_log, 1)
         );
         qemu::Accel::mark_kvm_broken();
         let tcg = VmConfig {

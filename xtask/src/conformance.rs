@@ -99,8 +99,12 @@ impl Tally {
         true
     }
 
+    pub fn done(&self) -> u32 {
+        self.passed + self.failed + self.ignored
+    }
+
     pub fn summary(&self) -> String {
-        let done = self.passed + self.failed + self.ignored;
+        let done = self.done();
         let total = self.total.map(|t| format!("/{t}")).unwrap_or_default();
         format!(
             "{done}{total} done: {} passed, {} failed, {} ignored",
@@ -324,8 +328,14 @@ pub fn main(args: ConformanceArgs) -> Result<i32> {
                 let mut on_line = |l: &str| {
                     if tally.feed(l) {
                         pb.set_message(format!("{} | {}", tally.summary(), tally.last));
-                        if !tty && !l.ends_with(" ok") {
-                            eprintln!("[{label}] {l}");
+                        if !tty {
+                            // Non-ok results as they come, and a tally every 10 tests.
+                            if !l.ends_with(" ok") {
+                                eprintln!("[{label}] {l}");
+                            }
+                            if tally.done() % 10 == 0 {
+                                eprintln!("[{label}] {}", tally.summary());
+                            }
                         }
                     }
                 };
