@@ -1,10 +1,12 @@
-//! `crest dump`: freeze a process, collect its state, write the image, then
-//! kill it, let it run, or leave it stopped.
+//! `crest dump`: freeze a process tree, collect its state, write the image,
+//! then kill it, let it run, or leave it stopped.
 //!
-//! Once the target is seized, every exit path goes through [`Frozen`], whose
-//! `Drop` puts the registers back, unmaps our scratch page and detaches: a
-//! failed dump leaves the process exactly as it was.
+//! Freezing seizes every thread of every process in scope and re-scans until
+//! no new process or thread appears. From then on every exit path goes through
+//! [`FrozenSet`], whose `Drop` puts registers back, unmaps our scratch pages
+//! and detaches: a failed dump leaves every process exactly as it was.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -12,7 +14,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag};
 
 use crate::error::{Error, Result};
-use crate::image::{DumpStats, Header, Image, Inventory, MetaWriter, RecordKind, Staging};
+use crate::image::{DumpStats, Header, Image, Inventory, MetaWriter, RecordKind, Staging, Zombie};
 use crate::ptrace::{Regs, Tracee};
 use crate::task::{self, Registers, Remote};
 use crate::{files, mm, proc, ProcessImage, PAGE_SIZE};
@@ -31,52 +33,90 @@ pub enum AfterDump {
 
 #[derive(Debug, Clone)]
 pub struct DumpOptions {
+    /// The root of the tree to dump: it and all its descendants.
     pub pid: i32,
     pub dir: PathBuf,
     pub after: AfterDump,
 }
 
-/// A seized task. Dropping it undoes everything the dump did to the target.
-struct Frozen {
+/// One seized thread and its registers at the freeze.
+struct FrozenThread {
     tracee: Tracee,
     regs: Regs,
-    insn: Option<u64>,
-    scratch: Option<u64>,
-    released: bool,
 }
 
-impl Frozen {
-    /// Undoes our changes and detaches, optionally with a signal.
+/// One process of the frozen set.
+struct FrozenProcess {
+    pid: i32,
+    /// Main thread first.
+    threads: Vec<FrozenThread>,
+    /// It was in a job-control stop before we seized it.
+    was_stopped: bool,
+    insn: Option<u64>,
+    scratch: Option<u64>,
+}
+
+impl FrozenProcess {
+    fn main(&self) -> Tracee {
+        self.threads[0].tracee
+    }
+
+    /// Undoes our changes and detaches every thread.
     fn release(&mut self, sig: Option<Signal>) -> Result<()> {
-        self.released = true;
         if let (Some(insn), Some(scratch)) = (self.insn, self.scratch.take()) {
-            self.tracee.remote_ok(
-                insn,
-                libc::SYS_munmap,
-                [scratch, PAGE_SIZE, 0, 0, 0, 0],
-                "munmap of crest's scratch page",
-            )?;
+            self.main()
+                .remote_ok(insn, libc::SYS_munmap, [scratch, PAGE_SIZE, 0, 0, 0, 0], "munmap of crest's scratch page")?;
         }
-        let mut regs = Registers::from(&self.regs);
-        if self.insn.is_some() {
-            // We ran syscalls in it: it now sits at a syscall-exit stop, where the
-            // kernel no longer restarts the call it was interrupted in. Do it here.
-            task::resume_interrupted_syscall(&mut regs, true);
+        let mut first_err = None;
+        for t in &self.threads {
+            let mut regs = Registers::from(&t.regs);
+            if self.insn.is_some() {
+                // Remote calls leave a thread at a syscall-exit stop, where the kernel
+                // no longer restarts the call it was interrupted in: do it here.
+                task::resume_interrupted_syscall(&mut regs, true);
+            }
+            let sig = if self.was_stopped { Some(Signal::SIGSTOP) } else { sig };
+            let r = t.tracee.set_regs(&regs.to_user_regs()).and_then(|()| t.tracee.detach(sig));
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
+            }
         }
-        self.tracee.set_regs(&regs.to_user_regs())?;
-        self.tracee.detach(sig)
+        first_err.map_or(Ok(()), Err)
     }
 }
 
-impl Drop for Frozen {
+/// Everything seized. Dropping it releases every task not yet released.
+#[derive(Default)]
+struct FrozenSet {
+    procs: Vec<FrozenProcess>,
+    released: bool,
+}
+
+impl FrozenSet {
+    fn release_all(&mut self, sig: Option<Signal>) -> Result<()> {
+        self.released = true;
+        let mut first_err = None;
+        for p in &mut self.procs {
+            match p.release(sig) {
+                Ok(()) | Err(Error::Gone { .. }) => {}
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn tids(&self) -> BTreeSet<i32> {
+        self.procs.iter().flat_map(|p| p.threads.iter().map(|t| t.tracee.pid)).collect()
+    }
+}
+
+impl Drop for FrozenSet {
     fn drop(&mut self) {
         if !self.released {
-            match self.release(None) {
-                Ok(()) | Err(Error::Gone { .. }) => {}
-                Err(e) => tracing::error!(
-                    pid = self.tracee.pid,
-                    "could not resume the target after a failed dump: {e}"
-                ),
+            if let Err(e) = self.release_all(None) {
+                tracing::error!("could not resume every task after a failed dump: {e}");
             }
         }
     }
@@ -84,230 +124,296 @@ impl Drop for Frozen {
 
 /// Finds a `syscall` instruction (0f 05) in the target's vDSO.
 fn find_syscall_insn(pid: i32, maps: &[proc::MapsEntry]) -> Result<u64> {
-    let vdso = maps
-        .iter()
-        .find(|m| m.name == "[vdso]")
-        .ok_or_else(|| Error::Refused {
-            pid,
-            reason: "has no vDSO, so crest cannot run system calls in it".into(),
-        })?;
+    let vdso = maps.iter().find(|m| m.name == "[vdso]").ok_or_else(|| Error::Refused {
+        pid,
+        reason: "has no vDSO, so crest cannot run system calls in it".into(),
+    })?;
     let mut code = vec![0u8; vdso.len() as usize];
     crate::ptrace::read_mem(pid, vdso.start, &mut code)?;
     code.windows(2)
         .position(|w| w == [0x0f, 0x05])
         .map(|i| vdso.start + i as u64)
-        .ok_or_else(|| Error::Refused {
-            pid,
-            reason: "no syscall instruction found in its vDSO".into(),
-        })
+        .ok_or_else(|| Error::Refused { pid, reason: "no syscall instruction found in its vDSO".into() })
 }
 
-/// Refuses targets crest must not or cannot touch, before freezing them.
-fn precheck(pid: i32, status: &str, seized_by_us: bool) -> Result<()> {
-    let threads: u32 = proc::status_field(status, "Threads")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
-    if threads > 1 {
-        return Err(Error::unsupported(
-            pid,
-            format!("has {threads} threads: multi-threaded processes"),
-        ));
-    }
-    let ours = std::process::id().to_string();
-    let tracer = proc::status_field(status, "TracerPid")
-        .filter(|t| *t != "0" && !(seized_by_us && *t == ours));
-    if let Some(tracer) = tracer {
-        return Err(Error::Refused {
-            pid,
-            reason: format!(
-                "is traced by pid {tracer}; crest will not take over another tracer's process"
-            ),
-        });
-    }
-    if proc::status_field(status, "State").is_some_and(|s| s.starts_with('Z')) {
-        return Err(Error::Refused {
-            pid,
-            reason: "is a zombie".into(),
-        });
+/// The fields of `/proc/PID/stat` after the command name.
+fn stat_fields(pid: i32) -> Result<Vec<String>> {
+    let s = proc::read(pid, "stat")?;
+    let rest = s.rfind(')').map(|i| &s[i + 2..]).unwrap_or("");
+    Ok(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// Field `n` (1-based, as in proc(5)) of a stat split by [`stat_fields`].
+fn stat_field(f: &[String], n: usize) -> i64 {
+    f.get(n - 3).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// Refuses targets crest must not or cannot touch.
+fn precheck(pid: i32, status: &str, ours: &BTreeSet<i32>) -> Result<()> {
+    if let Some(tracer) = proc::status_field(status, "TracerPid").filter(|t| *t != "0") {
+        let tracer: i32 = tracer.parse().unwrap_or(-1);
+        if !ours.contains(&tracer) && tracer != nix::unistd::gettid().as_raw() {
+            return Err(Error::Refused {
+                pid,
+                reason: format!("is traced by pid {tracer}; crest will not take over another tracer's process"),
+            });
+        }
     }
     if pid == std::process::id() as i32 {
-        return Err(Error::Refused {
-            pid,
-            reason: "is crest itself".into(),
-        });
+        return Err(Error::Refused { pid, reason: "is crest itself".into() });
     }
     Ok(())
 }
 
-/// Dumps one single-threaded process into `opts.dir`.
+/// The processes of the tree rooted at `root`, parents before children.
+fn tree(root: i32) -> Result<Vec<i32>> {
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let pid = out[i];
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()).collect::<Vec<_>>()
+        });
+        for tid in tasks.unwrap_or_default() {
+            let children = proc::read(pid, &format!("task/{tid}/children")).unwrap_or_default();
+            out.extend(children.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
+        }
+        i += 1;
+    }
+    Ok(out)
+}
+
+fn threads_of(pid: i32) -> Vec<i32> {
+    let mut tids: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default();
+    tids.sort_unstable();
+    // The main thread (tid == pid) first.
+    if let Some(i) = tids.iter().position(|&t| t == pid) {
+        tids.remove(i);
+        tids.insert(0, pid);
+    }
+    tids
+}
+
+fn is_zombie(pid: i32) -> bool {
+    stat_fields(pid).map(|f| f.first().is_some_and(|s| s == "Z")).unwrap_or(false)
+}
+
+/// Seizes every thread of every process of the tree until nothing new appears.
+fn freeze(root: i32, set: &mut FrozenSet, zombies: &mut Vec<i32>) -> Result<()> {
+    loop {
+        let mut new = false;
+        for pid in tree(root)? {
+            if zombies.contains(&pid) {
+                continue;
+            }
+            if is_zombie(pid) {
+                if threads_of(pid).len() > 1 {
+                    return Err(Error::unsupported(pid, "its main thread exited while other threads run"));
+                }
+                zombies.push(pid);
+                continue;
+            }
+            let status = proc::read(pid, "status")?;
+            let ours = set.tids();
+            precheck(pid, &status, &ours)?;
+            let was_stopped = proc::status_field(&status, "State").is_some_and(|s| s.starts_with('T'));
+            let idx = match set.procs.iter().position(|p| p.pid == pid) {
+                Some(i) => i,
+                None => {
+                    if proc::read(pid, "maps")?.is_empty() {
+                        return Err(Error::Refused { pid, reason: "is a kernel thread".into() });
+                    }
+                    set.procs.push(FrozenProcess { pid, threads: Vec::new(), was_stopped, insn: None, scratch: None });
+                    set.procs.len() - 1
+                }
+            };
+            for tid in threads_of(pid) {
+                if ours.contains(&tid) {
+                    continue;
+                }
+                match Tracee::seize(tid) {
+                    Ok(tracee) => {
+                        let regs = tracee.regs()?;
+                        let p = &mut set.procs[idx];
+                        if tid == pid {
+                            p.threads.insert(0, FrozenThread { tracee, regs });
+                        } else {
+                            p.threads.push(FrozenThread { tracee, regs });
+                        }
+                        new = true;
+                    }
+                    // A thread that exited meanwhile is no longer part of the process.
+                    Err(Error::Gone { .. }) if tid != pid => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        if !new {
+            return Ok(());
+        }
+    }
+}
+
+/// Dumps the tree rooted at `opts.pid` into `opts.dir`.
 pub fn dump(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<DumpStats> {
-    dump_one(opts, progress).map_err(|e| match e {
-        // Whatever failed, if the target died meanwhile that is the real reason.
+    dump_tree(opts, progress).map_err(|e| match e {
+        // Whatever failed, if the root died meanwhile that is the real reason.
         Error::Gone { .. } | Error::NoSuchProcess { .. } => e,
-        _ if proc::is_gone(opts.pid) => Error::Gone {
-            pid: opts.pid,
-            during: "dump",
-        },
+        _ if proc::is_gone(opts.pid) => Error::Gone { pid: opts.pid, during: "dump" },
         e => e,
     })
 }
 
-fn dump_one(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<DumpStats> {
-    let pid = opts.pid;
-    if !PathBuf::from(format!("/proc/{pid}")).exists() {
-        return Err(Error::NoSuchProcess { pid });
+fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<DumpStats> {
+    let root = opts.pid;
+    if !PathBuf::from(format!("/proc/{root}")).exists() {
+        return Err(Error::NoSuchProcess { pid: root });
     }
-    let status = proc::read(pid, "status")?;
-    precheck(pid, &status, false)?;
-    if proc::read(pid, "maps")?.is_empty() {
-        return Err(Error::Refused {
-            pid,
-            reason: "is a kernel thread".into(),
-        });
+    if is_zombie(root) {
+        return Err(Error::Refused { pid: root, reason: "is a zombie".into() });
     }
-
     let started = Instant::now();
-    let tracee = Tracee::seize(pid)?;
-    let mut frozen = Frozen {
-        tracee,
-        regs: tracee.regs()?,
-        insn: None,
-        scratch: None,
-        released: false,
-    };
-    // Threads may have appeared between the check and the freeze.
-    let status = proc::read(pid, "status")?;
-    precheck(pid, &status, true)?;
-
-    let maps = proc::maps(pid)?;
-    let smaps = proc::read(pid, "smaps")?;
-    let vmas = mm::collect_vmas(pid, &maps, &proc::parse_smaps_vmflags(&smaps))?;
-    let files = files::collect(pid)?;
-    if files.root != "/" {
-        return Err(Error::unsupported(
-            pid,
-            format!("root directory {} (chroot)", files.root),
-        ));
-    }
-
-    let insn = find_syscall_insn(pid, &maps)?;
-    frozen.insn = Some(insn);
-    let scratch = tracee.remote_ok(
-        insn,
-        libc::SYS_mmap,
-        [
-            0,
-            PAGE_SIZE,
-            (libc::PROT_READ | libc::PROT_WRITE) as u64,
-            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
-            u64::MAX,
-            0,
-        ],
-        "mmap of a scratch page",
-    )?;
-    frozen.scratch = Some(scratch);
-    let remote = Remote {
-        tracee,
-        insn,
-        scratch,
-    };
-    let mut thread = task::collect_thread(&remote)?;
-    // The registers as they were before any of our remote calls.
-    thread.regs = Registers::from(&frozen.regs);
-    let state = task::collect_process(&remote, &status)?;
-    let brk = remote.call(libc::SYS_brk, [0; 6], "brk(0)")?;
-    tracee.remote_ok(
-        insn,
-        libc::SYS_munmap,
-        [scratch, PAGE_SIZE, 0, 0, 0, 0],
-        "munmap of crest's scratch page",
-    )?;
-    frozen.scratch = None;
-
-    let mut fields =
-        mm::parse_stat_mm_fields(&proc::read(pid, "stat")?).ok_or_else(|| Error::Refused {
-            pid,
-            reason: format!("cannot parse /proc/{pid}/stat"),
-        })?;
-    fields.brk = brk;
-    let auxv_path = format!("/proc/{pid}/auxv");
-    let auxv = mm::parse_auxv(&std::fs::read(&auxv_path).map_err(|e| Error::io(&auxv_path, e))?);
-    let exe = proc::readlink(pid, "exe")?.to_string_lossy().into_owned();
-    if exe.ends_with(" (deleted)") {
-        return Err(Error::unsupported(
-            pid,
-            format!("its executable {exe} was deleted"),
-        ));
-    }
+    let mut set = FrozenSet::default();
+    let mut zombie_pids = Vec::new();
+    progress.set_message(format!("pid {root}: freezing"));
+    freeze(root, &mut set, &mut zombie_pids)?;
 
     let staging = Staging::new(&opts.dir)?;
     let mut stats = DumpStats::default();
-    let mem_started = Instant::now();
-    progress.set_message(format!("pid {pid}: memory"));
-    let chunks = mm::collect_pages(
-        pid,
-        &vmas,
-        &Image::pages_path(staging.path(), pid),
-        &mut stats,
-    )?;
-    stats.memory_us = mem_started.elapsed().as_micros() as u64;
+    let mut images = Vec::new();
+    for fp in &mut set.procs {
+        images.push(collect_process(fp, staging.path(), &mut stats, progress)?);
+    }
+    let mut zombies = Vec::new();
+    for &pid in &zombie_pids {
+        let f = stat_fields(pid)?;
+        zombies.push(Zombie {
+            pid,
+            ppid: stat_field(&f, 4) as i32,
+            pgid: stat_field(&f, 5) as i32,
+            sid: stat_field(&f, 6) as i32,
+            wait_status: stat_field(&f, 52) as i32,
+        });
+    }
+    check_sessions(&images, &zombies)?;
 
-    let stat_ids = |key: &str| -> i32 {
-        let s = proc::read(pid, "stat").unwrap_or_default();
-        let rest = s.rfind(')').map(|i| &s[i + 2..]).unwrap_or("");
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let n = match key {
-            "ppid" => 4,
-            "pgid" => 5,
-            _ => 6,
-        };
-        f.get(n - 3).and_then(|v| v.parse().ok()).unwrap_or(0)
-    };
-    let image = ProcessImage {
-        pid,
-        ppid: stat_ids("ppid"),
-        pgid: stat_ids("pgid"),
-        sid: stat_ids("sid"),
-        threads: vec![thread],
-        state,
-        mm: mm::MmImage {
-            vmas,
-            fields,
-            auxv,
-            exe,
-            chunks,
-        },
-        files,
-    };
     stats.frozen_us = started.elapsed().as_micros() as u64;
     let mut meta = MetaWriter::new(&Header::current());
     meta.record(
         RecordKind::Inventory,
-        &Inventory {
-            root_pid: pid,
-            pids: vec![pid],
-            stats: stats.clone(),
-        },
+        &Inventory { root_pid: root, pids: images.iter().map(|p| p.pid).collect(), zombies, stats: stats.clone() },
     );
-    meta.record(RecordKind::Process, &image);
+    for image in &images {
+        meta.record(RecordKind::Process, image);
+    }
     meta.write_to(staging.path())?;
     staging.commit()?;
 
     match opts.after {
         AfterDump::Kill => {
-            frozen.released = true;
-            kill(tracee.nix_pid(), Signal::SIGKILL).map_err(|e| Error::sys(pid, "kill", e))?;
-            // As its tracer we see its death first; after this its parent can reap it.
-            let _ = waitpid(tracee.nix_pid(), Some(WaitPidFlag::__WALL));
+            set.released = true;
+            for p in &set.procs {
+                let _ = kill(nix::unistd::Pid::from_raw(p.pid), Signal::SIGKILL);
+            }
+            // As their tracer we see their deaths first; after this their parents can reap them.
+            for p in &set.procs {
+                for t in &p.threads {
+                    let _ = waitpid(t.tracee.nix_pid(), Some(WaitPidFlag::__WALL));
+                }
+            }
         }
-        AfterDump::LeaveRunning => frozen.release(None)?,
-        AfterDump::Stop => frozen.release(Some(Signal::SIGSTOP))?,
+        AfterDump::LeaveRunning => set.release_all(None)?,
+        AfterDump::Stop => set.release_all(Some(Signal::SIGSTOP))?,
     }
-    tracing::info!(
-        pid,
-        frozen_ms = stats.frozen_us / 1000,
-        pages = stats.pages_written,
-        "dumped"
-    );
+    tracing::info!(root, processes = images.len(), frozen_ms = stats.frozen_us / 1000, pages = stats.pages_written, "dumped");
     Ok(stats)
+}
+
+/// Restore recreates sessions by having each session leader call setsid()
+/// before it forks its children: every process must be in its own session, its
+/// parent's, or one whose leader is outside the dump (then it joins the
+/// restorer's session, as stdio is rebound to the restorer's).
+fn check_sessions(images: &[ProcessImage], zombies: &[Zombie]) -> Result<()> {
+    let sid_of = |pid: i32| images.iter().find(|p| p.pid == pid).map(|p| p.sid);
+    let in_dump = |pid: i32| images.iter().any(|p| p.pid == pid) || zombies.iter().any(|z| z.pid == pid);
+    for p in images {
+        let parent_sid = sid_of(p.ppid);
+        let ok = p.sid == p.pid || parent_sid == Some(p.sid) || (parent_sid.is_none() && !in_dump(p.sid));
+        if !ok {
+            return Err(Error::unsupported(
+                p.pid,
+                format!("is in session {} while its parent {} is in session {:?}: this session layout", p.sid, p.ppid, parent_sid),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn collect_process(
+    fp: &mut FrozenProcess,
+    dir: &std::path::Path,
+    stats: &mut DumpStats,
+    progress: &indicatif::ProgressBar,
+) -> Result<ProcessImage> {
+    let pid = fp.pid;
+    let status = proc::read(pid, "status")?;
+    let maps = proc::maps(pid)?;
+    let smaps = proc::read(pid, "smaps")?;
+    let vmas = mm::collect_vmas(pid, &maps, &proc::parse_smaps_vmflags(&smaps))?;
+    let files = files::collect(pid)?;
+    if files.root != "/" {
+        return Err(Error::unsupported(pid, format!("root directory {} (chroot)", files.root)));
+    }
+
+    let insn = find_syscall_insn(pid, &maps)?;
+    fp.insn = Some(insn);
+    let main = fp.main();
+    let scratch = main.remote_ok(
+        insn,
+        libc::SYS_mmap,
+        [0, PAGE_SIZE, (libc::PROT_READ | libc::PROT_WRITE) as u64, (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64, u64::MAX, 0],
+        "mmap of a scratch page",
+    )?;
+    fp.scratch = Some(scratch);
+    let mut threads = Vec::new();
+    for t in &fp.threads {
+        let name = proc::read(pid, &format!("task/{}/comm", t.tracee.pid))?.trim_end_matches('\n').to_string();
+        let remote = Remote { tracee: t.tracee, insn, scratch };
+        threads.push(task::collect_thread(&remote, &t.regs, name)?);
+    }
+    let remote = Remote { tracee: main, insn, scratch };
+    let state = task::collect_process(&remote, &status)?;
+    let brk = remote.call(libc::SYS_brk, [0; 6], "brk(0)")?;
+    main.remote_ok(insn, libc::SYS_munmap, [scratch, PAGE_SIZE, 0, 0, 0, 0], "munmap of crest's scratch page")?;
+    fp.scratch = None;
+
+    let f = stat_fields(pid)?;
+    let mut fields = mm::parse_stat_mm_fields(&proc::read(pid, "stat")?)
+        .ok_or_else(|| Error::Refused { pid, reason: format!("cannot parse /proc/{pid}/stat") })?;
+    fields.brk = brk;
+    let auxv_path = format!("/proc/{pid}/auxv");
+    let auxv = mm::parse_auxv(&std::fs::read(&auxv_path).map_err(|e| Error::io(&auxv_path, e))?);
+    let exe = proc::readlink(pid, "exe")?.to_string_lossy().into_owned();
+    if exe.ends_with(" (deleted)") {
+        return Err(Error::unsupported(pid, format!("its executable {exe} was deleted")));
+    }
+
+    let mem_started = Instant::now();
+    progress.set_message(format!("pid {pid}: memory"));
+    let chunks = mm::collect_pages(pid, &vmas, &Image::pages_path(dir, pid), stats)?;
+    stats.memory_us += mem_started.elapsed().as_micros() as u64;
+
+    Ok(ProcessImage {
+        pid,
+        ppid: stat_field(&f, 4) as i32,
+        pgid: stat_field(&f, 5) as i32,
+        sid: stat_field(&f, 6) as i32,
+        stopped: fp.was_stopped,
+        threads,
+        state,
+        mm: mm::MmImage { vmas, fields, auxv, exe, chunks },
+        files,
+    })
 }

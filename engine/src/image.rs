@@ -60,8 +60,25 @@ impl Header {
 #[serde(deny_unknown_fields)]
 pub struct Inventory {
     pub root_pid: i32,
+    /// Live processes, parents before children (the order restore creates them).
     pub pids: Vec<i32>,
+    /// Children that had exited but were not yet reaped by their parent.
+    #[serde(default)]
+    pub zombies: Vec<Zombie>,
     pub stats: DumpStats,
+}
+
+/// A zombie in the dumped tree: restored as a zombie with the same status,
+/// so its parent's later wait() sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Zombie {
+    pub pid: i32,
+    pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
+    /// The raw wait status (`/proc/PID/stat` exit_code).
+    pub wait_status: i32,
 }
 
 /// Figures about the dump itself, like CRIU's stats-dump.
@@ -345,6 +362,7 @@ mod tests {
             &Inventory {
                 root_pid: 7,
                 pids: vec![],
+                zombies: vec![],
                 stats: DumpStats::default(),
             },
         );

@@ -33,6 +33,10 @@ pub struct ProcessImage {
     pub ppid: i32,
     pub pgid: i32,
     pub sid: i32,
+    /// It was stopped (SIGSTOP, job control) when dumped, and is restored stopped.
+    #[serde(default)]
+    pub stopped: bool,
+    /// The main thread first.
     pub threads: Vec<task::ThreadImage>,
     pub state: task::ProcessState,
     pub mm: mm::MmImage,

@@ -80,6 +80,18 @@ impl Tracee {
         Ok(t)
     }
 
+    /// Seizes a restore child (which waits in pause() with every signal
+    /// blocked) with the options restore needs: EXITKILL so the half-built
+    /// process dies with crest, TRACECLONE so the threads it creates are ours.
+    pub fn seize_for_restore(pid: i32) -> Result<Tracee> {
+        let t = Tracee { pid };
+        let opts = ptrace::Options::PTRACE_O_TRACESYSGOOD | ptrace::Options::PTRACE_O_EXITKILL | ptrace::Options::PTRACE_O_TRACECLONE;
+        ptrace::seize(t.nix_pid(), opts).map_err(|e| t.err("PTRACE_SEIZE", e))?;
+        ptrace::interrupt(t.nix_pid()).map_err(|e| t.err("PTRACE_INTERRUPT", e))?;
+        t.wait_stop()?;
+        Ok(t)
+    }
+
     /// Waits until the task is in a ptrace stop of any kind.
     pub fn wait_stop(self) -> Result<WaitStatus> {
         loop {
@@ -296,6 +308,50 @@ impl Tracee {
             ));
         }
         Ok(r as u64)
+    }
+
+    /// Creates a thread in the task's process with a remote `clone3` whose
+    /// arguments are at `args` (in the task's memory), and returns its TID once
+    /// it is in its first stop (auto-attached through PTRACE_O_TRACECLONE).
+    pub fn remote_clone_thread(self, insn: u64, args: u64, size: u64) -> Result<i32> {
+        let saved = self.regs()?;
+        let mut regs = saved;
+        regs.rip = insn;
+        regs.rax = libc::SYS_clone3 as u64;
+        regs.orig_rax = u64::MAX;
+        regs.rdi = args;
+        regs.rsi = size;
+        self.set_regs(&regs)?;
+        let mut new_tid = None;
+        let mut syscall_stops = 0;
+        loop {
+            ptrace::syscall(self.nix_pid(), None).map_err(|e| self.err("PTRACE_SYSCALL", e))?;
+            match waitpid(self.nix_pid(), Some(WaitPidFlag::__WALL)).map_err(|e| self.err("waitpid", e))? {
+                WaitStatus::PtraceSyscall(_) => {
+                    syscall_stops += 1;
+                    if syscall_stops == 2 {
+                        break; // entry, then exit
+                    }
+                }
+                WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_CLONE) => {
+                    new_tid = Some(ptrace::getevent(self.nix_pid()).map_err(|e| self.err("PTRACE_GETEVENTMSG", e))? as i32);
+                }
+                other => {
+                    return Err(Error::Refused {
+                        pid: self.pid,
+                        reason: format!("unexpected stop {other:?} in a remote clone3"),
+                    })
+                }
+            }
+        }
+        let r = self.regs()?.rax as i64;
+        self.set_regs(&saved)?;
+        if r < 0 {
+            return Err(Error::sys(self.pid, "remote clone3 of a thread", Errno::from_raw(-r as i32)));
+        }
+        let tid = new_tid.unwrap_or(r as i32);
+        waitpid(Pid::from_raw(tid), Some(WaitPidFlag::__WALL)).map_err(|e| Error::sys(tid, "waitpid for a new thread", e))?;
+        Ok(tid)
     }
 
     pub fn detach(self, sig: Option<Signal>) -> Result<()> {

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::Pid;
 
 use crate::error::{Error, Result};
@@ -30,7 +30,7 @@ use crate::files::{self, FdKind};
 use crate::image::Image;
 use crate::mm::{self, Backing};
 use crate::ptrace::Tracee;
-use crate::task::{self, ThreadImage};
+use crate::task;
 use crate::{proc, ProcessImage, PAGE_SIZE};
 
 #[derive(Debug, Clone)]
@@ -136,38 +136,30 @@ impl Drop for Pages {
 /// Restores the image in `opts.dir`.
 pub fn restore(opts: &RestoreOptions, progress: &indicatif::ProgressBar) -> Result<Restored> {
     let image = Image::read(&opts.dir)?;
-    if image.processes.len() != 1 {
-        return Err(Error::unsupported(
-            image.inventory.root_pid,
-            format!(
-                "image holds {} processes: process trees",
-                image.processes.len()
-            ),
-        ));
+    let root = image.inventory.root_pid;
+    let mut pages = Vec::new();
+    for p in &image.processes {
+        if p.threads.first().map(|t| t.tid) != Some(p.pid) {
+            return Err(Error::bad_image(image.dir.join(crate::image::META_FILE), format!("pid {}: the main thread is not first", p.pid)));
+        }
+        files::verify_unchanged(p.pid, &p.files)?;
+        progress.set_message(format!("pid {}: checking pages", p.pid));
+        pages.push(Pages::open(&image.dir, p)?);
     }
-    let p = &image.processes[0];
-    if p.threads.len() != 1 {
-        return Err(Error::unsupported(
-            p.pid,
-            format!("has {} threads: multi-threaded processes", p.threads.len()),
-        ));
-    }
-    files::verify_unchanged(p.pid, &p.files)?;
-    progress.set_message(format!("pid {}: checking pages", p.pid));
-    let pages = Pages::open(&image.dir, p)?;
+    let plans = plan_tree(&image)?;
     if !opts.detach {
-        let pid = restore_process(p, &pages, opts, progress)?;
-        return Ok(Restored::Child { pid });
+        restore_tree(&image, &plans, &pages, opts, progress)?;
+        return Ok(Restored::Child { pid: root });
     }
     // Detached: an intermediate process restores and exits, so the restored
-    // process is reparented to init (or the nearest subreaper).
+    // tree is reparented to init (or the nearest subreaper).
     let (rd, wr) = nix::unistd::pipe().map_err(|e| Error::sys(0, "pipe", e))?;
     // SAFETY: crest is single-threaded here; the child only runs the restore and exits.
     match unsafe { nix::unistd::fork() }.map_err(|e| Error::sys(0, "fork", e))? {
         nix::unistd::ForkResult::Child => {
             drop(rd);
-            let msg = match restore_process(p, &pages, opts, progress) {
-                Ok(pid) => format!("ok {pid}"),
+            let msg = match restore_tree(&image, &plans, &pages, opts, progress) {
+                Ok(()) => "ok".to_string(),
                 Err(e) => format!("err {} {e}", e.exit_code()),
             };
             let _ = nix::unistd::write(&wr, msg.as_bytes());
@@ -180,18 +172,15 @@ pub fn restore(opts: &RestoreOptions, progress: &indicatif::ProgressBar) -> Resu
             use std::io::Read;
             let _ = File::from(rd).read_to_string(&mut msg);
             let _ = waitpid(child, None);
-            if let Some(pid) = msg.strip_prefix("ok ").and_then(|s| s.trim().parse().ok()) {
-                return Ok(Restored::Detached { pid });
+            if msg == "ok" {
+                return Ok(Restored::Detached { pid: root });
             }
             let rest = msg.strip_prefix("err ").unwrap_or("1 restore helper died");
             let (code, text) = rest.split_once(' ').unwrap_or(("1", rest));
             Err(if code == "3" {
                 Error::Unsupported {
-                    pid: p.pid,
-                    what: text
-                        .trim_start_matches(&format!("pid {}: ", p.pid))
-                        .trim_end_matches(": not supported yet")
-                        .to_string(),
+                    pid: root,
+                    what: text.trim_start_matches(&format!("pid {root}: ")).trim_end_matches(": not supported yet").to_string(),
                 }
             } else {
                 Error::Restore(text.to_string())
@@ -200,8 +189,15 @@ pub fn restore(opts: &RestoreOptions, progress: &indicatif::ProgressBar) -> Resu
     }
 }
 
-/// Everything the restore child needs, computed before the clone.
+/// Everything one restore child needs, computed before any clone.
 struct ChildPlan {
+    pid: i32,
+    /// Call setsid() first: it leads its session.
+    session_leader: bool,
+    /// Indices (into the plan list) of the live children it forks.
+    children: Vec<usize>,
+    /// Zombie children it forks: (pid, wait status, own group, own session).
+    zombies: Vec<(i32, i32, bool, bool)>,
     fds: Vec<files::FdImage>,
     /// Files to keep open for mmap, the fd each goes to, and whether for writing.
     map_files: Vec<(CString, i32, bool)>,
@@ -221,61 +217,300 @@ struct ChildPlan {
 
 const TRAMPOLINE_LEN: u64 = 2 * PAGE_SIZE;
 
-fn restore_process(
-    p: &ProcessImage,
-    pages: &Pages,
-    opts: &RestoreOptions,
-    progress: &indicatif::ProgressBar,
-) -> Result<i32> {
-    let thread = &p.threads[0];
-    let (file_fds, exe_fd) = helper_fds(p);
-    let map_files = file_fds
-        .iter()
-        .map(|(path, fd, writable)| {
-            let c = CString::new(path.as_str())
-                .map_err(|_| Error::Restore(format!("pid {}: bad path {path:?}", p.pid)))?;
-            Ok((c, *fd, *writable))
-        })
-        .collect::<Result<Vec<_>>>()?;
+/// Plans every process of the image, in image order (parents first).
+fn plan_tree(image: &Image) -> Result<Vec<ChildPlan>> {
     let own_maps = proc::maps(std::process::id() as i32)?;
-    let mut taken: Vec<(u64, u64)> = own_maps.iter().map(|m| (m.start, m.end)).collect();
-    taken.extend(p.mm.vmas.iter().map(|v| (v.start, v.end)));
-    let trampoline = mm::find_gap(&taken, TRAMPOLINE_LEN, 0x10_0000).ok_or_else(|| {
-        Error::Restore(format!(
-            "pid {}: no free address range for the restore trampoline",
-            p.pid
-        ))
-    })?;
-    let cstr = |s: &str, what: &str| {
-        CString::new(s).map_err(|_| Error::Restore(format!("pid {}: bad {what} {s:?}", p.pid)))
-    };
-    let plan = ChildPlan {
-        fds: p.files.fds.clone(),
-        map_files,
-        exe: (cstr(&p.mm.exe, "exe")?, exe_fd, false),
-        err_fd: exe_fd + 1,
-        cwd: cstr(&p.files.cwd, "cwd")?,
-        umask: p.state.umask,
-        personality: p.state.personality,
-        comm: cstr(&p.state.comm, "comm")?,
-        rlimits: p.state.rlimits.clone(),
-        sigactions: p.state.sigactions.clone(),
-        altstack: thread.altstack,
-        thread_pending: thread.pending.clone(),
-        shared_pending: p.state.shared_pending.clone(),
-        trampoline,
-    };
+    let mut plans = Vec::new();
+    for p in &image.processes {
+        let thread = &p.threads[0];
+        let (file_fds, exe_fd) = helper_fds(p);
+        let cstr = |s: &str, what: &str| CString::new(s).map_err(|_| Error::Restore(format!("pid {}: bad {what} {s:?}", p.pid)));
+        let map_files = file_fds
+            .iter()
+            .map(|(path, fd, writable)| Ok((cstr(path, "path")?, *fd, *writable)))
+            .collect::<Result<Vec<_>>>()?;
+        let mut taken: Vec<(u64, u64)> = own_maps.iter().map(|m| (m.start, m.end)).collect();
+        taken.extend(p.mm.vmas.iter().map(|v| (v.start, v.end)));
+        let trampoline = mm::find_gap(&taken, TRAMPOLINE_LEN, 0x10_0000)
+            .ok_or_else(|| Error::Restore(format!("pid {}: no free address range for the restore trampoline", p.pid)))?;
+        let children = image
+            .processes
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.ppid == p.pid && c.pid != image.inventory.root_pid)
+            .map(|(i, _)| i)
+            .collect();
+        let zombies = image
+            .inventory
+            .zombies
+            .iter()
+            .filter(|z| z.ppid == p.pid)
+            .map(|z| (z.pid, z.wait_status, z.pgid == z.pid, z.sid == z.pid))
+            .collect();
+        plans.push(ChildPlan {
+            pid: p.pid,
+            session_leader: p.sid == p.pid,
+            children,
+            zombies,
+            fds: p.files.fds.clone(),
+            map_files,
+            exe: (cstr(&p.mm.exe, "exe")?, exe_fd, false),
+            err_fd: exe_fd + 1,
+            cwd: cstr(&p.files.cwd, "cwd")?,
+            umask: p.state.umask,
+            personality: p.state.personality,
+            comm: cstr(&p.state.comm, "comm")?,
+            rlimits: p.state.rlimits.clone(),
+            sigactions: p.state.sigactions.clone(),
+            altstack: thread.altstack,
+            thread_pending: thread.pending.clone(),
+            shared_pending: p.state.shared_pending.clone(),
+            trampoline,
+        });
+    }
+    Ok(plans)
+}
 
-    let child = clone_with_pid(p.pid, &plan, opts.pid_wait)?;
-    let guard = KillOnDrop {
-        pid: child,
-        armed: true,
-    };
-    progress.set_message(format!("pid {}: memory", p.pid));
-    rebuild(child, p, thread, pages, trampoline, opts.stop)?;
-    let mut guard = guard;
+/// Kills a half-restored tree: the root we created (its descendants follow
+/// through PR_SET_PDEATHSIG) and every process we already seized (whose
+/// pdeathsig may already be the restored one). Never a process we did not create.
+struct TreeGuard {
+    pids: Vec<i32>,
+    armed: bool,
+}
+
+impl Drop for TreeGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            for &pid in &self.pids {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            for &pid in &self.pids {
+                let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG));
+            }
+        }
+    }
+}
+
+/// Creates the whole tree (each process forks its own children), then rebuilds
+/// every process through ptrace and releases them all together.
+fn restore_tree(image: &Image, plans: &[ChildPlan], pages: &[Pages], opts: &RestoreOptions, progress: &indicatif::ProgressBar) -> Result<()> {
+    let mut report = [0i32; 2];
+    // SAFETY: pipe2 writes two fds into the array.
+    if unsafe { libc::pipe2(report.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(Error::sys(0, "pipe2", nix::errno::Errno::last()));
+    }
+    // SAFETY: both fds are fresh and owned by us from here on.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(report[0]), OwnedFd::from_raw_fd(report[1])) };
+    let deadline = Instant::now() + opts.pid_wait;
+    let mut guard = TreeGuard { pids: Vec::new(), armed: true };
+    let root = clone_with_pid(plans[0].pid, deadline, || process_main(0, plans, wr.as_raw_fd(), deadline))
+    .map_err(|e| match e {
+        CloneError::Taken(pid) => pid_taken(pid),
+        CloneError::Other(e) => e,
+    })?;
+    debug_assert_eq!(root, plans[0].pid);
+    guard.pids.push(root);
+    drop(wr);
+    // Each process reports "ok PID" or "err PID reason", then closes its end.
+    let mut text = String::new();
+    use std::io::Read;
+    let _ = File::from(rd).read_to_string(&mut text);
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("err ") {
+            let (pid, msg) = rest.split_once(' ').unwrap_or((rest, ""));
+            if let Some(pid) = msg.strip_prefix("taken ").and_then(|p| p.parse().ok()) {
+                return Err(pid_taken(pid));
+            }
+            return Err(Error::Restore(format!("pid {pid}: {msg}")));
+        }
+    }
+    for p in plans {
+        if !text.lines().any(|l| l == format!("ok {}", p.pid)) {
+            return Err(Error::Restore(format!("pid {}: the restore child died before it was set up", p.pid)));
+        }
+    }
+
+    let mut built = Vec::new();
+    for (i, p) in image.processes.iter().enumerate() {
+        progress.set_message(format!("pid {}: memory", p.pid));
+        let t = Tracee::seize_for_restore(p.pid)?;
+        guard.pids.push(p.pid);
+        built.push(rebuild(t, p, &pages[i], plans[i].trampoline)?);
+    }
+    set_process_groups(image, plans)?;
+    for (i, p) in image.processes.iter().enumerate() {
+        finish(p, &built[i], plans[i].trampoline)?;
+    }
     guard.armed = false;
-    Ok(child)
+    for (i, p) in image.processes.iter().enumerate() {
+        for (n, t) in built[i].iter().enumerate() {
+            let sig = (n == 0 && (opts.stop || p.stopped)).then_some(Signal::SIGSTOP);
+            t.detach(sig)?;
+        }
+    }
+    Ok(())
+}
+
+fn pid_taken(pid: i32) -> Error {
+    let comm = proc::read(pid, "comm").map(|c| c.trim().to_string()).unwrap_or_else(|_| "?".into());
+    Error::Restore(format!(
+        "pid {pid} is in use (by '{comm}'); stop that process or restore into a new PID namespace (--pidns, not supported yet)"
+    ))
+}
+
+/// Joins every process to its group, leaders first. Groups led from outside
+/// the image stay the restorer's (as stdio pointing outside is rebound).
+fn set_process_groups(image: &Image, plans: &[ChildPlan]) -> Result<()> {
+    let in_image = |pgid: i32| image.processes.iter().any(|p| p.pid == pgid);
+    for leaders_first in [true, false] {
+        for (i, p) in image.processes.iter().enumerate() {
+            if p.sid == p.pid || (p.pgid == p.pid) != leaders_first {
+                continue; // a session leader already leads its group
+            }
+            if !leaders_first && !in_image(p.pgid) {
+                if image.inventory.zombies.iter().any(|z| z.pid == p.pgid) {
+                    return Err(Error::unsupported(p.pid, format!("its process group {} is led by a zombie", p.pgid)));
+                }
+                tracing::warn!(pid = p.pid, pgid = p.pgid, "process group led from outside the image: keeping the restorer's");
+                continue;
+            }
+            let target = if leaders_first { 0 } else { p.pgid as u64 };
+            Tracee { pid: p.pid }.remote_ok(plans[i].trampoline, libc::SYS_setpgid, [0, target, 0, 0, 0, 0], &format!("setpgid to {}", p.pgid))?;
+        }
+    }
+    Ok(())
+}
+
+enum CloneError {
+    /// The PID stayed taken until the deadline.
+    Taken(i32),
+    Other(Error),
+}
+
+/// Forks a child with PID `pid`, retrying while the PID is taken (a process
+/// killed by the dump may wait 1-3 s for init to reap it) until `deadline`.
+/// The child runs `child` and never returns.
+fn clone_with_pid(pid: i32, deadline: Instant, child: impl FnOnce() -> std::convert::Infallible) -> std::result::Result<i32, CloneError> {
+    let set_tid = [pid];
+    let args = CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: set_tid.as_ptr() as u64,
+        set_tid_size: 1,
+        ..Default::default()
+    };
+    loop {
+        // SAFETY: clone3 without CLONE_VM behaves like fork; the child only runs
+        // `child`, which never returns. The caller is single-threaded.
+        let r = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) };
+        if r == 0 {
+            #[allow(unreachable_code)] // `child` diverges: its result cannot exist
+            match child() {}
+        }
+        if r > 0 {
+            return Ok(r as i32);
+        }
+        let e = nix::errno::Errno::last();
+        match e {
+            nix::errno::Errno::EEXIST if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            nix::errno::Errno::EEXIST => return Err(CloneError::Taken(pid)),
+            nix::errno::Errno::ENOSYS => {
+                return Err(CloneError::Other(Error::Restore("this kernel has no clone3 (Linux 5.5+ needed to restore PIDs)".into())))
+            }
+            nix::errno::Errno::EPERM => {
+                return Err(CloneError::Other(Error::Restore(format!(
+                    "pid {pid}: clone3 with set_tid needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE"
+                ))))
+            }
+            e => return Err(CloneError::Other(Error::sys(pid, "clone3 with set_tid", e))),
+        }
+    }
+}
+
+/// The body of restore child `idx`: lead its session, fork its children and
+/// zombies, set itself up, report, and wait for the restorer to seize it.
+fn process_main(idx: usize, plans: &[ChildPlan], report_fd: i32, deadline: Instant) -> std::convert::Infallible {
+    let plan = &plans[idx];
+    let report = |msg: String| {
+        // SAFETY: a write of our own buffer to the report pipe; under PIPE_BUF, so atomic.
+        unsafe { libc::write(plan.err_fd, msg.as_ptr().cast(), msg.len()) };
+    };
+    // SAFETY: plain syscalls on ourselves, in the freshly cloned child.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+        // Should our parent (another restore child, or crest) die, so do we.
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        if report_fd != plan.err_fd {
+            if libc::dup3(report_fd, plan.err_fd, libc::O_CLOEXEC) < 0 {
+                libc::_exit(1);
+            }
+            libc::close(report_fd);
+        }
+        if plan.session_leader && libc::setsid() < 0 {
+            report(format!("err {} {}\n", plan.pid, errno_msg("setsid")));
+            libc::_exit(1);
+        }
+    }
+    for &c in &plan.children {
+        let err_fd = plan.err_fd;
+        if let Err(e) = clone_with_pid(plans[c].pid, deadline, || process_main(c, plans, err_fd, deadline)) {
+            report(match e {
+                CloneError::Taken(pid) => format!("err {} taken {pid}\n", plan.pid),
+                CloneError::Other(e) => format!("err {} {e}\n", plan.pid),
+            });
+            // SAFETY: leaving without unwinding.
+            unsafe { libc::_exit(1) };
+        }
+    }
+    for &(pid, status, own_group, own_session) in &plan.zombies {
+        let r = clone_with_pid(pid, deadline, || {
+            // SAFETY: the zombie-to-be only sets its group/session and dies as it did.
+            unsafe {
+                if own_session {
+                    libc::setsid();
+                } else if own_group {
+                    libc::setpgid(0, 0);
+                }
+                let sig = status & 0x7f;
+                if sig != 0 {
+                    let mut one: libc::sigset_t = std::mem::zeroed();
+                    libc::sigemptyset(&mut one);
+                    libc::sigaddset(&mut one, sig);
+                    libc::signal(sig, libc::SIG_DFL);
+                    libc::prctl(libc::PR_SET_DUMPABLE, 0); // no core dump
+                    libc::sigprocmask(libc::SIG_UNBLOCK, &one, std::ptr::null_mut());
+                    libc::raise(sig);
+                }
+                libc::_exit((status >> 8) & 0xff)
+            }
+        });
+        if let Err(e) = r {
+            report(match e {
+                CloneError::Taken(pid) => format!("err {} taken {pid}\n", plan.pid),
+                CloneError::Other(e) => format!("err {} {e}\n", plan.pid),
+            });
+            // SAFETY: leaving without unwinding.
+            unsafe { libc::_exit(1) };
+        }
+    }
+    match child_setup(plan) {
+        Ok(()) => report(format!("ok {}\n", plan.pid)),
+        Err(msg) => {
+            report(format!("err {} {}\n", plan.pid, msg.replace('\n', " ")));
+            // SAFETY: leaving without unwinding.
+            unsafe { libc::_exit(1) };
+        }
+    }
+    // SAFETY: closing our end of the report pipe, then waiting (all signals
+    // blocked) for the restorer to seize us; it never lets this code continue.
+    unsafe {
+        libc::close(plan.err_fd);
+        loop {
+            libc::pause();
+        }
+    }
 }
 
 /// The descriptors the restore child keeps open for the restorer: one per
@@ -303,21 +538,6 @@ fn helper_fds(p: &ProcessImage) -> (Vec<(String, i32, bool)>, i32) {
     (out, exe)
 }
 
-/// Kills a half-restored child.
-struct KillOnDrop {
-    pid: i32,
-    armed: bool,
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if self.armed {
-            let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
-            let _ = waitpid(Pid::from_raw(self.pid), Some(WaitPidFlag::__WALL));
-        }
-    }
-}
-
 #[repr(C)]
 #[derive(Default)]
 struct CloneArgs {
@@ -334,140 +554,16 @@ struct CloneArgs {
     cgroup: u64,
 }
 
-/// Forks the restore child with PID `pid` (waiting up to `wait` for it to be
-/// free), and returns once the child has set itself up and stopped.
-fn clone_with_pid(pid: i32, plan: &ChildPlan, wait: Duration) -> Result<i32> {
-    let deadline = Instant::now() + wait;
-    let mut pipe = [0i32; 2];
-    // SAFETY: pipe2 writes two fds into the array.
-    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(Error::sys(pid, "pipe2", nix::errno::Errno::last()));
-    }
-    // SAFETY: both fds are fresh and owned by us from here on.
-    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
-    let set_tid = [pid];
-    let args = CloneArgs {
-        exit_signal: libc::SIGCHLD as u64,
-        set_tid: set_tid.as_ptr() as u64,
-        set_tid_size: 1,
-        ..Default::default()
-    };
-    let child = loop {
-        // SAFETY: clone3 without CLONE_VM behaves like fork; the child only runs
-        // `child_main`, which never returns. crest is single-threaded here.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_clone3,
-                &args as *const CloneArgs,
-                std::mem::size_of::<CloneArgs>(),
-            )
-        };
-        if r == 0 {
-            drop(rd);
-            child_main(plan, wr.as_raw_fd());
-        }
-        if r > 0 {
-            break r as i32;
-        }
-        let e = nix::errno::Errno::last();
-        match e {
-            nix::errno::Errno::EEXIST if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            nix::errno::Errno::EEXIST => {
-                let comm = proc::read(pid, "comm")
-                    .map(|c| c.trim().to_string())
-                    .unwrap_or_else(|_| "?".into());
-                return Err(Error::Restore(format!(
-                    "pid {pid} is in use (by '{comm}'); stop that process or restore into a new PID namespace (--pidns, not supported yet)"
-                )));
-            }
-            nix::errno::Errno::ENOSYS => {
-                return Err(Error::Restore(
-                    "this kernel has no clone3 (Linux 5.5+ needed to restore PIDs)".into(),
-                ))
-            }
-            nix::errno::Errno::EPERM => {
-                return Err(Error::Restore(format!(
-                    "pid {pid}: clone3 with set_tid needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE"
-                )))
-            }
-            e => return Err(Error::sys(pid, "clone3 with set_tid", e)),
-        }
-    };
-    drop(wr);
-    let mut msg = String::new();
-    use std::io::Read;
-    let _ = File::from(rd).read_to_string(&mut msg);
-    let guard = KillOnDrop {
-        pid: child,
-        armed: true,
-    };
-    if !msg.is_empty() {
-        return Err(Error::Restore(format!("pid {pid}: {msg}")));
-    }
-    match waitpid(Pid::from_raw(child), Some(WaitPidFlag::__WALL))
-        .map_err(|e| Error::sys(child, "waitpid", e))?
-    {
-        WaitStatus::Stopped(_, Signal::SIGSTOP) => {
-            // EXITKILL: should crest itself die mid-restore, the half-built child dies too.
-            let opts = nix::sys::ptrace::Options::PTRACE_O_TRACESYSGOOD
-                | nix::sys::ptrace::Options::PTRACE_O_EXITKILL;
-            nix::sys::ptrace::setoptions(Pid::from_raw(child), opts)
-                .map_err(|e| Error::sys(child, "PTRACE_SETOPTIONS", e))?;
-        }
-        other => {
-            return Err(Error::Restore(format!(
-                "pid {pid}: restore child did not stop as expected: {other:?}"
-            )))
-        }
-    }
-    let mut guard = guard;
-    guard.armed = false;
-    Ok(child)
-}
-
-/// The restore child: sets itself up, then stops for the restorer. On failure it
-/// writes the reason to `err_fd` and exits.
-fn child_main(plan: &ChildPlan, err_fd: i32) -> ! {
-    let result = child_setup(plan, err_fd);
-    let fd = plan.err_fd;
-    if let Err(msg) = result {
-        // SAFETY: writing a buffer we own to our error pipe, then exiting without unwinding.
-        unsafe {
-            libc::write(
-                if fd >= 0 { fd } else { err_fd },
-                msg.as_ptr().cast(),
-                msg.len(),
-            );
-            libc::_exit(1);
-        }
-    }
-    // SAFETY: closing our end of the error pipe (EOF tells the parent we are ready),
-    // then stopping ourselves for the tracer, which never lets this code continue.
-    unsafe {
-        libc::close(fd);
-        libc::syscall(libc::SYS_kill, libc::getpid(), libc::SIGSTOP);
-        loop {
-            libc::pause();
-        }
-    }
-}
-
 fn errno_msg(what: &str) -> String {
     format!("{what}: {}", std::io::Error::last_os_error())
 }
 
-fn child_setup(plan: &ChildPlan, err_fd: i32) -> std::result::Result<(), String> {
+/// What a restore child sets up on itself: descriptors, cwd, limits, signal
+/// dispositions and pending signals, and the trampoline the restorer drives it through.
+fn child_setup(plan: &ChildPlan) -> std::result::Result<(), String> {
     // SAFETY: every call below is a plain syscall on our own process with
     // arguments we own; this is the freshly cloned child, single-threaded.
     unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
-        if libc::dup3(err_fd, plan.err_fd, libc::O_CLOEXEC) < 0 {
-            return Err(errno_msg("moving the error pipe"));
-        }
         // Close everything crest had open except stdio (which may be rebound).
         let open: Vec<i32> = std::fs::read_dir("/proc/self/fd")
             .map_err(|e| format!("/proc/self/fd: {e}"))?
@@ -628,23 +724,14 @@ fn child_setup(plan: &ChildPlan, err_fd: i32) -> std::result::Result<(), String>
         // syscall; int3 (never reached: the restorer stops at syscall exit).
         std::ptr::copy_nonoverlapping([0x0f_u8, 0x05, 0xcc].as_ptr(), t.cast::<u8>(), 3);
         libc::mprotect(t, PAGE_SIZE as usize, libc::PROT_READ | libc::PROT_EXEC);
-        if libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) < 0 {
-            return Err(errno_msg("PTRACE_TRACEME"));
-        }
     }
     Ok(())
 }
 
-/// Rebuilds the stopped child `pid` into the process of the image.
-fn rebuild(
-    pid: i32,
-    p: &ProcessImage,
-    thread: &ThreadImage,
-    pages: &Pages,
-    insn: u64,
-    stop: bool,
-) -> Result<()> {
-    let t = Tracee { pid };
+/// Rebuilds the seized restore child `t` into the process of the image, all
+/// but the final registers; returns its threads, main thread first.
+fn rebuild(t: Tracee, p: &ProcessImage, pages: &Pages, insn: u64) -> Result<Vec<Tracee>> {
+    let pid = t.pid;
     let call = |nr: i64, args: [u64; 6], what: &str| t.remote_ok(insn, nr, args, what);
     let scratch = insn + PAGE_SIZE;
     let (file_fds, exe_fd) = helper_fds(p);
@@ -774,102 +861,103 @@ fn rebuild(
         call(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0], "close")?;
     }
 
-    if let Some(r) = &thread.rseq {
-        call(
-            libc::SYS_rseq,
-            [r.pointer, r.size as u64, 0, r.signature as u64, 0, 0],
-            "rseq register",
-        )?;
-    }
-    if let Some(rl) = &thread.robust_list {
-        call(
-            libc::SYS_set_robust_list,
-            [rl.head, rl.len, 0, 0, 0, 0],
-            "set_robust_list",
-        )?;
-    }
-    call(
-        libc::SYS_set_tid_address,
-        [thread.clear_child_tid, 0, 0, 0, 0, 0],
-        "set_tid_address",
-    )?;
     for it in &p.state.itimers {
-        let v = [
-            it.interval_us / 1_000_000,
-            it.interval_us % 1_000_000,
-            it.value_us / 1_000_000,
-            it.value_us % 1_000_000,
-        ];
+        let v = [it.interval_us / 1_000_000, it.interval_us % 1_000_000, it.value_us / 1_000_000, it.value_us % 1_000_000];
         let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_ne_bytes()).collect();
         crate::ptrace::write_mem(pid, scratch, &bytes)?;
-        call(
-            libc::SYS_setitimer,
-            [it.which as u64, scratch, 0, 0, 0, 0],
-            "setitimer",
-        )?;
+        call(libc::SYS_setitimer, [it.which as u64, scratch, 0, 0, 0, 0], "setitimer")?;
+    }
+    const PR_SET_PDEATHSIG: u64 = 1;
+    call(libc::SYS_prctl, [PR_SET_PDEATHSIG, p.state.pdeathsig as u64, 0, 0, 0, 0], "prctl(PR_SET_PDEATHSIG)")?;
+
+    // Threads: created by remote clone3 in the main thread with their original
+    // TIDs (before credentials drop, since set_tid needs privilege).
+    let mut threads = vec![t];
+    for th in &p.threads[1..] {
+        const THREAD_FLAGS: u64 = (libc::CLONE_VM
+            | libc::CLONE_FS
+            | libc::CLONE_FILES
+            | libc::CLONE_SIGHAND
+            | libc::CLONE_THREAD
+            | libc::CLONE_SYSVSEM) as u64;
+        let args_at = scratch + 2048;
+        let tid_at = args_at + 256;
+        let mut args = [0u64; 11];
+        args[0] = THREAD_FLAGS;
+        args[8] = tid_at;
+        args[9] = 1;
+        let bytes: Vec<u8> = args.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        crate::ptrace::write_mem(pid, args_at, &bytes)?;
+        crate::ptrace::write_mem(pid, tid_at, &th.tid.to_ne_bytes())?;
+        let tid = t.remote_clone_thread(insn, args_at, 88)?;
+        if tid != th.tid {
+            return Err(Error::Restore(format!("pid {pid}: thread {} came back as {tid}", th.tid)));
+        }
+        threads.push(Tracee { pid: tid });
+    }
+    // Signals queued for one thread: queued by the main thread (the only one allowed
+    // to send siginfo with si_code >= 0 to its own process).
+    for (th, tt) in p.threads.iter().zip(&threads).skip(1) {
+        for info in &th.pending {
+            crate::ptrace::write_mem(pid, scratch, &info.0)?;
+            call(libc::SYS_rt_tgsigqueueinfo, [pid as u64, tt.pid as u64, info.signo() as u64, scratch, 0, 0], "rt_tgsigqueueinfo")?;
+        }
     }
     let c = &p.state.creds;
     let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
-    if groups.len() > PAGE_SIZE as usize {
-        return Err(Error::unsupported(
-            pid,
-            format!("{} supplementary groups", c.groups.len()),
-        ));
+    if groups.len() > 2048 {
+        return Err(Error::unsupported(pid, format!("{} supplementary groups", c.groups.len())));
     }
-    crate::ptrace::write_mem(pid, scratch, &groups)?;
-    call(
-        libc::SYS_setgroups,
-        [c.groups.len() as u64, scratch, 0, 0, 0, 0],
-        "setgroups",
-    )?;
-    call(
-        libc::SYS_setresgid,
-        [
-            c.gids[0] as u64,
-            c.gids[1] as u64,
-            c.gids[2] as u64,
-            0,
-            0,
-            0,
-        ],
-        "setresgid",
-    )?;
-    call(
-        libc::SYS_setresuid,
-        [
-            c.uids[0] as u64,
-            c.uids[1] as u64,
-            c.uids[2] as u64,
-            0,
-            0,
-            0,
-        ],
-        "setresuid",
-    )?;
+    for (th, tt) in p.threads.iter().zip(&threads) {
+        let tcall = |nr: i64, args: [u64; 6], what: &str| tt.remote_ok(insn, nr, args, what);
+        if let Some(r) = &th.rseq {
+            tcall(libc::SYS_rseq, [r.pointer, r.size as u64, 0, r.signature as u64, 0, 0], "rseq register")?;
+        }
+        if let Some(rl) = &th.robust_list {
+            tcall(libc::SYS_set_robust_list, [rl.head, rl.len, 0, 0, 0, 0], "set_robust_list")?;
+        }
+        tcall(libc::SYS_set_tid_address, [th.clear_child_tid, 0, 0, 0, 0, 0], "set_tid_address")?;
+        if th.tid != pid {
+            if let Some(a) = &th.altstack {
+                let ss: Vec<u8> = [a.sp, (a.flags & !libc::SS_ONSTACK) as u32 as u64, a.size].iter().flat_map(|v| v.to_ne_bytes()).collect();
+                crate::ptrace::write_mem(pid, scratch, &ss)?;
+                tcall(libc::SYS_sigaltstack, [scratch, 0, 0, 0, 0, 0], "sigaltstack")?;
+            }
+            let mut name = th.name.as_bytes().to_vec();
+            name.truncate(15);
+            name.push(0);
+            crate::ptrace::write_mem(pid, scratch, &name)?;
+            tcall(libc::SYS_prctl, [libc::PR_SET_NAME as u64, scratch, 0, 0, 0, 0], "prctl(PR_SET_NAME)")?;
+        }
+        // Credentials are per thread in the kernel: set them in each.
+        crate::ptrace::write_mem(pid, scratch, &groups)?;
+        tcall(libc::SYS_setgroups, [c.groups.len() as u64, scratch, 0, 0, 0, 0], "setgroups")?;
+        tcall(libc::SYS_setresgid, [c.gids[0] as u64, c.gids[1] as u64, c.gids[2] as u64, 0, 0, 0], "setresgid")?;
+        tcall(libc::SYS_setresuid, [c.uids[0] as u64, c.uids[1] as u64, c.uids[2] as u64, 0, 0, 0], "setresuid")?;
+        tt.set_sigmask(th.sigmask)?;
+        tt.set_xstate(&th.xstate)?;
+    }
+    Ok(threads)
+}
 
-    t.set_sigmask(thread.sigmask)?;
-    t.set_xstate(&thread.xstate)?;
-    // The last syscall removes the trampoline it runs from; at its exit stop the
-    // task gets its own registers and never returns into the trampoline.
-    let mut regs = thread.regs;
+/// Gives every thread its own registers. The main thread's last syscall removes
+/// the trampoline it runs from; at its exit stop it gets its registers and
+/// never returns into the trampoline.
+fn finish(p: &ProcessImage, threads: &[Tracee], insn: u64) -> Result<()> {
+    for (th, tt) in p.threads.iter().zip(threads).skip(1) {
+        let mut regs = th.regs;
+        task::resume_interrupted_syscall(&mut regs, false);
+        tt.set_prstatus(&regs.to_user_regs())?;
+    }
+    let t = threads[0];
+    let mut regs = p.threads[0].regs;
     task::resume_interrupted_syscall(&mut regs, false);
     let base = t.regs()?;
-    let r = t.syscall_with_regs(
-        insn,
-        libc::SYS_munmap,
-        [insn, TRAMPOLINE_LEN, 0, 0, 0, 0],
-        &base,
-    )?;
+    let r = t.syscall_with_regs(insn, libc::SYS_munmap, [insn, TRAMPOLINE_LEN, 0, 0, 0, 0], &base)?;
     if r != 0 {
-        return Err(Error::sys(
-            pid,
-            "remote munmap of the trampoline",
-            nix::errno::Errno::from_raw(-r as i32),
-        ));
+        return Err(Error::sys(t.pid, "remote munmap of the trampoline", nix::errno::Errno::from_raw(-r as i32)));
     }
-    t.set_prstatus(&regs.to_user_regs())?;
-    t.detach(stop.then_some(Signal::SIGSTOP))?;
-    Ok(())
+    t.set_prstatus(&regs.to_user_regs())
 }
 
 /// Runs one system call in the restore child: (number, arguments, what for).

@@ -128,6 +128,9 @@ pub fn resume_interrupted_syscall(regs: &mut Registers, restart_block: bool) {
 #[serde(deny_unknown_fields)]
 pub struct ThreadImage {
     pub tid: i32,
+    /// The thread's name (`/proc/PID/task/TID/comm`).
+    #[serde(default)]
+    pub name: String,
     pub regs: Registers,
     /// The XSAVE area (NT_X86_XSTATE): x87, SSE, AVX… as the kernel gave it.
     #[serde(with = "crate::image::hex_bytes")]
@@ -230,6 +233,9 @@ pub struct ProcessState {
     pub umask: u32,
     pub personality: u32,
     pub comm: String,
+    /// PR_SET_PDEATHSIG signal, 0 for none.
+    #[serde(default)]
+    pub pdeathsig: i32,
 }
 
 /// A place in the target where a remote syscall can write its output, and the
@@ -258,9 +264,11 @@ fn u64_at(b: &[u8], i: usize) -> u64 {
 }
 
 /// Collects the state of the (single) thread `tracee`.
-pub fn collect_thread(remote: &Remote) -> Result<ThreadImage> {
+/// Collects the state of one seized thread; `regs` are its registers as they
+/// were when it was frozen (before any remote call).
+pub fn collect_thread(remote: &Remote, regs: &Regs, name: String) -> Result<ThreadImage> {
     let t = remote.tracee;
-    let regs = Registers::from(&t.regs()?);
+    let regs = Registers::from(regs);
     let xstate = t.xstate()?;
     let sigmask = t.sigmask()?;
     let pending = t
@@ -309,6 +317,7 @@ pub fn collect_thread(remote: &Remote) -> Result<ThreadImage> {
     });
     Ok(ThreadImage {
         tid: t.pid,
+        name,
         regs,
         xstate,
         sigmask,
@@ -426,6 +435,10 @@ pub fn collect_process(remote: &Remote, status: &str) -> Result<ProcessState> {
         .unwrap_or(0o022);
     let personality = u32::from_str_radix(proc::read(pid, "personality")?.trim(), 16).unwrap_or(0);
     let comm = proc::read(pid, "comm")?.trim_end_matches('\n').to_string();
+    const PR_GET_PDEATHSIG: u64 = 2;
+    remote.call(libc::SYS_prctl, [PR_GET_PDEATHSIG, remote.scratch, 0, 0, 0, 0], "prctl(PR_GET_PDEATHSIG)")?;
+    let b = remote.read_scratch(4)?;
+    let pdeathsig = i32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
     Ok(ProcessState {
         sigactions,
         shared_pending,
@@ -435,6 +448,7 @@ pub fn collect_process(remote: &Remote, status: &str) -> Result<ProcessState> {
         umask,
         personality,
         comm,
+        pdeathsig,
     })
 }
 

@@ -26,6 +26,7 @@ fn fixture_image(dir: &std::path::Path) {
         &Inventory {
             root_pid: 4242,
             pids: vec![4242],
+            zombies: vec![],
             stats,
         },
     );
