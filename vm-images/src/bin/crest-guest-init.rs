@@ -16,6 +16,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt as _;
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -271,7 +272,21 @@ fn run_command(spec: &GuestSpec) -> GuestStatus {
             .map_err(|e| format!("create stdout file: {e}"))?;
         let err = File::create(results.join(STDERR_FILE))
             .map_err(|e| format!("create stderr file: {e}"))?;
-        let child = Command::new(prog)
+        let mut cmd = Command::new(prog);
+        // Like a login shell or a service manager would, give the command a
+        // session and process group of its own: processes in session 0
+        // (init's) are not what a real system runs.
+        // SAFETY: the closure runs between fork and exec and only calls
+        // setsid(2), which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
             .args(args)
             .env_clear()
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
