@@ -126,6 +126,8 @@ struct Run<'a> {
     /// Helper processes (a tracer) to kill and reap at the end.
     helpers: Vec<Child>,
     restore: Option<Child>,
+    /// How the last background restore ended, when a wait noticed it first.
+    restore_status: Option<ExitStatus>,
     /// Pids seen in a view (originals and restored ones) with the session they
     /// belong to, killed at the end if still there and still ours.
     known: Vec<i32>,
@@ -210,6 +212,7 @@ pub fn run_case(cfg: &Config, spec: &CaseSpec, seq: usize) -> CaseOutcome {
         workload: None,
         helpers: Vec::new(),
         restore: None,
+        restore_status: None,
         known: Vec::new(),
         sid: None,
         crest_runs: 0,
@@ -365,6 +368,7 @@ impl Run<'_> {
             if let Some(r) = self.restore.as_mut() {
                 if let Ok(Some(st)) = r.try_wait() {
                     self.restore = None;
+                    self.restore_status = Some(st);
                     let stderr = fs::read_to_string(
                         self.dir.join(format!("restore{}.log", self.crest_runs)),
                     )
@@ -512,6 +516,9 @@ impl Run<'_> {
     /// Waits for the background `crest restore` to exit and returns its status.
     fn wait_restore(&mut self, limit: Option<Duration>) -> R<ExitStatus> {
         let Some(mut r) = self.restore.take() else {
+            if let Some(st) = self.restore_status.take() {
+                return Ok(st);
+            }
             fail!("no crest restore is running");
         };
         let until = limit
@@ -532,6 +539,7 @@ impl Run<'_> {
     fn spawn_restore(&mut self, img: &Path) -> R<i32> {
         self.crest_runs += 1;
         let n = self.crest_runs;
+        self.restore_status = None;
         let child = command(&self.cfg.crest_bin)
             .arg("-v")
             .arg("restore")
