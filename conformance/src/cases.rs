@@ -186,6 +186,25 @@ pub fn untested<'a>(
         .collect()
 }
 
+/// The must/should requirements whose every case is still `pending`.
+pub fn only_pending<'a>(
+    cases: &[CaseSpec],
+    reqs: &'a BTreeMap<String, Requirement>,
+) -> Vec<&'a Requirement> {
+    reqs.values()
+        .filter(|r| {
+            matches!(
+                r.priority,
+                crate::requirements::Priority::Must | crate::requirements::Priority::Should
+            )
+        })
+        .filter(|r| {
+            let mine: Vec<&CaseSpec> = cases.iter().filter(|c| c.requirement() == r.id).collect();
+            !mine.is_empty() && mine.iter().all(|c| c.pending.is_some())
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,6 +250,13 @@ mod tests {
             .map(|r| r.id.as_str())
             .collect();
         assert_eq!(ids, vec!["A-C"]);
+        let mut pending = cases[..1].to_vec();
+        pending[0].pending = Some("not yet".into());
+        let ids: Vec<&str> = only_pending(&pending, &reqs)
+            .iter()
+            .map(|r| r.id.as_str())
+            .collect();
+        assert_eq!(ids, vec!["A-B"]);
     }
 
     /// REQUIREMENTS.md's tests column and cases.json name the same trials, both ways.

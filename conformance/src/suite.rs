@@ -260,6 +260,14 @@ fn run_suite(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
             ids.join(", ")
         );
     }
+    let pending = cases::only_pending(&specs, &reqs);
+    if !pending.is_empty() && !libtest.list {
+        let ids: Vec<&str> = pending.iter().map(|r| r.id.as_str()).collect();
+        eprintln!(
+            "must/should requirements whose cases cannot run yet (reported as ignored): {}",
+            ids.join(", ")
+        );
+    }
 
     let started = SystemTime::now()
         .duration_since(UNIX_EPOCH)
