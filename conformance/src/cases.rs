@@ -105,6 +105,10 @@ pub struct CaseSpec {
     /// The image of this case must not be larger (sparse memory costs nothing).
     #[serde(default)]
     pub max_image_kib: Option<u64>,
+    /// The workload's stdout is a pipe the harness reads (a pipe to a process
+    /// outside the dump); after restore its output must reach the restorer's stdout.
+    #[serde(default)]
+    pub stdout_pipe: bool,
 }
 
 impl CaseSpec {

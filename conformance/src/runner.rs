@@ -276,9 +276,12 @@ impl Run<'_> {
         let bin = self.cfg.workload_dir.join(&w);
         let mut cmd = Command::new(&bin);
         cmd.arg("--ctl").arg(&self.ctl).args(&self.spec.args);
-        cmd.stdin(Stdio::null())
-            .stdout(self.file("wl.out")?)
-            .stderr(self.file("wl.err")?);
+        cmd.stdin(Stdio::null()).stderr(self.file("wl.err")?);
+        if self.spec.stdout_pipe {
+            cmd.stdout(self.stdout_pipe()?);
+        } else {
+            cmd.stdout(self.file("wl.out")?);
+        }
         cmd.current_dir(&self.ctl);
         // SAFETY: setsid and fcntl (in only_stdio) are async-signal-safe and
         // touch no memory of the parent.
@@ -303,6 +306,26 @@ impl Run<'_> {
             fail!("workload wrote pid {ready} to ready, but its pid is {pid}");
         }
         Ok(pid)
+    }
+
+    /// A pipe for the workload's stdout; a thread copies what comes out of it
+    /// to wl.out until every write end is closed (the workload died).
+    fn stdout_pipe(&self) -> R<Stdio> {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        let mut fds = [0; 2];
+        // SAFETY: fds is valid for two ints; both ends are close-on-exec and
+        // the child gets the write end as its stdout (dup2 clears the flag).
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            fail!("pipe2: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 just returned these two fds, owned by nobody else.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let mut out = self.file("wl.out")?;
+        std::thread::spawn(move || {
+            let mut r = File::from(r);
+            let _ = std::io::copy(&mut r, &mut out);
+        });
+        Ok(Stdio::from(w))
     }
 
     fn wait_ready(&mut self, ctl: &Path, who: &str) -> R<i32> {
@@ -639,7 +662,20 @@ impl Run<'_> {
                 result.trim_end()
             );
         }
-        self.expect_ok(&self.ctl.clone(), "the restored workload")
+        self.expect_ok(&self.ctl.clone(), "the restored workload")?;
+        if self.spec.stdout_pipe {
+            let before = fs::read_to_string(self.dir.join("wl.out")).unwrap_or_default();
+            let after =
+                fs::read_to_string(self.dir.join(format!("restore{}.out", self.crest_runs)))
+                    .unwrap_or_default();
+            if !before.contains("before the dump") {
+                fail!("the harness did not read the workload's output from its stdout pipe: {before:?}");
+            }
+            if !after.contains("after the restore") {
+                fail!("the restored workload's stdout did not reach crest restore's stdout: {after:?}");
+            }
+        }
+        Ok(())
     }
 
     fn traced(&mut self) -> R<()> {

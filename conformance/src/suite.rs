@@ -494,6 +494,7 @@ mod tests {
             pending: None,
             expect_exit: 0,
             max_image_kib: None,
+            stdout_pipe: false,
         }
     }
 

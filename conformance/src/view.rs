@@ -294,7 +294,12 @@ pub fn capture(
             let target = target.to_string_lossy().replace(&case, "$CASE");
             let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default();
             let (pos, flags) = parse_fdinfo(&info);
-            if fd <= 2 && (target.starts_with("$CASE") || target == "/dev/null") {
+            // Stdio pointing outside the dump (case files, /dev/null, a pipe
+            // to the harness) may be rebound to the restorer's stdio.
+            let outside = target.starts_with("$CASE")
+                || target == "/dev/null"
+                || target.starts_with("pipe:[");
+            if fd <= 2 && outside {
                 lines.push(format!("{p} fd {fd} -> <stdio>"));
                 continue;
             }

@@ -2,7 +2,7 @@
 //!
 //! `wl-pipe --ctl DIR MODE BYTES`, MODE one of: contents (an anonymous pipe),
 //! fifo (a named FIFO open both ways), size (a 1 MiB pipe), shared (the ends
-//! in parent and child).
+//! in parent and child), external (stdout is a pipe to the harness; BYTES unused).
 
 use crest_workloads::support::{
     fork_child, mode, num_arg, pattern, pattern_diff, read_available, sys, wait_ok, write_all,
@@ -18,6 +18,18 @@ fn main() {
     let (mode, args) = mode(&args);
     let len: usize = num_arg(&args, 0, "bytes");
     let mut c = Checks::new();
+    if mode == "external" {
+        // Stdout is a pipe to a process outside the dump (the harness); after
+        // the restore it is whatever the restorer rebound it to.
+        write_all(1, b"before the dump\n");
+        ctl.ready();
+        ctl.wait_for_go();
+        let line = b"after the restore\n";
+        // SAFETY: line is valid for its length.
+        let n = unsafe { libc::write(1, line.as_ptr().cast(), line.len()) };
+        c.eq("bytes written to stdout", n, line.len() as isize);
+        ctl.finish(&c.into_differences());
+    }
     let (r, w) = match mode.as_str() {
         "contents" | "size" | "shared" => {
             let mut fds = [0; 2];
