@@ -128,9 +128,10 @@ struct Run<'a> {
     restore: Option<Child>,
     /// How the last background restore ended, when a wait noticed it first.
     restore_status: Option<ExitStatus>,
-    /// Pids seen in a view (originals and restored ones) with the session they
-    /// belong to, killed at the end if still there and still ours.
-    known: Vec<i32>,
+    /// Processes seen in a view (originals and restored ones) as (pid, start
+    /// time): killed at the end if a process with that pid and start time is
+    /// still there, so a reused pid is never hit.
+    known: Vec<(i32, u64)>,
     sid: Option<i32>,
     crest_runs: u32,
     /// Whether the root's process group and session are outside the
@@ -300,7 +301,9 @@ impl Run<'_> {
         let pid = child.id() as i32;
         self.sid = Some(pid);
         self.workload = Some(child);
-        self.known.push(pid);
+        if let Some(st) = view::read_stat(pid) {
+            self.known.push((pid, st.starttime));
+        }
         let ready = self.wait_ready(&self.ctl.clone(), "workload")?;
         if ready != pid {
             fail!("workload wrote pid {ready} to ready, but its pid is {pid}");
@@ -358,8 +361,10 @@ impl Run<'_> {
             v = view::mask_session(v, pid);
         }
         for p in view::pids_of(&v) {
-            if !self.known.contains(&p) {
-                self.known.push(p);
+            if let Some(st) = view::read_stat(p) {
+                if !self.known.contains(&(p, st.starttime)) {
+                    self.known.push((p, st.starttime));
+                }
             }
         }
         Ok(v)
@@ -1036,20 +1041,22 @@ impl Run<'_> {
 
     // ---- cleanup and logs --------------------------------------------------
 
-    /// Kills whatever the case left: restored processes (checked to still be
-    /// ours: same session or a child of our restorer), the restorer, helpers
-    /// and the workload. SIGKILL also ends stopped and traced processes.
+    /// Kills whatever the case left: every process seen in a view (same pid,
+    /// same start time), every process still in the workload's session (its
+    /// pid cannot be reused while any member holds it as session id: orphans,
+    /// detached children), then the restorer, helpers and the workload.
+    /// SIGKILL also ends stopped and traced processes.
     fn cleanup(&mut self) {
-        let restorer = self.restore.as_ref().map(|c| c.id() as i32);
-        for &pid in &self.known {
-            if let Some(st) = view::read_stat(pid) {
-                let ours = Some(st.sid) == self.sid
-                    || Some(st.ppid) == restorer
-                    || st.ppid == std::process::id() as i32;
-                if ours {
-                    // SAFETY: kill has no memory effects; the pid was checked to be ours.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
+        for &(pid, start) in &self.known {
+            if view::read_stat(pid).map(|st| st.starttime) == Some(start) {
+                // SAFETY: kill has no memory effects; pid and start time match what we saw.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        if let Some(sid) = self.sid {
+            for pid in session_members(sid) {
+                // SAFETY: as above; the process is in our workload's session.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
         for c in self
@@ -1131,6 +1138,20 @@ fn command(program: &Path) -> Command {
         });
     }
     cmd
+}
+
+/// The processes whose session id is `sid`.
+fn session_members(sid: i32) -> Vec<i32> {
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| {
+            view::read_stat(pid)
+                .map(|st| st.sid == sid)
+                .unwrap_or(false)
+        })
+        .collect()
 }
 
 /// The extra `crest dump` arguments a scope needs. The engine dumps a single
