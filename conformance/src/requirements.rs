@@ -171,6 +171,54 @@ pub fn parse(text: &str) -> Result<BTreeMap<String, Requirement>, String> {
     Ok(out)
 }
 
+/// Rewrites the status column of every requirement row (and the `Status
+/// below:` line) from a run: `status_of(ID)` gives the new cell. Everything
+/// else in the file stays byte for byte.
+pub fn with_status(
+    text: &str,
+    note: &str,
+    status_of: impl Fn(&str) -> String,
+) -> Result<String, String> {
+    parse(text)?;
+    let mut out = String::with_capacity(text.len());
+    let mut in_table = false;
+    for line in text.split_inclusive('\n') {
+        let body = line.trim_end_matches('\n');
+        let row = cells(body);
+        let replaced = match &row {
+            None => {
+                in_table = false;
+                if body.starts_with("Status below:") {
+                    Some(format!("Status below: {note}"))
+                } else {
+                    None
+                }
+            }
+            Some(r) if r.first().map(String::as_str) == Some("ID") => {
+                in_table = true;
+                None
+            }
+            Some(r) if in_table && !is_separator(r) && r.len() == COLUMNS.len() => {
+                let id = r[0].trim_matches('`');
+                let mut r = r.clone();
+                r[4] = status_of(id);
+                Some(format!("| {} |", r.join(" | ")))
+            }
+            Some(_) => None,
+        };
+        match replaced {
+            Some(new) => {
+                out.push_str(&new);
+                if line.ends_with('\n') {
+                    out.push('\n');
+                }
+            }
+            None => out.push_str(line),
+        }
+    }
+    Ok(out)
+}
+
 /// The embedded REQUIREMENTS.md, parsed. Panics only if the build embedded a
 /// broken file, which the unit tests catch first.
 pub fn embedded() -> BTreeMap<String, Requirement> {
@@ -234,6 +282,20 @@ Some text.
     fn rejects_malformed_tables(#[case] text: &str, #[case] error: &str) {
         let e = parse(text).unwrap_err();
         assert!(e.contains(error), "{e:?} should contain {error:?}");
+    }
+
+    #[test]
+    fn status_column_is_rewritten_and_nothing_else() {
+        let text = format!("Status below: not run yet.\n\n{SAMPLE}");
+        let out = with_status(&text, "run X.", |id| format!("st-{id}")).unwrap();
+        assert!(out.starts_with("Status below: run X.\n"));
+        assert!(out.contains("| PIPE-CONTENTS | pipes with unread data | must | `PIPE-CONTENTS::3k-unread`, `PIPE-CONTENTS::fifo` | st-PIPE-CONTENTS |\n"));
+        assert!(
+            out.contains("| 6.1 | x |\n"),
+            "other tables stay as they were"
+        );
+        assert_eq!(out.lines().count(), text.lines().count());
+        assert_eq!(parse(&out).unwrap()["FILE-LOCK"].status, "st-FILE-LOCK");
     }
 
     #[test]

@@ -37,6 +37,7 @@ pub struct Options {
 const USAGE: &str = "\
 usage: crest-conformance [SUITE OPTIONS] [LIBTEST OPTIONS] [FILTER]
        crest-conformance compare BASE.json CAND.json
+       crest-conformance update-requirements REQUIREMENTS.md REPORT.json
 
 suite options (before or among libtest's):
   --crest-bin PATH       the crest binary (env CREST_BIN; default: next to this program)
@@ -160,6 +161,19 @@ fn engine_version(crest: &Path) -> String {
 
 /// The suite's main, for the binary and for `tests/native.rs`.
 pub fn main(args: Vec<OsString>) -> ExitCode {
+    if args
+        .get(1)
+        .map(|a| a == "update-requirements")
+        .unwrap_or(false)
+    {
+        return match update_requirements(&args[2..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("crest-conformance update-requirements: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     if args.get(1).map(|a| a == "compare").unwrap_or(false) {
         return match compare_main(&args[2..]) {
             Ok(code) => code,
@@ -211,6 +225,33 @@ fn compare_main(args: &[OsString]) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// `update-requirements REQUIREMENTS.md REPORT.json`: fills the status column
+/// from a run (requirements without a case: `no test`).
+fn update_requirements(args: &[OsString]) -> anyhow::Result<()> {
+    let [md, rep] = args else {
+        bail!("usage: crest-conformance update-requirements REQUIREMENTS.md REPORT.json");
+    };
+    let report = Report::read(Path::new(rep))?;
+    let text =
+        std::fs::read_to_string(md).with_context(|| format!("reading {}", md.to_string_lossy()))?;
+    let (p, f, i) = report::counts(&report);
+    let note = format!(
+        "run on kernel {} with `{}`, {} ({p} passed, {f} failed, {i} ignored).",
+        report.kernel, report.engine_version, report.timestamp
+    );
+    let out = requirements::with_status(&text, &note, |id| {
+        let cases: Vec<&CaseRecord> = report
+            .cases
+            .iter()
+            .filter(|c| c.requirement == id)
+            .collect();
+        report::requirement_status(&cases).to_string()
+    })
+    .map_err(|e| anyhow::anyhow!("{}: {e}", md.to_string_lossy()))?;
+    std::fs::write(md, out).with_context(|| format!("writing {}", md.to_string_lossy()))?;
+    Ok(())
 }
 
 fn run_suite(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
