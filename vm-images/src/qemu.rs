@@ -40,7 +40,8 @@ impl Accel {
             .write(true)
             .open("/dev/kvm")
             .is_ok();
-        if ok {
+        static PROBE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if ok && *PROBE.get_or_init(probe_kvm) {
             Accel::Kvm
         } else {
             Accel::Tcg
@@ -52,6 +53,34 @@ impl Accel {
     pub fn mark_kvm_broken() {
         KVM_BROKEN.store(true, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+/// Starts a paused KVM guest: a usable KVM keeps it alive; a broken one (e.g.
+/// `/dev/kvm` present but the guest MSRs cannot be set) makes QEMU exit at once.
+fn probe_kvm() -> bool {
+    let child = Command::new(QEMU)
+        .args([
+            "-accel", "kvm", "-cpu", "host", "-machine", "pc", "-m", "64",
+        ])
+        .args(["-nodefaults", "-no-user-config", "-display", "none", "-S"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else {
+        return false;
+    };
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(1500) {
+        if let Ok(Some(_)) = child.try_wait() {
+            tracing::info!("KVM is not usable by QEMU here; using TCG");
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    true
 }
 
 /// Whether a QEMU run failed because KVM is unusable: it died before the

@@ -51,6 +51,11 @@ pub struct ConformanceArgs {
     /// Per-kernel timeout in seconds (boot + suite).
     #[arg(long, value_name = "SECS", default_value_t = 1800)]
     pub timeout: u64,
+    /// Per-case timeout passed to the harness (`--case-timeout`). Default: the
+    /// harness's own natively and under KVM, 300 s in TCG guests (emulation
+    /// is 5-10 times slower).
+    #[arg(long, value_name = "SECS")]
+    pub case_timeout: Option<u64>,
     /// Extra arguments for the harness (libtest flags such as --test-threads=1).
     #[arg(last = true)]
     pub harness_args: Vec<String>,
@@ -113,8 +118,11 @@ impl Tally {
     }
 }
 
+/// Per-case timeout for TCG guests when none is given.
+pub const TCG_CASE_TIMEOUT: u64 = 300;
+
 /// The harness's argument list (placeholders for results and work dirs).
-fn harness_argv(bin: &Path, args: &ConformanceArgs) -> Vec<String> {
+fn harness_argv(bin: &Path, args: &ConformanceArgs, case_timeout: Option<u64>) -> Vec<String> {
     let s = |p: &Path| p.display().to_string();
     let mut v = vec![
         s(&bin.join("crest-conformance")),
@@ -132,6 +140,10 @@ fn harness_argv(bin: &Path, args: &ConformanceArgs) -> Vec<String> {
     if let Some(m) = &args.mpi {
         v.push("--mpi".into());
         v.push(s(m));
+    }
+    if let Some(t) = case_timeout {
+        v.push("--case-timeout".into());
+        v.push(t.to_string());
     }
     v.extend(args.harness_args.iter().cloned());
     if let Some(f) = &args.filter {
@@ -254,7 +266,7 @@ pub fn main(args: ConformanceArgs) -> Result<i32> {
     if any_vm {
         support::check_guest_visible(&bin)?;
     }
-    let argv = harness_argv(&bin, &args);
+    let tcg = args.vm.config(Duration::ZERO).accel == crest_vm::qemu::Accel::Tcg;
     let jobs = args
         .jobs
         .unwrap_or_else(|| {
@@ -312,9 +324,12 @@ pub fn main(args: ConformanceArgs) -> Result<i32> {
                 };
                 say("starting");
                 let mut tally = Tally::default();
+                let case_timeout = args
+                    .case_timeout
+                    .or((k != KernelChoice::Host && tcg).then_some(TCG_CASE_TIMEOUT));
                 let spec = RunSpec {
                     kernel: &k,
-                    argv: argv.clone(),
+                    argv: harness_argv(&bin, &args, case_timeout),
                     env: vec![
                         ("RUST_BACKTRACE".into(), "1".into()),
                         ("CREST_KERNEL_LABEL".into(), label.clone()),
@@ -430,6 +445,7 @@ mod tests {
             out: None,
             mpi: Some("/usr/bin/mpirun".into()),
             timeout: 1,
+            case_timeout: None,
             harness_args: vec!["--test-threads=1".into()],
             vm: VmOpts {
                 memory: 1,
@@ -438,12 +454,12 @@ mod tests {
                 no_kvm: true,
             },
         };
-        let v = harness_argv(Path::new("/w/target/debug"), &args).join(" ");
+        let v = harness_argv(Path::new("/w/target/debug"), &args, Some(300)).join(" ");
         assert_eq!(
             v,
             "/w/target/debug/crest-conformance --crest-bin /w/target/debug/crest --workload-dir /w/target/debug \
              --work-dir {work} --report {results}/report.json --junit {results}/junit.xml \
-             --mpi /usr/bin/mpirun --test-threads=1 PIPE"
+             --mpi /usr/bin/mpirun --case-timeout 300 --test-threads=1 PIPE"
         );
     }
 
