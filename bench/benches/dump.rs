@@ -32,6 +32,7 @@ fn bench_dump(c: &mut Criterion) {
                             pid: hog.pid,
                             dir: dir.0.clone(),
                             after: AfterDump::LeaveRunning,
+                            scope: crest_engine::dump::Scope::Tree,
                         };
                         let t = Instant::now();
                         let stats = dump(&opts, &bar).expect("dump");

@@ -26,6 +26,7 @@ fn bench_restore(c: &mut Criterion) {
                     pid: hog.pid,
                     dir: dir.0.clone(),
                     after: AfterDump::Kill,
+                    scope: crest_engine::dump::Scope::Tree,
                 },
                 &bar,
             )

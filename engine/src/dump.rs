@@ -31,12 +31,23 @@ pub enum AfterDump {
     Stop,
 }
 
+/// Which processes a dump takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The process and all its descendants.
+    Tree,
+    /// Every process of the session led by `pid` (BLCR's `--session`),
+    /// including orphans reparented to init or a subreaper.
+    Session,
+}
+
 #[derive(Debug, Clone)]
 pub struct DumpOptions {
-    /// The root of the tree to dump: it and all its descendants.
+    /// The root of the tree, or the session ID (the leader's PID).
     pub pid: i32,
     pub dir: PathBuf,
     pub after: AfterDump,
+    pub scope: Scope,
 }
 
 /// One seized thread and its registers at the freeze.
@@ -64,8 +75,12 @@ impl FrozenProcess {
     /// Undoes our changes and detaches every thread.
     fn release(&mut self, sig: Option<Signal>) -> Result<()> {
         if let (Some(insn), Some(scratch)) = (self.insn, self.scratch.take()) {
-            self.main()
-                .remote_ok(insn, libc::SYS_munmap, [scratch, PAGE_SIZE, 0, 0, 0, 0], "munmap of crest's scratch page")?;
+            self.main().remote_ok(
+                insn,
+                libc::SYS_munmap,
+                [scratch, PAGE_SIZE, 0, 0, 0, 0],
+                "munmap of crest's scratch page",
+            )?;
         }
         let mut first_err = None;
         for t in &self.threads {
@@ -75,8 +90,15 @@ impl FrozenProcess {
                 // no longer restarts the call it was interrupted in: do it here.
                 task::resume_interrupted_syscall(&mut regs, true);
             }
-            let sig = if self.was_stopped { Some(Signal::SIGSTOP) } else { sig };
-            let r = t.tracee.set_regs(&regs.to_user_regs()).and_then(|()| t.tracee.detach(sig));
+            let sig = if self.was_stopped {
+                Some(Signal::SIGSTOP)
+            } else {
+                sig
+            };
+            let r = t
+                .tracee
+                .set_regs(&regs.to_user_regs())
+                .and_then(|()| t.tracee.detach(sig));
             if let Err(e) = r {
                 first_err.get_or_insert(e);
             }
@@ -108,7 +130,10 @@ impl FrozenSet {
     }
 
     fn tids(&self) -> BTreeSet<i32> {
-        self.procs.iter().flat_map(|p| p.threads.iter().map(|t| t.tracee.pid)).collect()
+        self.procs
+            .iter()
+            .flat_map(|p| p.threads.iter().map(|t| t.tracee.pid))
+            .collect()
     }
 }
 
@@ -124,16 +149,22 @@ impl Drop for FrozenSet {
 
 /// Finds a `syscall` instruction (0f 05) in the target's vDSO.
 fn find_syscall_insn(pid: i32, maps: &[proc::MapsEntry]) -> Result<u64> {
-    let vdso = maps.iter().find(|m| m.name == "[vdso]").ok_or_else(|| Error::Refused {
-        pid,
-        reason: "has no vDSO, so crest cannot run system calls in it".into(),
-    })?;
+    let vdso = maps
+        .iter()
+        .find(|m| m.name == "[vdso]")
+        .ok_or_else(|| Error::Refused {
+            pid,
+            reason: "has no vDSO, so crest cannot run system calls in it".into(),
+        })?;
     let mut code = vec![0u8; vdso.len() as usize];
     crate::ptrace::read_mem(pid, vdso.start, &mut code)?;
     code.windows(2)
         .position(|w| w == [0x0f, 0x05])
         .map(|i| vdso.start + i as u64)
-        .ok_or_else(|| Error::Refused { pid, reason: "no syscall instruction found in its vDSO".into() })
+        .ok_or_else(|| Error::Refused {
+            pid,
+            reason: "no syscall instruction found in its vDSO".into(),
+        })
 }
 
 /// The fields of `/proc/PID/stat` after the command name.
@@ -155,12 +186,17 @@ fn precheck(pid: i32, status: &str, ours: &BTreeSet<i32>) -> Result<()> {
         if !ours.contains(&tracer) && tracer != nix::unistd::gettid().as_raw() {
             return Err(Error::Refused {
                 pid,
-                reason: format!("is traced by pid {tracer}; crest will not take over another tracer's process"),
+                reason: format!(
+                    "is traced by pid {tracer}; crest will not take over another tracer's process"
+                ),
             });
         }
     }
     if pid == std::process::id() as i32 {
-        return Err(Error::Refused { pid, reason: "is crest itself".into() });
+        return Err(Error::Refused {
+            pid,
+            reason: "is crest itself".into(),
+        });
     }
     Ok(())
 }
@@ -172,11 +208,16 @@ fn tree(root: i32) -> Result<Vec<i32>> {
     while i < out.len() {
         let pid = out[i];
         let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()).collect::<Vec<_>>()
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+                .collect::<Vec<_>>()
         });
         for tid in tasks.unwrap_or_default() {
             let children = proc::read(pid, &format!("task/{tid}/children")).unwrap_or_default();
-            out.extend(children.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
+            out.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<i32>().ok()),
+            );
         }
         i += 1;
     }
@@ -185,7 +226,10 @@ fn tree(root: i32) -> Result<Vec<i32>> {
 
 fn threads_of(pid: i32) -> Vec<i32> {
     let mut tids: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
         .unwrap_or_default();
     tids.sort_unstable();
     // The main thread (tid == pid) first.
@@ -197,20 +241,63 @@ fn threads_of(pid: i32) -> Vec<i32> {
 }
 
 fn is_zombie(pid: i32) -> bool {
-    stat_fields(pid).map(|f| f.first().is_some_and(|s| s == "Z")).unwrap_or(false)
+    stat_fields(pid)
+        .map(|f| f.first().is_some_and(|s| s == "Z"))
+        .unwrap_or(false)
 }
 
 /// Seizes every thread of every process of the tree until nothing new appears.
-fn freeze(root: i32, set: &mut FrozenSet, zombies: &mut Vec<i32>) -> Result<()> {
+/// The processes of session `sid`, the leader and its descendants first, then
+/// each process whose parent is outside the session (orphans) with its own.
+fn session(sid: i32) -> Result<Vec<i32>> {
+    let mut members: Vec<i32> = std::fs::read_dir("/proc")
+        .map_err(|e| Error::io("/proc", e))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| stat_fields(pid).is_ok_and(|f| stat_field(&f, 6) == sid as i64))
+        .collect();
+    members.sort_unstable();
+    let mut out: Vec<i32> = Vec::new();
+    let ppid = |pid: i32| {
+        stat_fields(pid)
+            .map(|f| stat_field(&f, 4) as i32)
+            .unwrap_or(0)
+    };
+    let roots = std::iter::once(sid).chain(
+        members
+            .iter()
+            .copied()
+            .filter(|&p| p != sid && !members.contains(&ppid(p))),
+    );
+    for root in roots.collect::<Vec<_>>() {
+        if !members.contains(&root) {
+            continue;
+        }
+        for pid in tree(root)? {
+            if members.contains(&pid) && !out.contains(&pid) {
+                out.push(pid);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn freeze(root: i32, scope: Scope, set: &mut FrozenSet, zombies: &mut Vec<i32>) -> Result<()> {
     loop {
         let mut new = false;
-        for pid in tree(root)? {
+        let pids = match scope {
+            Scope::Tree => tree(root)?,
+            Scope::Session => session(root)?,
+        };
+        for pid in pids {
             if zombies.contains(&pid) {
                 continue;
             }
             if is_zombie(pid) {
                 if threads_of(pid).len() > 1 {
-                    return Err(Error::unsupported(pid, "its main thread exited while other threads run"));
+                    return Err(Error::unsupported(
+                        pid,
+                        "its main thread exited while other threads run",
+                    ));
                 }
                 zombies.push(pid);
                 continue;
@@ -218,14 +305,24 @@ fn freeze(root: i32, set: &mut FrozenSet, zombies: &mut Vec<i32>) -> Result<()> 
             let status = proc::read(pid, "status")?;
             let ours = set.tids();
             precheck(pid, &status, &ours)?;
-            let was_stopped = proc::status_field(&status, "State").is_some_and(|s| s.starts_with('T'));
+            let was_stopped =
+                proc::status_field(&status, "State").is_some_and(|s| s.starts_with('T'));
             let idx = match set.procs.iter().position(|p| p.pid == pid) {
                 Some(i) => i,
                 None => {
                     if proc::read(pid, "maps")?.is_empty() {
-                        return Err(Error::Refused { pid, reason: "is a kernel thread".into() });
+                        return Err(Error::Refused {
+                            pid,
+                            reason: "is a kernel thread".into(),
+                        });
                     }
-                    set.procs.push(FrozenProcess { pid, threads: Vec::new(), was_stopped, insn: None, scratch: None });
+                    set.procs.push(FrozenProcess {
+                        pid,
+                        threads: Vec::new(),
+                        was_stopped,
+                        insn: None,
+                        scratch: None,
+                    });
                     set.procs.len() - 1
                 }
             };
@@ -261,7 +358,10 @@ pub fn dump(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Dum
     dump_tree(opts, progress).map_err(|e| match e {
         // Whatever failed, if the root died meanwhile that is the real reason.
         Error::Gone { .. } | Error::NoSuchProcess { .. } => e,
-        _ if proc::is_gone(opts.pid) => Error::Gone { pid: opts.pid, during: "dump" },
+        _ if proc::is_gone(opts.pid) => Error::Gone {
+            pid: opts.pid,
+            during: "dump",
+        },
         e => e,
     })
 }
@@ -272,19 +372,36 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
         return Err(Error::NoSuchProcess { pid: root });
     }
     if is_zombie(root) {
-        return Err(Error::Refused { pid: root, reason: "is a zombie".into() });
+        return Err(Error::Refused {
+            pid: root,
+            reason: "is a zombie".into(),
+        });
+    }
+    if opts.scope == Scope::Session
+        && stat_fields(root).map(|f| stat_field(&f, 6)).unwrap_or(0) != root as i64
+    {
+        return Err(Error::Refused {
+            pid: root,
+            reason: "is not a session leader (--session takes the session ID)".into(),
+        });
     }
     let started = Instant::now();
     let mut set = FrozenSet::default();
     let mut zombie_pids = Vec::new();
     progress.set_message(format!("pid {root}: freezing"));
-    freeze(root, &mut set, &mut zombie_pids)?;
+    freeze(root, opts.scope, &mut set, &mut zombie_pids)?;
 
     let staging = Staging::new(&opts.dir)?;
     let mut stats = DumpStats::default();
     let mut images = Vec::new();
     for fp in &mut set.procs {
         images.push(collect_process(fp, staging.path(), &mut stats, progress)?);
+    }
+    let mut shared_files = Vec::new();
+    {
+        let mut procs: Vec<(i32, &mut files::FilesImage)> =
+            images.iter_mut().map(|p| (p.pid, &mut p.files)).collect();
+        files::find_shared(&mut procs, &mut shared_files);
     }
     let mut zombies = Vec::new();
     for &pid in &zombie_pids {
@@ -295,6 +412,10 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
             pgid: stat_field(&f, 5) as i32,
             sid: stat_field(&f, 6) as i32,
             wait_status: stat_field(&f, 52) as i32,
+            comm: proc::read(pid, "comm")
+                .unwrap_or_default()
+                .trim_end_matches('\n')
+                .to_string(),
         });
     }
     check_sessions(&images, &zombies)?;
@@ -303,7 +424,13 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
     let mut meta = MetaWriter::new(&Header::current());
     meta.record(
         RecordKind::Inventory,
-        &Inventory { root_pid: root, pids: images.iter().map(|p| p.pid).collect(), zombies, stats: stats.clone() },
+        &Inventory {
+            root_pid: root,
+            pids: images.iter().map(|p| p.pid).collect(),
+            zombies,
+            shared_files,
+            stats: stats.clone(),
+        },
     );
     for image in &images {
         meta.record(RecordKind::Process, image);
@@ -318,8 +445,9 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
                 let _ = kill(nix::unistd::Pid::from_raw(p.pid), Signal::SIGKILL);
             }
             // As their tracer we see their deaths first; after this their parents can reap them.
+            // Other threads first: a thread-group leader is reported only after them.
             for p in &set.procs {
-                for t in &p.threads {
+                for t in p.threads.iter().rev() {
                     let _ = waitpid(t.tracee.nix_pid(), Some(WaitPidFlag::__WALL));
                 }
             }
@@ -327,24 +455,38 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
         AfterDump::LeaveRunning => set.release_all(None)?,
         AfterDump::Stop => set.release_all(Some(Signal::SIGSTOP))?,
     }
-    tracing::info!(root, processes = images.len(), frozen_ms = stats.frozen_us / 1000, pages = stats.pages_written, "dumped");
+    tracing::info!(
+        root,
+        processes = images.len(),
+        frozen_ms = stats.frozen_us / 1000,
+        pages = stats.pages_written,
+        "dumped"
+    );
     Ok(stats)
 }
 
 /// Restore recreates sessions by having each session leader call setsid()
 /// before it forks its children: every process must be in its own session, its
-/// parent's, or one whose leader is outside the dump (then it joins the
-/// restorer's session, as stdio is rebound to the restorer's).
+/// parent's, or (orphans) the root's, or one whose leader is outside the dump
+/// (then it joins the restorer's session, as stdio is rebound to the restorer's).
 fn check_sessions(images: &[ProcessImage], zombies: &[Zombie]) -> Result<()> {
     let sid_of = |pid: i32| images.iter().find(|p| p.pid == pid).map(|p| p.sid);
-    let in_dump = |pid: i32| images.iter().any(|p| p.pid == pid) || zombies.iter().any(|z| z.pid == pid);
+    let in_dump =
+        |pid: i32| images.iter().any(|p| p.pid == pid) || zombies.iter().any(|z| z.pid == pid);
     for p in images {
         let parent_sid = sid_of(p.ppid);
-        let ok = p.sid == p.pid || parent_sid == Some(p.sid) || (parent_sid.is_none() && !in_dump(p.sid));
+        // Orphans are forked (through a helper) by the root, so they get its session.
+        let root_sid = images.first().map(|r| r.sid);
+        let ok = p.sid == p.pid
+            || parent_sid == Some(p.sid)
+            || (parent_sid.is_none() && (!in_dump(p.sid) || root_sid == Some(p.sid)));
         if !ok {
             return Err(Error::unsupported(
                 p.pid,
-                format!("is in session {} while its parent {} is in session {:?}: this session layout", p.sid, p.ppid, parent_sid),
+                format!(
+                    "is in session {} while its parent {} is in session {:?}: this session layout",
+                    p.sid, p.ppid, parent_sid
+                ),
             ));
         }
     }
@@ -363,8 +505,19 @@ fn collect_process(
     let smaps = proc::read(pid, "smaps")?;
     let vmas = mm::collect_vmas(pid, &maps, &proc::parse_smaps_vmflags(&smaps))?;
     let files = files::collect(pid)?;
+    let timers = proc::read(pid, "timers").unwrap_or_default();
+    let posix_timers = timers.lines().filter(|l| l.starts_with("ID:")).count();
+    if posix_timers > 0 {
+        return Err(Error::unsupported(
+            pid,
+            format!("has {posix_timers} POSIX timer(s) (timer_create)"),
+        ));
+    }
     if files.root != "/" {
-        return Err(Error::unsupported(pid, format!("root directory {} (chroot)", files.root)));
+        return Err(Error::unsupported(
+            pid,
+            format!("root directory {} (chroot)", files.root),
+        ));
     }
 
     let insn = find_syscall_insn(pid, &maps)?;
@@ -373,31 +526,59 @@ fn collect_process(
     let scratch = main.remote_ok(
         insn,
         libc::SYS_mmap,
-        [0, PAGE_SIZE, (libc::PROT_READ | libc::PROT_WRITE) as u64, (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64, u64::MAX, 0],
+        [
+            0,
+            PAGE_SIZE,
+            (libc::PROT_READ | libc::PROT_WRITE) as u64,
+            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+            u64::MAX,
+            0,
+        ],
         "mmap of a scratch page",
     )?;
     fp.scratch = Some(scratch);
     let mut threads = Vec::new();
     for t in &fp.threads {
-        let name = proc::read(pid, &format!("task/{}/comm", t.tracee.pid))?.trim_end_matches('\n').to_string();
-        let remote = Remote { tracee: t.tracee, insn, scratch };
+        let name = proc::read(pid, &format!("task/{}/comm", t.tracee.pid))?
+            .trim_end_matches('\n')
+            .to_string();
+        let remote = Remote {
+            tracee: t.tracee,
+            insn,
+            scratch,
+        };
         threads.push(task::collect_thread(&remote, &t.regs, name)?);
     }
-    let remote = Remote { tracee: main, insn, scratch };
+    let remote = Remote {
+        tracee: main,
+        insn,
+        scratch,
+    };
     let state = task::collect_process(&remote, &status)?;
     let brk = remote.call(libc::SYS_brk, [0; 6], "brk(0)")?;
-    main.remote_ok(insn, libc::SYS_munmap, [scratch, PAGE_SIZE, 0, 0, 0, 0], "munmap of crest's scratch page")?;
+    main.remote_ok(
+        insn,
+        libc::SYS_munmap,
+        [scratch, PAGE_SIZE, 0, 0, 0, 0],
+        "munmap of crest's scratch page",
+    )?;
     fp.scratch = None;
 
     let f = stat_fields(pid)?;
-    let mut fields = mm::parse_stat_mm_fields(&proc::read(pid, "stat")?)
-        .ok_or_else(|| Error::Refused { pid, reason: format!("cannot parse /proc/{pid}/stat") })?;
+    let mut fields =
+        mm::parse_stat_mm_fields(&proc::read(pid, "stat")?).ok_or_else(|| Error::Refused {
+            pid,
+            reason: format!("cannot parse /proc/{pid}/stat"),
+        })?;
     fields.brk = brk;
     let auxv_path = format!("/proc/{pid}/auxv");
     let auxv = mm::parse_auxv(&std::fs::read(&auxv_path).map_err(|e| Error::io(&auxv_path, e))?);
     let exe = proc::readlink(pid, "exe")?.to_string_lossy().into_owned();
     if exe.ends_with(" (deleted)") {
-        return Err(Error::unsupported(pid, format!("its executable {exe} was deleted")));
+        return Err(Error::unsupported(
+            pid,
+            format!("its executable {exe} was deleted"),
+        ));
     }
 
     let mem_started = Instant::now();
@@ -413,7 +594,13 @@ fn collect_process(
         stopped: fp.was_stopped,
         threads,
         state,
-        mm: mm::MmImage { vmas, fields, auxv, exe, chunks },
+        mm: mm::MmImage {
+            vmas,
+            fields,
+            auxv,
+            exe,
+            chunks,
+        },
         files,
     })
 }

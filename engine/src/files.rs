@@ -50,6 +50,67 @@ pub enum FdKind {
     /// stdin/stdout/stderr pointing outside the dump (a terminal, or a pipe or
     /// socket to a process not dumped): rebound to the restorer's own.
     Inherited { was: String },
+    /// One open file description held by several processes (inherited across
+    /// fork): the image's shared file `id`, opened once by the restorer and
+    /// inherited by every process that holds it, so they share one offset.
+    Shared { id: u32 },
+}
+
+/// An open file description shared between processes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedFile {
+    pub id: u32,
+    /// `Regular` or `Device`: how to open it.
+    pub file: FdKind,
+}
+
+/// Finds open file descriptions that several processes share (kcmp) and
+/// moves them into `shared`, leaving `FdKind::Shared` in each process.
+pub fn find_shared(procs: &mut [(i32, &mut FilesImage)], shared: &mut Vec<SharedFile>) {
+    let mut owners: Vec<(u32, i32, i32)> = Vec::new(); // (id, pid, fd) of the first holder
+    for i in 0..procs.len() {
+        let (pid, _) = procs[i];
+        for k in 0..procs[i].1.fds.len() {
+            let f = procs[i].1.fds[k].clone();
+            if !matches!(f.kind, FdKind::Regular { .. } | FdKind::Device { .. }) {
+                continue;
+            }
+            // Earlier processes first: is this description one we already saw?
+            let seen = owners
+                .iter()
+                .find(|(_, opid, ofd)| *opid != pid && kcmp_files(*opid, *ofd, pid, f.fd));
+            let id = match seen {
+                Some(&(id, _, _)) => Some(id),
+                None => {
+                    let later = procs[i + 1..].iter().any(|(qpid, q)| {
+                        q.fds.iter().any(|g| {
+                            matches!(g.kind, FdKind::Regular { .. } | FdKind::Device { .. })
+                                && kcmp_files(pid, f.fd, *qpid, g.fd)
+                        })
+                    });
+                    later.then(|| {
+                        let id = shared.len() as u32;
+                        shared.push(SharedFile {
+                            id,
+                            file: f.kind.clone(),
+                        });
+                        owners.push((id, pid, f.fd));
+                        id
+                    })
+                }
+            };
+            if let Some(id) = id {
+                procs[i].1.fds[k].kind = FdKind::Shared { id };
+            }
+        }
+    }
+}
+
+fn kcmp_files(pid1: i32, fd1: i32, pid2: i32, fd2: i32) -> bool {
+    const KCMP_FILE: libc::c_long = 0;
+    // SAFETY: kcmp takes only integers and reads no memory of ours.
+    unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, KCMP_FILE, fd1, fd2) == 0 }
 }
 
 // No deny_unknown_fields here: serde cannot combine it with `flatten`; the
@@ -228,9 +289,20 @@ pub fn collect(pid: i32) -> Result<FilesImage> {
 
 /// Checks before a restore that every regular file is still the file that was
 /// dumped (same inode, size and mtime).
-pub fn verify_unchanged(pid: i32, files: &FilesImage) -> Result<()> {
-    for f in &files.fds {
-        if let FdKind::Regular { path, identity, .. } = &f.kind {
+pub fn verify_unchanged(pid: i32, files: &FilesImage, shared: &[SharedFile]) -> Result<()> {
+    let kinds = files.fds.iter().map(|f| {
+        let kind = match &f.kind {
+            FdKind::Shared { id } => shared
+                .iter()
+                .find(|s| s.id == *id)
+                .map(|s| &s.file)
+                .unwrap_or(&f.kind),
+            k => k,
+        };
+        (f, kind)
+    });
+    for (f, kind) in kinds {
+        if let FdKind::Regular { path, identity, .. } = kind {
             let meta = std::fs::metadata(path)
                 .map_err(|e| Error::Restore(format!("pid {pid}: fd {}: {path}: {e}", f.fd)))?;
             let now = FileIdentity::of(&meta);
@@ -260,7 +332,7 @@ pub fn open_for_restore(f: &FdImage) -> std::result::Result<Option<i32>, String>
             path, flags, pos, ..
         } => (path, *flags, Some(*pos)),
         FdKind::Device { path, flags } => (path, *flags, None),
-        FdKind::Dup { .. } | FdKind::Inherited { .. } => return Ok(None),
+        FdKind::Dup { .. } | FdKind::Inherited { .. } | FdKind::Shared { .. } => return Ok(None),
     };
     let c = std::ffi::CString::new(path.as_str()).map_err(|_| format!("fd {}: bad path", f.fd))?;
     // SAFETY: `c` is a valid NUL-terminated string; open returns a new fd or -1.

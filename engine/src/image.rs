@@ -65,6 +65,9 @@ pub struct Inventory {
     /// Children that had exited but were not yet reaped by their parent.
     #[serde(default)]
     pub zombies: Vec<Zombie>,
+    /// Open file descriptions held by more than one process.
+    #[serde(default)]
+    pub shared_files: Vec<crate::files::SharedFile>,
     pub stats: DumpStats,
 }
 
@@ -79,6 +82,8 @@ pub struct Zombie {
     pub sid: i32,
     /// The raw wait status (`/proc/PID/stat` exit_code).
     pub wait_status: i32,
+    #[serde(default)]
+    pub comm: String,
 }
 
 /// Figures about the dump itself, like CRIU's stats-dump.
@@ -363,6 +368,7 @@ mod tests {
                 root_pid: 7,
                 pids: vec![],
                 zombies: vec![],
+                shared_files: vec![],
                 stats: DumpStats::default(),
             },
         );

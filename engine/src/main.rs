@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use crest_engine::dump::{AfterDump, DumpOptions};
+use crest_engine::dump::{AfterDump, DumpOptions, Scope};
 use crest_engine::restore::{RestoreOptions, Restored};
 use crest_engine::{check, image, show, Error};
 
@@ -26,9 +26,17 @@ enum Command {
     /// killed once the image is complete; on any failure it is left running,
     /// exactly as it was.
     Dump {
-        /// The process to dump.
-        #[arg(short = 't', long = "tree", value_name = "PID")]
-        pid: i32,
+        /// Dump this process and all its descendants.
+        #[arg(
+            short = 't',
+            long = "tree",
+            value_name = "PID",
+            required_unless_present = "session"
+        )]
+        pid: Option<i32>,
+        /// Dump every process of this session (its leader's PID), orphans included.
+        #[arg(long, value_name = "SID", conflicts_with = "pid")]
+        session: Option<i32>,
         /// Where to write the image (must not exist, or be empty).
         #[arg(short = 'D', long = "images-dir", value_name = "DIR")]
         dir: PathBuf,
@@ -88,10 +96,16 @@ fn run(cli: Cli) -> Result<u8, Error> {
     match cli.command {
         Command::Dump {
             pid,
+            session,
             dir,
             leave_running,
             stop,
         } => {
+            let (pid, scope) = match (pid, session) {
+                (Some(pid), _) => (pid, Scope::Tree),
+                (None, Some(sid)) => (sid, Scope::Session),
+                (None, None) => unreachable!("clap requires one of them"),
+            };
             let after = if leave_running {
                 AfterDump::LeaveRunning
             } else if stop {
@@ -100,7 +114,15 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 AfterDump::Kill
             };
             let bar = progress_bar();
-            let stats = crest_engine::dump::dump(&DumpOptions { pid, dir, after }, &bar)?;
+            let stats = crest_engine::dump::dump(
+                &DumpOptions {
+                    pid,
+                    dir,
+                    after,
+                    scope,
+                },
+                &bar,
+            )?;
             bar.finish_and_clear();
             tracing::info!(
                 "frozen for {:.1} ms, {} pages written",

@@ -54,6 +54,9 @@ pub struct Vma {
     /// VM_GROWSDOWN (the main stack).
     #[serde(default)]
     pub growsdown: bool,
+    /// VM_NORESERVE: mapped with MAP_NORESERVE (not charged to overcommit).
+    #[serde(default)]
+    pub noreserve: bool,
 }
 
 impl Vma {
@@ -194,6 +197,7 @@ pub fn collect_vmas(
             backing,
             name,
             growsdown: has_flag(m.start, "gd"),
+            noreserve: has_flag(m.start, "nr"),
         });
     }
     Ok(vmas)

@@ -85,7 +85,9 @@ impl Tracee {
     /// process dies with crest, TRACECLONE so the threads it creates are ours.
     pub fn seize_for_restore(pid: i32) -> Result<Tracee> {
         let t = Tracee { pid };
-        let opts = ptrace::Options::PTRACE_O_TRACESYSGOOD | ptrace::Options::PTRACE_O_EXITKILL | ptrace::Options::PTRACE_O_TRACECLONE;
+        let opts = ptrace::Options::PTRACE_O_TRACESYSGOOD
+            | ptrace::Options::PTRACE_O_EXITKILL
+            | ptrace::Options::PTRACE_O_TRACECLONE;
         ptrace::seize(t.nix_pid(), opts).map_err(|e| t.err("PTRACE_SEIZE", e))?;
         ptrace::interrupt(t.nix_pid()).map_err(|e| t.err("PTRACE_INTERRUPT", e))?;
         t.wait_stop()?;
@@ -273,24 +275,27 @@ impl Tracee {
         regs.r9 = args[5];
         self.set_regs(&regs)?;
         for phase in ["entry", "exit"] {
-            ptrace::syscall(self.nix_pid(), None).map_err(|e| self.err("PTRACE_SYSCALL", e))?;
-            match waitpid(self.nix_pid(), Some(WaitPidFlag::__WALL))
-                .map_err(|e| self.err("waitpid", e))?
-            {
-                WaitStatus::PtraceSyscall(_) => {}
-                WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
-                    return Err(Error::Gone {
-                        pid: self.pid,
-                        during: "a remote system call",
-                    })
-                }
-                other => {
-                    return Err(Error::Refused {
+            loop {
+                ptrace::syscall(self.nix_pid(), None).map_err(|e| self.err("PTRACE_SYSCALL", e))?;
+                match waitpid(self.nix_pid(), Some(WaitPidFlag::__WALL))
+                    .map_err(|e| self.err("waitpid", e))?
+                {
+                    WaitStatus::PtraceSyscall(_) => break,
+                    // A job-control stop of a stopped process is reported once to a
+                    // seizing tracer; resuming again runs our syscall.
+                    WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_STOP) => continue,
+                    WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
+                        return Err(Error::Gone {
+                            pid: self.pid,
+                            during: "a remote system call",
+                        })
+                    }
+                    other => return Err(Error::Refused {
                         pid: self.pid,
                         reason: format!(
                             "unexpected stop {other:?} at syscall {phase} of remote syscall {nr}"
                         ),
-                    })
+                    }),
                 }
             }
         }
@@ -326,7 +331,9 @@ impl Tracee {
         let mut syscall_stops = 0;
         loop {
             ptrace::syscall(self.nix_pid(), None).map_err(|e| self.err("PTRACE_SYSCALL", e))?;
-            match waitpid(self.nix_pid(), Some(WaitPidFlag::__WALL)).map_err(|e| self.err("waitpid", e))? {
+            match waitpid(self.nix_pid(), Some(WaitPidFlag::__WALL))
+                .map_err(|e| self.err("waitpid", e))?
+            {
                 WaitStatus::PtraceSyscall(_) => {
                     syscall_stops += 1;
                     if syscall_stops == 2 {
@@ -334,7 +341,11 @@ impl Tracee {
                     }
                 }
                 WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_CLONE) => {
-                    new_tid = Some(ptrace::getevent(self.nix_pid()).map_err(|e| self.err("PTRACE_GETEVENTMSG", e))? as i32);
+                    new_tid = Some(
+                        ptrace::getevent(self.nix_pid())
+                            .map_err(|e| self.err("PTRACE_GETEVENTMSG", e))?
+                            as i32,
+                    );
                 }
                 other => {
                     return Err(Error::Refused {
@@ -347,10 +358,15 @@ impl Tracee {
         let r = self.regs()?.rax as i64;
         self.set_regs(&saved)?;
         if r < 0 {
-            return Err(Error::sys(self.pid, "remote clone3 of a thread", Errno::from_raw(-r as i32)));
+            return Err(Error::sys(
+                self.pid,
+                "remote clone3 of a thread",
+                Errno::from_raw(-r as i32),
+            ));
         }
         let tid = new_tid.unwrap_or(r as i32);
-        waitpid(Pid::from_raw(tid), Some(WaitPidFlag::__WALL)).map_err(|e| Error::sys(tid, "waitpid for a new thread", e))?;
+        waitpid(Pid::from_raw(tid), Some(WaitPidFlag::__WALL))
+            .map_err(|e| Error::sys(tid, "waitpid for a new thread", e))?;
         Ok(tid)
     }
 

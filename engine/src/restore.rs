@@ -140,9 +140,12 @@ pub fn restore(opts: &RestoreOptions, progress: &indicatif::ProgressBar) -> Resu
     let mut pages = Vec::new();
     for p in &image.processes {
         if p.threads.first().map(|t| t.tid) != Some(p.pid) {
-            return Err(Error::bad_image(image.dir.join(crate::image::META_FILE), format!("pid {}: the main thread is not first", p.pid)));
+            return Err(Error::bad_image(
+                image.dir.join(crate::image::META_FILE),
+                format!("pid {}: the main thread is not first", p.pid),
+            ));
         }
-        files::verify_unchanged(p.pid, &p.files)?;
+        files::verify_unchanged(p.pid, &p.files, &image.inventory.shared_files)?;
         progress.set_message(format!("pid {}: checking pages", p.pid));
         pages.push(Pages::open(&image.dir, p)?);
     }
@@ -180,7 +183,10 @@ pub fn restore(opts: &RestoreOptions, progress: &indicatif::ProgressBar) -> Resu
             Err(if code == "3" {
                 Error::Unsupported {
                     pid: root,
-                    what: text.trim_start_matches(&format!("pid {root}: ")).trim_end_matches(": not supported yet").to_string(),
+                    what: text
+                        .trim_start_matches(&format!("pid {root}: "))
+                        .trim_end_matches(": not supported yet")
+                        .to_string(),
                 }
             } else {
                 Error::Restore(text.to_string())
@@ -196,8 +202,11 @@ struct ChildPlan {
     session_leader: bool,
     /// Indices (into the plan list) of the live children it forks.
     children: Vec<usize>,
-    /// Zombie children it forks: (pid, wait status, own group, own session).
-    zombies: Vec<(i32, i32, bool, bool)>,
+    /// Processes whose parent is outside the image (orphans reparented to init
+    /// or a subreaper): the root creates each through a helper that exits.
+    orphans: Vec<usize>,
+    /// Zombie children it forks: (pid, wait status, own group, own session, name).
+    zombies: Vec<(i32, i32, bool, bool, CString)>,
     fds: Vec<files::FdImage>,
     /// Files to keep open for mmap, the fd each goes to, and whether for writing.
     map_files: Vec<(CString, i32, bool)>,
@@ -213,6 +222,10 @@ struct ChildPlan {
     thread_pending: Vec<task::SigInfo>,
     shared_pending: Vec<task::SigInfo>,
     trampoline: u64,
+    /// Shared open files sit at `shared_base + id` in every restore child,
+    /// inherited from the restorer, until each process places its own.
+    shared_base: i32,
+    shared_count: i32,
 }
 
 const TRAMPOLINE_LEN: u64 = 2 * PAGE_SIZE;
@@ -224,15 +237,21 @@ fn plan_tree(image: &Image) -> Result<Vec<ChildPlan>> {
     for p in &image.processes {
         let thread = &p.threads[0];
         let (file_fds, exe_fd) = helper_fds(p);
-        let cstr = |s: &str, what: &str| CString::new(s).map_err(|_| Error::Restore(format!("pid {}: bad {what} {s:?}", p.pid)));
+        let cstr = |s: &str, what: &str| {
+            CString::new(s).map_err(|_| Error::Restore(format!("pid {}: bad {what} {s:?}", p.pid)))
+        };
         let map_files = file_fds
             .iter()
             .map(|(path, fd, writable)| Ok((cstr(path, "path")?, *fd, *writable)))
             .collect::<Result<Vec<_>>>()?;
         let mut taken: Vec<(u64, u64)> = own_maps.iter().map(|m| (m.start, m.end)).collect();
         taken.extend(p.mm.vmas.iter().map(|v| (v.start, v.end)));
-        let trampoline = mm::find_gap(&taken, TRAMPOLINE_LEN, 0x10_0000)
-            .ok_or_else(|| Error::Restore(format!("pid {}: no free address range for the restore trampoline", p.pid)))?;
+        let trampoline = mm::find_gap(&taken, TRAMPOLINE_LEN, 0x10_0000).ok_or_else(|| {
+            Error::Restore(format!(
+                "pid {}: no free address range for the restore trampoline",
+                p.pid
+            ))
+        })?;
         let children = image
             .processes
             .iter()
@@ -240,17 +259,39 @@ fn plan_tree(image: &Image) -> Result<Vec<ChildPlan>> {
             .filter(|(_, c)| c.ppid == p.pid && c.pid != image.inventory.root_pid)
             .map(|(i, _)| i)
             .collect();
+        let is_root = p.pid == image.inventory.root_pid;
+        let orphans = if is_root {
+            let known = |pid: i32| image.processes.iter().any(|q| q.pid == pid);
+            image
+                .processes
+                .iter()
+                .enumerate()
+                .filter(|(_, q)| q.pid != p.pid && !known(q.ppid))
+                .map(|(i, _)| i)
+                .collect()
+        } else {
+            Vec::new()
+        };
         let zombies = image
             .inventory
             .zombies
             .iter()
             .filter(|z| z.ppid == p.pid)
-            .map(|z| (z.pid, z.wait_status, z.pgid == z.pid, z.sid == z.pid))
+            .map(|z| {
+                (
+                    z.pid,
+                    z.wait_status,
+                    z.pgid == z.pid,
+                    z.sid == z.pid,
+                    CString::new(z.comm.as_str()).unwrap_or_default(),
+                )
+            })
             .collect();
         plans.push(ChildPlan {
             pid: p.pid,
             session_leader: p.sid == p.pid,
             children,
+            orphans,
             zombies,
             fds: p.files.fds.clone(),
             map_files,
@@ -266,7 +307,13 @@ fn plan_tree(image: &Image) -> Result<Vec<ChildPlan>> {
             thread_pending: thread.pending.clone(),
             shared_pending: p.state.shared_pending.clone(),
             trampoline,
+            shared_base: 0,
+            shared_count: image.inventory.shared_files.len() as i32,
         });
+    }
+    let shared_base = plans.iter().map(|p| p.err_fd).max().unwrap_or(3) + 1;
+    for p in &mut plans {
+        p.shared_base = shared_base;
     }
     Ok(plans)
 }
@@ -286,7 +333,10 @@ impl Drop for TreeGuard {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
             for &pid in &self.pids {
-                let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG));
+                let _ = waitpid(
+                    Pid::from_raw(pid),
+                    Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG),
+                );
             }
         }
     }
@@ -294,17 +344,39 @@ impl Drop for TreeGuard {
 
 /// Creates the whole tree (each process forks its own children), then rebuilds
 /// every process through ptrace and releases them all together.
-fn restore_tree(image: &Image, plans: &[ChildPlan], pages: &[Pages], opts: &RestoreOptions, progress: &indicatif::ProgressBar) -> Result<()> {
+fn restore_tree(
+    image: &Image,
+    plans: &[ChildPlan],
+    pages: &[Pages],
+    opts: &RestoreOptions,
+    progress: &indicatif::ProgressBar,
+) -> Result<()> {
     let mut report = [0i32; 2];
     // SAFETY: pipe2 writes two fds into the array.
     if unsafe { libc::pipe2(report.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
         return Err(Error::sys(0, "pipe2", nix::errno::Errno::last()));
     }
     // SAFETY: both fds are fresh and owned by us from here on.
-    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(report[0]), OwnedFd::from_raw_fd(report[1])) };
+    let (rd, wr) = unsafe {
+        (
+            OwnedFd::from_raw_fd(report[0]),
+            OwnedFd::from_raw_fd(report[1]),
+        )
+    };
     let deadline = Instant::now() + opts.pid_wait;
-    let mut guard = TreeGuard { pids: Vec::new(), armed: true };
-    let root = clone_with_pid(plans[0].pid, deadline, || process_main(0, plans, wr.as_raw_fd(), deadline))
+    // Open files shared between processes once, here: every restore child
+    // inherits them, so they keep sharing one open file description.
+    let mut shared_fds = Vec::new();
+    for sf in &image.inventory.shared_files {
+        shared_fds.push(open_shared(sf, plans[0].shared_base + sf.id as i32)?);
+    }
+    let mut guard = TreeGuard {
+        pids: Vec::new(),
+        armed: true,
+    };
+    let root = clone_with_pid(plans[0].pid, deadline, || {
+        process_main(0, plans, wr.as_raw_fd(), deadline)
+    })
     .map_err(|e| match e {
         CloneError::Taken(pid) => pid_taken(pid),
         CloneError::Other(e) => e,
@@ -316,6 +388,14 @@ fn restore_tree(image: &Image, plans: &[ChildPlan], pages: &[Pages], opts: &Rest
     let mut text = String::new();
     use std::io::Read;
     let _ = File::from(rd).read_to_string(&mut text);
+    // Every process that reported is ours to kill should anything fail now.
+    for line in text.lines() {
+        if let Some(pid) = line.strip_prefix("ok ").and_then(|p| p.parse().ok()) {
+            if !guard.pids.contains(&pid) {
+                guard.pids.push(pid);
+            }
+        }
+    }
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("err ") {
             let (pid, msg) = rest.split_once(' ').unwrap_or((rest, ""));
@@ -327,7 +407,10 @@ fn restore_tree(image: &Image, plans: &[ChildPlan], pages: &[Pages], opts: &Rest
     }
     for p in plans {
         if !text.lines().any(|l| l == format!("ok {}", p.pid)) {
-            return Err(Error::Restore(format!("pid {}: the restore child died before it was set up", p.pid)));
+            return Err(Error::Restore(format!(
+                "pid {}: the restore child died before it was set up",
+                p.pid
+            )));
         }
     }
 
@@ -352,8 +435,50 @@ fn restore_tree(image: &Image, plans: &[ChildPlan], pages: &[Pages], opts: &Rest
     Ok(())
 }
 
+/// Opens a shared file at exactly `at`, raising our own soft fd limit if needed.
+fn open_shared(sf: &files::SharedFile, at: i32) -> Result<OwnedFd> {
+    let probe = files::FdImage {
+        fd: at,
+        cloexec: false,
+        kind: sf.file.clone(),
+    };
+    let fd = files::open_for_restore(&probe)
+        .map_err(Error::Restore)?
+        .ok_or_else(|| {
+            Error::Restore(format!(
+                "shared file {} is neither a file nor a device",
+                sf.id
+            ))
+        })?;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on ourselves with a struct we own; dup3 and
+    // close on fds we own.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        if lim.rlim_cur <= at as u64 && lim.rlim_max > at as u64 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+        if libc::dup3(fd, at, libc::O_CLOEXEC) < 0 {
+            let e = std::io::Error::last_os_error();
+            libc::close(fd);
+            return Err(Error::Restore(format!(
+                "shared file {}: cannot place it at fd {at}: {e}",
+                sf.id
+            )));
+        }
+        libc::close(fd);
+        Ok(OwnedFd::from_raw_fd(at))
+    }
+}
+
 fn pid_taken(pid: i32) -> Error {
-    let comm = proc::read(pid, "comm").map(|c| c.trim().to_string()).unwrap_or_else(|_| "?".into());
+    let comm = proc::read(pid, "comm")
+        .map(|c| c.trim().to_string())
+        .unwrap_or_else(|_| "?".into());
     Error::Restore(format!(
         "pid {pid} is in use (by '{comm}'); stop that process or restore into a new PID namespace (--pidns, not supported yet)"
     ))
@@ -370,13 +495,25 @@ fn set_process_groups(image: &Image, plans: &[ChildPlan]) -> Result<()> {
             }
             if !leaders_first && !in_image(p.pgid) {
                 if image.inventory.zombies.iter().any(|z| z.pid == p.pgid) {
-                    return Err(Error::unsupported(p.pid, format!("its process group {} is led by a zombie", p.pgid)));
+                    return Err(Error::unsupported(
+                        p.pid,
+                        format!("its process group {} is led by a zombie", p.pgid),
+                    ));
                 }
-                tracing::warn!(pid = p.pid, pgid = p.pgid, "process group led from outside the image: keeping the restorer's");
+                tracing::warn!(
+                    pid = p.pid,
+                    pgid = p.pgid,
+                    "process group led from outside the image: keeping the restorer's"
+                );
                 continue;
             }
             let target = if leaders_first { 0 } else { p.pgid as u64 };
-            Tracee { pid: p.pid }.remote_ok(plans[i].trampoline, libc::SYS_setpgid, [0, target, 0, 0, 0, 0], &format!("setpgid to {}", p.pgid))?;
+            Tracee { pid: p.pid }.remote_ok(
+                plans[i].trampoline,
+                libc::SYS_setpgid,
+                [0, target, 0, 0, 0, 0],
+                &format!("setpgid to {}", p.pgid),
+            )?;
         }
     }
     Ok(())
@@ -391,7 +528,11 @@ enum CloneError {
 /// Forks a child with PID `pid`, retrying while the PID is taken (a process
 /// killed by the dump may wait 1-3 s for init to reap it) until `deadline`.
 /// The child runs `child` and never returns.
-fn clone_with_pid(pid: i32, deadline: Instant, child: impl FnOnce() -> std::convert::Infallible) -> std::result::Result<i32, CloneError> {
+fn clone_with_pid(
+    pid: i32,
+    deadline: Instant,
+    child: impl FnOnce() -> std::convert::Infallible,
+) -> std::result::Result<i32, CloneError> {
     let set_tid = [pid];
     let args = CloneArgs {
         exit_signal: libc::SIGCHLD as u64,
@@ -402,7 +543,13 @@ fn clone_with_pid(pid: i32, deadline: Instant, child: impl FnOnce() -> std::conv
     loop {
         // SAFETY: clone3 without CLONE_VM behaves like fork; the child only runs
         // `child`, which never returns. The caller is single-threaded.
-        let r = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) };
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_clone3,
+                &args as *const CloneArgs,
+                std::mem::size_of::<CloneArgs>(),
+            )
+        };
         if r == 0 {
             #[allow(unreachable_code)] // `child` diverges: its result cannot exist
             match child() {}
@@ -412,10 +559,14 @@ fn clone_with_pid(pid: i32, deadline: Instant, child: impl FnOnce() -> std::conv
         }
         let e = nix::errno::Errno::last();
         match e {
-            nix::errno::Errno::EEXIST if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            nix::errno::Errno::EEXIST if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
             nix::errno::Errno::EEXIST => return Err(CloneError::Taken(pid)),
             nix::errno::Errno::ENOSYS => {
-                return Err(CloneError::Other(Error::Restore("this kernel has no clone3 (Linux 5.5+ needed to restore PIDs)".into())))
+                return Err(CloneError::Other(Error::Restore(
+                    "this kernel has no clone3 (Linux 5.5+ needed to restore PIDs)".into(),
+                )))
             }
             nix::errno::Errno::EPERM => {
                 return Err(CloneError::Other(Error::Restore(format!(
@@ -429,7 +580,12 @@ fn clone_with_pid(pid: i32, deadline: Instant, child: impl FnOnce() -> std::conv
 
 /// The body of restore child `idx`: lead its session, fork its children and
 /// zombies, set itself up, report, and wait for the restorer to seize it.
-fn process_main(idx: usize, plans: &[ChildPlan], report_fd: i32, deadline: Instant) -> std::convert::Infallible {
+fn process_main(
+    idx: usize,
+    plans: &[ChildPlan],
+    report_fd: i32,
+    deadline: Instant,
+) -> std::convert::Infallible {
     let plan = &plans[idx];
     let report = |msg: String| {
         // SAFETY: a write of our own buffer to the report pipe; under PIPE_BUF, so atomic.
@@ -441,7 +597,10 @@ fn process_main(idx: usize, plans: &[ChildPlan], report_fd: i32, deadline: Insta
         libc::sigfillset(&mut all);
         libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
         // Should our parent (another restore child, or crest) die, so do we.
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        // Not for orphans: their parent is a helper that exits at once.
+        if !plans[0].orphans.contains(&idx) {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        }
         if report_fd != plan.err_fd {
             if libc::dup3(report_fd, plan.err_fd, libc::O_CLOEXEC) < 0 {
                 libc::_exit(1);
@@ -455,7 +614,9 @@ fn process_main(idx: usize, plans: &[ChildPlan], report_fd: i32, deadline: Insta
     }
     for &c in &plan.children {
         let err_fd = plan.err_fd;
-        if let Err(e) = clone_with_pid(plans[c].pid, deadline, || process_main(c, plans, err_fd, deadline)) {
+        if let Err(e) = clone_with_pid(plans[c].pid, deadline, || {
+            process_main(c, plans, err_fd, deadline)
+        }) {
             report(match e {
                 CloneError::Taken(pid) => format!("err {} taken {pid}\n", plan.pid),
                 CloneError::Other(e) => format!("err {} {e}\n", plan.pid),
@@ -464,10 +625,35 @@ fn process_main(idx: usize, plans: &[ChildPlan], report_fd: i32, deadline: Insta
             unsafe { libc::_exit(1) };
         }
     }
-    for &(pid, status, own_group, own_session) in &plan.zombies {
+    for &o in &plan.orphans {
+        // SAFETY: the helper only clones the orphan and exits; we reap it at once.
+        let helper = unsafe { libc::fork() };
+        if helper == 0 {
+            let err_fd = plan.err_fd;
+            let code = match clone_with_pid(plans[o].pid, deadline, || {
+                process_main(o, plans, err_fd, deadline)
+            }) {
+                Ok(_) => 0,
+                Err(e) => {
+                    report(match e {
+                        CloneError::Taken(pid) => format!("err {} taken {pid}\n", plan.pid),
+                        CloneError::Other(e) => format!("err {} {e}\n", plan.pid),
+                    });
+                    1
+                }
+            };
+            // SAFETY: leaving the helper without unwinding; the orphan is reparented.
+            unsafe { libc::_exit(code) };
+        }
+        // SAFETY: reaping the helper we just forked.
+        unsafe { libc::waitpid(helper, std::ptr::null_mut(), 0) };
+    }
+    for (pid, status, own_group, own_session, name) in &plan.zombies {
+        let (pid, status, own_group, own_session) = (*pid, *status, *own_group, *own_session);
         let r = clone_with_pid(pid, deadline, || {
-            // SAFETY: the zombie-to-be only sets its group/session and dies as it did.
+            // SAFETY: the zombie-to-be only sets its name, group and session and dies as it did.
             unsafe {
+                libc::prctl(libc::PR_SET_NAME, name.as_ptr());
                 if own_session {
                     libc::setsid();
                 } else if own_group {
@@ -486,13 +672,36 @@ fn process_main(idx: usize, plans: &[ChildPlan], report_fd: i32, deadline: Insta
                 libc::_exit((status >> 8) & 0xff)
             }
         });
-        if let Err(e) = r {
-            report(match e {
-                CloneError::Taken(pid) => format!("err {} taken {pid}\n", plan.pid),
-                CloneError::Other(e) => format!("err {} {e}\n", plan.pid),
-            });
-            // SAFETY: leaving without unwinding.
-            unsafe { libc::_exit(1) };
+        match r {
+            // Wait (without reaping) until it is a zombie, then drop the SIGCHLD its
+            // death queued for us: the dumped process had already had it.
+            // SAFETY: waitid with WNOWAIT only reads the child's state into `info`;
+            // sigtimedwait with a zero timeout only dequeues a pending SIGCHLD.
+            Ok(z) => unsafe {
+                let mut info: libc::siginfo_t = std::mem::zeroed();
+                libc::waitid(
+                    libc::P_PID,
+                    z as libc::id_t,
+                    &mut info,
+                    libc::WEXITED | libc::WNOWAIT,
+                );
+                let mut chld: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut chld);
+                libc::sigaddset(&mut chld, libc::SIGCHLD);
+                let zero = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                libc::sigtimedwait(&chld, std::ptr::null_mut(), &zero);
+            },
+            Err(e) => {
+                report(match e {
+                    CloneError::Taken(pid) => format!("err {} taken {pid}\n", plan.pid),
+                    CloneError::Other(e) => format!("err {} {e}\n", plan.pid),
+                });
+                // SAFETY: leaving without unwinding.
+                unsafe { libc::_exit(1) };
+            }
         }
     }
     match child_setup(plan) {
@@ -569,8 +778,9 @@ fn child_setup(plan: &ChildPlan) -> std::result::Result<(), String> {
             .map_err(|e| format!("/proc/self/fd: {e}"))?
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
             .collect();
+        let shared = plan.shared_base..plan.shared_base + plan.shared_count;
         for fd in open {
-            if fd > 2 && fd != plan.err_fd {
+            if fd > 2 && fd != plan.err_fd && !shared.contains(&fd) {
                 libc::close(fd);
             }
         }
@@ -579,6 +789,11 @@ fn child_setup(plan: &ChildPlan) -> std::result::Result<(), String> {
                 FdKind::Dup { of } => {
                     if libc::dup2(*of, f.fd) < 0 {
                         return Err(errno_msg(&format!("fd {}: dup of fd {of}", f.fd)));
+                    }
+                }
+                FdKind::Shared { id } => {
+                    if libc::dup2(plan.shared_base + *id as i32, f.fd) < 0 {
+                        return Err(errno_msg(&format!("fd {}: shared file {id}", f.fd)));
                     }
                 }
                 FdKind::Inherited { .. } => {
@@ -611,6 +826,9 @@ fn child_setup(plan: &ChildPlan) -> std::result::Result<(), String> {
             if !plan.fds.iter().any(|f| f.fd == fd) {
                 libc::close(fd);
             }
+        }
+        for fd in shared {
+            libc::close(fd);
         }
         for (path, at, writable) in plan.map_files.iter().chain(std::iter::once(&plan.exe)) {
             let mode = if *writable {
@@ -761,11 +979,7 @@ fn rebuild(t: Tracee, p: &ProcessImage, pages: &Pages, insn: u64) -> Result<Vec<
     move_specials(pid, p, &own, &call)?;
 
     for v in &p.mm.vmas {
-        let has_pages =
-            p.mm.chunks
-                .iter()
-                .any(|c| c.vaddr >= v.start && c.vaddr < v.end);
-        let prot = if has_pages {
+        let prot = if needs_write_window(p, v) {
             libc::PROT_READ | libc::PROT_WRITE
         } else {
             v.prot
@@ -773,6 +987,9 @@ fn rebuild(t: Tracee, p: &ProcessImage, pages: &Pages, insn: u64) -> Result<Vec<
         let mut flags = libc::MAP_PRIVATE | libc::MAP_FIXED;
         if v.growsdown {
             flags |= libc::MAP_GROWSDOWN;
+        }
+        if v.noreserve {
+            flags |= libc::MAP_NORESERVE;
         }
         let (fd, off) = match &v.backing {
             Backing::Special { .. } => continue,
@@ -812,21 +1029,16 @@ fn rebuild(t: Tracee, p: &ProcessImage, pages: &Pages, insn: u64) -> Result<Vec<
 
     write_pages(pid, p, pages)?;
 
-    for v in &p.mm.vmas {
-        let has_pages =
-            p.mm.chunks
-                .iter()
-                .any(|c| c.vaddr >= v.start && c.vaddr < v.end);
-        if has_pages
-            && v.prot != libc::PROT_READ | libc::PROT_WRITE
-            && !matches!(v.backing, Backing::Special { .. })
-        {
-            call(
-                libc::SYS_mprotect,
-                [v.start, v.len(), v.prot as u64, 0, 0, 0],
-                "mprotect",
-            )?;
-        }
+    for v in
+        p.mm.vmas
+            .iter()
+            .filter(|v| needs_write_window(p, v) && v.prot != libc::PROT_READ | libc::PROT_WRITE)
+    {
+        call(
+            libc::SYS_mprotect,
+            [v.start, v.len(), v.prot as u64, 0, 0, 0],
+            "mprotect",
+        )?;
     }
 
     // mm fields, auxv and /proc/PID/exe in one PR_SET_MM_MAP.
@@ -862,13 +1074,26 @@ fn rebuild(t: Tracee, p: &ProcessImage, pages: &Pages, insn: u64) -> Result<Vec<
     }
 
     for it in &p.state.itimers {
-        let v = [it.interval_us / 1_000_000, it.interval_us % 1_000_000, it.value_us / 1_000_000, it.value_us % 1_000_000];
+        let v = [
+            it.interval_us / 1_000_000,
+            it.interval_us % 1_000_000,
+            it.value_us / 1_000_000,
+            it.value_us % 1_000_000,
+        ];
         let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_ne_bytes()).collect();
         crate::ptrace::write_mem(pid, scratch, &bytes)?;
-        call(libc::SYS_setitimer, [it.which as u64, scratch, 0, 0, 0, 0], "setitimer")?;
+        call(
+            libc::SYS_setitimer,
+            [it.which as u64, scratch, 0, 0, 0, 0],
+            "setitimer",
+        )?;
     }
     const PR_SET_PDEATHSIG: u64 = 1;
-    call(libc::SYS_prctl, [PR_SET_PDEATHSIG, p.state.pdeathsig as u64, 0, 0, 0, 0], "prctl(PR_SET_PDEATHSIG)")?;
+    call(
+        libc::SYS_prctl,
+        [PR_SET_PDEATHSIG, p.state.pdeathsig as u64, 0, 0, 0, 0],
+        "prctl(PR_SET_PDEATHSIG)",
+    )?;
 
     // Threads: created by remote clone3 in the main thread with their original
     // TIDs (before credentials drop, since set_tid needs privilege).
@@ -891,51 +1116,144 @@ fn rebuild(t: Tracee, p: &ProcessImage, pages: &Pages, insn: u64) -> Result<Vec<
         crate::ptrace::write_mem(pid, tid_at, &th.tid.to_ne_bytes())?;
         let tid = t.remote_clone_thread(insn, args_at, 88)?;
         if tid != th.tid {
-            return Err(Error::Restore(format!("pid {pid}: thread {} came back as {tid}", th.tid)));
+            return Err(Error::Restore(format!(
+                "pid {pid}: thread {} came back as {tid}",
+                th.tid
+            )));
         }
         threads.push(Tracee { pid: tid });
     }
-    // Signals queued for one thread: queued by the main thread (the only one allowed
-    // to send siginfo with si_code >= 0 to its own process).
+    // Signals queued for one thread: each thread queues its own (the kernel lets
+    // only the receiving thread itself send a siginfo with si_code >= 0).
     for (th, tt) in p.threads.iter().zip(&threads).skip(1) {
         for info in &th.pending {
             crate::ptrace::write_mem(pid, scratch, &info.0)?;
-            call(libc::SYS_rt_tgsigqueueinfo, [pid as u64, tt.pid as u64, info.signo() as u64, scratch, 0, 0], "rt_tgsigqueueinfo")?;
+            tt.remote_ok(
+                insn,
+                libc::SYS_rt_tgsigqueueinfo,
+                [
+                    pid as u64,
+                    tt.pid as u64,
+                    info.signo() as u64,
+                    scratch,
+                    0,
+                    0,
+                ],
+                "rt_tgsigqueueinfo",
+            )?;
         }
     }
     let c = &p.state.creds;
     let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
     if groups.len() > 2048 {
-        return Err(Error::unsupported(pid, format!("{} supplementary groups", c.groups.len())));
+        return Err(Error::unsupported(
+            pid,
+            format!("{} supplementary groups", c.groups.len()),
+        ));
     }
     for (th, tt) in p.threads.iter().zip(&threads) {
         let tcall = |nr: i64, args: [u64; 6], what: &str| tt.remote_ok(insn, nr, args, what);
         if let Some(r) = &th.rseq {
-            tcall(libc::SYS_rseq, [r.pointer, r.size as u64, 0, r.signature as u64, 0, 0], "rseq register")?;
+            tcall(
+                libc::SYS_rseq,
+                [r.pointer, r.size as u64, 0, r.signature as u64, 0, 0],
+                "rseq register",
+            )?;
         }
         if let Some(rl) = &th.robust_list {
-            tcall(libc::SYS_set_robust_list, [rl.head, rl.len, 0, 0, 0, 0], "set_robust_list")?;
+            tcall(
+                libc::SYS_set_robust_list,
+                [rl.head, rl.len, 0, 0, 0, 0],
+                "set_robust_list",
+            )?;
         }
-        tcall(libc::SYS_set_tid_address, [th.clear_child_tid, 0, 0, 0, 0, 0], "set_tid_address")?;
+        tcall(
+            libc::SYS_set_tid_address,
+            [th.clear_child_tid, 0, 0, 0, 0, 0],
+            "set_tid_address",
+        )?;
         if th.tid != pid {
             if let Some(a) = &th.altstack {
-                let ss: Vec<u8> = [a.sp, (a.flags & !libc::SS_ONSTACK) as u32 as u64, a.size].iter().flat_map(|v| v.to_ne_bytes()).collect();
+                let ss: Vec<u8> = [a.sp, (a.flags & !libc::SS_ONSTACK) as u32 as u64, a.size]
+                    .iter()
+                    .flat_map(|v| v.to_ne_bytes())
+                    .collect();
                 crate::ptrace::write_mem(pid, scratch, &ss)?;
-                tcall(libc::SYS_sigaltstack, [scratch, 0, 0, 0, 0, 0], "sigaltstack")?;
+                tcall(
+                    libc::SYS_sigaltstack,
+                    [scratch, 0, 0, 0, 0, 0],
+                    "sigaltstack",
+                )?;
             }
             let mut name = th.name.as_bytes().to_vec();
             name.truncate(15);
             name.push(0);
             crate::ptrace::write_mem(pid, scratch, &name)?;
-            tcall(libc::SYS_prctl, [libc::PR_SET_NAME as u64, scratch, 0, 0, 0, 0], "prctl(PR_SET_NAME)")?;
+            tcall(
+                libc::SYS_prctl,
+                [libc::PR_SET_NAME as u64, scratch, 0, 0, 0, 0],
+                "prctl(PR_SET_NAME)",
+            )?;
         }
         // Credentials are per thread in the kernel: set them in each.
         crate::ptrace::write_mem(pid, scratch, &groups)?;
-        tcall(libc::SYS_setgroups, [c.groups.len() as u64, scratch, 0, 0, 0, 0], "setgroups")?;
-        tcall(libc::SYS_setresgid, [c.gids[0] as u64, c.gids[1] as u64, c.gids[2] as u64, 0, 0, 0], "setresgid")?;
-        tcall(libc::SYS_setresuid, [c.uids[0] as u64, c.uids[1] as u64, c.uids[2] as u64, 0, 0, 0], "setresuid")?;
-        tt.set_sigmask(th.sigmask)?;
+        tcall(
+            libc::SYS_setgroups,
+            [c.groups.len() as u64, scratch, 0, 0, 0, 0],
+            "setgroups",
+        )?;
+        tcall(
+            libc::SYS_setresgid,
+            [
+                c.gids[0] as u64,
+                c.gids[1] as u64,
+                c.gids[2] as u64,
+                0,
+                0,
+                0,
+            ],
+            "setresgid",
+        )?;
+        tcall(
+            libc::SYS_setresuid,
+            [
+                c.uids[0] as u64,
+                c.uids[1] as u64,
+                c.uids[2] as u64,
+                0,
+                0,
+                0,
+            ],
+            "setresuid",
+        )?;
+        if p.state.no_new_privs {
+            tcall(
+                libc::SYS_prctl,
+                [libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0, 0],
+                "prctl(PR_SET_NO_NEW_PRIVS)",
+            )?;
+        }
         tt.set_xstate(&th.xstate)?;
+    }
+    // After the credentials, which reset it.
+    call(
+        libc::SYS_prctl,
+        [
+            libc::PR_SET_DUMPABLE as u64,
+            p.state.dumpable as u64,
+            0,
+            0,
+            0,
+            0,
+        ],
+        "prctl(PR_SET_DUMPABLE)",
+    )?;
+    if p.state.child_subreaper {
+        call(
+            libc::SYS_prctl,
+            [libc::PR_SET_CHILD_SUBREAPER as u64, 1, 0, 0, 0, 0],
+            "prctl(PR_SET_CHILD_SUBREAPER)",
+        )?;
     }
     Ok(threads)
 }
@@ -944,20 +1262,47 @@ fn rebuild(t: Tracee, p: &ProcessImage, pages: &Pages, insn: u64) -> Result<Vec<
 /// the trampoline it runs from; at its exit stop it gets its registers and
 /// never returns into the trampoline.
 fn finish(p: &ProcessImage, threads: &[Tracee], insn: u64) -> Result<()> {
+    // Masks last: a pending signal they unblock must not interrupt our syscalls.
     for (th, tt) in p.threads.iter().zip(threads).skip(1) {
         let mut regs = th.regs;
         task::resume_interrupted_syscall(&mut regs, false);
         tt.set_prstatus(&regs.to_user_regs())?;
+        tt.set_sigmask(th.sigmask)?;
     }
     let t = threads[0];
     let mut regs = p.threads[0].regs;
     task::resume_interrupted_syscall(&mut regs, false);
     let base = t.regs()?;
-    let r = t.syscall_with_regs(insn, libc::SYS_munmap, [insn, TRAMPOLINE_LEN, 0, 0, 0, 0], &base)?;
+    let r = t.syscall_with_regs(
+        insn,
+        libc::SYS_munmap,
+        [insn, TRAMPOLINE_LEN, 0, 0, 0, 0],
+        &base,
+    )?;
     if r != 0 {
-        return Err(Error::sys(t.pid, "remote munmap of the trampoline", nix::errno::Errno::from_raw(-r as i32)));
+        return Err(Error::sys(
+            t.pid,
+            "remote munmap of the trampoline",
+            nix::errno::Errno::from_raw(-r as i32),
+        ));
     }
-    t.set_prstatus(&regs.to_user_regs())
+    t.set_prstatus(&regs.to_user_regs())?;
+    t.set_sigmask(p.threads[0].sigmask)
+}
+
+/// Whether a mapping is mapped writable while its pages are copied in, then
+/// protected: file mappings with copy-on-write pages, so that they keep the
+/// boundaries they had (mapped read-only at once, the kernel would merge them
+/// with a neighbouring read-only mapping of the same file). Anonymous ones get
+/// their final protection at once and are written through /proc/PID/mem,
+/// which keeps a huge PROT_NONE reservation from being charged to overcommit.
+fn needs_write_window(p: &ProcessImage, v: &mm::Vma) -> bool {
+    matches!(v.backing, Backing::File { shared: false, .. })
+        && v.prot & libc::PROT_WRITE == 0
+        && p.mm
+            .chunks
+            .iter()
+            .any(|c| c.vaddr >= v.start && c.vaddr < v.end)
 }
 
 /// Runs one system call in the restore child: (number, arguments, what for).
@@ -1034,7 +1379,16 @@ fn move_specials(
 
 /// Copies every saved chunk into the child, in batches of up to 1024 iovecs.
 fn write_pages(pid: i32, p: &ProcessImage, pages: &Pages) -> Result<()> {
-    for batch in p.mm.chunks.chunks(1024) {
+    let writable = |addr: u64| {
+        p.mm.vmas.iter().any(|v| {
+            addr >= v.start
+                && addr < v.end
+                && (v.prot & libc::PROT_WRITE != 0 || needs_write_window(p, v))
+        })
+    };
+    let (direct, forced): (Vec<&mm::PageChunk>, Vec<&mm::PageChunk>) =
+        p.mm.chunks.iter().partition(|c| writable(c.vaddr));
+    for batch in direct.chunks(1024) {
         let local: Vec<std::io::IoSlice> = batch
             .iter()
             .map(|c| std::io::IoSlice::new(pages.slice(c.offset, c.len)))
@@ -1056,6 +1410,10 @@ fn write_pages(pid: i32, p: &ProcessImage, pages: &Pages) -> Result<()> {
                 crate::ptrace::write_mem(pid, c.vaddr, pages.slice(c.offset, c.len))?;
             }
         }
+    }
+    // Read-only and PROT_NONE mappings: a tracer may write them through /proc/PID/mem.
+    for c in forced {
+        crate::ptrace::write_mem(pid, c.vaddr, pages.slice(c.offset, c.len))?;
     }
     Ok(())
 }

@@ -227,6 +227,18 @@ pub fn render(image: &Image) -> String {
                 FdKind::Device { path, flags } => format!("{path} ({}{cloexec})", access(*flags)),
                 FdKind::Dup { of } => format!("same open file as fd {of}{cloexec}"),
                 FdKind::Inherited { was } => format!("rebound to the restorer's own (was {was})"),
+                FdKind::Shared { id } => {
+                    let file = image.inventory.shared_files.iter().find(|s| s.id == *id);
+                    match file.map(|s| &s.file) {
+                        Some(FdKind::Regular { path, pos, .. }) => {
+                            format!("{path} (shared with other processes, offset {pos}{cloexec})")
+                        }
+                        Some(FdKind::Device { path, .. }) => {
+                            format!("{path} (shared with other processes{cloexec})")
+                        }
+                        _ => format!("shared file {id} (missing from the image)"),
+                    }
+                }
             };
             let _ = writeln!(o, "    {:>3}  {what}", f.fd);
         }

@@ -236,6 +236,17 @@ pub struct ProcessState {
     /// PR_SET_PDEATHSIG signal, 0 for none.
     #[serde(default)]
     pub pdeathsig: i32,
+    #[serde(default)]
+    pub no_new_privs: bool,
+    /// PR_GET_DUMPABLE: 0, 1 or 2.
+    #[serde(default = "one")]
+    pub dumpable: i32,
+    #[serde(default)]
+    pub child_subreaper: bool,
+}
+
+fn one() -> i32 {
+    1
 }
 
 /// A place in the target where a remote syscall can write its output, and the
@@ -408,37 +419,40 @@ pub fn collect_process(remote: &Remote, status: &str) -> Result<ProcessState> {
         cap_bnd: cap("CapBnd"),
         cap_amb: cap("CapAmb"),
     };
-    let mut rlimits = Vec::new();
-    // RLIMIT_CPU (0) … RLIMIT_RTTIME (15): the 16 limits Linux has.
-    for resource in 0..16u32 {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: prlimit with a null new limit only writes the old limit into `lim`.
-        let r = unsafe { libc::prlimit(pid, resource as _, std::ptr::null(), &mut lim) };
-        if r < 0 {
-            return Err(Error::sys(
-                pid,
-                format!("prlimit resource {resource}"),
-                nix::errno::Errno::last(),
-            ));
-        }
-        rlimits.push(Rlimit {
-            resource,
-            soft: lim.rlim_cur,
-            hard: lim.rlim_max,
-        });
-    }
+    // /proc/PID/limits, not prlimit(2): reading another uid's limits with
+    // prlimit needs CAP_SYS_RESOURCE, which root may lack.
+    let limits = proc::read(pid, "limits")?;
+    let rlimits = parse_limits(&limits).map_err(|e| Error::Refused {
+        pid,
+        reason: format!("/proc/{pid}/limits: {e}"),
+    })?;
     let umask = proc::status_field(status, "Umask")
         .and_then(|v| u32::from_str_radix(v, 8).ok())
         .unwrap_or(0o022);
     let personality = u32::from_str_radix(proc::read(pid, "personality")?.trim(), 16).unwrap_or(0);
     let comm = proc::read(pid, "comm")?.trim_end_matches('\n').to_string();
     const PR_GET_PDEATHSIG: u64 = 2;
-    remote.call(libc::SYS_prctl, [PR_GET_PDEATHSIG, remote.scratch, 0, 0, 0, 0], "prctl(PR_GET_PDEATHSIG)")?;
+    remote.call(
+        libc::SYS_prctl,
+        [PR_GET_PDEATHSIG, remote.scratch, 0, 0, 0, 0],
+        "prctl(PR_GET_PDEATHSIG)",
+    )?;
     let b = remote.read_scratch(4)?;
     let pdeathsig = i32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+    const PR_GET_DUMPABLE: u64 = 3;
+    let dumpable = remote.call(
+        libc::SYS_prctl,
+        [PR_GET_DUMPABLE, 0, 0, 0, 0, 0],
+        "prctl(PR_GET_DUMPABLE)",
+    )? as i32;
+    const PR_GET_CHILD_SUBREAPER: u64 = 37;
+    remote.call(
+        libc::SYS_prctl,
+        [PR_GET_CHILD_SUBREAPER, remote.scratch, 0, 0, 0, 0],
+        "prctl(PR_GET_CHILD_SUBREAPER)",
+    )?;
+    let child_subreaper = remote.read_scratch(4)?.iter().any(|&b| b != 0);
+    let no_new_privs = proc::status_field(status, "NoNewPrivs") == Some("1");
     Ok(ProcessState {
         sigactions,
         shared_pending,
@@ -449,7 +463,38 @@ pub fn collect_process(remote: &Remote, status: &str) -> Result<ProcessState> {
         personality,
         comm,
         pdeathsig,
+        no_new_privs,
+        dumpable,
+        child_subreaper,
     })
+}
+
+/// Parses `/proc/PID/limits`: a header, then one row per resource in
+/// RLIMIT_* order, with a 25-column name and 20-column soft and hard values.
+pub fn parse_limits(text: &str) -> std::result::Result<Vec<Rlimit>, String> {
+    let value = |v: &str| -> std::result::Result<u64, String> {
+        match v.trim() {
+            "unlimited" => Ok(libc::RLIM_INFINITY),
+            v => v.parse().map_err(|_| format!("bad limit {v:?}")),
+        }
+    };
+    text.lines()
+        .skip(1)
+        .enumerate()
+        .map(|(i, line)| {
+            let soft = line
+                .get(26..46)
+                .ok_or_else(|| format!("short line {line:?}"))?;
+            let hard = line
+                .get(47..67)
+                .ok_or_else(|| format!("short line {line:?}"))?;
+            Ok(Rlimit {
+                resource: i as u32,
+                soft: value(soft)?,
+                hard: value(hard)?,
+            })
+        })
+        .collect()
 }
 
 pub fn signal_name(signo: i32) -> String {
@@ -527,6 +572,39 @@ mod tests {
     fn registers_convert_both_ways() {
         let r = in_syscall(35, -516);
         assert_eq!(Registers::from(&r.to_user_regs()), r);
+    }
+
+    #[test]
+    fn limits_parse_in_resource_order() {
+        let text =
+            "Limit                     Soft Limit           Hard Limit           Units     \n\
+Max cpu time              unlimited            unlimited            seconds   \n\
+Max file size             unlimited            unlimited            bytes     \n\
+Max data size             unlimited            unlimited            bytes     \n\
+Max stack size            8388608              unlimited            bytes     \n\
+Max core file size        0                    unlimited            bytes     \n\
+Max resident set          unlimited            unlimited            bytes     \n\
+Max processes             95556                95556                processes \n\
+Max open files            512                  4096                 files     \n";
+        let l = parse_limits(text).unwrap();
+        assert_eq!(l.len(), 8);
+        assert_eq!(
+            l[3],
+            Rlimit {
+                resource: 3,
+                soft: 8388608,
+                hard: libc::RLIM_INFINITY
+            }
+        );
+        assert_eq!(
+            l[7],
+            Rlimit {
+                resource: 7,
+                soft: 512,
+                hard: 4096
+            }
+        );
+        assert!(parse_limits("h\nMax cpu time   bogus").is_err());
     }
 
     #[test]

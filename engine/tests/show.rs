@@ -27,6 +27,7 @@ fn fixture_image(dir: &std::path::Path) {
             root_pid: 4242,
             pids: vec![4242],
             zombies: vec![],
+            shared_files: vec![],
             stats,
         },
     );
