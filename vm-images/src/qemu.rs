@@ -137,6 +137,9 @@ pub fn kernel_cmdline(cfg: &VmConfig) -> String {
         "rdinit=/init",
         "tsc=reliable",
         "no_timer_check",
+        // DAMON_STAT's kdamond (on by default from 6.17) only adds
+        // background work to an emulated guest.
+        "damon_stat.enabled=0",
     ]
     .iter()
     .map(|s| s.to_string())

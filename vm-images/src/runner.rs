@@ -157,6 +157,29 @@ pub fn run_in_guest(
         };
         exit = qemu::run(&tcg, &files, &qemu_log, tick)?;
     }
+    if !exit.timed_out
+        && !results.join(STATUS_FILE).exists()
+        && !command_started(&files.console_log)
+    {
+        // The guest died before running anything (seen: an `int3` oops while
+        // the kernel patches its text under multi-threaded TCG). Boot once
+        // more, keeping the first console log; a second failure is reported.
+        let first = run_dir.join("console-boot1.log");
+        let _ = std::fs::rename(&files.console_log, &first);
+        tracing::warn!(
+            "[{}] the guest died before running the command; booting once more (first console: {})",
+            kernel.label,
+            first.display()
+        );
+        let _ = std::fs::remove_dir_all(&results);
+        std::fs::create_dir_all(&results)
+            .map_err(|e| Error::io(format!("create {}", results.display()), e))?;
+        let vm_now = VmConfig {
+            accel: qemu::Accel::detect(),
+            ..vm.clone()
+        };
+        exit = qemu::run(&vm_now, &files, &qemu_log, tick)?;
+    }
     let status = match std::fs::read(results.join(STATUS_FILE)) {
         Ok(b) => Some(
             serde_json::from_slice::<GuestStatus>(&b)
@@ -171,6 +194,16 @@ pub fn run_in_guest(
         qemu_status: exit.status,
         run_dir: run_dir.to_path_buf(),
     })
+}
+
+/// Marker the guest init prints on the console right before it starts the command.
+pub const COMMAND_STARTED_MARKER: &str = "crest-init: running ";
+
+/// Whether the guest got as far as starting the command.
+pub fn command_started(console_log: &Path) -> bool {
+    std::fs::read(console_log)
+        .map(|b| String::from_utf8_lossy(&b).contains(COMMAND_STARTED_MARKER))
+        .unwrap_or(false)
 }
 
 /// Whether an ELF file is statically linked (no `PT_INTERP` program header).
@@ -234,6 +267,13 @@ mod tests {
         };
         let f = o.failure().unwrap();
         assert!(f.contains("no status"), "{f}");
+        assert!(!command_started(&o.console_log()));
+        std::fs::write(
+            o.console_log(),
+            "crest-init: running [\"/bin/true\"] in /\n",
+        )
+        .unwrap();
+        assert!(command_started(&o.console_log()));
         assert!(f.contains("Kernel panic"), "{f}");
         assert_eq!(o.exit_code(), None);
         let ok = GuestOutcome {
