@@ -56,6 +56,9 @@ pub struct ConformanceArgs {
     /// is 5-10 times slower).
     #[arg(long, value_name = "SECS")]
     pub case_timeout: Option<u64>,
+    /// Use the binaries already in target/debug instead of building them first.
+    #[arg(long)]
+    pub no_build: bool,
     /// Extra arguments for the harness (libtest flags such as --test-threads=1).
     #[arg(last = true)]
     pub harness_args: Vec<String>,
@@ -258,7 +261,11 @@ pub fn main(args: ConformanceArgs) -> Result<i32> {
     } else {
         None
     };
-    let bin = support::build_workspace_bins()?;
+    let bin = if args.no_build {
+        support::target_dir().join(support::PROFILE_DIR)
+    } else {
+        support::build_workspace_bins()?
+    };
     let harness = bin.join("crest-conformance");
     if !harness.is_file() {
         bail!("{} was not built", harness.display());
@@ -446,6 +453,7 @@ mod tests {
             mpi: Some("/usr/bin/mpirun".into()),
             timeout: 1,
             case_timeout: None,
+            no_build: false,
             harness_args: vec!["--test-threads=1".into()],
             vm: VmOpts {
                 memory: 1,
