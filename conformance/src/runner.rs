@@ -40,6 +40,18 @@ pub struct Config {
     pub keep: bool,
     pub mpi: Option<PathBuf>,
     pub is_root: bool,
+    /// The engine offers `crest dump --session SID` (see [`engine_has_session`]).
+    pub session_dump: bool,
+}
+
+/// Whether `crest dump --help` offers `--session`: session-scope cases use it
+/// when it exists and fall back to `-t` (the process and its descendants).
+pub fn engine_has_session(crest: &Path) -> bool {
+    Command::new(crest)
+        .args(["dump", "--help"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("--session"))
+        .unwrap_or(false)
 }
 
 /// How a case ended.
@@ -356,7 +368,18 @@ impl Run<'_> {
 
     fn view(&mut self, pid: i32, parent: Parent) -> Result<Vec<String>, String> {
         let tree = self.spec.scope != Scope::Pid;
-        let mut v = view::capture(pid, parent, tree, &self.dir)?;
+        // A session scope also shows the session's processes that are not the
+        // root's descendants (orphans).
+        let others: Vec<i32> = if self.spec.scope == Scope::Session {
+            let sid = view::read_stat(pid).map(|st| st.sid).unwrap_or(pid);
+            session_members(sid)
+                .into_iter()
+                .filter(|&p| p != pid && !is_descendant(p, pid))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut v = view::capture_with(pid, &others, parent, tree, &self.dir)?;
         if self.mask_session {
             v = view::mask_session(v, pid);
         }
@@ -370,9 +393,13 @@ impl Run<'_> {
         Ok(v)
     }
 
+    /// The view now, also written to `view-before.txt` for a post-mortem.
     fn view_now(&mut self, pid: i32, parent: Parent) -> R<Vec<String>> {
-        self.view(pid, parent)
-            .map_err(|e| Stop::Failed(format!("cannot read the outside view: {e}")))
+        let v = self
+            .view(pid, parent)
+            .map_err(|e| Stop::Failed(format!("cannot read the outside view: {e}")))?;
+        let _ = fs::write(self.dir.join("view-before.txt"), v.join("\n") + "\n");
+        Ok(v)
     }
 
     /// Polls until the view of `pid` equals `before`. While a restore runs its
@@ -502,14 +529,20 @@ impl Run<'_> {
 
     fn dump(&mut self, pid: i32, cycle: u32, extra: &[&str]) -> R<PathBuf> {
         let img = self.dir.join(format!("img{cycle}"));
+        // `-t` takes the process and its descendants; a session scope takes
+        // the whole session (orphans included) when the engine can.
+        let select = if self.spec.scope == Scope::Session && self.cfg.session_dump {
+            "--session"
+        } else {
+            "-t"
+        };
         let mut args: Vec<OsString> = vec![
             "dump".into(),
-            "-t".into(),
+            select.into(),
             pid.to_string().into(),
             "-D".into(),
             img.clone().into(),
         ];
-        args.extend(scope_args(self.spec.scope).iter().map(OsString::from));
         args.extend(extra.iter().map(OsString::from));
         let e = self.crest(&format!("dump{cycle}"), &args)?;
         self.expect_success("dump", &e)?;
@@ -1140,6 +1173,18 @@ fn command(program: &Path) -> Command {
     cmd
 }
 
+/// Whether `pid` descends from `root` (walking ppid links).
+fn is_descendant(mut pid: i32, root: i32) -> bool {
+    for _ in 0..64 {
+        match view::read_stat(pid) {
+            Some(st) if st.ppid == root => return true,
+            Some(st) if st.ppid > 1 => pid = st.ppid,
+            _ => return false,
+        }
+    }
+    false
+}
+
 /// The processes whose session id is `sid`.
 fn session_members(sid: i32) -> Vec<i32> {
     let Ok(rd) = fs::read_dir("/proc") else {
@@ -1152,15 +1197,6 @@ fn session_members(sid: i32) -> Vec<i32> {
                 .unwrap_or(false)
         })
         .collect()
-}
-
-/// The extra `crest dump` arguments a scope needs. The engine dumps a single
-/// pid for now; `--tree` and `--session` come later, and until then a tree case
-/// sees whatever the engine does with `-t` alone (a refusal, normally).
-fn scope_args(scope: Scope) -> &'static [&'static str] {
-    match scope {
-        Scope::Pid | Scope::Tree | Scope::Session => &[],
-    }
 }
 
 fn dir_size(dir: &Path) -> u64 {

@@ -291,6 +291,7 @@ fn run_suite(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
         keep: opts.keep,
         mpi: opts.mpi.clone(),
         is_root: nix::unistd::geteuid().is_root(),
+        session_dump: runner::engine_has_session(&crest_bin),
     });
 
     let untested = cases::untested(&specs, &reqs);
@@ -518,6 +519,7 @@ mod tests {
                 keep: false,
                 mpi: None,
                 is_root: root,
+                session_dump: false,
             }
         }
     }
@@ -557,6 +559,37 @@ mod tests {
                 .count(),
             0
         );
+    }
+
+    #[test]
+    fn a_restore_refusing_with_exit_3_is_ignored() {
+        // The fake dump kills its target (as the real one does) and succeeds;
+        // the fake restore refuses the image as unsupported.
+        let f = Fake::new(
+            "case $2 in\n\
+             dump) kill -9 $4; mkdir -p $6; exit 0;;\n\
+             restore) echo 'crest: error: image needs memfd: not supported yet' >&2; exit 3;;\n\
+             esac; exit 1",
+        );
+        assert_eq!(
+            runner::run_case(&f.cfg(true), &spec(Mode::Cycle), 0),
+            CaseOutcome::Ignored(
+                "restore refused: crest: error: image needs memfd: not supported yet".into()
+            )
+        );
+    }
+
+    #[test]
+    fn a_refusal_that_leaves_the_target_stopped_fails() {
+        let f =
+            Fake::new("kill -STOP $4; echo 'crest: error: nope: not supported yet' >&2; exit 3");
+        match runner::run_case(&f.cfg(true), &spec(Mode::Cycle), 0) {
+            CaseOutcome::Failed(m) => {
+                assert!(m.contains("did not leave the target as it was"), "{m}");
+                assert!(m.contains("stopped"), "{m}");
+            }
+            o => panic!("{o:?}"),
+        }
     }
 
     #[test]

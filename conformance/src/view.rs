@@ -224,9 +224,23 @@ pub fn capture(
     tree: bool,
     case_dir: &Path,
 ) -> Result<Vec<String>, String> {
+    capture_with(root, &[], parent, tree, case_dir)
+}
+
+/// Like [`capture`], with more processes of the scope than the root's
+/// descendants (the other members of a session: orphans). Their parent is
+/// init or a subreaper (the harness, or the restorer), shown as `<reaper>`.
+pub fn capture_with(
+    root: i32,
+    others: &[i32],
+    parent: Parent,
+    tree: bool,
+    case_dir: &Path,
+) -> Result<Vec<String>, String> {
     let mut lines = Vec::new();
     let mut labels = Labels::new();
-    let mut queue = vec![root];
+    let mut queue: Vec<i32> = others.iter().rev().copied().collect();
+    queue.push(root);
     let mut seen = BTreeSet::new();
     let case = case_dir.to_string_lossy().to_string();
     while let Some(pid) = queue.pop() {
@@ -238,6 +252,12 @@ pub fn capture(
         let ppid = match (pid == root, parent) {
             (true, Parent::Expect(want)) if stat.ppid == want => "<parent>".to_string(),
             (true, Parent::Any) => "<any>".to_string(),
+            (false, Parent::Expect(want))
+                if others.contains(&pid) && (stat.ppid == want || stat.ppid == 1) =>
+            {
+                "<reaper>".to_string()
+            }
+            (false, Parent::Any) if others.contains(&pid) => "<reaper>".to_string(),
             _ => stat.ppid.to_string(),
         };
         lines.push(format!("{p} ppid {ppid}"));
