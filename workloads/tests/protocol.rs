@@ -104,6 +104,7 @@ fn wl_proc() {
     ];
     if is_root() {
         modes.push(&["creds"]);
+        modes.push(&["caps"]);
     }
     run_all(env!("CARGO_BIN_EXE_wl-proc"), &modes);
 }
@@ -218,6 +219,6 @@ fn wl_sig_and_wl_time() {
     );
     run_all(
         env!("CARGO_BIN_EXE_wl-time"),
-        &[&["itimer"], &["posix-timer"], &["timerfd"]],
+        &[&["itimer"], &["itimer-all"], &["posix-timer"], &["timerfd"]],
     );
 }

@@ -3,7 +3,7 @@
 //! orphans, stopped children).
 //!
 //! `wl-proc --ctl DIR MODE [ARGS]`, MODE one of: idle, exit CODE, signal SIG,
-//! creds, prctl, personality, rlimit, fs, tree, pgid, session, zombie, orphan,
+//! creds, caps, prctl, personality, rlimit, fs, tree, pgid, session, zombie, orphan,
 //! stopped.
 
 use crest_workloads::support::{fork_child, mode, num_arg, setup_failed, sys, wait_ok};
@@ -42,6 +42,7 @@ fn main() {
             std::process::exit(99);
         }
         "creds" => creds(&ctl, &mut c),
+        "caps" => caps(&ctl, &mut c),
         "prctl" => prctl(&ctl, &mut c),
         "personality" => {
             let want = (libc::ADDR_NO_RANDOMIZE | libc::ADDR_COMPAT_LAYOUT) as libc::c_ulong;
@@ -161,6 +162,73 @@ fn creds(ctl: &Ctl, c: &mut Checks) {
     // SAFETY: valid out pointers.
     unsafe { libc::getresgid(&mut r, &mut e, &mut s) };
     c.eq("real/effective/saved gid", (r, e, s), (1000, 1001, 0));
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const CAP_V3: u32 = 0x2008_0522;
+// Capability numbers from linux/capability.h (libc does not export them).
+const CAP_CHOWN: u32 = 0;
+const CAP_NET_RAW: u32 = 13;
+const CAP_SYS_BOOT: u32 = 22;
+const CAP_MKNOD: u32 = 27;
+
+fn capget() -> [CapData; 2] {
+    let mut h = CapHeader {
+        version: CAP_V3,
+        pid: 0,
+    };
+    let mut d = [CapData::default(); 2];
+    // SAFETY: h and d have the layout capget(2) expects for version 3.
+    unsafe { libc::syscall(libc::SYS_capget, &mut h, d.as_mut_ptr()) };
+    d
+}
+
+/// Drops CAP_SYS_BOOT from the bounding set, CAP_NET_RAW from the effective
+/// set and CAP_MKNOD from effective and permitted, and makes CAP_CHOWN inheritable.
+fn caps(ctl: &Ctl, c: &mut Checks) {
+    let mut d = capget();
+    d[0].effective &= !(1 << CAP_NET_RAW) & !(1 << CAP_MKNOD);
+    d[0].permitted &= !(1 << CAP_MKNOD);
+    d[0].inheritable |= 1 << CAP_CHOWN;
+    let mut h = CapHeader {
+        version: CAP_V3,
+        pid: 0,
+    };
+    // SAFETY: as in capget; prctl takes plain values.
+    unsafe {
+        sys(
+            libc::syscall(libc::SYS_capset, &mut h, d.as_ptr()),
+            "capset",
+        );
+        sys(
+            libc::prctl(libc::PR_CAPBSET_DROP, CAP_SYS_BOOT),
+            "PR_CAPBSET_DROP",
+        );
+    }
+    let want = capget();
+    ctl.ready();
+    ctl.wait_for_go();
+    c.eq(
+        "capability sets (effective, permitted, inheritable)",
+        capget(),
+        want,
+    );
+    // SAFETY: prctl takes plain values.
+    let bset = unsafe { libc::prctl(libc::PR_CAPBSET_READ, CAP_SYS_BOOT) };
+    c.eq("CAP_SYS_BOOT in the bounding set", bset, 0);
 }
 
 fn prctl(ctl: &Ctl, c: &mut Checks) {

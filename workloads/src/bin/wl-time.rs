@@ -1,6 +1,6 @@
 //! Timers: an interval ITIMER_REAL, a timer_create timer, a timerfd.
 //!
-//! `wl-time --ctl DIR MODE`, MODE one of: itimer, posix-timer, timerfd.
+//! `wl-time --ctl DIR MODE`, MODE one of: itimer, itimer-all, posix-timer, timerfd.
 
 use crest_workloads::support::{mode, read_available, sys};
 use crest_workloads::{Checks, Ctl};
@@ -65,6 +65,59 @@ fn main() {
     let (mode, _) = mode(&args);
     let mut c = Checks::new();
     match mode.as_str() {
+        "itimer-all" => {
+            // VIRTUAL and PROF armed far in the future (they count CPU time,
+            // which an idle workload barely uses) plus alarm(): all must keep
+            // their settings.
+            let long = libc::itimerval {
+                it_interval: libc::timeval {
+                    tv_sec: 100,
+                    tv_usec: 0,
+                },
+                it_value: libc::timeval {
+                    tv_sec: 1000,
+                    tv_usec: 0,
+                },
+            };
+            for which in [libc::ITIMER_VIRTUAL, libc::ITIMER_PROF] {
+                // SAFETY: long is valid.
+                sys(
+                    unsafe { libc::setitimer(which, &long, std::ptr::null_mut()) },
+                    "setitimer",
+                );
+            }
+            // SAFETY: alarm takes a plain value.
+            unsafe { libc::alarm(3600) };
+            ctl.ready();
+            ctl.wait_for_go();
+            for (which, name) in [
+                (libc::ITIMER_VIRTUAL, "ITIMER_VIRTUAL"),
+                (libc::ITIMER_PROF, "ITIMER_PROF"),
+            ] {
+                // SAFETY: now is a valid out pointer.
+                let now = unsafe {
+                    let mut now: libc::itimerval = std::mem::zeroed();
+                    libc::getitimer(which, &mut now);
+                    now
+                };
+                c.eq(
+                    &format!("{name} interval (ms)"),
+                    tv_ms(now.it_interval),
+                    100_000,
+                );
+                let left = tv_ms(now.it_value);
+                // The kernel keeps CPU-time timers in ticks: re-arming one
+                // with the value read back may round it up by a tick per cycle.
+                c.check(left > 990_000 && left <= 1_000_100, || {
+                    format!("{name} value {left} ms, expected about 1000 s")
+                });
+            }
+            // SAFETY: alarm(0) cancels and returns the seconds that were left.
+            let left = unsafe { libc::alarm(0) };
+            c.check(left > 3500 && left <= 3600, || {
+                format!("alarm() had {left} s left, expected just under 3600")
+            });
+        }
         "itimer" => {
             install(libc::SIGALRM);
             let it = libc::itimerval {
