@@ -101,6 +101,7 @@ fn wl_proc() {
         &["orphan"],
         &["stopped"],
         &["prctl"],
+        &["sched"],
     ];
     if is_root() {
         modes.push(&["creds"]);
@@ -153,6 +154,8 @@ fn wl_fd() {
             &["epoll"],
             &["signalfd"],
             &["pty"],
+            &["lock"],
+            &["inotify"],
         ],
     );
 }
@@ -170,6 +173,7 @@ fn wl_sock() {
             &["tcp-listen"],
             &["tcp-established"],
             &["udp"],
+            &["scm"],
         ],
     );
 }
@@ -191,6 +195,7 @@ fn wl_mem() {
             &["memfd"],
             &["posix-shm"],
             &["sysv-shm"],
+            &["madvise"],
         ],
     );
 }

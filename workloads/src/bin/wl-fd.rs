@@ -2,7 +2,7 @@
 //! files, directories, devices, eventfd, epoll, signalfd, ptys.
 //!
 //! `wl-fd --ctl DIR MODE`, MODE one of: regfile, dup, cloexec, unlinked, dir,
-//! dev, eventfd, epoll, signalfd, pty.
+//! dev, eventfd, epoll, signalfd, pty, lock, inotify.
 
 use crest_workloads::support::{
     fd_flags, mode, pattern, pattern_diff, read_available, setup_failed, sys, write_all,
@@ -244,6 +244,8 @@ fn main() {
         "epoll" => epoll(&ctl, &mut c),
         "signalfd" => signalfd(&ctl, &mut c),
         "pty" => pty(&ctl, &mut c),
+        "lock" => lock(&ctl, &mut c),
+        "inotify" => inotify(&ctl, &mut c),
         other => {
             eprintln!("wl-fd: unknown mode {other:?}");
             std::process::exit(2);
@@ -438,6 +440,97 @@ fn signalfd(ctl: &Ctl, c: &mut Checks) {
         .map(|l| l[8..].trim().to_string());
     let want = (1u64 << (libc::SIGUSR1 - 1)) | (1u64 << (rt - 1));
     c.eq("signalfd mask", mask, Some(format!("{want:016x}")));
+}
+
+/// Our locks in /proc/locks on the file with inode `ino`: (kind, type, range).
+fn my_locks(ino: u64) -> Vec<String> {
+    let me = std::process::id().to_string();
+    let text = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    let mut v: Vec<String> = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // "1: FLOCK  ADVISORY  WRITE 4242 08:01:1234 0 EOF"
+            let i = f
+                .iter()
+                .position(|x| x.contains(':') && x.matches(':').count() == 2)?;
+            let file_ino: u64 = f[i].rsplit(':').next()?.parse().ok()?;
+            if f.get(i.checked_sub(1)?) != Some(&me.as_str()) || file_ino != ino {
+                return None;
+            }
+            Some(format!("{} {} {}-{}", f.get(1)?, f.get(3)?, f.get(i + 1)?, f.get(i + 2)?))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn lock(ctl: &Ctl, c: &mut Checks) {
+    let p = ctl.path("locked");
+    std::fs::write(&p, b"0123456789abcdef").unwrap_or_else(|_| setup_failed("write"));
+    let a = open(&p, libc::O_RDWR);
+    let b = open(&p, libc::O_RDWR);
+    let fl = libc::flock {
+        l_type: libc::F_WRLCK as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: 0,
+        l_len: 10,
+        l_pid: 0,
+    };
+    // SAFETY: fl is a valid flock; flock takes plain values.
+    unsafe {
+        sys(libc::flock(a, libc::LOCK_EX), "flock");
+        sys(libc::fcntl(b, libc::F_SETLK, &fl), "F_SETLK");
+    }
+    let ino = std::fs::metadata(&p)
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .unwrap_or(0);
+    let before = my_locks(ino);
+    ctl.ready();
+    ctl.wait_for_go();
+    c.check(before.len() == 2, || {
+        format!("locks before the dump: {before:?}")
+    });
+    c.eq(
+        "our locks in /proc/locks (kind, type, range)",
+        my_locks(ino),
+        before,
+    );
+}
+
+fn inotify(ctl: &Ctl, c: &mut Checks) {
+    let d = ctl.path("watched");
+    std::fs::create_dir_all(&d).unwrap_or_else(|_| setup_failed("mkdir"));
+    let cd = cpath(&d);
+    // SAFETY: plain values; cd is NUL-terminated.
+    let fd = unsafe {
+        let fd = sys(libc::inotify_init1(libc::IN_NONBLOCK), "inotify_init1");
+        sys(
+            libc::inotify_add_watch(fd, cd.as_ptr(), libc::IN_CREATE),
+            "inotify_add_watch",
+        );
+        fd
+    };
+    std::fs::write(d.join("queued-before"), b"").unwrap_or_else(|_| setup_failed("create"));
+    ctl.ready();
+    ctl.wait_for_go();
+    std::fs::write(d.join("created-after"), b"").ok();
+    let (buf, _) = read_available(fd);
+    let mut names = Vec::new();
+    let mut i = 0;
+    while i + 16 <= buf.len() {
+        let len = u32::from_ne_bytes(buf[i + 12..i + 16].try_into().unwrap_or_default()) as usize;
+        let name = &buf[i + 16..(i + 16 + len).min(buf.len())];
+        names.push(
+            String::from_utf8_lossy(name.split(|&b| b == 0).next().unwrap_or(&[])).to_string(),
+        );
+        i += 16 + len;
+    }
+    c.eq(
+        "inotify events (queued before the dump, made after)",
+        names,
+        vec!["queued-before".to_string(), "created-after".to_string()],
+    );
 }
 
 fn pty(ctl: &Ctl, c: &mut Checks) {

@@ -2,7 +2,7 @@
 //!
 //! `wl-mem --ctl DIR MODE [ARGS]`, MODE one of: anon MIB, sparse GIB,
 //! file-private, file-shared, shared-anon, shared-anon-fork, prot, brk, vdso,
-//! memfd, posix-shm, sysv-shm.
+//! memfd, posix-shm, sysv-shm, madvise.
 
 use crest_workloads::support::{
     fork_child, mode, num_arg, pattern, pattern_diff, setup_failed, sys, wait_ok, write_all,
@@ -231,6 +231,34 @@ fn main() {
             // SAFETY: name is NUL-terminated.
             unsafe { libc::shm_unlink(name.as_ptr()) };
         }
+        "madvise" => {
+            let m = mmap(3 * PAGE, RW, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1);
+            // SAFETY: advising and locking pages of our own fresh mapping.
+            unsafe {
+                sys(
+                    libc::madvise(m.cast(), PAGE, libc::MADV_DONTFORK),
+                    "MADV_DONTFORK",
+                );
+                sys(
+                    libc::madvise(m.add(PAGE).cast(), PAGE, libc::MADV_WIPEONFORK),
+                    "MADV_WIPEONFORK",
+                );
+                sys(libc::mlock(m.add(2 * PAGE).cast(), PAGE), "mlock");
+            }
+            ctl.ready();
+            ctl.wait_for_go();
+            let base = m as usize;
+            for (i, flag, what) in [
+                (0, "dc", "MADV_DONTFORK"),
+                (1, "wf", "MADV_WIPEONFORK"),
+                (2, "lo", "mlock"),
+            ] {
+                let flags = vm_flags(base + i * PAGE).unwrap_or_default();
+                c.check(flags.split_whitespace().any(|f| f == flag), || {
+                    format!("page {i}: VmFlags {flags:?} lack {flag:?} ({what})")
+                });
+            }
+        }
         "sysv-shm" => {
             let len = 64 * 1024;
             // SAFETY: plain values.
@@ -339,6 +367,29 @@ fn file_map(ctl: &Ctl, c: &mut Checks, shared: bool) {
             c.fail(d);
         }
     }
+}
+
+/// The VmFlags line of the smaps entry holding `addr`.
+fn vm_flags(addr: usize) -> Option<String> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let mut inside = false;
+    for l in smaps.lines() {
+        if let Some((range, _)) = l.split_once(' ') {
+            if let Some((a, b)) = range.split_once('-') {
+                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                {
+                    inside = a <= addr && addr < b;
+                    continue;
+                }
+            }
+        }
+        if inside {
+            if let Some(f) = l.strip_prefix("VmFlags:") {
+                return Some(f.trim().to_string());
+            }
+        }
+    }
+    None
 }
 
 fn perms_at(addr: usize) -> Option<String> {

@@ -3,7 +3,7 @@
 //! orphans, stopped children).
 //!
 //! `wl-proc --ctl DIR MODE [ARGS]`, MODE one of: idle, exit CODE, signal SIG,
-//! creds, caps, prctl, personality, rlimit, fs, tree, pgid, session, zombie, orphan,
+//! creds, caps, sched, prctl, personality, rlimit, fs, tree, pgid, session, zombie, orphan,
 //! stopped.
 
 use crest_workloads::support::{fork_child, mode, num_arg, setup_failed, sys, wait_ok};
@@ -43,6 +43,7 @@ fn main() {
         }
         "creds" => creds(&ctl, &mut c),
         "caps" => caps(&ctl, &mut c),
+        "sched" => sched(&ctl, &mut c),
         "prctl" => prctl(&ctl, &mut c),
         "personality" => {
             let want = (libc::ADDR_NO_RANDOMIZE | libc::ADDR_COMPAT_LAYOUT) as libc::c_ulong;
@@ -229,6 +230,49 @@ fn caps(ctl: &Ctl, c: &mut Checks) {
     // SAFETY: prctl takes plain values.
     let bset = unsafe { libc::prctl(libc::PR_CAPBSET_READ, CAP_SYS_BOOT) };
     c.eq("CAP_SYS_BOOT in the bounding set", bset, 0);
+}
+
+fn affinity() -> Vec<usize> {
+    // SAFETY: set is plain data filled by the kernel.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set);
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&i| libc::CPU_ISSET(i, &set))
+            .collect()
+    }
+}
+
+/// Nice 5, SCHED_BATCH, and affinity to the first allowed CPU.
+fn sched(ctl: &Ctl, c: &mut Checks) {
+    let first = affinity().first().copied().unwrap_or(0);
+    // SAFETY: plain values and a zeroed, then filled cpu set and sched_param.
+    unsafe {
+        sys(libc::setpriority(libc::PRIO_PROCESS, 0, 5), "setpriority");
+        let p = libc::sched_param { sched_priority: 0 };
+        sys(
+            libc::sched_setscheduler(0, libc::SCHED_BATCH, &p),
+            "sched_setscheduler",
+        );
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(first, &mut set);
+        sys(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            "sched_setaffinity",
+        );
+    }
+    ctl.ready();
+    ctl.wait_for_go();
+    // SAFETY: plain values.
+    let (nice, policy) = unsafe {
+        (
+            libc::getpriority(libc::PRIO_PROCESS, 0),
+            libc::sched_getscheduler(0),
+        )
+    };
+    c.eq("nice", nice, 5);
+    c.eq("scheduling policy", policy, libc::SCHED_BATCH);
+    c.eq("CPU affinity", affinity(), vec![first]);
 }
 
 fn prctl(ctl: &Ctl, c: &mut Checks) {

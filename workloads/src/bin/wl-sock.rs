@@ -2,7 +2,7 @@
 //! 127.0.0.1 (listening and established with queued data), UDP.
 //!
 //! `wl-sock --ctl DIR MODE [KIND]`, MODE one of: pair stream|dgram|seqpacket,
-//! listen path|abstract, tcp-listen, tcp-established, udp.
+//! listen path|abstract, tcp-listen, tcp-established, udp, scm.
 
 use crest_workloads::support::{mode, pattern, pattern_diff, read_available, sys, write_all};
 use crest_workloads::{Checks, Ctl};
@@ -35,6 +35,7 @@ fn main() {
             }
         }
         "tcp-established" => tcp_established(&ctl, &mut c),
+        "scm" => scm(&ctl, &mut c),
         "udp" => {
             let a = UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| fail(&format!("bind: {e}")));
             let b = UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| fail(&format!("bind: {e}")));
@@ -174,6 +175,75 @@ fn pair(ctl: &Ctl, c: &mut Checks, kind: &str) {
     write_all(a, b"more");
     let (more, _) = read_available(b);
     c.eq("data sent after restore", more, b"more".to_vec());
+}
+
+/// An fd in flight: sent with SCM_RIGHTS, not yet received, its own copy closed.
+fn scm(ctl: &Ctl, c: &mut Checks) {
+    let mut sv = [0; 2];
+    // SAFETY: sv is valid for two ints.
+    sys(
+        unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, sv.as_mut_ptr()) },
+        "socketpair",
+    );
+    let path = ctl.path("passed");
+    std::fs::write(&path, b"contents of the passed file").unwrap_or_else(|_| fail("write"));
+    let f = std::fs::File::open(&path).unwrap_or_else(|_| fail("open"));
+    let fd = f.as_raw_fd();
+    let mut data = *b"x";
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
+    let mut cbuf = vec![0u8; space];
+    // SAFETY: msg points at live buffers; the cmsg header is written inside cbuf.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        let cm = libc::CMSG_FIRSTHDR(&msg);
+        (*cm).cmsg_level = libc::SOL_SOCKET;
+        (*cm).cmsg_type = libc::SCM_RIGHTS;
+        (*cm).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cm).cast::<i32>(), fd);
+        sys(libc::sendmsg(sv[0], &msg, 0), "sendmsg");
+    }
+    drop(f);
+    ctl.ready();
+    ctl.wait_for_go();
+    let mut cbuf = vec![0u8; space];
+    // SAFETY: as above, receiving into live buffers.
+    let got = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        if libc::recvmsg(sv[1], &mut msg, libc::MSG_DONTWAIT) != 1 {
+            None
+        } else {
+            let cm = libc::CMSG_FIRSTHDR(&msg);
+            (!cm.is_null() && (*cm).cmsg_type == libc::SCM_RIGHTS)
+                .then(|| std::ptr::read_unaligned(libc::CMSG_DATA(cm).cast::<i32>()))
+        }
+    };
+    match got {
+        Some(nfd) => {
+            let (b, _) = crest_workloads::support::read_available(nfd);
+            c.eq(
+                "contents read through the received fd",
+                String::from_utf8_lossy(&b).to_string(),
+                "contents of the passed file".to_string(),
+            );
+        }
+        None => c.fail(format!(
+            "no fd in flight after restore: {}",
+            std::io::Error::last_os_error()
+        )),
+    }
 }
 
 fn listen(ctl: &Ctl, c: &mut Checks, kind: &str) {
