@@ -25,6 +25,17 @@ struct Cli {
 enum Cmd {
     /// Run the conformance suite on kernels (default: host and 6.1) and print
     /// the requirement × kernel matrix.
+    ///
+    /// With no --kernel it runs on `host` (natively) and `6.1` (Debian
+    /// bookworm's kernel in QEMU); `--kernel all` means host plus every catalog
+    /// kernel (5.10, 6.1, 6.12, 7.2). It builds the workspace binaries (debug
+    /// profile) first, runs target/debug/crest-conformance on each kernel, and
+    /// writes report-<kernel>.json, junit-<kernel>.xml, matrix.md and
+    /// matrix.json to --out.
+    ///
+    /// Exit status: 0 the gate passed; 1 a must-priority case failed or a
+    /// baseline case regressed; 3 a kernel gave no usable report (boot
+    /// failure, timeout, harness crash); 2 xtask itself failed.
     Conformance(conformance::ConformanceArgs),
     /// List the kernel catalog and what is cached.
     Kernels,
