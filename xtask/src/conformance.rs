@@ -397,7 +397,7 @@ pub fn main(args: ConformanceArgs) -> Result<i32> {
     }
     let mut m = matrix::build(&runs);
     if let Some(b) = &baseline {
-        matrix::compare(&mut m, b);
+        matrix::compare(&mut m, b, args.filter.as_deref());
     }
     std::fs::write(out.join("matrix.json"), serde_json::to_string_pretty(&m)?)?;
     std::fs::write(out.join("matrix.md"), m.markdown())?;
