@@ -99,7 +99,7 @@ impl Exit {
 
 /// Picks the engine's reason out of its stderr.
 pub fn engine_message(stderr: &str) -> String {
-    stderr
+    strip_ansi(stderr)
         .lines()
         .find(|l| l.contains("crest: error:"))
         .or_else(|| stderr.lines().rev().find(|l| !l.trim().is_empty()))
@@ -243,6 +243,13 @@ pub fn run_case(cfg: &Config, spec: &CaseSpec, seq: usize) -> CaseOutcome {
         let _ = fs::remove_dir_all(&dir);
     }
     outcome
+}
+
+impl Drop for Run<'_> {
+    /// Cleans up even when a case panics (cleanup is idempotent).
+    fn drop(&mut self) {
+        self.cleanup();
+    }
 }
 
 impl Run<'_> {
@@ -1130,6 +1137,7 @@ impl Run<'_> {
             if text.trim().is_empty() {
                 continue;
             }
+            let text = strip_ansi(&text);
             let lines: Vec<&str> = text.lines().collect();
             let tail = &lines[lines.len().saturating_sub(15)..];
             out.push_str(&format!(
@@ -1175,6 +1183,24 @@ fn command(program: &Path) -> Command {
         });
     }
     cmd
+}
+
+/// Removes terminal colour sequences (`ESC [ … m`) from a log.
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Whether `pid` descends from `root` (walking ppid links).
@@ -1255,6 +1281,15 @@ fn flip_middle_byte(path: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn colour_codes_are_stripped_from_logs() {
+        assert_eq!(
+            strip_ansi("\u{1b}[32m INFO\u{1b}[0m dumped \u{1b}[3mpid\u{1b}[0m=7"),
+            " INFO dumped pid=7"
+        );
+        assert_eq!(strip_ansi("plain [x]"), "plain [x]");
+    }
 
     #[test]
     fn engine_message_prefers_the_error_line() {
