@@ -50,10 +50,13 @@ pub struct DumpOptions {
     pub scope: Scope,
 }
 
-/// One seized thread and its registers at the freeze.
+/// One seized thread, its registers and signal mask at the freeze. While
+/// frozen it has every signal blocked, so a signal arriving meanwhile (a child
+/// exiting…) stays pending instead of interrupting our remote calls.
 struct FrozenThread {
     tracee: Tracee,
     regs: Regs,
+    sigmask: u64,
 }
 
 /// One process of the frozen set.
@@ -98,6 +101,7 @@ impl FrozenProcess {
             let r = t
                 .tracee
                 .set_regs(&regs.to_user_regs())
+                .and_then(|()| t.tracee.set_sigmask(t.sigmask))
                 .and_then(|()| t.tracee.detach(sig));
             if let Err(e) = r {
                 first_err.get_or_insert(e);
@@ -333,12 +337,19 @@ fn freeze(root: i32, scope: Scope, set: &mut FrozenSet, zombies: &mut Vec<i32>) 
                 match Tracee::seize(tid) {
                     Ok(tracee) => {
                         let regs = tracee.regs()?;
+                        let sigmask = tracee.sigmask()?;
+                        let frozen = FrozenThread {
+                            tracee,
+                            regs,
+                            sigmask,
+                        };
                         let p = &mut set.procs[idx];
                         if tid == pid {
-                            p.threads.insert(0, FrozenThread { tracee, regs });
+                            p.threads.insert(0, frozen);
                         } else {
-                            p.threads.push(FrozenThread { tracee, regs });
+                            p.threads.push(frozen);
                         }
+                        tracee.set_sigmask(!0)?;
                         new = true;
                     }
                     // A thread that exited meanwhile is no longer part of the process.
@@ -398,11 +409,13 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
         images.push(collect_process(fp, staging.path(), &mut stats, progress)?);
     }
     let mut shared_files = Vec::new();
-    {
+    let pipes = {
         let mut procs: Vec<(i32, &mut files::FilesImage)> =
             images.iter_mut().map(|p| (p.pid, &mut p.files)).collect();
+        let pipes = crate::pipes::resolve(&mut procs)?;
         files::find_shared(&mut procs, &mut shared_files);
-    }
+        pipes
+    };
     let mut zombies = Vec::new();
     for &pid in &zombie_pids {
         let f = stat_fields(pid)?;
@@ -429,6 +442,7 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
             pids: images.iter().map(|p| p.pid).collect(),
             zombies,
             shared_files,
+            pipes,
             stats: stats.clone(),
         },
     );
@@ -547,7 +561,9 @@ fn collect_process(
             insn,
             scratch,
         };
-        threads.push(task::collect_thread(&remote, &t.regs, name)?);
+        let mut thread = task::collect_thread(&remote, &t.regs, name)?;
+        thread.sigmask = t.sigmask;
+        threads.push(thread);
     }
     let remote = Remote {
         tracee: main,

@@ -54,6 +54,18 @@ pub enum FdKind {
     /// fork): the image's shared file `id`, opened once by the restorer and
     /// inherited by every process that holds it, so they share one offset.
     Shared { id: u32 },
+    /// One end of a pipe (only as the description of a shared file: the
+    /// restorer creates each pipe once and fills it with its unread data).
+    Pipe {
+        inode: u64,
+        write: bool,
+        /// Status flags of this end (O_NONBLOCK, O_DIRECT…).
+        flags: i32,
+        /// It was stdin/stdout/stderr of some process (so may be rebound if its
+        /// other end is outside the dump).
+        #[serde(default)]
+        was_stdio: bool,
+    },
 }
 
 /// An open file description shared between processes.
@@ -73,6 +85,23 @@ pub fn find_shared(procs: &mut [(i32, &mut FilesImage)], shared: &mut Vec<Shared
         let (pid, _) = procs[i];
         for k in 0..procs[i].1.fds.len() {
             let f = procs[i].1.fds[k].clone();
+            if let FdKind::Pipe { inode, write, .. } = f.kind {
+                // Every pipe end becomes a shared object, held by one process or many.
+                let known = shared.iter().find(|s| matches!(s.file, FdKind::Pipe { inode: i2, write: w2, .. } if i2 == inode && w2 == write));
+                let id = match known {
+                    Some(s) => s.id,
+                    None => {
+                        let id = shared.len() as u32;
+                        shared.push(SharedFile {
+                            id,
+                            file: f.kind.clone(),
+                        });
+                        id
+                    }
+                };
+                procs[i].1.fds[k].kind = FdKind::Shared { id };
+                continue;
+            }
             if !matches!(f.kind, FdKind::Regular { .. } | FdKind::Device { .. }) {
                 continue;
             }
@@ -222,20 +251,17 @@ pub fn collect(pid: i32) -> Result<FilesImage> {
             continue;
         }
         let stdio = fd <= 2;
-        let kind = if link.starts_with("pipe:") {
-            // A pipe whose other end the process does not hold leads outside the dump.
-            let access = info.flags & libc::O_ACCMODE;
-            let other_end_here = fds.iter().any(|&o| {
-                o != fd
-                    && proc::readlink(pid, &format!("fd/{o}"))
-                        .is_ok_and(|l| l.to_string_lossy() == link)
-                    && proc::read(pid, &format!("fdinfo/{o}"))
-                        .is_ok_and(|t| proc::parse_fdinfo(&t).flags & libc::O_ACCMODE != access)
-            });
-            if stdio && !other_end_here {
-                FdKind::Inherited { was: link }
-            } else {
-                return refuse("a pipe".into());
+        let kind = if let Some(inode) = link
+            .strip_prefix("pipe:[")
+            .and_then(|l| l.trim_end_matches(']').parse().ok())
+        {
+            // Whether the other end is in the dump is decided once every process
+            // is collected (see `pipes::resolve`).
+            FdKind::Pipe {
+                inode,
+                write: info.flags & libc::O_ACCMODE == libc::O_WRONLY,
+                flags: info.flags & REOPEN_MASK & !libc::O_ACCMODE,
+                was_stdio: stdio,
             }
         } else if link.starts_with("socket:") {
             if stdio {
@@ -332,7 +358,10 @@ pub fn open_for_restore(f: &FdImage) -> std::result::Result<Option<i32>, String>
             path, flags, pos, ..
         } => (path, *flags, Some(*pos)),
         FdKind::Device { path, flags } => (path, *flags, None),
-        FdKind::Dup { .. } | FdKind::Inherited { .. } | FdKind::Shared { .. } => return Ok(None),
+        FdKind::Dup { .. }
+        | FdKind::Inherited { .. }
+        | FdKind::Shared { .. }
+        | FdKind::Pipe { .. } => return Ok(None),
     };
     let c = std::ffi::CString::new(path.as_str()).map_err(|_| format!("fd {}: bad path", f.fd))?;
     // SAFETY: `c` is a valid NUL-terminated string; open returns a new fd or -1.

@@ -65,9 +65,12 @@ pub struct Inventory {
     /// Children that had exited but were not yet reaped by their parent.
     #[serde(default)]
     pub zombies: Vec<Zombie>,
-    /// Open file descriptions held by more than one process.
+    /// Open file descriptions held by more than one process, and pipe ends.
     #[serde(default)]
     pub shared_files: Vec<crate::files::SharedFile>,
+    /// Pipes with both ends in the dump, with their unread data.
+    #[serde(default)]
+    pub pipes: Vec<crate::pipes::PipeImage>,
     pub stats: DumpStats,
 }
 
@@ -369,6 +372,7 @@ mod tests {
                 pids: vec![],
                 zombies: vec![],
                 shared_files: vec![],
+                pipes: vec![],
                 stats: DumpStats::default(),
             },
         );

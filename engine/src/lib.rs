@@ -12,6 +12,7 @@ pub mod error;
 pub mod files;
 pub mod image;
 pub mod mm;
+pub mod pipes;
 pub mod proc;
 pub mod ptrace;
 pub mod restore;

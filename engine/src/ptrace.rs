@@ -290,12 +290,14 @@ impl Tracee {
                             during: "a remote system call",
                         })
                     }
-                    other => return Err(Error::Refused {
-                        pid: self.pid,
-                        reason: format!(
+                    other => {
+                        return Err(Error::Refused {
+                            pid: self.pid,
+                            reason: format!(
                             "unexpected stop {other:?} at syscall {phase} of remote syscall {nr}"
                         ),
-                    }),
+                        })
+                    }
                 }
             }
         }

@@ -366,10 +366,16 @@ fn restore_tree(
     let deadline = Instant::now() + opts.pid_wait;
     // Open files shared between processes once, here: every restore child
     // inherits them, so they keep sharing one open file description.
+    let pipes = crate::pipes::create(&image.inventory.pipes)?;
     let mut shared_fds = Vec::new();
     for sf in &image.inventory.shared_files {
-        shared_fds.push(open_shared(sf, plans[0].shared_base + sf.id as i32)?);
+        shared_fds.push(open_shared(
+            sf,
+            plans[0].shared_base + sf.id as i32,
+            &pipes,
+        )?);
     }
+    drop(pipes); // every end now sits at its shared slot
     let mut guard = TreeGuard {
         pids: Vec::new(),
         armed: true,
@@ -435,27 +441,60 @@ fn restore_tree(
     Ok(())
 }
 
-/// Opens a shared file at exactly `at`, raising our own soft fd limit if needed.
-fn open_shared(sf: &files::SharedFile, at: i32) -> Result<OwnedFd> {
-    let probe = files::FdImage {
-        fd: at,
-        cloexec: false,
-        kind: sf.file.clone(),
+/// Opens (or, for a pipe end, duplicates) a shared file at exactly `at`,
+/// raising our own soft fd limit if needed.
+fn open_shared(
+    sf: &files::SharedFile,
+    at: i32,
+    pipes: &[(u64, OwnedFd, OwnedFd)],
+) -> Result<OwnedFd> {
+    let (fd, status_flags) = match &sf.file {
+        FdKind::Pipe {
+            inode,
+            write,
+            flags,
+            ..
+        } => {
+            let (_, r, w) = pipes.iter().find(|(i, _, _)| i == inode).ok_or_else(|| {
+                Error::Restore(format!(
+                    "shared file {}: pipe {inode} is missing from the image",
+                    sf.id
+                ))
+            })?;
+            let end = if *write { w } else { r };
+            // SAFETY: dup of an fd we own; the copy is owned below.
+            let fd = unsafe { libc::fcntl(end.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+            if fd < 0 {
+                return Err(Error::Restore(format!(
+                    "pipe {inode}: dup: {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+            (fd, Some(*flags))
+        }
+        other => {
+            let probe = files::FdImage {
+                fd: at,
+                cloexec: false,
+                kind: other.clone(),
+            };
+            let fd = files::open_for_restore(&probe)
+                .map_err(Error::Restore)?
+                .ok_or_else(|| {
+                    Error::Restore(format!(
+                        "shared file {} is neither a file nor a device",
+                        sf.id
+                    ))
+                })?;
+            (fd, None)
+        }
     };
-    let fd = files::open_for_restore(&probe)
-        .map_err(Error::Restore)?
-        .ok_or_else(|| {
-            Error::Restore(format!(
-                "shared file {} is neither a file nor a device",
-                sf.id
-            ))
-        })?;
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: getrlimit/setrlimit on ourselves with a struct we own; dup3 and
-    // close on fds we own.
+    // SAFETY: getrlimit/setrlimit on ourselves with a struct we own; dup3,
+    // fcntl and close on fds we own.
     unsafe {
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
         if lim.rlim_cur <= at as u64 && lim.rlim_max > at as u64 {
@@ -471,6 +510,10 @@ fn open_shared(sf: &files::SharedFile, at: i32) -> Result<OwnedFd> {
             )));
         }
         libc::close(fd);
+        if let Some(flags) = status_flags {
+            // Status flags belong to the open file description, shared by every holder.
+            libc::fcntl(at, libc::F_SETFL, flags);
+        }
         Ok(OwnedFd::from_raw_fd(at))
     }
 }

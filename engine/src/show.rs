@@ -227,6 +227,10 @@ pub fn render(image: &Image) -> String {
                 FdKind::Device { path, flags } => format!("{path} ({}{cloexec})", access(*flags)),
                 FdKind::Dup { of } => format!("same open file as fd {of}{cloexec}"),
                 FdKind::Inherited { was } => format!("rebound to the restorer's own (was {was})"),
+                FdKind::Pipe { inode, write, .. } => format!(
+                    "{} end of pipe {inode}",
+                    if *write { "write" } else { "read" }
+                ),
                 FdKind::Shared { id } => {
                     let file = image.inventory.shared_files.iter().find(|s| s.id == *id);
                     match file.map(|s| &s.file) {
@@ -235,6 +239,16 @@ pub fn render(image: &Image) -> String {
                         }
                         Some(FdKind::Device { path, .. }) => {
                             format!("{path} (shared with other processes{cloexec})")
+                        }
+                        Some(FdKind::Pipe { inode, write, .. }) => {
+                            let unread = image
+                                .inventory
+                                .pipes
+                                .iter()
+                                .find(|p| p.inode == *inode)
+                                .map_or(0, |p| p.data.len());
+                            let end = if *write { "write" } else { "read" };
+                            format!("{end} end of pipe {inode} ({unread} bytes unread{cloexec})")
                         }
                         _ => format!("shared file {id} (missing from the image)"),
                     }

@@ -28,6 +28,7 @@ fn fixture_image(dir: &std::path::Path) {
             pids: vec![4242],
             zombies: vec![],
             shared_files: vec![],
+            pipes: vec![],
             stats,
         },
     );

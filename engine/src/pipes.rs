@@ -1,0 +1,187 @@
+//! Pipes: which ends are in the dump, their unread data and capacity.
+//!
+//! Collect reads a pipe's contents without consuming them: the read end is
+//! duplicated into crest with `pidfd_getfd` and `tee`d into a scratch pipe.
+//! Restore creates each pipe once in the restorer, refills it, and every
+//! restore child inherits its ends (see `FdKind::Shared`).
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::files::{FdKind, FilesImage};
+
+/// A pipe with both ends in the dump.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipeImage {
+    pub inode: u64,
+    /// F_GETPIPE_SZ.
+    pub capacity: u32,
+    /// Unread bytes, in order.
+    #[serde(with = "crate::image::hex_bytes")]
+    pub data: Vec<u8>,
+}
+
+fn getfd(pid: i32, fd: i32) -> Result<OwnedFd> {
+    // SAFETY: pidfd_open/pidfd_getfd take integers and return fds we then own.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
+        if pidfd < 0 {
+            return Err(Error::sys(pid, "pidfd_open", nix::errno::Errno::last()));
+        }
+        let ours = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
+        let e = nix::errno::Errno::last();
+        libc::close(pidfd);
+        if ours < 0 {
+            return Err(Error::sys(pid, format!("pidfd_getfd of fd {fd}"), e));
+        }
+        Ok(OwnedFd::from_raw_fd(ours))
+    }
+}
+
+/// Copies the unread contents of the pipe whose read end is `fd` of `pid`.
+fn peek(pid: i32, fd: i32) -> Result<(u32, Vec<u8>)> {
+    let end = getfd(pid, fd)?;
+    // SAFETY: fcntl, pipe2, tee and read on fds we own, into a buffer we own.
+    unsafe {
+        let capacity = libc::fcntl(end.as_raw_fd(), libc::F_GETPIPE_SZ);
+        if capacity < 0 {
+            return Err(Error::sys(
+                pid,
+                format!("fd {fd}: F_GETPIPE_SZ"),
+                nix::errno::Errno::last(),
+            ));
+        }
+        let mut p = [0i32; 2];
+        if libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) < 0 {
+            return Err(Error::sys(pid, "pipe2", nix::errno::Errno::last()));
+        }
+        let (r, w) = (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1]));
+        libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, capacity);
+        let mut data = Vec::new();
+        let n = libc::tee(
+            end.as_raw_fd(),
+            w.as_raw_fd(),
+            capacity as usize,
+            libc::SPLICE_F_NONBLOCK,
+        );
+        if n < 0 && nix::errno::Errno::last() != nix::errno::Errno::EAGAIN {
+            return Err(Error::sys(
+                pid,
+                format!("fd {fd}: tee"),
+                nix::errno::Errno::last(),
+            ));
+        }
+        let mut buf = vec![0u8; capacity as usize];
+        loop {
+            let got = libc::read(r.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len());
+            if got <= 0 {
+                break;
+            }
+            data.extend_from_slice(&buf[..got as usize]);
+        }
+        Ok((capacity as u32, data))
+    }
+}
+
+/// Decides, once every process is collected, what each pipe end becomes: a
+/// pipe with both ends in the dump is saved with its data; an end whose other
+/// end is outside is rebound to the restorer's stdio if it was stdio, else refused.
+pub fn resolve(procs: &mut [(i32, &mut FilesImage)]) -> Result<Vec<PipeImage>> {
+    let ends: Vec<(u64, bool)> = procs
+        .iter()
+        .flat_map(|(_, f)| f.fds.iter())
+        .filter_map(|f| match f.kind {
+            FdKind::Pipe { inode, write, .. } => Some((inode, write)),
+            _ => None,
+        })
+        .collect();
+    let mut pipes: Vec<PipeImage> = Vec::new();
+    for (pid, files) in procs.iter_mut() {
+        for f in files.fds.iter_mut() {
+            let FdKind::Pipe {
+                inode,
+                write,
+                was_stdio,
+                ..
+            } = f.kind
+            else {
+                continue;
+            };
+            let other_end = ends.contains(&(inode, !write));
+            if !other_end {
+                if was_stdio {
+                    f.kind = FdKind::Inherited {
+                        was: format!("pipe:[{inode}]"),
+                    };
+                    continue;
+                }
+                let side = if write { "write" } else { "read" };
+                return Err(Error::unsupported(
+                    *pid,
+                    format!(
+                        "fd {} is the {side} end of a pipe whose other end is outside the dump",
+                        f.fd
+                    ),
+                ));
+            }
+            if !write && !pipes.iter().any(|p| p.inode == inode) {
+                let (capacity, data) = peek(*pid, f.fd)?;
+                pipes.push(PipeImage {
+                    inode,
+                    capacity,
+                    data,
+                });
+            }
+        }
+    }
+    Ok(pipes)
+}
+
+/// Creates the pipes of the image in the restorer: returns (inode, read end,
+/// write end), each refilled with its data.
+pub fn create(pipes: &[PipeImage]) -> Result<Vec<(u64, OwnedFd, OwnedFd)>> {
+    let mut out = Vec::new();
+    for p in pipes {
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe2 writes two fds we then own; fcntl and write on them with our buffer.
+        unsafe {
+            if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) < 0 {
+                return Err(Error::Restore(format!(
+                    "pipe {}: pipe2: {}",
+                    p.inode,
+                    std::io::Error::last_os_error()
+                )));
+            }
+            let (r, w) = (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]));
+            if libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, p.capacity as libc::c_int) < 0 {
+                return Err(Error::Restore(format!(
+                    "pipe {}: capacity {}: {}",
+                    p.inode,
+                    p.capacity,
+                    std::io::Error::last_os_error()
+                )));
+            }
+            let mut done = 0;
+            while done < p.data.len() {
+                let n = libc::write(
+                    w.as_raw_fd(),
+                    p.data[done..].as_ptr().cast(),
+                    p.data.len() - done,
+                );
+                if n <= 0 {
+                    return Err(Error::Restore(format!(
+                        "pipe {}: refilling: {}",
+                        p.inode,
+                        std::io::Error::last_os_error()
+                    )));
+                }
+                done += n as usize;
+            }
+            out.push((p.inode, r, w));
+        }
+    }
+    Ok(out)
+}
