@@ -24,8 +24,10 @@ pub const EXIT_UNSUPPORTED: i32 = 3;
 /// What a Rust panic exits with: never an acceptable answer from crest.
 const EXIT_PANIC: i32 = 101;
 /// How long the harness waits for a restored process to show the recorded view.
+/// (At least: a third of the case timeout when that is longer, for slow guests.)
 const VIEW_WAIT: Duration = Duration::from_secs(20);
 /// How long a process may take to die after the dump that was to kill it.
+/// (At least: a sixth of the case timeout when that is longer.)
 const DEATH_WAIT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(10);
 
@@ -269,6 +271,22 @@ impl Run<'_> {
         }
     }
 
+    fn timeout(&self) -> Duration {
+        self.spec
+            .timeout_secs
+            .map(Duration::from_secs)
+            .unwrap_or(self.cfg.case_timeout)
+    }
+
+    /// How long a restored view may take to appear: longer under slow (TCG) guests.
+    fn view_wait(&self) -> Duration {
+        VIEW_WAIT.max(self.timeout() / 3)
+    }
+
+    fn death_wait(&self) -> Duration {
+        DEATH_WAIT.max(self.timeout() / 6)
+    }
+
     fn time_left(&self) -> R<()> {
         if Instant::now() > self.deadline {
             fail!(
@@ -413,7 +431,8 @@ impl Run<'_> {
     /// child may show up before it is complete, hence polling; the restorer
     /// exiting first ends the wait.
     fn wait_view(&mut self, pid: i32, before: &[String], parent: Parent, what: &str) -> R<()> {
-        self.wait_view_for(pid, before, parent, what, VIEW_WAIT)
+        let limit = self.view_wait();
+        self.wait_view_for(pid, before, parent, what, limit)
     }
 
     fn wait_view_for(
@@ -568,14 +587,15 @@ impl Run<'_> {
         let Some(mut c) = self.workload.take() else {
             return Ok(());
         };
-        let until = Instant::now() + DEATH_WAIT;
+        let death_wait = self.death_wait();
+        let until = Instant::now() + death_wait;
         loop {
             if let Ok(Some(_)) = c.try_wait() {
                 return Ok(());
             }
             if Instant::now() > until {
                 self.workload = Some(c);
-                fail!("crest dump succeeded but pid {pid} is still alive {DEATH_WAIT:?} later (the dump should kill it)");
+                fail!("crest dump succeeded but pid {pid} is still alive {death_wait:?} later (the dump should kill it)");
             }
             std::thread::sleep(POLL);
         }
@@ -683,7 +703,7 @@ impl Run<'_> {
             } else {
                 // The dump killed the restored process, so its parent, the
                 // previous `crest restore`, reports 128+SIGKILL.
-                let st = self.wait_restore(Some(DEATH_WAIT))?;
+                let st = self.wait_restore(Some(self.death_wait()))?;
                 if shell_status(st) != 128 + libc::SIGKILL {
                     fail!("cycle {cycle}: the previous crest restore ended with {} (expected 137: its process was killed by the dump)", describe_status(st));
                 }
