@@ -479,6 +479,29 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
     Ok(stats)
 }
 
+/// A line of `/proc/locks` for a lock `pid` holds: POSIX and flock locks by
+/// owner pid, OFD locks (pid -1) by the inode of one of its open files.
+fn held_lock(pid: i32, files: &files::FilesImage) -> Option<String> {
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    let inodes: Vec<u64> = files
+        .fds
+        .iter()
+        .filter_map(|f| match &f.kind {
+            files::FdKind::Regular { identity, .. } => Some(identity.inode),
+            _ => None,
+        })
+        .collect();
+    locks.lines().find_map(|line| {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        // "1: POSIX  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; blocked waiters add "->".
+        let w: Vec<&str> = w.into_iter().filter(|x| *x != "->").collect();
+        let owner: i32 = w.get(4)?.parse().ok()?;
+        let inode: u64 = w.get(5)?.rsplit(':').next()?.parse().ok()?;
+        let ours = owner == pid || (owner == -1 && inodes.contains(&inode));
+        ours.then(|| format!("{} {}", w.get(1).unwrap_or(&"?"), w.get(3).unwrap_or(&"?")))
+    })
+}
+
 /// Restore recreates sessions by having each session leader call setsid()
 /// before it forks its children: every process must be in its own session, its
 /// parent's, or (orphans) the root's, or one whose leader is outside the dump
@@ -519,6 +542,12 @@ fn collect_process(
     let smaps = proc::read(pid, "smaps")?;
     let vmas = mm::collect_vmas(pid, &maps, &proc::parse_smaps_vmflags(&smaps))?;
     let files = files::collect(pid)?;
+    if let Some(lock) = held_lock(pid, &files) {
+        return Err(Error::unsupported(
+            pid,
+            format!("holds a file lock ({lock})"),
+        ));
+    }
     let timers = proc::read(pid, "timers").unwrap_or_default();
     let posix_timers = timers.lines().filter(|l| l.starts_with("ID:")).count();
     if posix_timers > 0 {

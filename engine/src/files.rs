@@ -54,6 +54,20 @@ pub enum FdKind {
     /// fork): the image's shared file `id`, opened once by the restorer and
     /// inherited by every process that holds it, so they share one offset.
     Shared { id: u32 },
+    /// An eventfd with its counter (created by the restorer, inherited).
+    Eventfd {
+        count: u64,
+        semaphore: bool,
+        flags: i32,
+    },
+    /// A signalfd with its mask (created by the restorer, inherited).
+    Signalfd { mask: u64, flags: i32 },
+    /// An epoll instance and its watch set, rebuilt by its process once every
+    /// other descriptor is in place.
+    Epoll {
+        flags: i32,
+        watches: Vec<EpollWatch>,
+    },
     /// One end of a pipe (only as the description of a shared file: the
     /// restorer creates each pipe once and fills it with its unread data).
     Pipe {
@@ -96,6 +110,26 @@ pub fn find_shared(procs: &mut [(i32, &mut FilesImage)], shared: &mut Vec<Shared
                             id,
                             file: f.kind.clone(),
                         });
+                        id
+                    }
+                };
+                procs[i].1.fds[k].kind = FdKind::Shared { id };
+                continue;
+            }
+            if matches!(f.kind, FdKind::Eventfd { .. } | FdKind::Signalfd { .. }) {
+                // Created once by the restorer; held by one process or several.
+                let seen = owners
+                    .iter()
+                    .find(|(_, opid, ofd)| kcmp_files(*opid, *ofd, pid, f.fd));
+                let id = match seen {
+                    Some(&(id, _, _)) => id,
+                    None => {
+                        let id = shared.len() as u32;
+                        shared.push(SharedFile {
+                            id,
+                            file: f.kind.clone(),
+                        });
+                        owners.push((id, pid, f.fd));
                         id
                     }
                 };
@@ -270,7 +304,12 @@ pub fn collect(pid: i32) -> Result<FilesImage> {
                 return refuse(describe_socket(pid, fd));
             }
         } else if let Some(name) = link.strip_prefix("anon_inode:") {
-            return refuse(format!("an {} file", name.trim_matches(['[', ']'])));
+            let text = proc::read(pid, &format!("fdinfo/{fd}"))?;
+            let flags = info.flags & REOPEN_MASK & !libc::O_ACCMODE;
+            match anon_kind(name.trim_matches(['[', ']']), &text, flags) {
+                Ok(kind) => kind,
+                Err(what) => return refuse(what),
+            }
         } else if link.ends_with(" (deleted)") {
             return refuse(format!("an unlinked file ({link})"));
         } else if link.starts_with('/') {
@@ -313,6 +352,68 @@ pub fn collect(pid: i32) -> Result<FilesImage> {
     })
 }
 
+/// An epoll watch: the watched fd (in the owner's table), events and user data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EpollWatch {
+    pub fd: i32,
+    pub events: u32,
+    pub data: u64,
+}
+
+/// Classifies an `anon_inode:` descriptor from its fdinfo.
+fn anon_kind(name: &str, fdinfo: &str, flags: i32) -> std::result::Result<FdKind, String> {
+    let field = |key: &str| {
+        fdinfo
+            .lines()
+            .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
+    };
+    match name {
+        "eventfd" => {
+            let count = field("eventfd-count:")
+                .and_then(|v| v.parse().ok())
+                .ok_or("an eventfd without a readable count")?;
+            let semaphore = field("eventfd-semaphore:").is_some_and(|v| v == "1");
+            Ok(FdKind::Eventfd {
+                count,
+                semaphore,
+                flags,
+            })
+        }
+        "signalfd" => {
+            let mask = field("sigmask:")
+                .and_then(|v| u64::from_str_radix(&v, 16).ok())
+                .ok_or("a signalfd without a readable mask")?;
+            Ok(FdKind::Signalfd { mask, flags })
+        }
+        "eventpoll" => {
+            let mut watches = Vec::new();
+            for line in fdinfo.lines().filter(|l| l.starts_with("tfd:")) {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                let after = |k: &str| {
+                    words
+                        .iter()
+                        .position(|w| *w == k)
+                        .and_then(|i| words.get(i + 1))
+                        .copied()
+                };
+                let w = (|| {
+                    Some(EpollWatch {
+                        fd: after("tfd:")?.parse().ok()?,
+                        events: u32::from_str_radix(after("events:")?, 16).ok()?,
+                        data: u64::from_str_radix(after("data:")?, 16).ok()?,
+                    })
+                })();
+                watches.push(w.ok_or_else(|| {
+                    format!("an epoll instance with an unreadable watch ({line})")
+                })?);
+            }
+            Ok(FdKind::Epoll { flags, watches })
+        }
+        other => Err(format!("an {other} file")),
+    }
+}
+
 /// Checks before a restore that every regular file is still the file that was
 /// dumped (same inode, size and mtime).
 pub fn verify_unchanged(pid: i32, files: &FilesImage, shared: &[SharedFile]) -> Result<()> {
@@ -350,6 +451,56 @@ pub fn verify_unchanged(pid: i32, files: &FilesImage, shared: &[SharedFile]) -> 
     Ok(())
 }
 
+fn open_eventfd(
+    at: i32,
+    count: u64,
+    semaphore: bool,
+    flags: i32,
+) -> std::result::Result<i32, String> {
+    let sem = if semaphore { libc::EFD_SEMAPHORE } else { 0 };
+    let initial = count.min(u32::MAX as u64);
+    // SAFETY: eventfd takes integers and returns a new fd; the write adds the
+    // part of the counter above eventfd(2)'s 32-bit initial value.
+    unsafe {
+        let fd = libc::eventfd(
+            initial as libc::c_uint,
+            sem | libc::EFD_CLOEXEC | (flags & libc::O_NONBLOCK),
+        );
+        if fd < 0 {
+            return Err(format!(
+                "fd {at}: eventfd: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        if count > initial {
+            let rest = count - initial;
+            libc::write(fd, (&rest as *const u64).cast(), 8);
+        }
+        Ok(fd)
+    }
+}
+
+fn open_signalfd(at: i32, mask: u64, flags: i32) -> std::result::Result<i32, String> {
+    // SAFETY: a sigset_t we fill ourselves; signalfd returns a new fd.
+    let fd = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in 1..=64 {
+            if mask & (1u64 << (sig - 1)) != 0 {
+                libc::sigaddset(&mut set, sig);
+            }
+        }
+        libc::signalfd(-1, &set, libc::SFD_CLOEXEC | (flags & libc::O_NONBLOCK))
+    };
+    if fd < 0 {
+        return Err(format!(
+            "fd {at}: signalfd: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(fd)
+}
+
 /// Opens one descriptor as the image says, in the restore child. Returns the
 /// new fd (not yet at its final number) or `None` when nothing needs opening.
 pub fn open_for_restore(f: &FdImage) -> std::result::Result<Option<i32>, String> {
@@ -358,10 +509,17 @@ pub fn open_for_restore(f: &FdImage) -> std::result::Result<Option<i32>, String>
             path, flags, pos, ..
         } => (path, *flags, Some(*pos)),
         FdKind::Device { path, flags } => (path, *flags, None),
+        FdKind::Eventfd {
+            count,
+            semaphore,
+            flags,
+        } => return open_eventfd(f.fd, *count, *semaphore, *flags).map(Some),
+        FdKind::Signalfd { mask, flags } => return open_signalfd(f.fd, *mask, *flags).map(Some),
         FdKind::Dup { .. }
         | FdKind::Inherited { .. }
         | FdKind::Shared { .. }
-        | FdKind::Pipe { .. } => return Ok(None),
+        | FdKind::Pipe { .. }
+        | FdKind::Epoll { .. } => return Ok(None),
     };
     let c = std::ffi::CString::new(path.as_str()).map_err(|_| format!("fd {}: bad path", f.fd))?;
     // SAFETY: `c` is a valid NUL-terminated string; open returns a new fd or -1.

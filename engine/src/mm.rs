@@ -57,7 +57,21 @@ pub struct Vma {
     /// VM_NORESERVE: mapped with MAP_NORESERVE (not charged to overcommit).
     #[serde(default)]
     pub noreserve: bool,
+    /// madvise/mlock state, as `/proc/PID/smaps` VmFlags: dc (MADV_DONTFORK),
+    /// wf (MADV_WIPEONFORK), dd (MADV_DONTDUMP), hg/nh (MADV_(NO)HUGEPAGE), lo (mlock).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub advice: Vec<String>,
 }
+
+/// The VmFlags that [`Vma::advice`] carries, and how each is set again.
+pub const ADVICE_FLAGS: &[(&str, Option<i32>)] = &[
+    ("dc", Some(libc::MADV_DONTFORK)),
+    ("wf", Some(libc::MADV_WIPEONFORK)),
+    ("dd", Some(libc::MADV_DONTDUMP)),
+    ("hg", Some(libc::MADV_HUGEPAGE)),
+    ("nh", Some(libc::MADV_NOHUGEPAGE)),
+    ("lo", None), // mlock
+];
 
 impl Vma {
     pub fn len(&self) -> u64 {
@@ -198,6 +212,11 @@ pub fn collect_vmas(
             name,
             growsdown: has_flag(m.start, "gd"),
             noreserve: has_flag(m.start, "nr"),
+            advice: ADVICE_FLAGS
+                .iter()
+                .filter(|(f, _)| has_flag(m.start, f))
+                .map(|(f, _)| f.to_string())
+                .collect(),
         });
     }
     Ok(vmas)

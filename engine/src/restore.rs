@@ -849,8 +849,18 @@ fn child_setup(plan: &ChildPlan) -> std::result::Result<(), String> {
                         }
                     }
                 }
+                FdKind::Epoll { .. } => {
+                    // Built below, once every fd it watches is in place. Hold the
+                    // number meanwhile so nothing else is opened there.
+                    let n = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY);
+                    if n != f.fd {
+                        libc::dup2(n, f.fd);
+                        libc::close(n);
+                    }
+                }
                 _ => {
-                    let fd = files::open_for_restore(f)?.expect("regular or device");
+                    let fd = files::open_for_restore(f)?
+                        .ok_or_else(|| format!("fd {}: nothing to open", f.fd))?;
                     if fd != f.fd {
                         if libc::dup2(fd, f.fd) < 0 {
                             return Err(errno_msg(&format!("fd {}: dup2", f.fd)));
@@ -868,6 +878,34 @@ fn child_setup(plan: &ChildPlan) -> std::result::Result<(), String> {
         for fd in 0..=2 {
             if !plan.fds.iter().any(|f| f.fd == fd) {
                 libc::close(fd);
+            }
+        }
+        for f in &plan.fds {
+            if let FdKind::Epoll { flags, watches } = &f.kind {
+                let ep = libc::epoll_create1(libc::EPOLL_CLOEXEC);
+                if ep < 0 {
+                    return Err(errno_msg(&format!("fd {}: epoll_create1", f.fd)));
+                }
+                for w in watches {
+                    let mut ev = libc::epoll_event {
+                        events: w.events,
+                        u64: w.data,
+                    };
+                    if libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, w.fd, &mut ev) < 0 {
+                        return Err(errno_msg(&format!(
+                            "fd {}: epoll watch of fd {}",
+                            f.fd, w.fd
+                        )));
+                    }
+                }
+                libc::dup2(ep, f.fd);
+                libc::close(ep);
+                libc::fcntl(f.fd, libc::F_SETFL, *flags);
+                libc::fcntl(
+                    f.fd,
+                    libc::F_SETFD,
+                    if f.cloexec { libc::FD_CLOEXEC } else { 0 },
+                );
             }
         }
         for fd in shared {
@@ -1084,6 +1122,24 @@ fn rebuild(t: Tracee, p: &ProcessImage, pages: &Pages, insn: u64) -> Result<Vec<
         )?;
     }
 
+    for v in &p.mm.vmas {
+        for flag in &v.advice {
+            match mm::ADVICE_FLAGS.iter().find(|(f, _)| f == flag) {
+                Some((_, Some(advice))) => {
+                    call(
+                        libc::SYS_madvise,
+                        [v.start, v.len(), *advice as u64, 0, 0, 0],
+                        &format!("madvise {flag}"),
+                    )?;
+                }
+                Some((_, None)) => {
+                    call(libc::SYS_mlock2, [v.start, v.len(), 0, 0, 0, 0], "mlock")?;
+                }
+                None => {}
+            }
+        }
+    }
+
     // mm fields, auxv and /proc/PID/exe in one PR_SET_MM_MAP.
     let auxv_addr = scratch + 512;
     let auxv: Vec<u8> = p.mm.auxv.iter().flat_map(|v| v.to_ne_bytes()).collect();
@@ -1187,6 +1243,10 @@ fn rebuild(t: Tracee, p: &ProcessImage, pages: &Pages, insn: u64) -> Result<Vec<
         }
     }
     let c = &p.state.creds;
+    let last_cap: u64 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(40);
     let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
     if groups.len() > 2048 {
         return Err(Error::unsupported(
@@ -1239,6 +1299,25 @@ fn rebuild(t: Tracee, p: &ProcessImage, pages: &Pages, insn: u64) -> Result<Vec<
             )?;
         }
         // Credentials are per thread in the kernel: set them in each.
+        // The bounding set first (dropping needs CAP_SETPCAP, which we still have).
+        for cap in 0..=last_cap {
+            if c.cap_bnd & (1u64 << cap) == 0 {
+                tcall(
+                    libc::SYS_prctl,
+                    [libc::PR_CAPBSET_DROP as u64, cap, 0, 0, 0, 0],
+                    "prctl(PR_CAPBSET_DROP)",
+                )?;
+            }
+        }
+        // Keep capabilities across the uid change when a non-root process had some.
+        let keep = c.uids[1] != 0 && c.cap_prm != 0;
+        if keep {
+            tcall(
+                libc::SYS_prctl,
+                [libc::PR_SET_KEEPCAPS as u64, 1, 0, 0, 0, 0],
+                "prctl(PR_SET_KEEPCAPS)",
+            )?;
+        }
         crate::ptrace::write_mem(pid, scratch, &groups)?;
         tcall(
             libc::SYS_setgroups,
@@ -1269,6 +1348,44 @@ fn rebuild(t: Tracee, p: &ProcessImage, pages: &Pages, insn: u64) -> Result<Vec<
             ],
             "setresuid",
         )?;
+        // capset: header {version 3, pid 0}, then {effective, permitted, inheritable} x2.
+        let mut caps: Vec<u8> = Vec::new();
+        caps.extend_from_slice(&0x2008_0522u32.to_ne_bytes());
+        caps.extend_from_slice(&0i32.to_ne_bytes());
+        for half in [0u32, 32] {
+            for v in [c.cap_eff, c.cap_prm, c.cap_inh] {
+                caps.extend_from_slice(&((v >> half) as u32).to_ne_bytes());
+            }
+        }
+        crate::ptrace::write_mem(pid, scratch, &caps)?;
+        tcall(
+            libc::SYS_capset,
+            [scratch, scratch + 8, 0, 0, 0, 0],
+            "capset",
+        )?;
+        for cap in 0..=last_cap {
+            if c.cap_amb & (1u64 << cap) != 0 {
+                tcall(
+                    libc::SYS_prctl,
+                    [
+                        libc::PR_CAP_AMBIENT as u64,
+                        libc::PR_CAP_AMBIENT_RAISE as u64,
+                        cap,
+                        0,
+                        0,
+                        0,
+                    ],
+                    "prctl(PR_CAP_AMBIENT_RAISE)",
+                )?;
+            }
+        }
+        if keep {
+            tcall(
+                libc::SYS_prctl,
+                [libc::PR_SET_KEEPCAPS as u64, 0, 0, 0, 0, 0],
+                "prctl(PR_SET_KEEPCAPS)",
+            )?;
+        }
         if p.state.no_new_privs {
             tcall(
                 libc::SYS_prctl,
@@ -1305,6 +1422,11 @@ fn rebuild(t: Tracee, p: &ProcessImage, pages: &Pages, insn: u64) -> Result<Vec<
 /// the trampoline it runs from; at its exit stop it gets its registers and
 /// never returns into the trampoline.
 fn finish(p: &ProcessImage, threads: &[Tracee], insn: u64) -> Result<()> {
+    for (th, tt) in p.threads.iter().zip(threads) {
+        if let Some(sched) = &th.sched {
+            sched.apply(tt.pid)?;
+        }
+    }
     // Masks last: a pending signal they unblock must not interrupt our syscalls.
     for (th, tt) in p.threads.iter().zip(threads).skip(1) {
         let mut regs = th.regs;

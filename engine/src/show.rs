@@ -227,6 +227,14 @@ pub fn render(image: &Image) -> String {
                 FdKind::Device { path, flags } => format!("{path} ({}{cloexec})", access(*flags)),
                 FdKind::Dup { of } => format!("same open file as fd {of}{cloexec}"),
                 FdKind::Inherited { was } => format!("rebound to the restorer's own (was {was})"),
+                FdKind::Eventfd { count, .. } => format!("eventfd, counter {count}{cloexec}"),
+                FdKind::Signalfd { mask, .. } => {
+                    format!("signalfd for [{}]{cloexec}", mask_names(*mask).join(" "))
+                }
+                FdKind::Epoll { watches, .. } => {
+                    let fds: Vec<String> = watches.iter().map(|w| w.fd.to_string()).collect();
+                    format!("epoll watching fds [{}]{cloexec}", fds.join(" "))
+                }
                 FdKind::Pipe { inode, write, .. } => format!(
                     "{} end of pipe {inode}",
                     if *write { "write" } else { "read" }
@@ -249,6 +257,15 @@ pub fn render(image: &Image) -> String {
                                 .map_or(0, |p| p.data.len());
                             let end = if *write { "write" } else { "read" };
                             format!("{end} end of pipe {inode} ({unread} bytes unread{cloexec})")
+                        }
+                        Some(FdKind::Eventfd { count, .. }) => {
+                            format!("eventfd, counter {count} (shared{cloexec})")
+                        }
+                        Some(FdKind::Signalfd { mask, .. }) => {
+                            format!(
+                                "signalfd for [{}] (shared{cloexec})",
+                                mask_names(*mask).join(" ")
+                            )
                         }
                         _ => format!("shared file {id} (missing from the image)"),
                     }

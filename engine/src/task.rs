@@ -79,7 +79,6 @@ const ERESTARTSYS: i64 = -512;
 const ERESTARTNOINTR: i64 = -513;
 const ERESTARTNOHAND: i64 = -514;
 const ERESTART_RESTARTBLOCK: i64 = -516;
-const EINTR: i64 = -4;
 
 /// How a syscall interrupted by the freeze continues. `restart_block` says
 /// whether the task still has its kernel restart block (the live task after a
@@ -98,24 +97,24 @@ pub fn resume_interrupted_syscall(regs: &mut Registers, restart_block: bool) {
             regs.rip -= 2;
         }
         ERESTART_RESTARTBLOCK => {
-            // The restart block died with the old task. Sleeps can still be
-            // re-issued exactly: the kernel wrote the remaining time to `rem`
-            // when it interrupted them, and absolute sleeps are idempotent.
+            // The restart block died with the old task, so the call is re-issued
+            // as it was: a program without a signal handler never sees EINTR
+            // from these calls, and must not after a restore either. Relative
+            // sleeps continue from the remaining time where the kernel wrote it
+            // (`rem`); ppoll and pselect already updated their timeout in memory;
+            // absolute timeouts are exact; other relative timeouts (poll, futex)
+            // start again, so they may wait up to twice as long — never less.
             const TIMER_ABSTIME: u64 = 1;
             if nr == libc::SYS_nanosleep && regs.rsi != 0 {
                 regs.rdi = regs.rsi;
-                regs.rax = nr as u64;
-                regs.rip -= 2;
-            } else if nr == libc::SYS_clock_nanosleep && regs.rsi & TIMER_ABSTIME != 0 {
-                regs.rax = nr as u64;
-                regs.rip -= 2;
-            } else if nr == libc::SYS_clock_nanosleep && regs.r10 != 0 {
+            } else if nr == libc::SYS_clock_nanosleep
+                && regs.rsi & TIMER_ABSTIME == 0
+                && regs.r10 != 0
+            {
                 regs.rdx = regs.r10;
-                regs.rax = nr as u64;
-                regs.rip -= 2;
-            } else {
-                regs.rax = EINTR as u64;
             }
+            regs.rax = nr as u64;
+            regs.rip -= 2;
         }
         _ => {}
     }
@@ -142,6 +141,88 @@ pub struct ThreadImage {
     pub robust_list: Option<RobustList>,
     pub clear_child_tid: u64,
     pub altstack: Option<AltStack>,
+    #[serde(default)]
+    pub sched: Option<Sched>,
+}
+
+/// Scheduling of one thread: nice value, policy and priority, CPU affinity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sched {
+    pub nice: i32,
+    pub policy: i32,
+    pub priority: i32,
+    /// Allowed CPUs as a bitmap, 64 CPUs per word.
+    pub affinity: Vec<u64>,
+}
+
+impl Sched {
+    /// Reads the scheduling of thread `tid` from outside.
+    pub fn collect(tid: i32) -> Result<Sched> {
+        let err = |what: &str| Error::sys(tid, what.to_string(), nix::errno::Errno::last());
+        // SAFETY: these calls take a tid and write only into locals we own.
+        unsafe {
+            *libc::__errno_location() = 0;
+            let nice = libc::getpriority(libc::PRIO_PROCESS, tid as libc::id_t);
+            if nice == -1 && nix::errno::Errno::last_raw() != 0 {
+                return Err(err("getpriority"));
+            }
+            let policy = libc::sched_getscheduler(tid);
+            if policy < 0 {
+                return Err(err("sched_getscheduler"));
+            }
+            let mut param: libc::sched_param = std::mem::zeroed();
+            if libc::sched_getparam(tid, &mut param) < 0 {
+                return Err(err("sched_getparam"));
+            }
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            if libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut set) < 0 {
+                return Err(err("sched_getaffinity"));
+            }
+            let words = std::mem::size_of::<libc::cpu_set_t>() / 8;
+            let raw =
+                std::slice::from_raw_parts((&set as *const libc::cpu_set_t).cast::<u64>(), words);
+            let last = raw.iter().rposition(|&w| w != 0).map_or(0, |i| i + 1);
+            Ok(Sched {
+                nice,
+                policy,
+                priority: param.sched_priority,
+                affinity: raw[..last].to_vec(),
+            })
+        }
+    }
+
+    /// Applies it to thread `tid` from outside.
+    pub fn apply(&self, tid: i32) -> Result<()> {
+        let err = |what: &str| Error::sys(tid, what.to_string(), nix::errno::Errno::last());
+        // SAFETY: these calls take a tid and read only locals we own.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            let words = std::mem::size_of::<libc::cpu_set_t>() / 8;
+            let raw = std::slice::from_raw_parts_mut(
+                (&mut set as *mut libc::cpu_set_t).cast::<u64>(),
+                words,
+            );
+            for (dst, src) in raw.iter_mut().zip(&self.affinity) {
+                *dst = *src;
+            }
+            if !self.affinity.is_empty()
+                && libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) < 0
+            {
+                return Err(err("sched_setaffinity"));
+            }
+            let param = libc::sched_param {
+                sched_priority: self.priority,
+            };
+            if libc::sched_setscheduler(tid, self.policy, &param) < 0 {
+                return Err(err("sched_setscheduler"));
+            }
+            if libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, self.nice) < 0 {
+                return Err(err("setpriority"));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -327,6 +408,7 @@ pub fn collect_thread(remote: &Remote, regs: &Regs, name: String) -> Result<Thre
         size: u64_at(&ss, 2),
     });
     Ok(ThreadImage {
+        sched: Some(Sched::collect(t.pid)?),
         tid: t.pid,
         name,
         regs,
@@ -542,7 +624,7 @@ mod tests {
         0x1000
     )]
     #[case::restored_nanosleep_sleeps_the_rest(35, ERESTART_RESTARTBLOCK, false, 35, 0x1000)]
-    #[case::restored_poll_gets_eintr(7, ERESTART_RESTARTBLOCK, false, EINTR, 0x1002)]
+    #[case::restored_poll_is_reissued(7, ERESTART_RESTARTBLOCK, false, 7, 0x1000)]
     #[case::finished_syscall_untouched(1, 5, false, 5, 0x1002)]
     fn interrupted_syscalls_resume_as_the_kernel_would(
         #[case] nr: i64,
