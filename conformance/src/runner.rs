@@ -455,7 +455,7 @@ impl Run<'_> {
                     )
                     .unwrap_or_default();
                     let msg = engine_message(&stderr);
-                    if st.code() == Some(EXIT_UNSUPPORTED) {
+                    if st.code() == Some(EXIT_UNSUPPORTED) && msg.contains("crest: error:") {
                         return Err(Stop::Ignored(format!("restore refused: {msg}")));
                     }
                     fail!("crest restore ended ({}) before the restored process showed its view: {msg}", describe_status(st));
@@ -527,9 +527,15 @@ impl Run<'_> {
     fn expect_success(&self, what: &str, e: &Exit) -> R<()> {
         match e.code() {
             Some(0) => Ok(()),
-            Some(EXIT_UNSUPPORTED) => {
+            // An "unsupported" refusal is only honest when it says what is
+            // unsupported (OPS-ERRORS): one `crest: error:` line.
+            Some(EXIT_UNSUPPORTED) if e.stderr.contains("crest: error:") => {
                 Err(Stop::Ignored(format!("{what} refused: {}", e.message())))
             }
+            Some(EXIT_UNSUPPORTED) => fail!(
+                "crest {what} exited 3 (unsupported) without a `crest: error: …` line naming the resource: {}",
+                e.message()
+            ),
             _ => fail!("crest {what} failed ({}): {}", e.describe(), e.message()),
         }
     }

@@ -593,6 +593,17 @@ mod tests {
     }
 
     #[test]
+    fn an_unsupported_refusal_must_name_what() {
+        let f = Fake::new("echo 'something went wrong' >&2; exit 3");
+        match runner::run_case(&f.cfg(true), &spec(Mode::Cycle), 0) {
+            CaseOutcome::Failed(m) => {
+                assert!(m.contains("without a `crest: error: …` line"), "{m}")
+            }
+            o => panic!("{o:?}"),
+        }
+    }
+
+    #[test]
     fn other_dump_errors_fail_and_keep_the_case_dir() {
         let f = Fake::new("echo 'crest: error: boom' >&2; exit 1");
         match runner::run_case(&f.cfg(true), &spec(Mode::Cycle), 0) {
