@@ -35,6 +35,9 @@ pub enum Mode {
     /// The workload is traced by another process: the dump must be refused and
     /// leave it running and unchanged.
     Traced,
+    /// The dump must be refused (any non-zero exit with a `crest: error:` line
+    /// containing `refusal_mentions`) and leave the workload unchanged.
+    Refused,
     /// `crest dump` of a pid that does not exist must fail with a clear error.
     NoSuchPid,
     /// Restoring while the original still runs must fail clearly (its pid is taken)
@@ -109,6 +112,9 @@ pub struct CaseSpec {
     /// outside the dump); after restore its output must reach the restorer's stdout.
     #[serde(default)]
     pub stdout_pipe: bool,
+    /// For `refused`: a word the refusal must contain (case-insensitive).
+    #[serde(default)]
+    pub refusal_mentions: Option<String>,
 }
 
 impl CaseSpec {

@@ -259,6 +259,7 @@ impl Run<'_> {
         match self.spec.mode {
             Mode::Cycle => self.cycle(),
             Mode::Traced => self.traced(),
+            Mode::Refused => self.refused(),
             Mode::NoSuchPid => self.no_such_pid(),
             Mode::PidInUse => self.pid_in_use(),
             Mode::LeaveRunning => self.leave_running(),
@@ -806,6 +807,40 @@ impl Run<'_> {
                 self.result(&tctl).trim_end()
             );
         }
+        self.finish_original()
+    }
+
+    fn refused(&mut self) -> R<()> {
+        let me = std::process::id() as i32;
+        let pid = self.start_workload()?;
+        let before = self.view_now(pid, Parent::Expect(me))?;
+        let img = self.dir.join("img1");
+        let select = if self.spec.scope == Scope::Session && self.cfg.session_dump {
+            "--session"
+        } else {
+            "-t"
+        };
+        let args: Vec<OsString> = vec![
+            "dump".into(),
+            select.into(),
+            pid.to_string().into(),
+            "-D".into(),
+            img.into(),
+        ];
+        let e = self.crest("dump1", &args)?;
+        let line = self.expect_clear_error("dump", &e)?;
+        if let Some(word) = &self.spec.refusal_mentions {
+            if !line.to_lowercase().contains(&word.to_lowercase()) {
+                fail!("the refusal does not mention {word:?}: {line}");
+            }
+        }
+        self.wait_view_for(
+            pid,
+            &before,
+            Parent::Expect(me),
+            "after the refused dump",
+            Duration::from_secs(3),
+        )?;
         self.finish_original()
     }
 

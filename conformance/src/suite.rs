@@ -538,6 +538,7 @@ mod tests {
             expect_exit: 0,
             max_image_kib: None,
             stdout_pipe: false,
+            refusal_mentions: None,
         }
     }
 

@@ -102,6 +102,7 @@ fn wl_proc() {
         &["stopped"],
         &["prctl"],
         &["sched"],
+        &["tracer"],
     ];
     if is_root() {
         modes.push(&["creds"]);

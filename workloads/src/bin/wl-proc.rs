@@ -3,7 +3,7 @@
 //! orphans, stopped children).
 //!
 //! `wl-proc --ctl DIR MODE [ARGS]`, MODE one of: idle, exit CODE, signal SIG,
-//! creds, caps, sched, prctl, personality, rlimit, fs, tree, pgid, session, zombie, orphan,
+//! creds, caps, sched, tracer, prctl, personality, rlimit, fs, tree, pgid, session, zombie, orphan,
 //! stopped.
 
 use crest_workloads::support::{fork_child, mode, num_arg, setup_failed, sys, wait_ok};
@@ -44,6 +44,26 @@ fn main() {
         "creds" => creds(&ctl, &mut c),
         "caps" => caps(&ctl, &mut c),
         "sched" => sched(&ctl, &mut c),
+        "tracer" => {
+            // This process traces its own child: a tracing task in the dump.
+            let child = fork_child(|| {
+                ctl.wait_for_go();
+                0
+            });
+            // SAFETY: PTRACE_SEIZE takes no pointers; the child keeps running.
+            sys(
+                unsafe { libc::ptrace(libc::PTRACE_SEIZE, child, 0, 0) },
+                "PTRACE_SEIZE",
+            );
+            ctl.ready();
+            ctl.wait_for_go();
+            // SAFETY: detaching needs a stopped tracee; killing the tracer's
+            // hold is enough: PTRACE_DETACH fails harmlessly, exit detaches.
+            unsafe { libc::ptrace(libc::PTRACE_DETACH, child, 0, 0) };
+            if let Err(e) = wait_ok(child, "traced child") {
+                c.fail(e);
+            }
+        }
         "prctl" => prctl(&ctl, &mut c),
         "personality" => {
             let want = (libc::ADDR_NO_RANDOMIZE | libc::ADDR_COMPAT_LAYOUT) as libc::c_ulong;
