@@ -416,6 +416,35 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
         files::find_shared(&mut procs, &mut shared_files);
         pipes
     };
+    for sf in &shared_files {
+        if let files::FdKind::UnixPair(end) = &sf.file {
+            let peer_here = shared_files
+                .iter()
+                .any(|o| matches!(&o.file, files::FdKind::UnixPair(e) if e.inode == end.peer));
+            if !peer_here {
+                let holder = images.iter().find(|p| {
+                    p.files
+                        .fds
+                        .iter()
+                        .any(|f| f.kind == files::FdKind::Shared { id: sf.id })
+                });
+                let (pid, fd) = holder.map_or((root, -1), |p| {
+                    (
+                        p.pid,
+                        p.files
+                            .fds
+                            .iter()
+                            .find(|f| f.kind == files::FdKind::Shared { id: sf.id })
+                            .map_or(-1, |f| f.fd),
+                    )
+                });
+                return Err(Error::unsupported(
+                    pid,
+                    format!("fd {fd} is a unix socket connected to a process outside the dump"),
+                ));
+            }
+        }
+    }
     let mut zombies = Vec::new();
     for &pid in &zombie_pids {
         let f = stat_fields(pid)?;

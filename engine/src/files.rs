@@ -68,6 +68,9 @@ pub enum FdKind {
         flags: i32,
         watches: Vec<EpollWatch>,
     },
+    /// One end of a connected unix socket pair (as a shared file: the restorer
+    /// creates each pair once and requeues its data).
+    UnixPair(crate::sockets::UnixEnd),
     /// One end of a pipe (only as the description of a shared file: the
     /// restorer creates each pipe once and fills it with its unread data).
     Pipe {
@@ -102,6 +105,24 @@ pub fn find_shared(procs: &mut [(i32, &mut FilesImage)], shared: &mut Vec<Shared
             if let FdKind::Pipe { inode, write, .. } = f.kind {
                 // Every pipe end becomes a shared object, held by one process or many.
                 let known = shared.iter().find(|s| matches!(s.file, FdKind::Pipe { inode: i2, write: w2, .. } if i2 == inode && w2 == write));
+                let id = match known {
+                    Some(s) => s.id,
+                    None => {
+                        let id = shared.len() as u32;
+                        shared.push(SharedFile {
+                            id,
+                            file: f.kind.clone(),
+                        });
+                        id
+                    }
+                };
+                procs[i].1.fds[k].kind = FdKind::Shared { id };
+                continue;
+            }
+            if let FdKind::UnixPair(end) = &f.kind {
+                let known = shared
+                    .iter()
+                    .find(|s| matches!(&s.file, FdKind::UnixPair(e) if e.inode == end.inode));
                 let id = match known {
                     Some(s) => s.id,
                     None => {
@@ -214,50 +235,6 @@ fn kcmp_same_file(pid: i32, fd1: i32, fd2: i32) -> bool {
     r == 0
 }
 
-/// Describes a socket fd of `pid` for a refusal message, via pidfd_getfd.
-fn describe_socket(pid: i32, fd: i32) -> String {
-    // SAFETY: pidfd_open/pidfd_getfd take integers and return new fds we own and close.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
-        if pidfd < 0 {
-            return "a socket".into();
-        }
-        let ours = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
-        libc::close(pidfd);
-        if ours < 0 {
-            return "a socket".into();
-        }
-        let opt = |name| {
-            let mut v: libc::c_int = 0;
-            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-            libc::getsockopt(
-                ours,
-                libc::SOL_SOCKET,
-                name,
-                (&mut v as *mut libc::c_int).cast(),
-                &mut len,
-            );
-            v
-        };
-        let (domain, ty) = (opt(libc::SO_DOMAIN), opt(libc::SO_TYPE));
-        libc::close(ours);
-        let ty = match ty {
-            libc::SOCK_STREAM => "stream",
-            libc::SOCK_DGRAM => "datagram",
-            libc::SOCK_SEQPACKET => "seqpacket",
-            libc::SOCK_RAW => "raw",
-            _ => "",
-        };
-        match (domain, ty) {
-            (libc::AF_INET | libc::AF_INET6, "stream") => "a TCP socket".into(),
-            (libc::AF_INET | libc::AF_INET6, "datagram") => "a UDP socket".into(),
-            (libc::AF_UNIX, t) => format!("a unix {t} socket"),
-            (libc::AF_NETLINK, _) => "a netlink socket".into(),
-            (d, t) => format!("a socket (family {d}, {t})"),
-        }
-    }
-}
-
 pub fn collect(pid: i32) -> Result<FilesImage> {
     let dir = format!("/proc/{pid}/fd");
     let mut fds: Vec<i32> = std::fs::read_dir(&dir)
@@ -301,7 +278,11 @@ pub fn collect(pid: i32) -> Result<FilesImage> {
             if stdio {
                 FdKind::Inherited { was: link }
             } else {
-                return refuse(describe_socket(pid, fd));
+                match crate::sockets::collect(pid, fd, info.flags & REOPEN_MASK & !libc::O_ACCMODE)?
+                {
+                    Ok(end) => FdKind::UnixPair(end),
+                    Err(what) => return refuse(what),
+                }
             }
         } else if let Some(name) = link.strip_prefix("anon_inode:") {
             let text = proc::read(pid, &format!("fdinfo/{fd}"))?;
@@ -519,6 +500,7 @@ pub fn open_for_restore(f: &FdImage) -> std::result::Result<Option<i32>, String>
         | FdKind::Inherited { .. }
         | FdKind::Shared { .. }
         | FdKind::Pipe { .. }
+        | FdKind::UnixPair(_)
         | FdKind::Epoll { .. } => return Ok(None),
     };
     let c = std::ffi::CString::new(path.as_str()).map_err(|_| format!("fd {}: bad path", f.fd))?;

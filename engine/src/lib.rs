@@ -17,6 +17,7 @@ pub mod proc;
 pub mod ptrace;
 pub mod restore;
 pub mod show;
+pub mod sockets;
 pub mod task;
 
 use serde::{Deserialize, Serialize};

@@ -367,15 +367,24 @@ fn restore_tree(
     // Open files shared between processes once, here: every restore child
     // inherits them, so they keep sharing one open file description.
     let pipes = crate::pipes::create(&image.inventory.pipes)?;
+    let unix_ends: Vec<crate::sockets::UnixEnd> = image
+        .inventory
+        .shared_files
+        .iter()
+        .filter_map(|sf| match &sf.file {
+            FdKind::UnixPair(e) => Some(e.clone()),
+            _ => None,
+        })
+        .collect();
+    let sockets = crate::sockets::create(&unix_ends)?;
     let mut shared_fds = Vec::new();
     for sf in &image.inventory.shared_files {
-        shared_fds.push(open_shared(
-            sf,
-            plans[0].shared_base + sf.id as i32,
-            &pipes,
-        )?);
+        let at = plans[0].shared_base + sf.id as i32;
+        shared_fds.push(open_shared(sf, at, &pipes, &sockets)?);
     }
-    drop(pipes); // every end now sits at its shared slot
+    // Every end now sits at its shared slot.
+    drop(pipes);
+    drop(sockets);
     let mut guard = TreeGuard {
         pids: Vec::new(),
         armed: true,
@@ -447,8 +456,27 @@ fn open_shared(
     sf: &files::SharedFile,
     at: i32,
     pipes: &[(u64, OwnedFd, OwnedFd)],
+    sockets: &[(u64, OwnedFd)],
 ) -> Result<OwnedFd> {
     let (fd, status_flags) = match &sf.file {
+        FdKind::UnixPair(e) => {
+            let (_, sock) = sockets.iter().find(|(i, _)| *i == e.inode).ok_or_else(|| {
+                Error::Restore(format!(
+                    "shared file {}: unix socket {} was not created",
+                    sf.id, e.inode
+                ))
+            })?;
+            // SAFETY: dup of an fd we own; the copy is owned below.
+            let fd = unsafe { libc::fcntl(sock.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+            if fd < 0 {
+                return Err(Error::Restore(format!(
+                    "unix socket {}: dup: {}",
+                    e.inode,
+                    std::io::Error::last_os_error()
+                )));
+            }
+            (fd, Some(e.flags))
+        }
         FdKind::Pipe {
             inode,
             write,

@@ -228,6 +228,9 @@ pub fn render(image: &Image) -> String {
                 FdKind::Dup { of } => format!("same open file as fd {of}{cloexec}"),
                 FdKind::Inherited { was } => format!("rebound to the restorer's own (was {was})"),
                 FdKind::Eventfd { count, .. } => format!("eventfd, counter {count}{cloexec}"),
+                FdKind::UnixPair(e) => {
+                    format!("unix socket {} paired with {}{cloexec}", e.inode, e.peer)
+                }
                 FdKind::Signalfd { mask, .. } => {
                     format!("signalfd for [{}]{cloexec}", mask_names(*mask).join(" "))
                 }
@@ -257,6 +260,15 @@ pub fn render(image: &Image) -> String {
                                 .map_or(0, |p| p.data.len());
                             let end = if *write { "write" } else { "read" };
                             format!("{end} end of pipe {inode} ({unread} bytes unread{cloexec})")
+                        }
+                        Some(FdKind::UnixPair(e)) => {
+                            let queued: usize = e.queue.iter().map(|m| m.0.len()).sum();
+                            let ty = match e.ty {
+                                libc::SOCK_STREAM => "stream",
+                                libc::SOCK_DGRAM => "datagram",
+                                _ => "seqpacket",
+                            };
+                            format!("unix {ty} socket paired with {} ({} messages, {queued} bytes queued{cloexec})", e.peer, e.queue.len())
                         }
                         Some(FdKind::Eventfd { count, .. }) => {
                             format!("eventfd, counter {count} (shared{cloexec})")
