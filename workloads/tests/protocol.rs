@@ -197,6 +197,7 @@ fn wl_mem() {
             &["posix-shm"],
             &["sysv-shm"],
             &["madvise"],
+            &["growsdown"],
         ],
     );
 }

@@ -2,7 +2,7 @@
 //!
 //! `wl-mem --ctl DIR MODE [ARGS]`, MODE one of: anon MIB, sparse GIB,
 //! file-private, file-shared, shared-anon, shared-anon-fork, prot, brk, vdso,
-//! memfd, posix-shm, sysv-shm, madvise.
+//! memfd, posix-shm, sysv-shm, madvise, growsdown.
 
 use crest_workloads::support::{
     fork_child, mode, num_arg, pattern, pattern_diff, setup_failed, sys, wait_ok, write_all,
@@ -230,6 +230,29 @@ fn main() {
             );
             // SAFETY: name is NUL-terminated.
             unsafe { libc::shm_unlink(name.as_ptr()) };
+        }
+        "growsdown" => {
+            let len = 4 * PAGE;
+            let m = mmap(
+                len,
+                RW,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_GROWSDOWN,
+                -1,
+            );
+            // SAFETY: m is a fresh RW mapping of len bytes.
+            fill_pattern(unsafe { slice(m, len) }, SEED);
+            ctl.ready();
+            ctl.wait_for_go();
+            let flags = vm_flags(m as usize).unwrap_or_default();
+            c.check(flags.split_whitespace().any(|f| f == "gd"), || {
+                format!("VmFlags {flags:?} lack \"gd\" (MAP_GROWSDOWN)")
+            });
+            // SAFETY: as above.
+            c.eq(
+                "growsdown region mismatch at",
+                first_pattern_mismatch(unsafe { slice(m, len) }, SEED),
+                None,
+            );
         }
         "madvise" => {
             let m = mmap(3 * PAGE, RW, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1);
