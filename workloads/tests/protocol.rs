@@ -103,6 +103,7 @@ fn wl_proc() {
         &["prctl"],
         &["sched"],
         &["tracer"],
+        &["leaderless"],
     ];
     if is_root() {
         modes.push(&["creds"]);

@@ -3,7 +3,7 @@
 //! orphans, stopped children).
 //!
 //! `wl-proc --ctl DIR MODE [ARGS]`, MODE one of: idle, exit CODE, signal SIG,
-//! creds, caps, sched, tracer, prctl, personality, rlimit, fs, tree, pgid, session, zombie, orphan,
+//! creds, caps, sched, tracer, leaderless, prctl, personality, rlimit, fs, tree, pgid, session, zombie, orphan,
 //! stopped.
 
 use crest_workloads::support::{fork_child, mode, num_arg, setup_failed, sys, wait_ok};
@@ -44,6 +44,7 @@ fn main() {
         "creds" => creds(&ctl, &mut c),
         "caps" => caps(&ctl, &mut c),
         "sched" => sched(&ctl, &mut c),
+        "leaderless" => leaderless(&ctl, &mut c),
         "tracer" => {
             // This process traces its own child: a tracing task in the dump.
             let child = fork_child(|| {
@@ -436,6 +437,54 @@ fn tree(ctl: &Ctl, c: &mut Checks) {
         if let Err(e) = wait_ok(pid, who) {
             c.fail(e);
         }
+    }
+}
+
+/// A session whose leader is gone: child A makes its own session, forks B and
+/// exits; B (reparented to us, a subreaper) stays in A's session, whose id no
+/// live process has as pid.
+fn leaderless(ctl: &Ctl, c: &mut Checks) {
+    // SAFETY: prctl with plain values.
+    sys(
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) },
+        "PR_SET_CHILD_SUBREAPER",
+    );
+    let a = fork_child(|| {
+        // SAFETY: setsid/getpid take no pointers.
+        let sid = unsafe { libc::setsid() };
+        fork_child(|| {
+            // SAFETY: getppid cannot fail.
+            wait_until("reparenting", || unsafe { libc::getppid() } != sid);
+            child_ready(ctl, "b");
+            ctl.wait_for_go();
+            // SAFETY: getsid/getpgid take plain values.
+            let (s, g) = unsafe { (libc::getsid(0), libc::getpgid(0)) };
+            if (s, g) != (sid, sid) {
+                eprintln!("b: session/group ({s}, {g}), expected ({sid}, {sid})");
+                return 1;
+            }
+            0
+        });
+        0
+    });
+    if let Err(e) = wait_ok(a, "session leader") {
+        setup_failed(&e);
+    }
+    wait_children_ready(ctl, &["b"]);
+    let b: libc::pid_t = std::fs::read_to_string(ctl.path("ready.b"))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or_else(|| setup_failed("ready.b"));
+    ctl.ready();
+    ctl.wait_for_go();
+    // SAFETY: getsid takes a plain value.
+    c.eq(
+        "b's session (its leader's pid, leader gone)",
+        unsafe { libc::getsid(b) },
+        a,
+    );
+    if let Err(e) = wait_ok(b, "b") {
+        c.fail(e);
     }
 }
 
