@@ -158,6 +158,7 @@ fn wl_fd() {
             &["pty"],
             &["lock"],
             &["inotify"],
+            &["tty"],
         ],
     );
 }

@@ -2,7 +2,7 @@
 //! files, directories, devices, eventfd, epoll, signalfd, ptys.
 //!
 //! `wl-fd --ctl DIR MODE`, MODE one of: regfile, dup, cloexec, unlinked, dir,
-//! dev, eventfd, epoll, signalfd, pty, lock, inotify.
+//! dev, eventfd, epoll, signalfd, pty, lock, inotify, tty.
 
 use crest_workloads::support::{
     fd_flags, mode, pattern, pattern_diff, read_available, setup_failed, sys, write_all,
@@ -245,6 +245,7 @@ fn main() {
         "signalfd" => signalfd(&ctl, &mut c),
         "pty" => pty(&ctl, &mut c),
         "lock" => lock(&ctl, &mut c),
+        "tty" => tty(&ctl, &mut c),
         "inotify" => inotify(&ctl, &mut c),
         other => {
             eprintln!("wl-fd: unknown mode {other:?}");
@@ -458,7 +459,13 @@ fn my_locks(ino: u64) -> Vec<String> {
             if f.get(i.checked_sub(1)?) != Some(&me.as_str()) || file_ino != ino {
                 return None;
             }
-            Some(format!("{} {} {}-{}", f.get(1)?, f.get(3)?, f.get(i + 1)?, f.get(i + 2)?))
+            Some(format!(
+                "{} {} {}-{}",
+                f.get(1)?,
+                f.get(3)?,
+                f.get(i + 1)?,
+                f.get(i + 2)?
+            ))
         })
         .collect();
     v.sort();
@@ -530,6 +537,44 @@ fn inotify(ctl: &Ctl, c: &mut Checks) {
         "inotify events (queued before the dump, made after)",
         names,
         vec!["queued-before".to_string(), "created-after".to_string()],
+    );
+}
+
+/// A controlling terminal (a pty slave, opened without O_NOCTTY by this
+/// session leader) and /dev/tty open on it.
+fn tty(ctl: &Ctl, c: &mut Checks) {
+    // SAFETY: standard pty setup; ptsname's buffer is copied at once.
+    let (m, s, t) = unsafe {
+        let m = sys(
+            libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY),
+            "posix_openpt",
+        );
+        sys(libc::grantpt(m), "grantpt");
+        sys(libc::unlockpt(m), "unlockpt");
+        let name = CStr::from_ptr(libc::ptsname(m)).to_owned();
+        let s = sys(
+            libc::open(name.as_ptr(), libc::O_RDWR),
+            "open pts as controlling terminal",
+        );
+        let tty = CString::new("/dev/tty").unwrap_or_default();
+        let t = sys(libc::open(tty.as_ptr(), libc::O_RDWR), "open /dev/tty");
+        (m, s, t)
+    };
+    let link = |fd: RawFd| std::fs::read_link(format!("/proc/self/fd/{fd}")).ok();
+    let (ls, lt) = (link(s), link(t));
+    ctl.ready();
+    ctl.wait_for_go();
+    c.eq("pts fd", link(s), ls);
+    c.eq("/dev/tty fd", link(t), lt);
+    // SAFETY: plain values.
+    let (sid, me) = unsafe { (libc::tcgetsid(t), libc::getpid()) };
+    c.eq("session of the controlling terminal", sid, me);
+    write_all(t, b"via /dev/tty\n");
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let (got, _) = read_available(m);
+    c.check(
+        String::from_utf8_lossy(&got).contains("via /dev/tty"),
+        || format!("the master read {got:?}"),
     );
 }
 
