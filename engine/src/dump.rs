@@ -416,6 +416,7 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
         files::find_shared(&mut procs, &mut shared_files);
         pipes
     };
+    save_shared_memory(&images, staging.path(), &mut shared_files)?;
     for sf in &shared_files {
         if let files::FdKind::UnixPair(end) = &sf.file {
             let peer_here = shared_files
@@ -506,6 +507,61 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
         "dumped"
     );
     Ok(stats)
+}
+
+/// Saves each shared anonymous memory object once, whoever maps it, into
+/// `shmem-INODE.img`, and lists it among the shared files.
+fn save_shared_memory(
+    images: &[ProcessImage],
+    dir: &std::path::Path,
+    shared: &mut Vec<files::SharedFile>,
+) -> Result<()> {
+    let mut seen: Vec<u64> = Vec::new();
+    for p in images {
+        for v in &p.mm.vmas {
+            let mm::Backing::SharedAnon { inode, .. } = v.backing else {
+                continue;
+            };
+            if seen.contains(&inode) {
+                continue;
+            }
+            seen.push(inode);
+            // The object's size: as far as any process maps it.
+            let size = images
+                .iter()
+                .flat_map(|q| q.mm.vmas.iter())
+                .filter_map(|w| match w.backing {
+                    mm::Backing::SharedAnon { inode: i, offset } if i == inode => {
+                        Some(offset + w.len())
+                    }
+                    _ => None,
+                })
+                .max()
+                .unwrap_or(0);
+            // map_files gives the object itself, not just this process's window.
+            let src = format!("/proc/{}/map_files/{:x}-{:x}", p.pid, v.start, v.end);
+            let f = std::fs::File::open(&src).map_err(|e| Error::io(&src, e))?;
+            let mut data = vec![0u8; size as usize];
+            use std::os::unix::fs::FileExt;
+            f.read_exact_at(&mut data, 0)
+                .map_err(|e| Error::io(&src, e))?;
+            let path = dir.join(format!("shmem-{inode}.img"));
+            use std::io::Write;
+            crate::image::create_private(&path)?
+                .write_all(&data)
+                .map_err(|e| Error::io(&path, e))?;
+            let id = shared.len() as u32;
+            shared.push(files::SharedFile {
+                id,
+                file: files::FdKind::Shmem {
+                    inode,
+                    size,
+                    crc32c: crc32c::crc32c(&data),
+                },
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A line of `/proc/locks` for a lock `pid` holds: POSIX and flock locks by

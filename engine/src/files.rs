@@ -68,6 +68,9 @@ pub enum FdKind {
         flags: i32,
         watches: Vec<EpollWatch>,
     },
+    /// A shared anonymous memory object (as a shared file): its contents are
+    /// in `shmem-INODE.img`; the restorer recreates it and every process maps it.
+    Shmem { inode: u64, size: u64, crc32c: u32 },
     /// One end of a connected unix socket pair (as a shared file: the restorer
     /// creates each pair once and requeues its data).
     UnixPair(crate::sockets::UnixEnd),
@@ -501,6 +504,7 @@ pub fn open_for_restore(f: &FdImage) -> std::result::Result<Option<i32>, String>
         | FdKind::Shared { .. }
         | FdKind::Pipe { .. }
         | FdKind::UnixPair(_)
+        | FdKind::Shmem { .. }
         | FdKind::Epoll { .. } => return Ok(None),
     };
     let c = std::ffi::CString::new(path.as_str()).map_err(|_| format!("fd {}: bad path", f.fd))?;

@@ -36,6 +36,10 @@ pub enum Backing {
         #[serde(default)]
         may_write: bool,
     },
+    /// Shared anonymous memory (MAP_SHARED|MAP_ANONYMOUS, shared across fork):
+    /// the object `inode` is saved once for the whole dump (see
+    /// `files::FdKind::Shmem`) and every process maps the same object again.
+    SharedAnon { inode: u64, offset: u64 },
     /// A mapping the kernel provides (`[vdso]`, `[vvar]`, `[vvar_vclock]`).
     Special { name: String },
 }
@@ -171,10 +175,15 @@ pub fn collect_vmas(
             Backing::Special {
                 name: m.name.clone(),
             }
+        } else if m.shared && m.deleted && m.name == "/dev/zero" {
+            Backing::SharedAnon {
+                inode: m.inode,
+                offset: m.offset,
+            }
         } else if m.shared
             && (m.deleted
                 || !m.name.starts_with('/')
-                || m.name.starts_with("/dev/")
+                || (m.name.starts_with("/dev/") && !m.name.starts_with("/dev/shm/"))
                 || m.name.starts_with("/SYSV"))
         {
             return Err(Error::unsupported(
@@ -238,7 +247,9 @@ pub fn collect_pages(
     let mut buf = vec![0u8; MAX_CHUNK as usize];
     for vma in vmas {
         let file_backed = match &vma.backing {
-            Backing::Special { .. } | Backing::File { shared: true, .. } => continue,
+            Backing::Special { .. }
+            | Backing::File { shared: true, .. }
+            | Backing::SharedAnon { .. } => continue,
             Backing::File { .. } => true,
             Backing::Anon => false,
         };
@@ -442,7 +453,7 @@ mod tests {
         assert_eq!(vmas.len(), 1);
         assert_eq!(vmas[0].name, "[heap]");
         let shared =
-            crate::proc::parse_maps("1000-2000 rw-s 00000000 00:01 5 /dev/zero (deleted)\n")
+            crate::proc::parse_maps("1000-2000 rw-s 00000000 00:01 5 /SYSV00000000 (deleted)\n")
                 .unwrap();
         let err = collect_vmas(7, &shared, &[]).unwrap_err();
         assert!(matches!(err, Error::Unsupported { pid: 7, .. }), "{err}");

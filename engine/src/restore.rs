@@ -232,11 +232,12 @@ const TRAMPOLINE_LEN: u64 = 2 * PAGE_SIZE;
 
 /// Plans every process of the image, in image order (parents first).
 fn plan_tree(image: &Image) -> Result<Vec<ChildPlan>> {
+    let base = shared_base(image);
     let own_maps = proc::maps(std::process::id() as i32)?;
     let mut plans = Vec::new();
     for p in &image.processes {
         let thread = &p.threads[0];
-        let (file_fds, exe_fd) = helper_fds(p);
+        let (file_fds, exe_fd) = helper_fds(p, &image.inventory.shared_files, base)?;
         let cstr = |s: &str, what: &str| {
             CString::new(s).map_err(|_| Error::Restore(format!("pid {}: bad {what} {s:?}", p.pid)))
         };
@@ -311,9 +312,9 @@ fn plan_tree(image: &Image) -> Result<Vec<ChildPlan>> {
             shared_count: image.inventory.shared_files.len() as i32,
         });
     }
-    let shared_base = plans.iter().map(|p| p.err_fd).max().unwrap_or(3) + 1;
     for p in &mut plans {
-        p.shared_base = shared_base;
+        debug_assert!(p.err_fd < base);
+        p.shared_base = base;
     }
     Ok(plans)
 }
@@ -380,7 +381,7 @@ fn restore_tree(
     let mut shared_fds = Vec::new();
     for sf in &image.inventory.shared_files {
         let at = plans[0].shared_base + sf.id as i32;
-        shared_fds.push(open_shared(sf, at, &pipes, &sockets)?);
+        shared_fds.push(open_shared(&image.dir, sf, at, &pipes, &sockets)?);
     }
     // Every end now sits at its shared slot.
     drop(pipes);
@@ -434,7 +435,7 @@ fn restore_tree(
         progress.set_message(format!("pid {}: memory", p.pid));
         let t = Tracee::seize_for_restore(p.pid)?;
         guard.pids.push(p.pid);
-        built.push(rebuild(t, p, &pages[i], plans[i].trampoline)?);
+        built.push(rebuild(t, image, p, &pages[i], plans[i].trampoline)?);
     }
     set_process_groups(image, plans)?;
     for (i, p) in image.processes.iter().enumerate() {
@@ -453,12 +454,18 @@ fn restore_tree(
 /// Opens (or, for a pipe end, duplicates) a shared file at exactly `at`,
 /// raising our own soft fd limit if needed.
 fn open_shared(
+    dir: &Path,
     sf: &files::SharedFile,
     at: i32,
     pipes: &[(u64, OwnedFd, OwnedFd)],
     sockets: &[(u64, OwnedFd)],
 ) -> Result<OwnedFd> {
     let (fd, status_flags) = match &sf.file {
+        FdKind::Shmem {
+            inode,
+            size,
+            crc32c,
+        } => (create_shmem(dir, *inode, *size, *crc32c)?, None),
         FdKind::UnixPair(e) => {
             let (_, sock) = sockets.iter().find(|(i, _)| *i == e.inode).ok_or_else(|| {
                 Error::Restore(format!(
@@ -543,6 +550,59 @@ fn open_shared(
             libc::fcntl(at, libc::F_SETFL, flags);
         }
         Ok(OwnedFd::from_raw_fd(at))
+    }
+}
+
+/// Recreates a shared anonymous memory object from `shmem-INODE.img`: an
+/// anonymous shared mapping filled with its contents, reopened through
+/// map_files so every process can map the same object (shown as
+/// "/dev/zero (deleted)", as before).
+fn create_shmem(dir: &Path, inode: u64, size: u64, crc: u32) -> Result<i32> {
+    let path = dir.join(format!("shmem-{inode}.img"));
+    let data = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    if data.len() as u64 != size {
+        return Err(Error::bad_image(
+            &path,
+            format!("truncated: {} bytes, {size} expected", data.len()),
+        ));
+    }
+    if crc32c::crc32c(&data) != crc {
+        return Err(Error::bad_image(&path, "checksum mismatch"));
+    }
+    let len = (size as usize).max(PAGE_SIZE as usize);
+    // SAFETY: a fresh shared anonymous mapping of `len` bytes that we fill,
+    // reopen through map_files and unmap again.
+    unsafe {
+        let m = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if m == libc::MAP_FAILED {
+            return Err(Error::Restore(format!(
+                "shared memory {inode}: mmap of {size} bytes: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        std::ptr::copy_nonoverlapping(data.as_ptr(), m.cast::<u8>(), data.len());
+        let link = CString::new(format!(
+            "/proc/self/map_files/{:x}-{:x}",
+            m as usize,
+            m as usize + len
+        ))
+        .expect("no NUL");
+        let fd = libc::open(link.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+        let e = std::io::Error::last_os_error();
+        libc::munmap(m, len);
+        if fd < 0 {
+            return Err(Error::Restore(format!(
+                "shared memory {inode}: reopening it: {e}"
+            )));
+        }
+        Ok(fd)
     }
 }
 
@@ -794,28 +854,77 @@ fn process_main(
 }
 
 /// The descriptors the restore child keeps open for the restorer: one per
-/// mapped file (in order of first appearance), then the executable. They sit
-/// just above the process's own highest fd and are closed before it resumes.
-fn helper_fds(p: &ProcessImage) -> (Vec<(String, i32, bool)>, i32) {
+/// mapped file or shared memory object (in order of first appearance), then
+/// the executable. They sit just above the process's own highest fd and are
+/// closed before it resumes. A shared memory object is reopened from the slot
+/// the restorer put it in (`/proc/self/fd/SLOT`).
+fn helper_fds(
+    p: &ProcessImage,
+    shared: &[files::SharedFile],
+    shared_base: i32,
+) -> Result<HelperFds> {
     let base = p.files.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2) + 1;
     let mut out: Vec<(String, i32, bool)> = Vec::new();
     for v in &p.mm.vmas {
-        if let Backing::File {
-            path,
-            shared,
-            may_write,
-            ..
-        } = &v.backing
-        {
-            let writable = *shared && *may_write;
-            match out.iter_mut().find(|(q, _, _)| q == path) {
-                Some(entry) => entry.2 |= writable,
-                None => out.push((path.clone(), base + out.len() as i32, writable)),
-            }
+        let (source, writable) = match &v.backing {
+            Backing::File {
+                path,
+                shared,
+                may_write,
+                ..
+            } => (path.clone(), *shared && *may_write),
+            Backing::SharedAnon { inode, .. } => (shmem_source(shared, shared_base, *inode)?, true),
+            _ => continue,
+        };
+        match out.iter_mut().find(|(q, _, _)| *q == source) {
+            Some(entry) => entry.2 |= writable,
+            None => out.push((source, base + out.len() as i32, writable)),
         }
     }
     let exe = base + out.len() as i32;
-    (out, exe)
+    Ok((out, exe))
+}
+
+/// Helper descriptors: (source path, fd, opened for writing) per source, and the exe's fd.
+type HelperFds = (Vec<(String, i32, bool)>, i32);
+
+/// Where a restore child reopens shared memory object `inode` from.
+fn shmem_source(shared: &[files::SharedFile], shared_base: i32, inode: u64) -> Result<String> {
+    let sf = shared
+        .iter()
+        .find(|s| matches!(s.file, FdKind::Shmem { inode: i, .. } if i == inode))
+        .ok_or_else(|| {
+            Error::Restore(format!(
+                "shared memory object {inode} is missing from the image"
+            ))
+        })?;
+    Ok(format!("/proc/self/fd/{}", shared_base + sf.id as i32))
+}
+
+/// The first fd number free in every restore child above its own descriptors,
+/// helper descriptors and report pipe: where shared files are inherited.
+fn shared_base(image: &Image) -> i32 {
+    image
+        .processes
+        .iter()
+        .map(|p| {
+            let max_fd = p.files.fds.iter().map(|f| f.fd).max().unwrap_or(2).max(2);
+            let mut sources: Vec<String> = Vec::new();
+            for v in &p.mm.vmas {
+                let key = match &v.backing {
+                    Backing::File { path, .. } => path.clone(),
+                    Backing::SharedAnon { inode, .. } => format!("shmem {inode}"),
+                    _ => continue,
+                };
+                if !sources.contains(&key) {
+                    sources.push(key);
+                }
+            }
+            // fds, helper fds, the exe, the report pipe
+            max_fd + 1 + sources.len() as i32 + 2
+        })
+        .max()
+        .unwrap_or(8)
 }
 
 #[repr(C)]
@@ -936,9 +1045,7 @@ fn child_setup(plan: &ChildPlan) -> std::result::Result<(), String> {
                 );
             }
         }
-        for fd in shared {
-            libc::close(fd);
-        }
+
         for (path, at, writable) in plan.map_files.iter().chain(std::iter::once(&plan.exe)) {
             let mode = if *writable {
                 libc::O_RDWR
@@ -953,6 +1060,10 @@ fn child_setup(plan: &ChildPlan) -> std::result::Result<(), String> {
                 libc::dup3(fd, *at, libc::O_CLOEXEC);
                 libc::close(fd);
             }
+        }
+        // Shared objects not kept (mapped shared memory was reopened above).
+        for fd in shared {
+            libc::close(fd);
         }
         if libc::chdir(plan.cwd.as_ptr()) < 0 {
             return Err(errno_msg(&format!("cwd {}", plan.cwd.to_string_lossy())));
@@ -1057,11 +1168,19 @@ fn child_setup(plan: &ChildPlan) -> std::result::Result<(), String> {
 
 /// Rebuilds the seized restore child `t` into the process of the image, all
 /// but the final registers; returns its threads, main thread first.
-fn rebuild(t: Tracee, p: &ProcessImage, pages: &Pages, insn: u64) -> Result<Vec<Tracee>> {
+fn rebuild(
+    t: Tracee,
+    image: &Image,
+    p: &ProcessImage,
+    pages: &Pages,
+    insn: u64,
+) -> Result<Vec<Tracee>> {
     let pid = t.pid;
     let call = |nr: i64, args: [u64; 6], what: &str| t.remote_ok(insn, nr, args, what);
     let scratch = insn + PAGE_SIZE;
-    let (file_fds, exe_fd) = helper_fds(p);
+    let image_shared = &image.inventory.shared_files;
+    let shared_base = shared_base(image);
+    let (file_fds, exe_fd) = helper_fds(p, image_shared, shared_base)?;
 
     // Our rseq area lives in memory we are about to unmap.
     if let Some(r) = t.rseq()? {
@@ -1120,6 +1239,16 @@ fn rebuild(t: Tracee, p: &ProcessImage, pages: &Pages, insn: u64) -> Result<Vec<
                 if *shared {
                     flags = (flags & !libc::MAP_PRIVATE) | libc::MAP_SHARED;
                 }
+                (fd as u64, *offset)
+            }
+            Backing::SharedAnon { inode, offset } => {
+                let source = shmem_source(image_shared, shared_base, *inode)?;
+                let fd = file_fds
+                    .iter()
+                    .find(|(p, _, _)| *p == source)
+                    .map(|(_, fd, _)| *fd)
+                    .expect("every shared object has a helper fd");
+                flags = (flags & !libc::MAP_PRIVATE) | libc::MAP_SHARED;
                 (fd as u64, *offset)
             }
         };

@@ -200,6 +200,9 @@ pub fn render(image: &Image) -> String {
                 Backing::Anon => v.name.clone(),
                 Backing::File { path, offset, .. } => format!("{path} @ {offset:#x}"),
                 Backing::Special { name } => name.clone(),
+                Backing::SharedAnon { inode, offset } => {
+                    format!("shared anonymous memory {inode} @ {offset:#x}")
+                }
             };
             let _ = writeln!(
                 o,
@@ -227,6 +230,9 @@ pub fn render(image: &Image) -> String {
                 FdKind::Device { path, flags } => format!("{path} ({}{cloexec})", access(*flags)),
                 FdKind::Dup { of } => format!("same open file as fd {of}{cloexec}"),
                 FdKind::Inherited { was } => format!("rebound to the restorer's own (was {was})"),
+                FdKind::Shmem { inode, size, .. } => {
+                    format!("shared memory object {inode} ({size} bytes)")
+                }
                 FdKind::Eventfd { count, .. } => format!("eventfd, counter {count}{cloexec}"),
                 FdKind::UnixPair(e) => {
                     format!("unix socket {} paired with {}{cloexec}", e.inode, e.peer)
