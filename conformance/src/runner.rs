@@ -396,8 +396,11 @@ impl Run<'_> {
         let tree = self.spec.scope != Scope::Pid;
         // A session scope also shows the session's processes that are not the
         // root's descendants (orphans).
+        // The session is the one the workload made (its pid), never the one
+        // the root happens to be in: a half-restored root may still sit in the
+        // restorer's session, which is the harness's own.
         let others: Vec<i32> = if self.spec.scope == Scope::Session {
-            let sid = view::read_stat(pid).map(|st| st.sid).unwrap_or(pid);
+            let sid = self.sid.unwrap_or(pid);
             session_members(sid)
                 .into_iter()
                 .filter(|&p| p != pid && !is_descendant(p, pid))
@@ -409,7 +412,11 @@ impl Run<'_> {
         if self.mask_session {
             v = view::mask_session(v, pid);
         }
-        for p in view::pids_of(&v) {
+        let protected = ancestors_and_self();
+        for p in view::pids_of(&v)
+            .into_iter()
+            .filter(|p| !protected.contains(p))
+        {
             if let Some(st) = view::read_stat(p) {
                 if !self.known.contains(&(p, st.starttime)) {
                     self.known.push((p, st.starttime));
@@ -1152,14 +1159,22 @@ impl Run<'_> {
     /// detached children), then the restorer, helpers and the workload.
     /// SIGKILL also ends stopped and traced processes.
     fn cleanup(&mut self) {
+        // Whatever a view picked up, never the harness or its ancestors.
+        let protected = ancestors_and_self();
         for &(pid, start) in &self.known {
+            if protected.contains(&pid) {
+                continue;
+            }
             if view::read_stat(pid).map(|st| st.starttime) == Some(start) {
                 // SAFETY: kill has no memory effects; pid and start time match what we saw.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
         if let Some(sid) = self.sid {
-            for pid in session_members(sid) {
+            for pid in session_members(sid)
+                .into_iter()
+                .filter(|p| !protected.contains(p))
+            {
                 // SAFETY: as above; the process is in our workload's session.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
@@ -1264,6 +1279,19 @@ pub fn strip_ansi(text: &str) -> String {
     out
 }
 
+/// This process and its ancestors up to init.
+fn ancestors_and_self() -> Vec<i32> {
+    let mut out = vec![std::process::id() as i32];
+    while let Some(st) = view::read_stat(*out.last().unwrap_or(&1)) {
+        if st.ppid <= 1 || out.contains(&st.ppid) || out.len() > 64 {
+            break;
+        }
+        out.push(st.ppid);
+    }
+    out.push(1);
+    out
+}
+
 /// Whether `pid` descends from `root` (walking ppid links).
 fn is_descendant(mut pid: i32, root: i32) -> bool {
     for _ in 0..64 {
@@ -1342,6 +1370,14 @@ fn flip_middle_byte(path: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_harness_and_its_ancestors_are_protected() {
+        let a = ancestors_and_self();
+        assert_eq!(a[0], std::process::id() as i32);
+        assert!(a.contains(&(std::os::unix::process::parent_id() as i32)));
+        assert!(a.contains(&1));
+    }
 
     #[test]
     fn colour_codes_are_stripped_from_logs() {
