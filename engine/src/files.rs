@@ -43,6 +43,15 @@ pub enum FdKind {
         pos: u64,
         identity: FileIdentity,
     },
+    /// A regular file that was unlinked while open: its contents are saved;
+    /// restore recreates it (at its old path when free), opens it and unlinks it.
+    Unlinked {
+        path: String,
+        flags: i32,
+        pos: u64,
+        #[serde(with = "crate::image::hex_bytes")]
+        contents: Vec<u8>,
+    },
     /// A character device reopened by path (/dev/null, /dev/zero, /dev/urandom…).
     Device { path: String, flags: i32 },
     /// Shares the open file description of a lower descriptor (dup, or inherited across fork).
@@ -85,6 +94,9 @@ pub enum FdKind {
         /// other end is outside the dump).
         #[serde(default)]
         was_stdio: bool,
+        /// A named FIFO: reopened by this path rather than created anew.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fifo: Option<String>,
     },
 }
 
@@ -160,7 +172,10 @@ pub fn find_shared(procs: &mut [(i32, &mut FilesImage)], shared: &mut Vec<Shared
                 procs[i].1.fds[k].kind = FdKind::Shared { id };
                 continue;
             }
-            if !matches!(f.kind, FdKind::Regular { .. } | FdKind::Device { .. }) {
+            if !matches!(
+                f.kind,
+                FdKind::Regular { .. } | FdKind::Device { .. } | FdKind::Unlinked { .. }
+            ) {
                 continue;
             }
             // Earlier processes first: is this description one we already saw?
@@ -217,6 +232,9 @@ pub struct FilesImage {
     pub cwd: String,
     pub root: String,
 }
+
+/// Largest unlinked file whose contents a dump saves.
+const MAX_UNLINKED: u64 = 64 << 20;
 
 /// Devices reopened by path: they carry no state of their own.
 const STATELESS_DEVICES: &[&str] = &[
@@ -276,6 +294,7 @@ pub fn collect(pid: i32) -> Result<FilesImage> {
                 write: info.flags & libc::O_ACCMODE == libc::O_WRONLY,
                 flags: info.flags & REOPEN_MASK & !libc::O_ACCMODE,
                 was_stdio: stdio,
+                fifo: None,
             }
         } else if link.starts_with("socket:") {
             if stdio {
@@ -294,8 +313,28 @@ pub fn collect(pid: i32) -> Result<FilesImage> {
                 Ok(kind) => kind,
                 Err(what) => return refuse(what),
             }
-        } else if link.ends_with(" (deleted)") {
-            return refuse(format!("an unlinked file ({link})"));
+        } else if let Some(path) = link
+            .strip_suffix(" (deleted)")
+            .filter(|p| p.starts_with('/'))
+        {
+            let fdpath = format!("/proc/{pid}/fd/{fd}");
+            let meta = std::fs::metadata(&fdpath).map_err(|e| Error::io(&fdpath, e))?;
+            if !meta.file_type().is_file() {
+                return refuse(format!("a deleted {link}, not a regular file"));
+            }
+            if meta.len() > MAX_UNLINKED {
+                return refuse(format!(
+                    "an unlinked file of {} bytes (more than {MAX_UNLINKED} are not saved yet)",
+                    meta.len()
+                ));
+            }
+            let contents = std::fs::read(&fdpath).map_err(|e| Error::io(&fdpath, e))?;
+            FdKind::Unlinked {
+                path: path.to_string(),
+                flags: info.flags & REOPEN_MASK,
+                pos: info.pos,
+                contents,
+            }
         } else if link.starts_with('/') {
             let meta = std::fs::metadata(format!("/proc/{pid}/fd/{fd}"))
                 .map_err(|e| Error::io(&link, e))?;
@@ -318,7 +357,13 @@ pub fn collect(pid: i32) -> Result<FilesImage> {
             } else if ft.is_dir() {
                 return refuse(format!("a directory ({link})"));
             } else if ft.is_fifo() {
-                return refuse(format!("a FIFO ({link})"));
+                FdKind::Pipe {
+                    inode: meta.ino(),
+                    write: info.flags & libc::O_ACCMODE == libc::O_WRONLY,
+                    flags: info.flags & REOPEN_MASK & !libc::O_ACCMODE,
+                    was_stdio: stdio,
+                    fifo: Some(link),
+                }
             } else if ft.is_char_device() {
                 return refuse(format!("a character device ({link})"));
             } else {
@@ -435,6 +480,56 @@ pub fn verify_unchanged(pid: i32, files: &FilesImage, shared: &[SharedFile]) -> 
     Ok(())
 }
 
+/// Recreates an unlinked file: written under its old name when that is free
+/// (so /proc shows the same "PATH (deleted)"), else beside it, then opened
+/// with its flags and offset, and unlinked again.
+fn open_unlinked(
+    at: i32,
+    path: &str,
+    flags: i32,
+    pos: u64,
+    contents: &[u8],
+) -> std::result::Result<i32, String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut name = path.to_string();
+    let created = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&name)
+        .or_else(|_| {
+            name = format!("{path}.crest-{}", std::process::id());
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&name)
+        });
+    let mut file = created.map_err(|e| format!("fd {at}: recreating unlinked {path}: {e}"))?;
+    file.write_all(contents)
+        .map_err(|e| format!("fd {at}: recreating unlinked {path}: {e}"))?;
+    drop(file);
+    let probe = FdImage {
+        fd: at,
+        cloexec: false,
+        kind: FdKind::Regular {
+            path: name.clone(),
+            flags,
+            pos,
+            identity: FileIdentity {
+                dev: 0,
+                inode: 0,
+                size: 0,
+                mtime_ns: 0,
+            },
+        },
+    };
+    let fd = open_for_restore(&probe);
+    let _ = std::fs::remove_file(&name);
+    fd?.ok_or_else(|| format!("fd {at}: reopening unlinked {path}"))
+}
+
 fn open_eventfd(
     at: i32,
     count: u64,
@@ -493,6 +588,12 @@ pub fn open_for_restore(f: &FdImage) -> std::result::Result<Option<i32>, String>
             path, flags, pos, ..
         } => (path, *flags, Some(*pos)),
         FdKind::Device { path, flags } => (path, *flags, None),
+        FdKind::Unlinked {
+            path,
+            flags,
+            pos,
+            contents,
+        } => return open_unlinked(f.fd, path, *flags, *pos, contents).map(Some),
         FdKind::Eventfd {
             count,
             semaphore,

@@ -22,6 +22,9 @@ pub struct PipeImage {
     /// Unread bytes, in order.
     #[serde(with = "crate::image::hex_bytes")]
     pub data: Vec<u8>,
+    /// A named FIFO, reopened at this path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fifo: Option<String>,
 }
 
 fn getfd(pid: i32, fd: i32) -> Result<OwnedFd> {
@@ -129,10 +132,15 @@ pub fn resolve(procs: &mut [(i32, &mut FilesImage)]) -> Result<Vec<PipeImage>> {
             }
             if !write && !pipes.iter().any(|p| p.inode == inode) {
                 let (capacity, data) = peek(*pid, f.fd)?;
+                let fifo = match &f.kind {
+                    FdKind::Pipe { fifo, .. } => fifo.clone(),
+                    _ => None,
+                };
                 pipes.push(PipeImage {
                     inode,
                     capacity,
                     data,
+                    fifo,
                 });
             }
         }
@@ -146,9 +154,33 @@ pub fn create(pipes: &[PipeImage]) -> Result<Vec<(u64, OwnedFd, OwnedFd)>> {
     let mut out = Vec::new();
     for p in pipes {
         let mut fds = [0i32; 2];
-        // SAFETY: pipe2 writes two fds we then own; fcntl and write on them with our buffer.
+        // SAFETY: pipe2/open write or return fds we then own; fcntl and write on
+        // them with our buffer.
         unsafe {
-            if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) < 0 {
+            if let Some(path) = &p.fifo {
+                // A named FIFO: open it for reading and writing without blocking
+                // (each end finds the other), then clear O_NONBLOCK where it was not set.
+                let c = std::ffi::CString::new(path.as_str())
+                    .map_err(|_| Error::Restore(format!("FIFO {path:?}: bad path")))?;
+                fds[0] = libc::open(
+                    c.as_ptr(),
+                    libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC,
+                );
+                fds[1] = if fds[0] >= 0 {
+                    libc::open(
+                        c.as_ptr(),
+                        libc::O_WRONLY | libc::O_NONBLOCK | libc::O_CLOEXEC,
+                    )
+                } else {
+                    -1
+                };
+                if fds[0] < 0 || fds[1] < 0 {
+                    return Err(Error::Restore(format!(
+                        "FIFO {path}: {}",
+                        std::io::Error::last_os_error()
+                    )));
+                }
+            } else if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) < 0 {
                 return Err(Error::Restore(format!(
                     "pipe {}: pipe2: {}",
                     p.inode,

@@ -228,6 +228,18 @@ pub fn render(image: &Image) -> String {
                     identity.size
                 ),
                 FdKind::Device { path, flags } => format!("{path} ({}{cloexec})", access(*flags)),
+                FdKind::Unlinked {
+                    path,
+                    flags,
+                    pos,
+                    contents,
+                } => {
+                    format!(
+                        "{path}, unlinked ({}, offset {pos}, {} bytes saved{cloexec})",
+                        access(*flags),
+                        contents.len()
+                    )
+                }
                 FdKind::Dup { of } => format!("same open file as fd {of}{cloexec}"),
                 FdKind::Inherited { was } => format!("rebound to the restorer's own (was {was})"),
                 FdKind::Shmem { inode, size, .. } => {
