@@ -727,6 +727,7 @@ fn process_main(
         let mut all: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
         libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+        unregister_own_rseq();
         // Should our parent (another restore child, or crest) die, so do we.
         // Not for orphans: their parent is a helper that exits at once.
         if !plans[0].orphans.contains(&idx) {
@@ -945,6 +946,31 @@ struct CloneArgs {
 
 fn errno_msg(what: &str) -> String {
     format!("{what}: {}", std::io::Error::last_os_error())
+}
+
+/// Drops glibc's rseq registration of this (restore child) thread: its area is
+/// in crest's memory, which the restorer unmaps, and the kernel would fault
+/// writing to it. Done here rather than through ptrace because kernels before
+/// 5.13 cannot report it to a tracer. glibc 2.35+ exports where it is.
+fn unregister_own_rseq() {
+    const RSEQ_SIG: u32 = 0x5305_3053;
+    const RSEQ_FLAG_UNREGISTER: i32 = 1;
+    // SAFETY: dlsym only looks symbols up; the values read are glibc's own
+    // exported constants, and rseq(2) with the registered area and flag 1 only
+    // unregisters it.
+    unsafe {
+        let offset = libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_offset".as_ptr()).cast::<isize>();
+        let size = libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_size".as_ptr()).cast::<u32>();
+        if offset.is_null() || size.is_null() || *size == 0 {
+            return;
+        }
+        let tp: u64;
+        std::arch::asm!("mov {}, fs:0", out(reg) tp);
+        let area = (tp as isize + *offset) as u64;
+        // glibc registers 32 bytes even when __rseq_size says less.
+        let len = (*size).max(32);
+        libc::syscall(libc::SYS_rseq, area, len, RSEQ_FLAG_UNREGISTER, RSEQ_SIG);
+    }
 }
 
 /// What a restore child sets up on itself: descriptors, cwd, limits, signal
