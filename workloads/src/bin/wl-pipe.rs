@@ -73,6 +73,9 @@ fn main() {
         let child = fork_child(|| {
             // SAFETY: closing our copy of the write end.
             unsafe { libc::close(w) };
+            // Announce the child's fd table is final: the harness must not
+            // record it before the close.
+            let _ = std::fs::write(ctl.path("ready.child"), b"");
             ctl.wait_for_go();
             let (got, _) = read_available(r);
             match pattern_diff("child's read end", &got, len, SEED) {
@@ -86,6 +89,14 @@ fn main() {
         // SAFETY: closing our copy of the read end.
         unsafe { libc::close(r) };
         write_all(w, &pattern(len, SEED));
+        let t0 = std::time::Instant::now();
+        while !ctl.path("ready.child").exists() {
+            if t0.elapsed() > std::time::Duration::from_secs(20) {
+                eprintln!("setup failed: the child never got ready");
+                std::process::exit(2);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
         ctl.ready();
         ctl.wait_for_go();
         if let Err(e) = wait_ok(child, "child") {
