@@ -296,72 +296,96 @@ fn freeze(root: i32, scope: Scope, set: &mut FrozenSet, zombies: &mut Vec<i32>) 
             if zombies.contains(&pid) {
                 continue;
             }
-            if is_zombie(pid) {
-                if threads_of(pid).len() > 1 {
-                    return Err(Error::unsupported(
-                        pid,
-                        "its main thread exited while other threads run",
-                    ));
-                }
-                zombies.push(pid);
-                continue;
-            }
-            let status = proc::read(pid, "status")?;
-            let ours = set.tids();
-            precheck(pid, &status, &ours)?;
-            let was_stopped =
-                proc::status_field(&status, "State").is_some_and(|s| s.starts_with('T'));
-            let idx = match set.procs.iter().position(|p| p.pid == pid) {
-                Some(i) => i,
-                None => {
-                    if proc::read(pid, "maps")?.is_empty() {
-                        return Err(Error::Refused {
-                            pid,
-                            reason: "is a kernel thread".into(),
-                        });
+            match freeze_process(pid, set, zombies) {
+                Ok(seized) => new |= seized,
+                // A process other than the root that exits while we freeze is no
+                // longer part of the tree (or is now a zombie in it).
+                Err(_) if pid != root && proc::is_gone(pid) => {
+                    if let Some(i) = set
+                        .procs
+                        .iter()
+                        .position(|p| p.pid == pid && p.threads.is_empty())
+                    {
+                        set.procs.remove(i);
                     }
-                    set.procs.push(FrozenProcess {
-                        pid,
-                        threads: Vec::new(),
-                        was_stopped,
-                        insn: None,
-                        scratch: None,
-                    });
-                    set.procs.len() - 1
-                }
-            };
-            for tid in threads_of(pid) {
-                if ours.contains(&tid) {
-                    continue;
-                }
-                match Tracee::seize(tid) {
-                    Ok(tracee) => {
-                        let regs = tracee.regs()?;
-                        let sigmask = tracee.sigmask()?;
-                        let frozen = FrozenThread {
-                            tracee,
-                            regs,
-                            sigmask,
-                        };
-                        let p = &mut set.procs[idx];
-                        if tid == pid {
-                            p.threads.insert(0, frozen);
-                        } else {
-                            p.threads.push(frozen);
-                        }
-                        tracee.set_sigmask(!0)?;
-                        new = true;
+                    if is_zombie(pid) && !set.procs.iter().any(|p| p.pid == pid) {
+                        zombies.push(pid);
                     }
-                    // A thread that exited meanwhile is no longer part of the process.
-                    Err(Error::Gone { .. }) if tid != pid => {}
-                    Err(e) => return Err(e),
+                    new = true;
                 }
+                Err(e) => return Err(e),
             }
         }
         if !new {
             return Ok(());
         }
     }
+}
+
+/// Seizes every thread of `pid` not seized yet; returns whether it seized any.
+fn freeze_process(pid: i32, set: &mut FrozenSet, zombies: &mut Vec<i32>) -> Result<bool> {
+    if is_zombie(pid) {
+        if threads_of(pid).len() > 1 {
+            return Err(Error::unsupported(
+                pid,
+                "its main thread exited while other threads run",
+            ));
+        }
+        zombies.push(pid);
+        return Ok(true);
+    }
+    let status = proc::read(pid, "status")?;
+    let ours = set.tids();
+    precheck(pid, &status, &ours)?;
+    let was_stopped = proc::status_field(&status, "State").is_some_and(|s| s.starts_with('T'));
+    let idx = match set.procs.iter().position(|p| p.pid == pid) {
+        Some(i) => i,
+        None => {
+            if proc::read(pid, "maps")?.is_empty() {
+                return Err(Error::Refused {
+                    pid,
+                    reason: "is a kernel thread".into(),
+                });
+            }
+            set.procs.push(FrozenProcess {
+                pid,
+                threads: Vec::new(),
+                was_stopped,
+                insn: None,
+                scratch: None,
+            });
+            set.procs.len() - 1
+        }
+    };
+    let mut seized = false;
+    for tid in threads_of(pid) {
+        if ours.contains(&tid) {
+            continue;
+        }
+        match Tracee::seize(tid) {
+            Ok(tracee) => {
+                let regs = tracee.regs()?;
+                let sigmask = tracee.sigmask()?;
+                let frozen = FrozenThread {
+                    tracee,
+                    regs,
+                    sigmask,
+                };
+                let p = &mut set.procs[idx];
+                if tid == pid {
+                    p.threads.insert(0, frozen);
+                } else {
+                    p.threads.push(frozen);
+                }
+                tracee.set_sigmask(!0)?;
+                seized = true;
+            }
+            // A thread that exited meanwhile is no longer part of the process.
+            Err(Error::Gone { .. }) if tid != pid => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(seized)
 }
 
 /// Dumps the tree rooted at `opts.pid` into `opts.dir`.

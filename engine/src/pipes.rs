@@ -101,6 +101,7 @@ pub fn resolve(procs: &mut [(i32, &mut FilesImage)]) -> Result<Vec<PipeImage>> {
             _ => None,
         })
         .collect();
+    let dumped: Vec<i32> = procs.iter().map(|(pid, _)| *pid).collect();
     let mut pipes: Vec<PipeImage> = Vec::new();
     for (pid, files) in procs.iter_mut() {
         for f in files.fds.iter_mut() {
@@ -113,7 +114,9 @@ pub fn resolve(procs: &mut [(i32, &mut FilesImage)]) -> Result<Vec<PipeImage>> {
             else {
                 continue;
             };
-            let other_end = ends.contains(&(inode, !write));
+            // The other end is in the dump, or closed everywhere (a writer that
+            // exited leaves its unread data behind): either way the pipe is ours.
+            let other_end = ends.contains(&(inode, !write)) || !held_outside(inode, &dumped);
             if !other_end {
                 if was_stdio {
                     f.kind = FdKind::Inherited {
@@ -146,6 +149,24 @@ pub fn resolve(procs: &mut [(i32, &mut FilesImage)]) -> Result<Vec<PipeImage>> {
         }
     }
     Ok(pipes)
+}
+
+/// Whether a process outside the dump holds pipe `inode` open.
+fn held_outside(inode: u64, dumped: &[i32]) -> bool {
+    let link = format!("pipe:[{inode}]");
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return true;
+    };
+    procs
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| !dumped.contains(pid) && *pid != std::process::id() as i32)
+        .any(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+                fds.filter_map(|e| e.ok()).any(|e| {
+                    std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == link.as_str())
+                })
+            })
+        })
 }
 
 /// Creates the pipes of the image in the restorer: returns (inode, read end,

@@ -123,3 +123,111 @@ fn which(prog: &str) -> std::path::PathBuf {
         })
         .expect("program on PATH")
 }
+
+/// Runs `sh -c SCRIPT` in a session of its own with stdout to `out`, dumps the
+/// session mid-run, restores it, and returns once the restored job finished.
+fn dump_and_restore_shell_job(script: &str, out: &std::path::Path, progress: impl Fn() -> bool) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", script])
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(out).unwrap())
+        .stderr(fs::File::create(tmp.path().join("sh.stderr")).unwrap());
+    // SAFETY: async-signal-safe syscalls only.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let pid = child.id() as i32;
+    let deadline = Instant::now() + TIMEOUT;
+    while !progress() {
+        assert!(Instant::now() < deadline, "the job made no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let img = tmp.path().join("img");
+    // The session ID is the shell's pid: it called setsid().
+    let dumped = run_crest(&[
+        "dump",
+        "--session",
+        &pid.to_string(),
+        "-D",
+        img.to_str().unwrap(),
+    ]);
+    assert!(dumped.status.success(), "dump: {}", stderr_of(&dumped));
+    child.wait().unwrap();
+    let out = run_crest(&["restore", "-D", img.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "restored job exits 0: {}",
+        stderr_of(&out)
+    );
+}
+
+/// A real shell job: a loop, a subshell and a background child, dumped from
+/// the shell's session mid-run; its final output matches an uninterrupted run.
+#[test]
+fn shell_job_with_subshell_and_background_child_finishes_identically() {
+    require_root!();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let script = "for i in $(seq 1 60); do echo \"tick $i\"; sleep 0.02; done; \
+                  (echo sub; sleep 0.2; echo sub-done) & sleep 0.05; echo parent; wait; echo done";
+    let expected = Command::new("sh")
+        .args(["-c", script])
+        .output()
+        .unwrap()
+        .stdout;
+    dump_and_restore_shell_job(script, &out, || {
+        fs::read_to_string(&out)
+            .map(|s| s.contains("tick 20"))
+            .unwrap_or(false)
+    });
+    assert_eq!(
+        String::from_utf8_lossy(&fs::read(&out).unwrap()),
+        String::from_utf8_lossy(&expected),
+        "output differs"
+    );
+}
+
+/// `producer | transformer | consumer` dumped mid-stream produces byte for
+/// byte the output of an uninterrupted run (pipes with unread data in flight).
+#[test]
+fn pipeline_dumped_mid_stream_produces_identical_output() {
+    require_root!();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let script = "seq 1 30000 | while read i; do echo \"line $i\"; done | cat";
+    let expected = Command::new("sh")
+        .args(["-c", script])
+        .output()
+        .unwrap()
+        .stdout;
+    dump_and_restore_shell_job(script, &out, || {
+        fs::metadata(&out)
+            .map(|m| m.len() > 20_000)
+            .unwrap_or(false)
+    });
+    let got = fs::read(&out).unwrap();
+    if got != expected {
+        let at = got
+            .iter()
+            .zip(&expected)
+            .position(|(a, b)| a != b)
+            .unwrap_or(got.len().min(expected.len()));
+        let around = |v: &[u8]| {
+            String::from_utf8_lossy(&v[at.saturating_sub(40)..(at + 40).min(v.len())]).into_owned()
+        };
+        panic!(
+            "output differs from an uninterrupted run at byte {at} ({} bytes, {} expected): {:?} vs {:?}",
+            got.len(),
+            expected.len(),
+            around(&got),
+            around(&expected)
+        );
+    }
+}
