@@ -83,6 +83,8 @@ pub enum FdKind {
     /// One end of a connected unix socket pair (as a shared file: the restorer
     /// creates each pair once and requeues its data).
     UnixPair(crate::sockets::UnixEnd),
+    /// A listening TCP socket (as a shared file: recreated by the restorer).
+    TcpListen(crate::sockets::TcpListen),
     /// One end of a pipe (only as the description of a shared file: the
     /// restorer creates each pipe once and fills it with its unread data).
     Pipe {
@@ -152,7 +154,10 @@ pub fn find_shared(procs: &mut [(i32, &mut FilesImage)], shared: &mut Vec<Shared
                 procs[i].1.fds[k].kind = FdKind::Shared { id };
                 continue;
             }
-            if matches!(f.kind, FdKind::Eventfd { .. } | FdKind::Signalfd { .. }) {
+            if matches!(
+                f.kind,
+                FdKind::Eventfd { .. } | FdKind::Signalfd { .. } | FdKind::TcpListen(_)
+            ) {
                 // Created once by the restorer; held by one process or several.
                 let seen = owners
                     .iter()
@@ -302,7 +307,8 @@ pub fn collect(pid: i32) -> Result<FilesImage> {
             } else {
                 match crate::sockets::collect(pid, fd, info.flags & REOPEN_MASK & !libc::O_ACCMODE)?
                 {
-                    Ok(end) => FdKind::UnixPair(end),
+                    Ok(crate::sockets::Collected::Unix(end)) => FdKind::UnixPair(end),
+                    Ok(crate::sockets::Collected::TcpListen(l)) => FdKind::TcpListen(l),
                     Err(what) => return refuse(what),
                 }
             }
@@ -605,6 +611,7 @@ pub fn open_for_restore(f: &FdImage) -> std::result::Result<Option<i32>, String>
         | FdKind::Shared { .. }
         | FdKind::Pipe { .. }
         | FdKind::UnixPair(_)
+        | FdKind::TcpListen(_)
         | FdKind::Shmem { .. }
         | FdKind::Epoll { .. } => return Ok(None),
     };

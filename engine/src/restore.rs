@@ -466,6 +466,7 @@ fn open_shared(
             size,
             crc32c,
         } => (create_shmem(dir, *inode, *size, *crc32c)?, None),
+        FdKind::TcpListen(l) => (crate::sockets::restore_listen(l)?, Some(l.flags)),
         FdKind::UnixPair(e) => {
             let (_, sock) = sockets.iter().find(|(i, _)| *i == e.inode).ok_or_else(|| {
                 Error::Restore(format!(

@@ -246,6 +246,9 @@ pub fn render(image: &Image) -> String {
                     format!("shared memory object {inode} ({size} bytes)")
                 }
                 FdKind::Eventfd { count, .. } => format!("eventfd, counter {count}{cloexec}"),
+                FdKind::TcpListen(l) => {
+                    format!("listening TCP socket, backlog {}{cloexec}", l.backlog)
+                }
                 FdKind::UnixPair(e) => {
                     format!("unix socket {} paired with {}{cloexec}", e.inode, e.peer)
                 }
@@ -288,6 +291,13 @@ pub fn render(image: &Image) -> String {
                             };
                             format!("unix {ty} socket paired with {} ({} messages, {queued} bytes queued{cloexec})", e.peer, e.queue.len())
                         }
+                        Some(FdKind::TcpListen(l)) => {
+                            format!(
+                                "listening TCP socket {}, backlog {} (shared{cloexec})",
+                                socket_addr(&l.addr),
+                                l.backlog
+                            )
+                        }
                         Some(FdKind::Eventfd { count, .. }) => {
                             format!("eventfd, counter {count} (shared{cloexec})")
                         }
@@ -305,6 +315,28 @@ pub fn render(image: &Image) -> String {
         }
     }
     o
+}
+
+/// A saved sockaddr_in/sockaddr_in6 as text.
+fn socket_addr(raw: &[u8]) -> String {
+    let family = raw
+        .get(..2)
+        .map(|b| u16::from_ne_bytes([b[0], b[1]]) as i32);
+    let port = raw
+        .get(2..4)
+        .map(|b| u16::from_be_bytes([b[0], b[1]]))
+        .unwrap_or(0);
+    match family {
+        Some(libc::AF_INET) if raw.len() >= 8 => format!(
+            "{}:{port}",
+            std::net::Ipv4Addr::new(raw[4], raw[5], raw[6], raw[7])
+        ),
+        Some(libc::AF_INET6) if raw.len() >= 24 => {
+            let a: [u8; 16] = raw[8..24].try_into().expect("16 bytes");
+            format!("[{}]:{port}", std::net::Ipv6Addr::from(a))
+        }
+        _ => "?".into(),
+    }
 }
 
 fn list_or_none(v: Vec<String>) -> String {

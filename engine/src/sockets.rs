@@ -264,7 +264,13 @@ fn peek_queue(pid: i32, fd: i32, sock: &OwnedFd, stream: bool) -> Result<Vec<Mes
 
 /// Describes socket `fd` of `pid` as a unix pair end, or says why it is not one
 /// crest can carry (its refusal message, "a TCP socket" …).
-pub fn collect(pid: i32, fd: i32, flags: i32) -> Result<std::result::Result<UnixEnd, String>> {
+/// What a socket descriptor is, when crest can carry it.
+pub enum Collected {
+    Unix(UnixEnd),
+    TcpListen(TcpListen),
+}
+
+pub fn collect(pid: i32, fd: i32, flags: i32) -> Result<std::result::Result<Collected, String>> {
     let sock = getfd(pid, fd)?;
     let s = sock.as_raw_fd();
     let (domain, ty) = (
@@ -280,7 +286,7 @@ pub fn collect(pid: i32, fd: i32, flags: i32) -> Result<std::result::Result<Unix
     match domain {
         libc::AF_UNIX => {}
         libc::AF_INET | libc::AF_INET6 if ty == libc::SOCK_STREAM => {
-            return Ok(Err("a TCP socket".into()))
+            return Ok(collect_listen(pid, &sock, domain, flags)?.map(Collected::TcpListen))
         }
         libc::AF_INET | libc::AF_INET6 if ty == libc::SOCK_DGRAM => {
             return Ok(Err("a UDP socket".into()))
@@ -304,13 +310,13 @@ pub fn collect(pid: i32, fd: i32, flags: i32) -> Result<std::result::Result<Unix
         return Ok(Err(format!("an unconnected unix {tyname} socket")));
     }
     let queue = peek_queue(pid, fd, &sock, ty == libc::SOCK_STREAM)?;
-    Ok(Ok(UnixEnd {
+    Ok(Ok(Collected::Unix(UnixEnd {
         inode,
         peer,
         ty,
         flags,
         queue,
-    }))
+    })))
 }
 
 /// Creates every pair of the image in the restorer: returns each end's inode
@@ -371,4 +377,165 @@ pub fn create(ends: &[UnixEnd]) -> Result<Vec<(u64, OwnedFd)>> {
         out.push((b.inode, fb));
     }
     Ok(out)
+}
+
+/// A listening TCP socket: address, backlog and the options that matter for
+/// binding. Its accept queue must be empty (pending connections are refused).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpListen {
+    pub inode: u64,
+    pub family: i32,
+    /// The bound `sockaddr_in`/`sockaddr_in6`, raw.
+    #[serde(with = "crate::image::hex_bytes")]
+    pub addr: Vec<u8>,
+    pub backlog: i32,
+    pub reuseaddr: bool,
+    pub reuseport: bool,
+    pub v6only: bool,
+    pub nodelay: bool,
+    /// Status flags (O_NONBLOCK).
+    pub flags: i32,
+}
+
+/// The accept queue length and backlog of listening TCP socket `inode`, from inet_diag.
+fn listen_queue(pid: i32, family: i32, inode: u64) -> Result<Option<(u32, u32)>> {
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const TCP_LISTEN: u32 = 10;
+    const REQ_LEN: usize = 16 + 56;
+    let mut req = [0u8; REQ_LEN];
+    req[0..4].copy_from_slice(&(REQ_LEN as u32).to_ne_bytes());
+    req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req[6..8].copy_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+    req[16] = family as u8;
+    req[17] = libc::IPPROTO_TCP as u8;
+    req[20..24].copy_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
+    // SAFETY: a netlink socket we own; send reads `req`, recv writes into `buf`.
+    unsafe {
+        let s = libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        );
+        if s < 0 {
+            return Err(sys_err(pid, "inet_diag socket"));
+        }
+        let s = OwnedFd::from_raw_fd(s);
+        if libc::send(s.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) < 0 {
+            return Err(sys_err(pid, "inet_diag send"));
+        }
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0);
+            if n <= 0 {
+                return Ok(None);
+            }
+            let mut off = 0usize;
+            while off + 16 <= n as usize {
+                let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4")) as usize;
+                let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2"));
+                if ty == libc::NLMSG_DONE as u16 || ty == libc::NLMSG_ERROR as u16 {
+                    return Ok(None);
+                }
+                if len < 16 + 72 || off + len > n as usize {
+                    return Ok(None);
+                }
+                let m = &buf[off + 16..off + len];
+                let u32_at = |i: usize| u32::from_ne_bytes(m[i..i + 4].try_into().expect("4"));
+                // inet_diag_msg: 4 bytes, id (48), expires, rqueue, wqueue, uid, inode.
+                if u32_at(68) as u64 == inode {
+                    return Ok(Some((u32_at(56), u32_at(60))));
+                }
+                off += (len + 3) & !3;
+            }
+        }
+    }
+}
+
+fn collect_listen(
+    pid: i32,
+    sock: &OwnedFd,
+    family: i32,
+    flags: i32,
+) -> Result<std::result::Result<TcpListen, String>> {
+    let s = sock.as_raw_fd();
+    if sockopt(s, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) == 0 {
+        return Ok(Err("a TCP socket".into()));
+    }
+    // SAFETY: fstat and getsockname write into buffers we own.
+    let (inode, addr) = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(s, &mut st) < 0 {
+            return Err(sys_err(pid, "fstat of a socket"));
+        }
+        let mut ss: libc::sockaddr_storage = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        if libc::getsockname(s, (&mut ss as *mut libc::sockaddr_storage).cast(), &mut len) < 0 {
+            return Err(sys_err(pid, "getsockname"));
+        }
+        let bytes = std::slice::from_raw_parts(
+            (&ss as *const libc::sockaddr_storage).cast::<u8>(),
+            len as usize,
+        )
+        .to_vec();
+        (st.st_ino, bytes)
+    };
+    let (waiting, backlog) =
+        listen_queue(pid, family, inode)?.unwrap_or((0, libc::SOMAXCONN as u32));
+    if waiting > 0 {
+        return Ok(Err(format!(
+            "a listening TCP socket with {waiting} connection(s) waiting to be accepted"
+        )));
+    }
+    Ok(Ok(TcpListen {
+        inode,
+        family,
+        addr,
+        backlog: backlog as i32,
+        reuseaddr: sockopt(s, libc::SOL_SOCKET, libc::SO_REUSEADDR) != 0,
+        reuseport: sockopt(s, libc::SOL_SOCKET, libc::SO_REUSEPORT) != 0,
+        v6only: family == libc::AF_INET6 && sockopt(s, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) != 0,
+        nodelay: sockopt(s, libc::IPPROTO_TCP, libc::TCP_NODELAY) != 0,
+        flags,
+    }))
+}
+
+/// Recreates a listening socket in the restorer.
+pub fn restore_listen(l: &TcpListen) -> Result<i32> {
+    let set = |s: i32, level: i32, name: i32, on: bool| {
+        let v: libc::c_int = on.into();
+        // SAFETY: setsockopt reads one int.
+        unsafe { libc::setsockopt(s, level, name, (&v as *const libc::c_int).cast(), 4) }
+    };
+    let err = |what: &str| {
+        Error::Restore(format!(
+            "listening TCP socket {}: {what}: {}",
+            l.inode,
+            std::io::Error::last_os_error()
+        ))
+    };
+    // SAFETY: a socket we create and own; bind reads the saved address bytes.
+    unsafe {
+        let s = libc::socket(l.family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if s < 0 {
+            return Err(err("socket"));
+        }
+        let owned = OwnedFd::from_raw_fd(s);
+        if l.family == libc::AF_INET6 {
+            set(s, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, l.v6only);
+        }
+        // Connections the old socket accepted may linger in TIME_WAIT on this port.
+        set(s, libc::SOL_SOCKET, libc::SO_REUSEADDR, true);
+        set(s, libc::SOL_SOCKET, libc::SO_REUSEPORT, l.reuseport);
+        set(s, libc::IPPROTO_TCP, libc::TCP_NODELAY, l.nodelay);
+        if libc::bind(s, l.addr.as_ptr().cast(), l.addr.len() as libc::socklen_t) < 0 {
+            return Err(err("bind"));
+        }
+        if libc::listen(s, l.backlog) < 0 {
+            return Err(err("listen"));
+        }
+        set(s, libc::SOL_SOCKET, libc::SO_REUSEADDR, l.reuseaddr);
+        use std::os::fd::IntoRawFd;
+        Ok(owned.into_raw_fd())
+    }
 }
