@@ -319,6 +319,8 @@ pub fn collect(pid: i32) -> Result<FilesImage> {
                 Ok(kind) => kind,
                 Err(what) => return refuse(what),
             }
+        } else if link.starts_with("/memfd:") {
+            return refuse(format!("a memfd ({link})"));
         } else if let Some(path) = link
             .strip_suffix(" (deleted)")
             .filter(|p| p.starts_with('/'))
