@@ -39,6 +39,7 @@ fn bench_restore(c: &mut Criterion) {
             detach: false,
             stop: false,
             pid_wait: Duration::from_secs(5),
+            allow_changed_files: false,
         };
         group.throughput(Throughput::Bytes((mib as u64) << 20));
         group.bench_with_input(

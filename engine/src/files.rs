@@ -407,8 +407,9 @@ fn anon_kind(name: &str, fdinfo: &str, flags: i32) -> std::result::Result<FdKind
     };
     match name {
         "eventfd" => {
+            // The kernel prints the counter in hex ("%16llx").
             let count = field("eventfd-count:")
-                .and_then(|v| v.parse().ok())
+                .and_then(|v| u64::from_str_radix(&v, 16).ok())
                 .ok_or("an eventfd without a readable count")?;
             let semaphore = field("eventfd-semaphore:").is_some_and(|v| v == "1");
             Ok(FdKind::Eventfd {

@@ -63,6 +63,9 @@ enum Command {
         /// so a supervisor knows the restore is complete.
         #[arg(long, value_name = "FILE")]
         pidfile: Option<PathBuf>,
+        /// Restore even if a file the process had open changed since the dump.
+        #[arg(long)]
+        allow_changed_files: bool,
         /// How long to wait for the original PID to become free, in seconds.
         #[arg(long, default_value_t = 5.0, value_name = "SECS")]
         pid_wait: f64,
@@ -136,6 +139,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
             detach,
             stop,
             pidfile,
+            allow_changed_files,
             pid_wait,
         } => {
             let bar = progress_bar();
@@ -144,6 +148,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 detach,
                 stop,
                 pid_wait: Duration::from_secs_f64(pid_wait.max(0.0)),
+                allow_changed_files,
             };
             let restored = crest_engine::restore::restore(&opts, &bar)?;
             bar.finish_and_clear();
@@ -222,6 +227,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .without_time()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(cli) {
         Ok(code) => ExitCode::from(code),

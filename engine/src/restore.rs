@@ -42,6 +42,8 @@ pub struct RestoreOptions {
     pub stop: bool,
     /// How long to wait for the original PID to become free.
     pub pid_wait: Duration,
+    /// Restore even if an open file changed since the dump (logged, not refused).
+    pub allow_changed_files: bool,
 }
 
 /// What `restore` leaves behind.
@@ -145,7 +147,12 @@ pub fn restore(opts: &RestoreOptions, progress: &indicatif::ProgressBar) -> Resu
                 format!("pid {}: the main thread is not first", p.pid),
             ));
         }
-        files::verify_unchanged(p.pid, &p.files, &image.inventory.shared_files)?;
+        match files::verify_unchanged(p.pid, &p.files, &image.inventory.shared_files) {
+            Err(Error::Restore(why)) if opts.allow_changed_files => {
+                tracing::warn!("{why} (restoring anyway: --allow-changed-files)")
+            }
+            r => r?,
+        }
         progress.set_message(format!("pid {}: checking pages", p.pid));
         pages.push(Pages::open(&image.dir, p)?);
     }
@@ -1357,11 +1364,19 @@ fn rebuild(
     }
 
     for it in &p.state.itimers {
+        // A periodic timer caught the instant it fired reads 0 left (its signal
+        // is among the pending ones); a value of 0 would disarm it: re-arm it
+        // for one more interval.
+        let value = if it.value_us == 0 {
+            it.interval_us
+        } else {
+            it.value_us
+        };
         let v = [
             it.interval_us / 1_000_000,
             it.interval_us % 1_000_000,
-            it.value_us / 1_000_000,
-            it.value_us % 1_000_000,
+            value / 1_000_000,
+            value % 1_000_000,
         ];
         let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_ne_bytes()).collect();
         crate::ptrace::write_mem(pid, scratch, &bytes)?;
