@@ -119,38 +119,22 @@ pub fn find_shared(procs: &mut [(i32, &mut FilesImage)], shared: &mut Vec<Shared
         let (pid, _) = procs[i];
         for k in 0..procs[i].1.fds.len() {
             let f = procs[i].1.fds[k].clone();
-            if let FdKind::Pipe { inode, write, .. } = f.kind {
-                // Every pipe end becomes a shared object, held by one process or many.
-                let known = shared.iter().find(|s| matches!(s.file, FdKind::Pipe { inode: i2, write: w2, .. } if i2 == inode && w2 == write));
-                let id = match known {
-                    Some(s) => s.id,
-                    None => {
-                        let id = shared.len() as u32;
-                        shared.push(SharedFile {
-                            id,
-                            file: f.kind.clone(),
-                        });
-                        id
-                    }
-                };
-                procs[i].1.fds[k].kind = FdKind::Shared { id };
-                continue;
-            }
-            if let FdKind::UnixPair(end) = &f.kind {
-                let known = shared
-                    .iter()
-                    .find(|s| matches!(&s.file, FdKind::UnixPair(e) if e.inode == end.inode));
-                let id = match known {
-                    Some(s) => s.id,
-                    None => {
-                        let id = shared.len() as u32;
-                        shared.push(SharedFile {
-                            id,
-                            file: f.kind.clone(),
-                        });
-                        id
-                    }
-                };
+            // Every pipe end and socket-pair end becomes a shared object, held by
+            // one process or many: the restorer creates it, all inherit it.
+            let id = match &f.kind {
+                FdKind::Pipe { inode, write, .. } => Some(intern(
+                    shared,
+                    &f.kind,
+                    |k| matches!(k, FdKind::Pipe { inode: i, write: w, .. } if i == inode && w == write),
+                )),
+                FdKind::UnixPair(end) => Some(intern(
+                    shared,
+                    &f.kind,
+                    |k| matches!(k, FdKind::UnixPair(e) if e.inode == end.inode),
+                )),
+                _ => None,
+            };
+            if let Some(id) = id {
                 procs[i].1.fds[k].kind = FdKind::Shared { id };
                 continue;
             }
@@ -211,6 +195,38 @@ pub fn find_shared(procs: &mut [(i32, &mut FilesImage)], shared: &mut Vec<Shared
                 procs[i].1.fds[k].kind = FdKind::Shared { id };
             }
         }
+    }
+}
+
+/// The id of the shared object `same` recognises, added as `kind` when new.
+fn intern(shared: &mut Vec<SharedFile>, kind: &FdKind, same: impl Fn(&FdKind) -> bool) -> u32 {
+    if let Some(s) = shared.iter().find(|s| same(&s.file)) {
+        return s.id;
+    }
+    let id = shared.len() as u32;
+    shared.push(SharedFile {
+        id,
+        file: kind.clone(),
+    });
+    id
+}
+
+/// Duplicates fd `fd` of `pid` into crest (pidfd_getfd, Linux 5.6+).
+pub fn pidfd_getfd(pid: i32, fd: i32) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open/pidfd_getfd take integers and return fds we then own.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
+        if pidfd < 0 {
+            return Err(Error::sys(pid, "pidfd_open", nix::errno::Errno::last()));
+        }
+        let ours = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
+        let e = nix::errno::Errno::last();
+        libc::close(pidfd);
+        if ours < 0 {
+            return Err(Error::sys(pid, format!("pidfd_getfd of fd {fd}"), e));
+        }
+        Ok(std::os::fd::OwnedFd::from_raw_fd(ours))
     }
 }
 
@@ -448,7 +464,14 @@ fn anon_kind(name: &str, fdinfo: &str, flags: i32) -> std::result::Result<FdKind
             }
             Ok(FdKind::Epoll { flags, watches })
         }
-        other => Err(format!("an {other} file")),
+        other => {
+            let article = if other.starts_with(['a', 'e', 'i', 'o', 'u']) {
+                "an"
+            } else {
+                "a"
+            };
+            Err(format!("{article} {other}"))
+        }
     }
 }
 

@@ -27,26 +27,9 @@ pub struct PipeImage {
     pub fifo: Option<String>,
 }
 
-fn getfd(pid: i32, fd: i32) -> Result<OwnedFd> {
-    // SAFETY: pidfd_open/pidfd_getfd take integers and return fds we then own.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
-        if pidfd < 0 {
-            return Err(Error::sys(pid, "pidfd_open", nix::errno::Errno::last()));
-        }
-        let ours = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
-        let e = nix::errno::Errno::last();
-        libc::close(pidfd);
-        if ours < 0 {
-            return Err(Error::sys(pid, format!("pidfd_getfd of fd {fd}"), e));
-        }
-        Ok(OwnedFd::from_raw_fd(ours))
-    }
-}
-
 /// Copies the unread contents of the pipe whose read end is `fd` of `pid`.
 fn peek(pid: i32, fd: i32) -> Result<(u32, Vec<u8>)> {
-    let end = getfd(pid, fd)?;
+    let end = crate::files::pidfd_getfd(pid, fd)?;
     // SAFETY: fcntl, pipe2, tee and read on fds we own, into a buffer we own.
     unsafe {
         let capacity = libc::fcntl(end.as_raw_fd(), libc::F_GETPIPE_SZ);

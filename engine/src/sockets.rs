@@ -35,24 +35,6 @@ fn sys_err(pid: i32, what: &str) -> Error {
     Error::sys(pid, what.to_string(), nix::errno::Errno::last())
 }
 
-/// Duplicates fd `fd` of `pid` into crest.
-pub fn getfd(pid: i32, fd: i32) -> Result<OwnedFd> {
-    // SAFETY: pidfd_open/pidfd_getfd take integers and return fds we then own.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
-        if pidfd < 0 {
-            return Err(sys_err(pid, "pidfd_open"));
-        }
-        let ours = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
-        let e = nix::errno::Errno::last();
-        libc::close(pidfd);
-        if ours < 0 {
-            return Err(Error::sys(pid, format!("pidfd_getfd of fd {fd}"), e));
-        }
-        Ok(OwnedFd::from_raw_fd(ours))
-    }
-}
-
 fn sockopt(fd: i32, level: i32, name: i32) -> i32 {
     let mut v: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
@@ -271,7 +253,7 @@ pub enum Collected {
 }
 
 pub fn collect(pid: i32, fd: i32, flags: i32) -> Result<std::result::Result<Collected, String>> {
-    let sock = getfd(pid, fd)?;
+    let sock = crate::files::pidfd_getfd(pid, fd)?;
     let s = sock.as_raw_fd();
     let (domain, ty) = (
         sockopt(s, libc::SOL_SOCKET, libc::SO_DOMAIN),

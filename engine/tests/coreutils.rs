@@ -3,7 +3,6 @@
 mod common;
 
 use std::fs;
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -31,15 +30,7 @@ fn dd_copying_a_file_byte_by_byte_resumes_mid_copy() {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(fs::File::create(tmp.path().join("dd.stderr")).unwrap());
-    // SAFETY: async-signal-safe syscalls only.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().unwrap();
+    let mut child = spawn_in_own_session(&mut cmd);
     let pid = child.id() as i32;
     // Wait until it is part-way through.
     let deadline = Instant::now() + TIMEOUT;
@@ -80,15 +71,7 @@ fn sleep_keeps_its_pid_and_exits_normally() {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    // SAFETY: async-signal-safe syscalls only.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().unwrap();
+    let mut child = spawn_in_own_session(&mut cmd);
     let pid = child.id() as i32;
     std::thread::sleep(Duration::from_millis(200));
     let img = tmp.path().join("img");
@@ -133,15 +116,7 @@ fn dump_and_restore_shell_job(script: &str, out: &std::path::Path, progress: imp
         .stdin(Stdio::null())
         .stdout(fs::File::create(out).unwrap())
         .stderr(fs::File::create(tmp.path().join("sh.stderr")).unwrap());
-    // SAFETY: async-signal-safe syscalls only.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().unwrap();
+    let mut child = spawn_in_own_session(&mut cmd);
     let pid = child.id() as i32;
     let deadline = Instant::now() + TIMEOUT;
     while !progress() {

@@ -183,3 +183,17 @@ pub fn merged_maps(pid: i32) -> Vec<String> {
         .map(|(s, e, k)| format!("{s:x}-{e:x} {k}"))
         .collect()
 }
+
+/// Spawns `cmd` as the leader of a new session, with only its stdio open
+/// (descriptors leaked into the test runner are not the program's).
+pub fn spawn_in_own_session(cmd: &mut Command) -> Child {
+    // SAFETY: async-signal-safe syscalls only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    cmd.spawn().expect("spawn")
+}
