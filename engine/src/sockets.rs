@@ -118,10 +118,10 @@ fn diag(pid: i32, inode: u64) -> Result<(u64, bool)> {
     }
     let msg_type = u16::from_ne_bytes([buf[4], buf[5]]);
     if msg_type == libc::NLMSG_ERROR as u16 {
-        return Err(Error::Refused {
+        return Err(Error::unsupported(
             pid,
-            reason: format!("sock_diag does not know unix socket {inode}"),
-        });
+            format!("unix socket {inode}: this kernel cannot report its peer (sock_diag for AF_UNIX, CONFIG_UNIX_DIAG, is not loaded)"),
+        ));
     }
     let total = (u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize).min(n as usize);
     let mut off = 16 + 16; // nlmsghdr + unix_diag_msg

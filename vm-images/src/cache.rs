@@ -28,7 +28,8 @@ use crate::Error;
 /// The Debian archive keyring used to check the suites' signatures.
 pub const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 const MANIFEST: &str = "manifest.json";
-const MANIFEST_SCHEMA: &str = "crest-kernel-cache/1";
+// 2: the socket diagnostics modules joined the guest modules.
+const MANIFEST_SCHEMA: &str = "crest-kernel-cache/2";
 
 /// A fetched package.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,7 +136,7 @@ impl BootKernel {
                 .unwrap_or_default();
             let mut idx = ModuleIndex::scan(dir)?.with_config(&config);
             idx.assume_builtin_if_missing = config.is_empty() && idx.builtin.is_none();
-            let order = idx.load_order(GUEST_LEAF_MODULES)?;
+            let order = idx.guest_load_order()?;
             kernel.module_decompress =
                 modinfo::config_y_symbols(&config).contains("CONFIG_MODULE_DECOMPRESS");
             kernel.modules = order
@@ -535,7 +536,7 @@ pub fn keep_from_unpacked(
         None => String::new(),
     };
     let idx = ModuleIndex::scan(&layout.modules_root)?.with_config(&config_text);
-    let order = idx.load_order(GUEST_LEAF_MODULES)?;
+    let order = idx.guest_load_order()?;
     let mut files = BTreeMap::new();
     let copy =
         |from: &Path, rel: &str, files: &mut BTreeMap<String, String>| -> Result<(), Error> {

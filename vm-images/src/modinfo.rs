@@ -15,6 +15,12 @@ pub const MODULE_INIT_COMPRESSED_FILE: u32 = 4;
 /// 9p over virtio, and the 9p file system.
 pub const GUEST_LEAF_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p"];
 
+/// Loaded too when the kernel has them as modules: the socket diagnostics
+/// crest uses to find a unix socket's peer and a listening socket's queue.
+/// Debian builds them as modules, and the guest has no modprobe to load them
+/// on demand; a kernel without them still boots (crest then refuses those sockets).
+pub const GUEST_OPTIONAL_MODULES: &[&str] = &["unix_diag", "inet_diag", "tcp_diag"];
+
 /// The `CONFIG_` symbol of modules the guest needs, to tell a built-in one
 /// (`=y`) from a missing one when the package ships no `modules.builtin`.
 pub fn config_symbol(module: &str) -> Option<&'static str> {
@@ -217,6 +223,22 @@ impl ModuleIndex {
 
     /// The load order (dependencies first) of `leaves` and everything they
     /// depend on; built-in modules are skipped.
+    /// The load order of [`GUEST_LEAF_MODULES`] (all required) followed by
+    /// whichever [`GUEST_OPTIONAL_MODULES`] this kernel has.
+    pub fn guest_load_order(&self) -> Result<Vec<String>, Error> {
+        let mut order = self.load_order(GUEST_LEAF_MODULES)?;
+        for opt in GUEST_OPTIONAL_MODULES {
+            if let Ok(more) = self.load_order(&[opt]) {
+                for m in more {
+                    if !order.contains(&m) {
+                        order.push(m);
+                    }
+                }
+            }
+        }
+        Ok(order)
+    }
+
     pub fn load_order(&self, leaves: &[&str]) -> Result<Vec<String>, Error> {
         load_order(leaves, |name| {
             if let Some(p) = self.files.get(name) {
