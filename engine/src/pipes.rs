@@ -27,6 +27,21 @@ pub struct PipeImage {
     pub fifo: Option<String>,
 }
 
+/// The capacity of the pipe `fd` of `pid` is an end of.
+fn capacity_of(pid: i32, fd: i32) -> Result<u32> {
+    let end = crate::files::pidfd_getfd(pid, fd)?;
+    // SAFETY: fcntl on an fd we own.
+    let capacity = unsafe { libc::fcntl(end.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    if capacity < 0 {
+        return Err(Error::sys(
+            pid,
+            format!("fd {fd}: F_GETPIPE_SZ"),
+            nix::errno::Errno::last(),
+        ));
+    }
+    Ok(capacity as u32)
+}
+
 /// Copies the unread contents of the pipe whose read end is `fd` of `pid`.
 fn peek(pid: i32, fd: i32) -> Result<(u32, Vec<u8>)> {
     let end = crate::files::pidfd_getfd(pid, fd)?;
@@ -85,6 +100,18 @@ pub fn resolve(procs: &mut [(i32, &mut FilesImage)]) -> Result<Vec<PipeImage>> {
         })
         .collect();
     let dumped: Vec<i32> = procs.iter().map(|(pid, _)| *pid).collect();
+    let read_ends: Vec<(u64, i32, i32)> = procs
+        .iter()
+        .flat_map(|(pid, f)| f.fds.iter().map(move |fd| (*pid, fd)))
+        .filter_map(|(pid, f)| match f.kind {
+            FdKind::Pipe {
+                inode,
+                write: false,
+                ..
+            } => Some((inode, pid, f.fd)),
+            _ => None,
+        })
+        .collect();
     let mut pipes: Vec<PipeImage> = Vec::new();
     for (pid, files) in procs.iter_mut() {
         for f in files.fds.iter_mut() {
@@ -116,8 +143,13 @@ pub fn resolve(procs: &mut [(i32, &mut FilesImage)]) -> Result<Vec<PipeImage>> {
                     ),
                 ));
             }
-            if !write && !pipes.iter().any(|p| p.inode == inode) {
-                let (capacity, data) = peek(*pid, f.fd)?;
+            if !pipes.iter().any(|p| p.inode == inode) {
+                // The data is read through a read end in the dump; a pipe whose
+                // reader is gone keeps only its capacity.
+                let (capacity, data) = match read_ends.iter().find(|(i, _, _)| *i == inode) {
+                    Some(&(_, rpid, rfd)) => peek(rpid, rfd)?,
+                    None => (capacity_of(*pid, f.fd)?, Vec::new()),
+                };
                 let fifo = match &f.kind {
                     FdKind::Pipe { fifo, .. } => fifo.clone(),
                     _ => None,
@@ -142,7 +174,7 @@ fn held_outside(inode: u64, dumped: &[i32]) -> bool {
     };
     procs
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| !dumped.contains(pid) && *pid != std::process::id() as i32)
+        .filter(|pid| !dumped.contains(pid))
         .any(|pid| {
             std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
                 fds.filter_map(|e| e.ok()).any(|e| {
