@@ -240,6 +240,7 @@ const TRAMPOLINE_LEN: u64 = 2 * PAGE_SIZE;
 /// Plans every process of the image, in image order (parents first).
 fn plan_tree(image: &Image) -> Result<Vec<ChildPlan>> {
     let base = shared_base(image);
+    warn_unraisable_limits(image);
     let own_maps = proc::maps(std::process::id() as i32)?;
     let mut plans = Vec::new();
     for p in &image.processes {
@@ -324,6 +325,32 @@ fn plan_tree(image: &Image) -> Result<Vec<ChildPlan>> {
         p.shared_base = base;
     }
     Ok(plans)
+}
+
+/// Says which hard rlimits the restore cannot give back: raising a hard limit
+/// above crest's own needs CAP_SYS_RESOURCE (root here may lack it); the
+/// restored process then keeps crest's hard limit, its soft limit capped to it.
+fn warn_unraisable_limits(image: &Image) {
+    for p in &image.processes {
+        for l in &p.state.rlimits {
+            let mut have = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: getrlimit writes into a struct we own.
+            unsafe { libc::getrlimit(l.resource as _, &mut have) };
+            if l.hard > have.rlim_max {
+                tracing::warn!(
+                    pid = p.pid,
+                    resource = l.resource,
+                    "hard rlimit {} is above crest's own {}: restored as {} unless crest holds CAP_SYS_RESOURCE",
+                    l.hard,
+                    have.rlim_max,
+                    have.rlim_max
+                );
+            }
+        }
+    }
 }
 
 /// Kills a half-restored tree: the root we created (its descendants follow
