@@ -538,7 +538,11 @@ fn orphan(ctl: &Ctl, c: &mut Checks) {
             } else {
                 "ok".into()
             };
-            let _ = std::fs::write(ctl.path("result.orphan"), format!("{verdict} sid {sid}\n"));
+            // Written then renamed: the parent polls for the file and must
+            // never read it half-written.
+            let tmp = ctl.path("result.orphan.tmp");
+            let _ = std::fs::write(&tmp, format!("{verdict} sid {sid}\n"))
+                .and_then(|()| std::fs::rename(&tmp, ctl.path("result.orphan")));
             0
         });
         0
