@@ -34,6 +34,9 @@ pub struct RseqConfig {
     pub pad: u32,
 }
 
+static RSEQ_PTRACE_MISSING: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// A task we trace. Purely a handle: detaching is the caller's decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tracee {
@@ -241,12 +244,19 @@ impl Tracee {
         if r < 0 {
             let e = Errno::last();
             return if e == Errno::EIO {
+                RSEQ_PTRACE_MISSING.store(true, std::sync::atomic::Ordering::Relaxed);
                 Ok(None)
             } else {
                 Err(self.err("PTRACE_GET_RSEQ_CONFIGURATION", e))
             };
         }
         Ok((conf.rseq_abi_pointer != 0).then_some(conf))
+    }
+
+    /// Whether a previous [`Tracee::rseq`] found the kernel unable to report rseq
+    /// registrations (before 5.13), so `None` there means "unknown".
+    pub fn rseq_unknown() -> bool {
+        RSEQ_PTRACE_MISSING.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Runs one system call inside the task with the `syscall` instruction at

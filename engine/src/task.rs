@@ -356,6 +356,44 @@ fn u64_at(b: &[u8], i: usize) -> u64 {
 }
 
 /// Collects the state of the (single) thread `tracee`.
+/// Finds a thread's rseq registration on kernels that cannot report it to a
+/// tracer (before 5.13), the way glibc (2.35+) lays it out: the area sits at
+/// `__rseq_offset` from the thread pointer, and its `cpu_id` is non-negative
+/// once the kernel accepted the registration. Only when the target runs the
+/// same libc as crest (so the offset is the same); otherwise nothing is claimed.
+fn glibc_rseq(tid: i32, fs_base: u64) -> Result<Option<Rseq>> {
+    const RSEQ_SIG: u32 = 0x5305_3053;
+    // SAFETY: dlsym only looks glibc's exported constants up; we read them.
+    let (offset, size) = unsafe {
+        let offset = libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_offset".as_ptr()).cast::<isize>();
+        let size = libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_size".as_ptr()).cast::<u32>();
+        if offset.is_null() || size.is_null() || *size == 0 {
+            return Ok(None);
+        }
+        (*offset, *size)
+    };
+    let libc_of = |pid: i32| -> Option<String> {
+        let maps = proc::maps(pid).ok()?;
+        maps.into_iter()
+            .map(|m| m.name)
+            .find(|n| n.contains("/libc.so"))
+    };
+    if fs_base == 0 || libc_of(tid) != libc_of(std::process::id() as i32) {
+        return Ok(None);
+    }
+    let area = (fs_base as i64 + offset as i64) as u64;
+    let mut head = [0u8; 8];
+    if crate::ptrace::read_mem(tid, area, &mut head).is_err() {
+        return Ok(None);
+    }
+    let cpu_id = i32::from_ne_bytes([head[4], head[5], head[6], head[7]]);
+    Ok((cpu_id >= 0).then_some(Rseq {
+        pointer: area,
+        size: size.max(32),
+        signature: RSEQ_SIG,
+    }))
+}
+
 /// Collects the state of one seized thread; `regs` are its registers as they
 /// were when it was frozen (before any remote call).
 pub fn collect_thread(remote: &Remote, regs: &Regs, name: String) -> Result<ThreadImage> {
@@ -368,11 +406,15 @@ pub fn collect_thread(remote: &Remote, regs: &Regs, name: String) -> Result<Thre
         .into_iter()
         .map(|b| SigInfo(b.to_vec()))
         .collect();
-    let rseq = t.rseq()?.map(|c| Rseq {
-        pointer: c.rseq_abi_pointer,
-        size: c.rseq_abi_size,
-        signature: c.signature,
-    });
+    let rseq = match t.rseq()? {
+        Some(c) => Some(Rseq {
+            pointer: c.rseq_abi_pointer,
+            size: c.rseq_abi_size,
+            signature: c.signature,
+        }),
+        None if Tracee::rseq_unknown() => glibc_rseq(t.pid, regs.fs_base)?,
+        None => None,
+    };
     let mut head = 0u64;
     let mut len = 0usize;
     // SAFETY: get_robust_list writes one pointer and one size_t into our locals.
