@@ -427,7 +427,12 @@ fn anon_kind(name: &str, fdinfo: &str, flags: i32) -> std::result::Result<FdKind
             let count = field("eventfd-count:")
                 .and_then(|v| u64::from_str_radix(&v, 16).ok())
                 .ok_or("an eventfd without a readable count")?;
-            let semaphore = field("eventfd-semaphore:").is_some_and(|v| v == "1");
+            // Linux 6.6 added the semaphore flag to fdinfo; before that an
+            // eventfd's mode cannot be told, and guessing would change its reads.
+            let semaphore = match field("eventfd-semaphore:") {
+                Some(v) => v == "1",
+                None => return Err("an eventfd whose semaphore mode this kernel does not report (fdinfo has it from Linux 6.6)".into()),
+            };
             Ok(FdKind::Eventfd {
                 count,
                 semaphore,
