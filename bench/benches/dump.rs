@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use crest_bench::{can_run, hog_main_if_requested, Hog, ImageDir};
+use crest_bench::{Hog, ImageDir};
 use crest_engine::dump::{dump, AfterDump, DumpOptions};
 use criterion::{BenchmarkId, Criterion, Throughput};
 
@@ -56,11 +56,5 @@ fn bench_dump(c: &mut Criterion) {
 }
 
 fn main() {
-    hog_main_if_requested();
-    if !can_run() {
-        return;
-    }
-    let mut c = Criterion::default().configure_from_args();
-    bench_dump(&mut c);
-    c.final_summary();
+    crest_bench::bench_main(bench_dump);
 }

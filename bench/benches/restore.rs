@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use crest_bench::{can_run, hog_main_if_requested, Hog, ImageDir};
+use crest_bench::{Hog, ImageDir};
 use crest_engine::dump::{dump, AfterDump, DumpOptions};
 use crest_engine::restore::{restore, RestoreOptions, Restored};
 use criterion::{BenchmarkId, Criterion, Throughput};
@@ -65,11 +65,5 @@ fn bench_restore(c: &mut Criterion) {
 }
 
 fn main() {
-    hog_main_if_requested();
-    if !can_run() {
-        return;
-    }
-    let mut c = Criterion::default().configure_from_args();
-    bench_restore(&mut c);
-    c.final_summary();
+    crest_bench::bench_main(bench_restore);
 }

@@ -118,3 +118,15 @@ pub fn can_run() -> bool {
     }
     true
 }
+
+/// The `main` of each benchmark binary: becomes a hog when asked to, skips
+/// without root, else runs `bench` under criterion's command line.
+pub fn bench_main(bench: fn(&mut criterion::Criterion)) {
+    hog_main_if_requested();
+    if !can_run() {
+        return;
+    }
+    let mut c = criterion::Criterion::default().configure_from_args();
+    bench(&mut c);
+    c.final_summary();
+}
