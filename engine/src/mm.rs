@@ -282,18 +282,48 @@ pub fn collect_pages(
             let len = (i - first) as u64 * PAGE_SIZE;
             let data = &mut buf[..len as usize];
             read_target(pid, vaddr, data, vma.prot & libc::PROT_READ != 0)?;
-            out.write_all(data).map_err(|e| Error::io(pages_path, e))?;
-            chunks.push(PageChunk {
-                vaddr,
-                len,
-                offset,
-                crc32c: crc32c::crc32c(data),
-            });
-            offset += len;
-            stats.pages_written += len / PAGE_SIZE;
+            // Anonymous pages that hold only zeros come back as zeros from the
+            // fresh mapping at restore: don't write them (a huge page faulted in
+            // by one touch is mostly such pages).
+            let runs = if file_backed {
+                vec![(0, data.len())]
+            } else {
+                nonzero_runs(data)
+            };
+            stats.pages_skipped +=
+                (data.len() - runs.iter().map(|r| r.1 - r.0).sum::<usize>()) as u64 / PAGE_SIZE;
+            for (from, to) in runs {
+                let part = &data[from..to];
+                out.write_all(part).map_err(|e| Error::io(pages_path, e))?;
+                chunks.push(PageChunk {
+                    vaddr: vaddr + from as u64,
+                    len: part.len() as u64,
+                    offset,
+                    crc32c: crc32c::crc32c(part),
+                });
+                offset += part.len() as u64;
+                stats.pages_written += part.len() as u64 / PAGE_SIZE;
+            }
         }
     }
     Ok(chunks)
+}
+
+/// The byte ranges of `data` covering its pages that are not all zeros.
+fn nonzero_runs(data: &[u8]) -> Vec<(usize, usize)> {
+    let page = PAGE_SIZE as usize;
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, p) in data.chunks(page).enumerate() {
+        if p.iter().all(|&b| b == 0) {
+            continue;
+        }
+        let (from, to) = (i * page, i * page + p.len());
+        match runs.last_mut() {
+            Some(last) if last.1 == from => last.1 = to,
+            _ => runs.push((from, to)),
+        }
+    }
+    runs
 }
 
 /// Reads target memory: `process_vm_readv` where readable, else `/proc/PID/mem`
@@ -404,6 +434,20 @@ pub fn find_gap(taken: &[(u64, u64)], size: u64, from: u64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_pages_are_left_out_of_runs() {
+        let page = PAGE_SIZE as usize;
+        let mut data = vec![0u8; 5 * page];
+        data[page + 3] = 1; // page 1
+        data[2 * page] = 1; // page 2
+        data[4 * page + page - 1] = 1; // page 4
+        assert_eq!(
+            nonzero_runs(&data),
+            vec![(page, 3 * page), (4 * page, 5 * page)]
+        );
+        assert!(nonzero_runs(&vec![0u8; 2 * page]).is_empty());
+    }
 
     #[test]
     fn stat_fields_parse_despite_parentheses_in_comm() {
