@@ -274,6 +274,13 @@ pub fn main(args: ConformanceArgs) -> Result<i32> {
     if !harness.is_file() {
         bail!("{} was not built", harness.display());
     }
+    // A checkout under /tmp (a CI clone, say) is hidden in the guest, which
+    // mounts a fresh tmpfs there: run the guests from a copy in the cache.
+    let bin = if any_vm && support::check_guest_visible(&bin).is_err() {
+        support::stage_bins(&bin)?
+    } else {
+        bin
+    };
     if any_vm {
         support::check_guest_visible(&bin)?;
     }

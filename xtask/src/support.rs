@@ -240,6 +240,30 @@ impl VmOpts {
     }
 }
 
+/// Copies the executables of `bin` (crest, the harness, the workloads) into
+/// the crest cache, where a guest can see them, and returns that directory.
+pub fn stage_bins(bin: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let dest = crest_vm::cache::Cache::default_root()?.join("staged-bins");
+    let _ = std::fs::remove_dir_all(&dest);
+    std::fs::create_dir_all(&dest).with_context(|| format!("create {}", dest.display()))?;
+    for entry in std::fs::read_dir(bin).with_context(|| format!("read {}", bin.display()))? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
+            std::fs::copy(entry.path(), dest.join(entry.file_name())).with_context(|| {
+                format!("copy {} to {}", entry.path().display(), dest.display())
+            })?;
+        }
+    }
+    eprintln!(
+        "{} is hidden in the guest (tmpfs there): running from a copy in {}",
+        bin.display(),
+        dest.display()
+    );
+    Ok(dest)
+}
+
 /// Paths the guest cannot see (they are fresh tmpfs there).
 pub fn check_guest_visible(p: &Path) -> Result<()> {
     for hidden in ["/tmp", "/var/tmp", "/run", "/dev", "/proc", "/sys"] {
