@@ -188,7 +188,15 @@ fn run_vm(
         kernel.release.as_deref().unwrap_or("custom kernel"),
     ));
     let argv = substitute(&spec.argv, GUEST_RESULTS_DIR, "/tmp");
-    let mut cmd = GuestCommand::new(argv).workdir(&spec.workdir);
+    // The workspace may be hidden in the guest (a checkout under /tmp): then
+    // the command starts in / (everything it needs is passed as paths).
+    let workdir =
+        if crate::support::check_guest_visible(std::path::Path::new(&spec.workdir)).is_ok() {
+            spec.workdir.as_str()
+        } else {
+            "/"
+        };
+    let mut cmd = GuestCommand::new(argv).workdir(workdir);
     for (k, v) in &spec.env {
         cmd = cmd.env(k, v);
     }
