@@ -567,22 +567,27 @@ impl Run<'_> {
         Ok(line.to_string())
     }
 
-    fn dump(&mut self, pid: i32, cycle: u32, extra: &[&str]) -> R<PathBuf> {
-        let img = self.dir.join(format!("img{cycle}"));
-        // `-t` takes the process and its descendants; a session scope takes
-        // the whole session (orphans included) when the engine can.
+    /// `crest dump` of `pid` into `img`: `-t` takes the process and its
+    /// descendants; a session scope takes the whole session (orphans
+    /// included) when the engine can.
+    fn dump_args(&self, pid: i32, img: &Path) -> Vec<OsString> {
         let select = if self.spec.scope == Scope::Session && self.cfg.session_dump {
             "--session"
         } else {
             "-t"
         };
-        let mut args: Vec<OsString> = vec![
+        vec![
             "dump".into(),
             select.into(),
             pid.to_string().into(),
             "-D".into(),
-            img.clone().into(),
-        ];
+            img.into(),
+        ]
+    }
+
+    fn dump(&mut self, pid: i32, cycle: u32, extra: &[&str]) -> R<PathBuf> {
+        let img = self.dir.join(format!("img{cycle}"));
+        let mut args = self.dump_args(pid, &img);
         args.extend(extra.iter().map(OsString::from));
         let e = self.crest(&format!("dump{cycle}"), &args)?;
         self.expect_success("dump", &e)?;
@@ -785,16 +790,8 @@ impl Run<'_> {
             fail!("wl-tracer did not attach to pid {pid}");
         }
         let img = self.dir.join("img1");
-        let e = self.crest(
-            "dump1",
-            &[
-                "dump".into(),
-                "-t".into(),
-                pid.to_string().into(),
-                "-D".into(),
-                img.into(),
-            ],
-        )?;
+        let args = self.dump_args(pid, &img);
+        let e = self.crest("dump1", &args)?;
         if e.code() == Some(0) {
             fail!("crest dump accepted a process another process traces");
         }
@@ -822,18 +819,7 @@ impl Run<'_> {
         let pid = self.start_workload()?;
         let before = self.view_now(pid, Parent::Expect(me))?;
         let img = self.dir.join("img1");
-        let select = if self.spec.scope == Scope::Session && self.cfg.session_dump {
-            "--session"
-        } else {
-            "-t"
-        };
-        let args: Vec<OsString> = vec![
-            "dump".into(),
-            select.into(),
-            pid.to_string().into(),
-            "-D".into(),
-            img.into(),
-        ];
+        let args = self.dump_args(pid, &img);
         let e = self.crest("dump1", &args)?;
         let line = self.expect_clear_error("dump", &e)?;
         if let Some(word) = &self.spec.refusal_mentions {
@@ -903,16 +889,8 @@ impl Run<'_> {
             return Err(Stop::Ignored("no free pid to name".into()));
         };
         let img = self.dir.join("img1");
-        let e = self.crest(
-            "dump1",
-            &[
-                "dump".into(),
-                "-t".into(),
-                pid.to_string().into(),
-                "-D".into(),
-                img.into(),
-            ],
-        )?;
+        let args = self.dump_args(pid, &img);
+        let e = self.crest("dump1", &args)?;
         let line = self.expect_clear_error("dump of a nonexistent pid", &e)?;
         if e.code() != Some(1) {
             fail!("crest dump of nonexistent pid {pid} exited {} (expected 1: an error, not \"unsupported\"): {line}", e.describe());
