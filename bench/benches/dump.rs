@@ -9,11 +9,7 @@ use crest_engine::dump::{dump, AfterDump, DumpOptions};
 use criterion::{BenchmarkId, Criterion, Throughput};
 
 fn bench_dump(c: &mut Criterion) {
-    let mut group = c.benchmark_group("dump");
-    group
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(5));
+    let mut group = crest_bench::group(c, "dump");
     let bar = indicatif::ProgressBar::hidden();
     for mib in [64usize, 256] {
         let hog = Hog::spawn(mib).expect("hog");

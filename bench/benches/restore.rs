@@ -11,11 +11,7 @@ use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 
 fn bench_restore(c: &mut Criterion) {
-    let mut group = c.benchmark_group("restore");
-    group
-        .sample_size(10)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(5));
+    let mut group = crest_bench::group(c, "restore");
     let bar = indicatif::ProgressBar::hidden();
     for mib in [64usize, 256] {
         let dir = ImageDir::new(&format!("restore-{mib}"));

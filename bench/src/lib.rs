@@ -130,3 +130,17 @@ pub fn bench_main(bench: fn(&mut criterion::Criterion)) {
     bench(&mut c);
     c.final_summary();
 }
+
+/// A benchmark group with the settings every crest benchmark uses: each
+/// sample dumps or restores hundreds of MiB, so few samples, short warm-up.
+pub fn group<'a>(
+    c: &'a mut criterion::Criterion,
+    name: &str,
+) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
+    let mut group = c.benchmark_group(name);
+    group
+        .sample_size(10)
+        .warm_up_time(std::time::Duration::from_millis(500))
+        .measurement_time(std::time::Duration::from_secs(5));
+    group
+}

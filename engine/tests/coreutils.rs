@@ -107,19 +107,27 @@ fn which(prog: &str) -> std::path::PathBuf {
         .expect("program on PATH")
 }
 
-/// Runs `sh -c SCRIPT` in a session of its own with stdout to `out`, dumps the
-/// session mid-run, restores it, and returns once the restored job finished.
-fn dump_and_restore_shell_job(script: &str, out: &std::path::Path, progress: impl Fn() -> bool) {
+/// Runs `sh -c SCRIPT` once uninterrupted for the expected output, then again
+/// in a session of its own with stdout to a file: once `progress` sees it
+/// part-way (given the output so far), the session is dumped, restored, and
+/// must finish with exactly the uninterrupted run's output.
+fn shell_job_matches_uninterrupted_run(script: &str, progress: impl Fn(&[u8]) -> bool) {
+    let expected = Command::new("sh")
+        .args(["-c", script])
+        .output()
+        .unwrap()
+        .stdout;
     let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
     let mut cmd = Command::new("sh");
     cmd.args(["-c", script])
         .stdin(Stdio::null())
-        .stdout(fs::File::create(out).unwrap())
+        .stdout(fs::File::create(&out).unwrap())
         .stderr(fs::File::create(tmp.path().join("sh.stderr")).unwrap());
     let mut child = spawn_in_own_session(&mut cmd);
     let pid = child.id() as i32;
     let deadline = Instant::now() + TIMEOUT;
-    while !progress() {
+    while !progress(&fs::read(&out).unwrap_or_default()) {
         assert!(Instant::now() < deadline, "the job made no progress");
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -134,59 +142,13 @@ fn dump_and_restore_shell_job(script: &str, out: &std::path::Path, progress: imp
     ]);
     assert!(dumped.status.success(), "dump: {}", stderr_of(&dumped));
     child.wait().unwrap();
-    let out = run_crest(&["restore", "-D", img.to_str().unwrap()]);
+    let restored = run_crest(&["restore", "-D", img.to_str().unwrap()]);
     assert_eq!(
-        out.status.code(),
+        restored.status.code(),
         Some(0),
         "restored job exits 0: {}",
-        stderr_of(&out)
+        stderr_of(&restored)
     );
-}
-
-/// A real shell job: a loop, a subshell and a background child, dumped from
-/// the shell's session mid-run; its final output matches an uninterrupted run.
-#[test]
-fn shell_job_with_subshell_and_background_child_finishes_identically() {
-    require_root!();
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("out");
-    let script = "for i in $(seq 1 60); do echo \"tick $i\"; sleep 0.02; done; \
-                  (echo sub; sleep 0.2; echo sub-done) & sleep 0.05; echo parent; wait; echo done";
-    let expected = Command::new("sh")
-        .args(["-c", script])
-        .output()
-        .unwrap()
-        .stdout;
-    dump_and_restore_shell_job(script, &out, || {
-        fs::read_to_string(&out)
-            .map(|s| s.contains("tick 20"))
-            .unwrap_or(false)
-    });
-    assert_eq!(
-        String::from_utf8_lossy(&fs::read(&out).unwrap()),
-        String::from_utf8_lossy(&expected),
-        "output differs"
-    );
-}
-
-/// `producer | transformer | consumer` dumped mid-stream produces byte for
-/// byte the output of an uninterrupted run (pipes with unread data in flight).
-#[test]
-fn pipeline_dumped_mid_stream_produces_identical_output() {
-    require_root!();
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("out");
-    let script = "seq 1 30000 | while read i; do echo \"line $i\"; done | cat";
-    let expected = Command::new("sh")
-        .args(["-c", script])
-        .output()
-        .unwrap()
-        .stdout;
-    dump_and_restore_shell_job(script, &out, || {
-        fs::metadata(&out)
-            .map(|m| m.len() > 20_000)
-            .unwrap_or(false)
-    });
     let got = fs::read(&out).unwrap();
     if got != expected {
         let at = got
@@ -205,4 +167,25 @@ fn pipeline_dumped_mid_stream_produces_identical_output() {
             around(&expected)
         );
     }
+}
+
+/// A real shell job: a loop, a subshell and a background child, dumped from
+/// the shell's session mid-run; its final output matches an uninterrupted run.
+#[test]
+fn shell_job_with_subshell_and_background_child_finishes_identically() {
+    require_root!();
+    let script = "for i in $(seq 1 60); do echo \"tick $i\"; sleep 0.02; done; \
+                  (echo sub; sleep 0.2; echo sub-done) & sleep 0.05; echo parent; wait; echo done";
+    shell_job_matches_uninterrupted_run(script, |out| {
+        String::from_utf8_lossy(out).contains("tick 20")
+    });
+}
+
+/// `producer | transformer | consumer` dumped mid-stream produces byte for
+/// byte the output of an uninterrupted run (pipes with unread data in flight).
+#[test]
+fn pipeline_dumped_mid_stream_produces_identical_output() {
+    require_root!();
+    let script = "seq 1 30000 | while read i; do echo \"line $i\"; done | cat";
+    shell_job_matches_uninterrupted_run(script, |out| out.len() > 20_000);
 }
