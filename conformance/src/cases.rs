@@ -22,6 +22,8 @@ pub enum Scope {
     Tree,
     /// Every process of the workload's session.
     Session,
+    /// Every process of the workload's process group (`crest dump --pgid`).
+    Pgid,
 }
 
 /// What the harness does with the workload.

@@ -399,7 +399,7 @@ impl Run<'_> {
         // The session is the one the workload made (its pid), never the one
         // the root happens to be in: a half-restored root may still sit in the
         // restorer's session, which is the harness's own.
-        let others: Vec<i32> = if self.spec.scope == Scope::Session {
+        let others: Vec<i32> = if matches!(self.spec.scope, Scope::Session | Scope::Pgid) {
             let sid = self.sid.unwrap_or(pid);
             session_members(sid)
                 .into_iter()
@@ -571,10 +571,10 @@ impl Run<'_> {
     /// descendants; a session scope takes the whole session (orphans
     /// included) when the engine can.
     fn dump_args(&self, pid: i32, img: &Path) -> Vec<OsString> {
-        let select = if self.spec.scope == Scope::Session && self.cfg.session_dump {
-            "--session"
-        } else {
-            "-t"
+        let select = match self.spec.scope {
+            Scope::Session if self.cfg.session_dump => "--session",
+            Scope::Pgid => "--pgid",
+            _ => "-t",
         };
         vec![
             "dump".into(),

@@ -39,6 +39,9 @@ pub enum Scope {
     /// Every process of the session led by `pid` (BLCR's `--session`),
     /// including orphans reparented to init or a subreaper.
     Session,
+    /// Every process of the process group `pid` (BLCR's `--pgid`), its
+    /// leader (when alive) and its members' descendants in the group first.
+    Pgid,
 }
 
 #[derive(Debug, Clone)]
@@ -250,14 +253,14 @@ fn is_zombie(pid: i32) -> bool {
         .unwrap_or(false)
 }
 
-/// Seizes every thread of every process of the tree until nothing new appears.
-/// The processes of session `sid`, the leader and its descendants first, then
-/// each process whose parent is outside the session (orphans) with its own.
-fn session(sid: i32) -> Result<Vec<i32>> {
+/// The processes of session (`field` 6) or process group (`field` 5) `id`:
+/// the leader and its descendants first, then each process whose parent is
+/// outside the session or group (orphans, a shell's pipeline) with its own.
+fn members(field: usize, id: i32) -> Result<Vec<i32>> {
     let mut members: Vec<i32> = std::fs::read_dir("/proc")
         .map_err(|e| Error::io("/proc", e))?
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&pid| stat_fields(pid).is_ok_and(|f| stat_field(&f, 6) == sid as i64))
+        .filter(|&pid| stat_fields(pid).is_ok_and(|f| stat_field(&f, field) == id as i64))
         .collect();
     members.sort_unstable();
     let mut out: Vec<i32> = Vec::new();
@@ -266,11 +269,11 @@ fn session(sid: i32) -> Result<Vec<i32>> {
             .map(|f| stat_field(&f, 4) as i32)
             .unwrap_or(0)
     };
-    let roots = std::iter::once(sid).chain(
+    let roots = std::iter::once(id).chain(
         members
             .iter()
             .copied()
-            .filter(|&p| p != sid && !members.contains(&ppid(p))),
+            .filter(|&p| p != id && !members.contains(&ppid(p))),
     );
     for root in roots.collect::<Vec<_>>() {
         if !members.contains(&root) {
@@ -285,12 +288,21 @@ fn session(sid: i32) -> Result<Vec<i32>> {
     Ok(out)
 }
 
-fn freeze(root: i32, scope: Scope, set: &mut FrozenSet, zombies: &mut Vec<i32>) -> Result<()> {
+/// Seizes every thread of every process in scope (`id`: the tree's root, the
+/// session or the group) until nothing new appears.
+fn freeze(
+    id: i32,
+    root: i32,
+    scope: Scope,
+    set: &mut FrozenSet,
+    zombies: &mut Vec<i32>,
+) -> Result<()> {
     loop {
         let mut new = false;
         let pids = match scope {
-            Scope::Tree => tree(root)?,
-            Scope::Session => session(root)?,
+            Scope::Tree => tree(id)?,
+            Scope::Session => members(6, id)?,
+            Scope::Pgid => members(5, id)?,
         };
         for pid in pids {
             if zombies.contains(&pid) {
@@ -402,7 +414,14 @@ pub fn dump(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Dum
 }
 
 fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<DumpStats> {
-    let root = opts.pid;
+    // A group whose leader is gone is rooted at its first member.
+    let root = match opts.scope {
+        Scope::Pgid => *members(5, opts.pid)?.first().ok_or(Error::Refused {
+            pid: opts.pid,
+            reason: "is not a process group: no process has it as its group ID".into(),
+        })?,
+        _ => opts.pid,
+    };
     if !PathBuf::from(format!("/proc/{root}")).exists() {
         return Err(Error::NoSuchProcess { pid: root });
     }
@@ -424,7 +443,7 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
     let mut set = FrozenSet::default();
     let mut zombie_pids = Vec::new();
     progress.set_message(format!("pid {root}: freezing"));
-    freeze(root, opts.scope, &mut set, &mut zombie_pids)?;
+    freeze(opts.pid, root, opts.scope, &mut set, &mut zombie_pids)?;
 
     let staging = Staging::new(&opts.dir)?;
     let mut stats = DumpStats::default();

@@ -31,12 +31,16 @@ enum Command {
             short = 't',
             long = "tree",
             value_name = "PID",
-            required_unless_present = "session"
+            required_unless_present_any = ["session", "pgid"]
         )]
         pid: Option<i32>,
         /// Dump every process of this session (its leader's PID), orphans included.
-        #[arg(long, value_name = "SID", conflicts_with = "pid")]
+        #[arg(long, value_name = "SID", conflicts_with_all = ["pid", "pgid"])]
         session: Option<i32>,
+        /// Dump every process of this process group (members' parents may be
+        /// outside it: they are restored as orphans, like a session's).
+        #[arg(long, value_name = "PGID", conflicts_with = "pid")]
+        pgid: Option<i32>,
         /// Where to write the image (must not exist, or be empty).
         #[arg(short = 'D', long = "images-dir", value_name = "DIR")]
         dir: PathBuf,
@@ -100,14 +104,16 @@ fn run(cli: Cli) -> Result<u8, Error> {
         Command::Dump {
             pid,
             session,
+            pgid,
             dir,
             leave_running,
             stop,
         } => {
-            let (pid, scope) = match (pid, session) {
-                (Some(pid), _) => (pid, Scope::Tree),
-                (None, Some(sid)) => (sid, Scope::Session),
-                (None, None) => unreachable!("clap requires one of them"),
+            let (pid, scope) = match (pid, session, pgid) {
+                (Some(pid), _, _) => (pid, Scope::Tree),
+                (None, Some(sid), _) => (sid, Scope::Session),
+                (None, None, Some(pgid)) => (pgid, Scope::Pgid),
+                (None, None, None) => unreachable!("clap requires one of them"),
             };
             let after = if leave_running {
                 AfterDump::LeaveRunning
