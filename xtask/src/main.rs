@@ -1,9 +1,11 @@
 //! crest's developer tasks (`cargo xtask …`).
 
 mod conformance;
+mod criu;
 mod matrix;
 mod run;
 mod support;
+mod vs_criu;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -50,8 +52,17 @@ enum Cmd {
     },
     /// Run one command in a guest of a kernel and print its output (debugging aid).
     VmRun(VmRunArgs),
-    /// Run the criterion benchmarks (`cargo bench -p crest-bench`).
+    /// Run the criterion benchmarks (`cargo bench -p crest-bench`), or with
+    /// --vs-criu crest and CRIU side by side on one workload (CRIU 4.1 is
+    /// provisioned into the cache when the system has none or an older one).
     Bench {
+        /// Compare with CRIU instead: interleaved samples, medians, ratios,
+        /// printed as a markdown table.
+        #[arg(long)]
+        vs_criu: bool,
+        #[command(flatten)]
+        vs: vs_criu::VsCriuArgs,
+        /// Arguments for `cargo bench` (without --vs-criu).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -246,6 +257,7 @@ fn bench(args: Vec<String>) -> Result<i32> {
 }
 
 fn main() {
+    vs_criu::hog_main_if_requested();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
@@ -260,7 +272,13 @@ fn main() {
         Cmd::Kernels => kernels(),
         Cmd::Images { kernels, mirror } => images(kernels, mirror),
         Cmd::VmRun(a) => vm_run(a),
-        Cmd::Bench { args } => bench(args),
+        Cmd::Bench { vs_criu, vs, args } => {
+            if vs_criu {
+                vs_criu::main(vs)
+            } else {
+                bench(args)
+            }
+        }
     };
     match r {
         Ok(code) => std::process::exit(code),

@@ -1,0 +1,515 @@
+//! `cargo xtask bench --vs-criu`: crest and CRIU on the same workload, one
+//! interleaved run (crest, CRIU, crest, CRIU, …), images on the same store.
+//!
+//! The workload is this binary re-executed as a "hog" with N MiB of dirty
+//! anonymous memory. Before every timed step a few GiB are touched and freed:
+//! this machine returns freed memory to its host, and the first touch of
+//! memory given back is several times slower than of memory still held,
+//! which would otherwise make whichever tool runs second look faster.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::criu::{self, Criu};
+
+const HOG_ENV: &str = "CREST_XTASK_HOG_MIB";
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct VsCriuArgs {
+    /// Dirty anonymous memory of the workload, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub mib: usize,
+    /// Samples per tool (medians are reported).
+    #[arg(long, default_value_t = 5)]
+    pub samples: usize,
+    /// Directory for the images of both tools (and the dd reference file).
+    #[arg(long, default_value = "/dev/shm/crest-vs-criu")]
+    pub store: PathBuf,
+    /// GiB touched and freed before every timed step.
+    #[arg(long, default_value_t = 3)]
+    pub warm_gib: usize,
+    /// Debian archive URL to provision CRIU from (default:
+    /// $CREST_DEBIAN_MIRROR, else the system's apt sources).
+    #[arg(long)]
+    pub mirror: Option<String>,
+}
+
+/// If this process was started as a hog, become one and never return.
+pub fn hog_main_if_requested() {
+    let Some(mib) = std::env::var(HOG_ENV)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    else {
+        return;
+    };
+    let len = mib << 20;
+    // SAFETY: a fresh private anonymous mapping, checked for failure.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED, "hog mmap");
+    // SAFETY: `p` maps `len` bytes we own.
+    let mem = unsafe { std::slice::from_raw_parts_mut(p.cast::<u8>(), len) };
+    // Every page non-zero and different (memset keeps a debug build fast).
+    mem.fill(0x5a);
+    for (i, page) in mem.chunks_mut(4096).enumerate() {
+        page[..8].copy_from_slice(&(i as u64).to_ne_bytes());
+    }
+    println!("ready");
+    // From now on only /dev/null: nothing ties the hog to this process.
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        use std::os::fd::AsRawFd;
+        // SAFETY: dup2 onto stdout/stderr.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), 1);
+            libc::dup2(null.as_raw_fd(), 2);
+        }
+    }
+    loop {
+        // SAFETY: pause() just waits for a signal.
+        unsafe { libc::pause() };
+    }
+}
+
+fn spawn_hog(mib: usize) -> Result<Child> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.env(HOG_ENV, mib.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    // SAFETY: async-signal-safe syscalls only.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("spawn hog")?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+    if line.trim() != "ready" {
+        bail!("hog did not start: {line:?}");
+    }
+    Ok(child)
+}
+
+/// Touches and frees `gib` GiB so that the next step runs on memory the
+/// machine holds (see the module comment).
+fn warm(gib: usize) {
+    let len = gib << 30;
+    if len == 0 {
+        return;
+    }
+    // SAFETY: a fresh private anonymous mapping, unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return;
+    }
+    // SAFETY: `p` maps `len` bytes we own.
+    let mem = unsafe { std::slice::from_raw_parts_mut(p.cast::<u8>(), len) };
+    mem.fill(1);
+    // SAFETY: unmapping exactly the mapping made above.
+    unsafe { libc::munmap(p, len) };
+}
+
+/// Kills `pid` (a restored process, reparented to us as subreaper) and reaps it.
+fn kill_and_reap(pid: i32) {
+    // SAFETY: plain kill/waitpid of a process we are the (sub)reaper of.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+    }
+}
+
+fn run_timed(mut cmd: Command, what: &str, log: &Path) -> Result<Duration> {
+    let t = Instant::now();
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("run {what}"))?;
+    let took = t.elapsed();
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}{}(log: {})",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            log.display()
+        );
+    }
+    Ok(took)
+}
+
+/// One sample of one tool.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    dump: Duration,
+    restore: Duration,
+    frozen: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tool {
+    Crest,
+    Criu,
+}
+
+struct Tools {
+    crest: PathBuf,
+    criu: Criu,
+}
+
+fn resident_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn sample(tool: Tool, tools: &Tools, a: &VsCriuArgs) -> Result<Sample> {
+    let dir = a.store.join(match tool {
+        Tool::Crest => "crest",
+        Tool::Criu => "criu",
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let mut hog = spawn_hog(a.mib)?;
+    let pid = hog.id() as i32;
+    warm(a.warm_gib);
+    let log = dir.join("dump.log");
+    let cmd = match tool {
+        Tool::Crest => {
+            let mut c = Command::new(&tools.crest);
+            c.args(["dump", "-t", &pid.to_string(), "-D"]).arg(&dir);
+            c
+        }
+        Tool::Criu => {
+            let mut c = tools.criu.command();
+            c.args(["dump", "-t", &pid.to_string(), "-D"])
+                .arg(&dir)
+                .arg("-o")
+                .arg(&log);
+            c
+        }
+    };
+    let dump = run_timed(cmd, &format!("{tool:?} dump"), &log);
+    let _ = hog.kill();
+    let _ = hog.wait();
+    let dump = dump?;
+    let frozen = match tool {
+        Tool::Crest => crest_frozen(&tools.crest, &dir)?,
+        Tool::Criu => {
+            let st = criu_dump_stats(&dir.join("stats-dump"))?;
+            Duration::from_micros(st.frozen_us)
+        }
+    };
+
+    warm(a.warm_gib);
+    let log = dir.join("restore.log");
+    let cmd = match tool {
+        Tool::Crest => {
+            let mut c = Command::new(&tools.crest);
+            c.args(["restore", "-d", "-D"]).arg(&dir);
+            c
+        }
+        Tool::Criu => {
+            let mut c = tools.criu.command();
+            c.args(["restore", "-d", "-D"])
+                .arg(&dir)
+                .arg("-o")
+                .arg(&log);
+            c
+        }
+    };
+    let restore = run_timed(cmd, &format!("{tool:?} restore"), &log);
+    let rss = resident_kib(pid);
+    kill_and_reap(pid);
+    let restore = restore?;
+    if rss < (a.mib as u64) << 10 {
+        bail!(
+            "{tool:?} restore: pid {pid} has {rss} KiB resident, less than the {} MiB dumped",
+            a.mib
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Sample {
+        dump,
+        restore,
+        frozen,
+    })
+}
+
+fn crest_frozen(crest: &Path, dir: &Path) -> Result<Duration> {
+    let out = Command::new(crest)
+        .args(["show", "--json"])
+        .arg(dir)
+        .output()
+        .context("crest show")?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("crest show --json")?;
+    let us = v["inventory"]["stats"]["frozen_us"]
+        .as_u64()
+        .context("no inventory.stats.frozen_us in the image")?;
+    Ok(Duration::from_micros(us))
+}
+
+/// The figures of CRIU's `stats-dump` this comparison uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CriuDumpStats {
+    pub freezing_us: u64,
+    pub frozen_us: u64,
+    pub memdump_us: u64,
+    pub memwrite_us: u64,
+    pub pages_written: u64,
+}
+
+fn varint(b: &[u8], i: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *b.get(*i)?;
+        *i += 1;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// Decodes `stats-dump`: a service-image magic, the stats magic, a u32
+/// length and a `stats_entry` protobuf whose field 1 is `dump_stats_entry`
+/// (1 freezing_time, 2 frozen_time, 3 memdump_time, 4 memwrite_time, all µs;
+/// 7 pages_written). Decoded by hand: it is five varints.
+pub fn parse_criu_dump_stats(img: &[u8]) -> Option<CriuDumpStats> {
+    const SERVICE_MAGIC: u32 = 0x5510_5940;
+    const STATS_MAGIC: u32 = 0x5709_3306;
+    let word = |at: usize| Some(u32::from_le_bytes(img.get(at..at + 4)?.try_into().ok()?));
+    if word(0)? != SERVICE_MAGIC || word(4)? != STATS_MAGIC {
+        return None;
+    }
+    let len = word(8)? as usize;
+    let entry = img.get(12..12 + len)?;
+    let mut i = 0;
+    while i < entry.len() {
+        let key = varint(entry, &mut i)?;
+        if key & 7 != 2 {
+            // Not length-delimited: skip a varint (only other kind used here).
+            varint(entry, &mut i)?;
+            continue;
+        }
+        let n = varint(entry, &mut i)? as usize;
+        let body = entry.get(i..i + n)?;
+        i += n;
+        if key >> 3 != 1 {
+            continue;
+        }
+        let mut s = CriuDumpStats::default();
+        let mut j = 0;
+        while j < body.len() {
+            let k = varint(body, &mut j)?;
+            if k & 7 != 0 {
+                return None;
+            }
+            let v = varint(body, &mut j)?;
+            match k >> 3 {
+                1 => s.freezing_us = v,
+                2 => s.frozen_us = v,
+                3 => s.memdump_us = v,
+                4 => s.memwrite_us = v,
+                7 => s.pages_written = v,
+                _ => {}
+            }
+        }
+        return Some(s);
+    }
+    None
+}
+
+fn criu_dump_stats(path: &Path) -> Result<CriuDumpStats> {
+    let b = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+    parse_criu_dump_stats(&b).with_context(|| format!("{}: not a CRIU stats image", path.display()))
+}
+
+/// Writes `mib` MiB of zeros to the store with dd (1 MiB blocks), as the
+/// reference for what the store absorbs.
+fn dd(store: &Path, mib: usize) -> Result<Duration> {
+    let f = store.join("dd.img");
+    let mut c = Command::new("dd");
+    c.arg("if=/dev/zero")
+        .arg(format!("of={}", f.display()))
+        .args(["bs=1M", &format!("count={mib}")])
+        .stderr(Stdio::null());
+    let took = run_timed(c, "dd", &f);
+    let _ = std::fs::remove_file(&f);
+    took
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn build_crest() -> Result<PathBuf> {
+    let st = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .current_dir(crate::support::workspace_root())
+        .args(["build", "--release", "-p", "crest-engine", "--bin", "crest"])
+        .status()
+        .context("cargo build crest")?;
+    if !st.success() {
+        bail!("building crest (release) failed ({st})");
+    }
+    Ok(crate::support::target_dir().join("release").join("crest"))
+}
+
+pub fn main(a: VsCriuArgs) -> Result<i32> {
+    if a.samples == 0 || a.mib == 0 {
+        bail!("--samples and --mib must be positive");
+    }
+    let criu = criu::ensure(a.mirror.as_deref())?;
+    let crest = build_crest()?;
+    // Restored processes (detached from crest and criu) become our children.
+    // SAFETY: prctl on ourselves.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    std::fs::create_dir_all(&a.store)?;
+    let tools = Tools { crest, criu };
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    eprintln!(
+        "crest {} vs CRIU {} ({}); {} MiB, {} samples, store {}, load {}",
+        tools.crest.display(),
+        tools.criu.version,
+        tools.criu.origin,
+        a.mib,
+        a.samples,
+        a.store.display(),
+        load.trim()
+    );
+    let mut crest = Vec::new();
+    let mut criu = Vec::new();
+    let mut dds = Vec::new();
+    for i in 0..a.samples {
+        warm(a.warm_gib);
+        dds.push(dd(&a.store, a.mib)?);
+        for tool in [Tool::Crest, Tool::Criu] {
+            let s = sample(tool, &tools, &a)?;
+            eprintln!(
+                "sample {}/{} {tool:?}: dump {:.0} ms, restore {:.0} ms, frozen {:.0} ms",
+                i + 1,
+                a.samples,
+                s.dump.as_secs_f64() * 1e3,
+                s.restore.as_secs_f64() * 1e3,
+                s.frozen.as_secs_f64() * 1e3
+            );
+            match tool {
+                Tool::Crest => crest.push(s),
+                Tool::Criu => criu.push(s),
+            }
+        }
+    }
+    let bytes = (a.mib as f64) * 1048576.0;
+    let gibs = |d: Duration| bytes / d.as_secs_f64() / (1u64 << 30) as f64;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let dd_med = median(dds);
+    println!(
+        "\n{} MiB dirty anonymous memory, images on {}, medians of {} interleaved samples",
+        a.mib,
+        a.store.display(),
+        a.samples
+    );
+    println!(
+        "\n| | crest | CRIU {} | crest/CRIU speed |",
+        tools.criu.version
+    );
+    println!("|---|---|---|---|");
+    type Pick = fn(&Sample) -> Duration;
+    let rows: [(&str, Pick, bool); 3] = [
+        ("dump", |s| s.dump, true),
+        ("restore", |s| s.restore, true),
+        ("frozen", |s| s.frozen, false),
+    ];
+    for (name, pick, rate) in rows {
+        let c = median(crest.iter().map(pick).collect());
+        let r = median(criu.iter().map(pick).collect());
+        let cell = |d: Duration| {
+            if rate {
+                format!("{:.0} ms ({:.2} GiB/s)", ms(d), gibs(d))
+            } else {
+                format!("{:.0} ms", ms(d))
+            }
+        };
+        println!(
+            "| {name} | {} | {} | {:.2}× |",
+            cell(c),
+            cell(r),
+            r.as_secs_f64() / c.as_secs_f64()
+        );
+    }
+    println!(
+        "| dd to the store (1 MiB blocks) | {:.0} ms ({:.2} GiB/s) | | |",
+        ms(dd_med),
+        gibs(dd_med)
+    );
+    let c_dump = median(crest.iter().map(|s| s.dump).collect());
+    println!(
+        "\ncrest dump reaches {:.0}% of dd's rate to the store. crest's frozen time runs from the first freeze to the image being complete; CRIU's is its stats-dump frozen_time (freezing not included).",
+        100.0 * dd_med.as_secs_f64() / c_dump.as_secs_f64()
+    );
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn criu_stats_decode() {
+        // service magic, stats magic, len, stats_entry{dump{1:5,2:300,3:7,4:9,7:262144}}
+        let dump: Vec<u8> = vec![
+            0x08, 5, 0x10, 0xac, 0x02, 0x18, 7, 0x20, 9, 0x38, 0x80, 0x80, 0x10,
+        ];
+        let mut entry = vec![0x0a, dump.len() as u8];
+        entry.extend(&dump);
+        let mut img = Vec::new();
+        img.extend(0x5510_5940u32.to_le_bytes());
+        img.extend(0x5709_3306u32.to_le_bytes());
+        img.extend((entry.len() as u32).to_le_bytes());
+        img.extend(&entry);
+        let s = parse_criu_dump_stats(&img).unwrap();
+        assert_eq!(
+            s,
+            CriuDumpStats {
+                freezing_us: 5,
+                frozen_us: 300,
+                memdump_us: 7,
+                memwrite_us: 9,
+                pages_written: 262144
+            }
+        );
+        assert!(parse_criu_dump_stats(&img[..10]).is_none());
+        assert!(parse_criu_dump_stats(&[0; 16]).is_none());
+    }
+}
