@@ -504,7 +504,7 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
                 .to_string(),
         });
     }
-    check_sessions(&images, &zombies)?;
+    let lost_session_leaders = check_sessions(&images, &zombies)?;
 
     stats.frozen_us = started.elapsed().as_micros() as u64;
     let mut meta = MetaWriter::new(&Header::current());
@@ -516,6 +516,7 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
             zombies,
             shared_files,
             pipes,
+            lost_session_leaders,
             stats: stats.clone(),
         },
     );
@@ -630,16 +631,61 @@ fn held_lock(pid: i32, files: &files::FilesImage) -> Option<String> {
     })
 }
 
+/// Whether the leader of session `sid` has exited: no process has that PID,
+/// or the PID was reused by a process of another session.
+fn session_leader_gone(sid: i32) -> bool {
+    stat_fields(sid).map_or(true, |f| stat_field(&f, 6) != sid as i64)
+}
+
 /// Restore recreates sessions by having each session leader call setsid()
 /// before it forks its children: every process must be in its own session, its
 /// parent's, or (orphans) the root's, or one whose leader is outside the dump
-/// (then it joins the restorer's session, as stdio is rebound to the restorer's).
-fn check_sessions(images: &[ProcessImage], zombies: &[Zombie]) -> Result<()> {
+/// (then it joins the restorer's session, as stdio is rebound to the restorer's),
+/// or one whose leader has exited. Returns those lost leaders: a helper takes
+/// each one's PID at restore, calls setsid() and forks the members that entered
+/// the session from its parent; they must all have one parent (which is then a
+/// subreaper: that is how they were reparented to it) or none in the dump.
+fn check_sessions(images: &[ProcessImage], zombies: &[Zombie]) -> Result<Vec<i32>> {
     let sid_of = |pid: i32| images.iter().find(|p| p.pid == pid).map(|p| p.sid);
     let in_dump =
         |pid: i32| images.iter().any(|p| p.pid == pid) || zombies.iter().any(|z| z.pid == pid);
+    let mut lost: Vec<i32> = Vec::new();
     for p in images {
         let parent_sid = sid_of(p.ppid);
+        if p.sid != p.pid
+            && parent_sid != Some(p.sid)
+            && !in_dump(p.sid)
+            && session_leader_gone(p.sid)
+        {
+            let entry_parents: Vec<i32> = images
+                .iter()
+                .filter(|q| q.sid == p.sid && sid_of(q.ppid) != Some(p.sid))
+                .map(|q| if in_dump(q.ppid) { q.ppid } else { 0 })
+                .collect();
+            if entry_parents.iter().any(|&pp| pp != entry_parents[0]) {
+                return Err(Error::unsupported(
+                    p.pid,
+                    format!(
+                        "is in session {} whose leader exited, with members under different parents",
+                        p.sid
+                    ),
+                ));
+            }
+            let parent = images.iter().find(|q| q.pid == p.ppid);
+            if parent.is_some_and(|q| !q.state.child_subreaper) {
+                return Err(Error::unsupported(
+                    p.pid,
+                    format!(
+                        "is in session {} whose leader exited, under parent {} that is not a subreaper",
+                        p.sid, p.ppid
+                    ),
+                ));
+            }
+            if !lost.contains(&p.sid) {
+                lost.push(p.sid);
+            }
+            continue;
+        }
         // Orphans are forked (through a helper) by the root, so they get its session.
         let root_sid = images.first().map(|r| r.sid);
         let ok = p.sid == p.pid
@@ -655,7 +701,7 @@ fn check_sessions(images: &[ProcessImage], zombies: &[Zombie]) -> Result<()> {
             ));
         }
     }
-    Ok(())
+    Ok(lost)
 }
 
 fn collect_process(

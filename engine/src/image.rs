@@ -71,6 +71,11 @@ pub struct Inventory {
     /// Pipes with both ends in the dump, with their unread data.
     #[serde(default)]
     pub pipes: Vec<crate::pipes::PipeImage>,
+    /// Sessions whose leader had exited (its PID is the session ID): restore
+    /// recreates each through a helper with that PID that calls setsid(),
+    /// forks the members, and exits, as CRIU does.
+    #[serde(default)]
+    pub lost_session_leaders: Vec<i32>,
     pub stats: DumpStats,
 }
 
@@ -373,6 +378,7 @@ mod tests {
                 zombies: vec![],
                 shared_files: vec![],
                 pipes: vec![],
+                lost_session_leaders: vec![],
                 stats: DumpStats::default(),
             },
         );

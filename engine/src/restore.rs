@@ -212,6 +212,14 @@ struct ChildPlan {
     /// Processes whose parent is outside the image (orphans reparented to init
     /// or a subreaper): the root creates each through a helper that exits.
     orphans: Vec<usize>,
+    /// Sessions whose leader had exited, with the members that entered them
+    /// from this process: a helper takes the leader's PID, calls setsid(),
+    /// forks them and exits, so they are reparented to this process.
+    lost_sessions: Vec<(i32, Vec<usize>)>,
+    /// Created through a helper that exits (orphans, lost-session members).
+    reparented: bool,
+    /// Was a child subreaper: must be one before lost-session helpers exit.
+    subreaper: bool,
     /// Zombie children it forks: (pid, wait status, own group, own session, name).
     zombies: Vec<(i32, i32, bool, bool, CString)>,
     fds: Vec<files::FdImage>,
@@ -242,6 +250,12 @@ fn plan_tree(image: &Image) -> Result<Vec<ChildPlan>> {
     let base = shared_base(image);
     warn_unraisable_limits(image);
     let own_maps = proc::maps(std::process::id() as i32)?;
+    let known = |pid: i32| image.processes.iter().any(|q| q.pid == pid);
+    let sid_of = |pid: i32| image.processes.iter().find(|q| q.pid == pid).map(|q| q.sid);
+    // A member of a session whose leader exited, whose parent is not in it.
+    let enters_lost = |q: &ProcessImage| {
+        image.inventory.lost_session_leaders.contains(&q.sid) && sid_of(q.ppid) != Some(q.sid)
+    };
     let mut plans = Vec::new();
     for p in &image.processes {
         let thread = &p.threads[0];
@@ -265,22 +279,44 @@ fn plan_tree(image: &Image) -> Result<Vec<ChildPlan>> {
             .processes
             .iter()
             .enumerate()
-            .filter(|(_, c)| c.ppid == p.pid && c.pid != image.inventory.root_pid)
+            .filter(|(_, c)| {
+                c.ppid == p.pid && c.pid != image.inventory.root_pid && !enters_lost(c)
+            })
             .map(|(i, _)| i)
             .collect();
         let is_root = p.pid == image.inventory.root_pid;
         let orphans = if is_root {
-            let known = |pid: i32| image.processes.iter().any(|q| q.pid == pid);
             image
                 .processes
                 .iter()
                 .enumerate()
-                .filter(|(_, q)| q.pid != p.pid && !known(q.ppid))
+                .filter(|(_, q)| q.pid != p.pid && !known(q.ppid) && !enters_lost(q))
                 .map(|(i, _)| i)
                 .collect()
         } else {
             Vec::new()
         };
+        let lost_sessions = image
+            .inventory
+            .lost_session_leaders
+            .iter()
+            .map(|&sid| {
+                let members = image
+                    .processes
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, q)| {
+                        q.sid == sid
+                            && enters_lost(q)
+                            && (q.ppid == p.pid || (is_root && !known(q.ppid)))
+                    })
+                    .map(|(i, _)| i)
+                    .collect::<Vec<_>>();
+                (sid, members)
+            })
+            .filter(|(_, members)| !members.is_empty())
+            .collect();
+        let reparented = p.pid != image.inventory.root_pid && (!known(p.ppid) || enters_lost(p));
         let zombies = image
             .inventory
             .zombies
@@ -301,6 +337,9 @@ fn plan_tree(image: &Image) -> Result<Vec<ChildPlan>> {
             session_leader: p.sid == p.pid,
             children,
             orphans,
+            lost_sessions,
+            reparented,
+            subreaper: p.state.child_subreaper,
             zombies,
             fds: p.files.fds.clone(),
             map_files,
@@ -659,6 +698,10 @@ fn set_process_groups(image: &Image, plans: &[ChildPlan]) -> Result<()> {
             if p.sid == p.pid || (p.pgid == p.pid) != leaders_first {
                 continue; // a session leader already leads its group
             }
+            // Members of a lost session joined its group from their helper.
+            if image.inventory.lost_session_leaders.contains(&p.pgid) {
+                continue;
+            }
             if !leaders_first && !in_image(p.pgid) {
                 if image.inventory.zombies.iter().any(|z| z.pid == p.pgid) {
                     return Err(Error::unsupported(
@@ -765,7 +808,7 @@ fn process_main(
         unregister_own_rseq();
         // Should our parent (another restore child, or crest) die, so do we.
         // Not for orphans: their parent is a helper that exits at once.
-        if !plans[0].orphans.contains(&idx) {
+        if !plan.reparented {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
         }
         if report_fd != plan.err_fd {
@@ -814,6 +857,57 @@ fn process_main(
         }
         // SAFETY: reaping the helper we just forked.
         unsafe { libc::waitpid(helper, std::ptr::null_mut(), 0) };
+        drop_pending_sigchld();
+    }
+    // Lost members are reparented to us when their helper exits: only if we
+    // are a subreaper by then (the restorer sets the rest of our state later).
+    if plan.subreaper && !plan.lost_sessions.is_empty() {
+        // SAFETY: a prctl with plain values on ourselves.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) };
+    }
+    for (sid, members) in &plan.lost_sessions {
+        let err_fd = plan.err_fd;
+        let r = clone_with_pid(*sid, deadline, || {
+            // SAFETY: the helper leads the lost session, forks its members
+            // and leaves without unwinding; they are reparented to us.
+            if unsafe { libc::setsid() } < 0 {
+                report(format!(
+                    "err {} {}\n",
+                    plan.pid,
+                    errno_msg("setsid in the session helper")
+                ));
+                unsafe { libc::_exit(1) };
+            }
+            for &m in members {
+                if let Err(e) = clone_with_pid(plans[m].pid, deadline, || {
+                    process_main(m, plans, err_fd, deadline)
+                }) {
+                    report(match e {
+                        CloneError::Taken(pid) => format!("err {} taken {pid}\n", plan.pid),
+                        CloneError::Other(e) => format!("err {} {e}\n", plan.pid),
+                    });
+                    // SAFETY: leaving the helper without unwinding.
+                    unsafe { libc::_exit(1) };
+                }
+            }
+            // SAFETY: as above.
+            unsafe { libc::_exit(0) }
+        });
+        match r {
+            // SAFETY: reaping the helper we just cloned.
+            Ok(helper) => unsafe {
+                libc::waitpid(helper, std::ptr::null_mut(), 0);
+                drop_pending_sigchld();
+            },
+            Err(e) => {
+                report(match e {
+                    CloneError::Taken(pid) => format!("err {} taken {pid}\n", plan.pid),
+                    CloneError::Other(e) => format!("err {} {e}\n", plan.pid),
+                });
+                // SAFETY: leaving without unwinding.
+                unsafe { libc::_exit(1) };
+            }
+        }
     }
     for (pid, status, own_group, own_session, name) in &plan.zombies {
         let (pid, status, own_group, own_session) = (*pid, *status, *own_group, *own_session);
@@ -852,14 +946,7 @@ fn process_main(
                     &mut info,
                     libc::WEXITED | libc::WNOWAIT,
                 );
-                let mut chld: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut chld);
-                libc::sigaddset(&mut chld, libc::SIGCHLD);
-                let zero = libc::timespec {
-                    tv_sec: 0,
-                    tv_nsec: 0,
-                };
-                libc::sigtimedwait(&chld, std::ptr::null_mut(), &zero);
+                drop_pending_sigchld();
             },
             Err(e) => {
                 report(match e {
@@ -886,6 +973,22 @@ fn process_main(
         loop {
             libc::pause();
         }
+    }
+}
+
+/// Drops the SIGCHLD a helper's or a zombie's death queued for us (all our
+/// signals are blocked): the dumped process had not had it.
+fn drop_pending_sigchld() {
+    // SAFETY: sigtimedwait with a zero timeout only dequeues a pending SIGCHLD.
+    unsafe {
+        let mut chld: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut chld);
+        libc::sigaddset(&mut chld, libc::SIGCHLD);
+        let zero = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        libc::sigtimedwait(&chld, std::ptr::null_mut(), &zero);
     }
 }
 

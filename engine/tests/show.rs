@@ -29,6 +29,7 @@ fn fixture_image(dir: &std::path::Path) {
             zombies: vec![],
             shared_files: vec![],
             pipes: vec![],
+            lost_session_leaders: vec![],
             stats,
         },
     );
