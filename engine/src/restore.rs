@@ -876,6 +876,7 @@ fn process_main(
                     plan.pid,
                     errno_msg("setsid in the session helper")
                 ));
+                // SAFETY: leaving the helper without unwinding.
                 unsafe { libc::_exit(1) };
             }
             for &m in members {
