@@ -29,6 +29,7 @@ fn bench_dump(c: &mut Criterion) {
                             dir: dir.0.clone(),
                             after: AfterDump::LeaveRunning,
                             scope: crest_engine::dump::Scope::Tree,
+                            tcp_established: false,
                         };
                         let t = Instant::now();
                         let stats = dump(&opts, &bar).expect("dump");

@@ -23,6 +23,7 @@ fn bench_restore(c: &mut Criterion) {
                     dir: dir.0.clone(),
                     after: AfterDump::Kill,
                     scope: crest_engine::dump::Scope::Tree,
+                    tcp_established: false,
                 },
                 &bar,
             )

@@ -51,6 +51,9 @@ pub struct DumpOptions {
     pub dir: PathBuf,
     pub after: AfterDump,
     pub scope: Scope,
+    /// Carry established TCP connections whose peer is outside the dump (as
+    /// CRIU's `--tcp-established`); without it they are refused.
+    pub tcp_established: bool,
 }
 
 /// One seized thread, its registers and signal mask at the freeze. While
@@ -124,6 +127,8 @@ struct FrozenSet {
 impl FrozenSet {
     fn release_all(&mut self, sig: Option<Signal>) -> Result<()> {
         self.released = true;
+        // Their TCP connections first, so no program runs with one still in repair mode.
+        crate::tcp::leave_repair_all();
         let mut first_err = None;
         for p in &mut self.procs {
             match p.release(sig) {
@@ -460,33 +465,50 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
         pipes
     };
     save_shared_memory(&images, staging.path(), &mut shared_files)?;
+    // The first process and fd holding shared file `id`, for messages.
+    let holder = |id: u32| {
+        images
+            .iter()
+            .find_map(|p| {
+                p.files
+                    .fds
+                    .iter()
+                    .find(|f| f.kind == files::FdKind::Shared { id })
+                    .map(|f| (p.pid, f.fd))
+            })
+            .unwrap_or((root, -1))
+    };
     for sf in &shared_files {
-        if let files::FdKind::UnixPair(end) = &sf.file {
-            let peer_here = shared_files
-                .iter()
-                .any(|o| matches!(&o.file, files::FdKind::UnixPair(e) if e.inode == end.peer));
-            if !peer_here {
-                let holder = images.iter().find(|p| {
-                    p.files
-                        .fds
-                        .iter()
-                        .any(|f| f.kind == files::FdKind::Shared { id: sf.id })
-                });
-                let (pid, fd) = holder.map_or((root, -1), |p| {
-                    (
-                        p.pid,
-                        p.files
-                            .fds
-                            .iter()
-                            .find(|f| f.kind == files::FdKind::Shared { id: sf.id })
-                            .map_or(-1, |f| f.fd),
-                    )
-                });
-                return Err(Error::unsupported(
-                    pid,
-                    format!("fd {fd} is a unix socket connected to a process outside the dump"),
-                ));
+        match &sf.file {
+            files::FdKind::UnixPair(end) => {
+                let peer_here = shared_files
+                    .iter()
+                    .any(|o| matches!(&o.file, files::FdKind::UnixPair(e) if e.inode == end.peer));
+                if !peer_here {
+                    let (pid, fd) = holder(sf.id);
+                    return Err(Error::unsupported(
+                        pid,
+                        format!("fd {fd} is a unix socket connected to a process outside the dump"),
+                    ));
+                }
             }
+            files::FdKind::TcpConn(c) if !opts.tcp_established => {
+                let peer_here = shared_files
+                    .iter()
+                    .any(|o| matches!(&o.file, files::FdKind::TcpConn(p) if p.is_peer_of(c)));
+                if !peer_here {
+                    let (pid, fd) = holder(sf.id);
+                    return Err(Error::unsupported(
+                        pid,
+                        format!(
+                            "fd {fd} is a TCP connection {} to a peer outside the dump \
+                             (--tcp-established carries it)",
+                            c.describe()
+                        ),
+                    ));
+                }
+            }
+            _ => {}
         }
     }
     let mut zombies = Vec::new();
@@ -539,6 +561,8 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
                     let _ = waitpid(t.tracee.nix_pid(), Some(WaitPidFlag::__WALL));
                 }
             }
+            // Their connections closed in repair mode, without a FIN or RST.
+            crate::tcp::forget_repaired();
         }
         AfterDump::LeaveRunning => set.release_all(None)?,
         AfterDump::Stop => set.release_all(Some(Signal::SIGSTOP))?,

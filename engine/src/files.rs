@@ -85,6 +85,9 @@ pub enum FdKind {
     UnixPair(crate::sockets::UnixEnd),
     /// A listening TCP socket (as a shared file: recreated by the restorer).
     TcpListen(crate::sockets::TcpListen),
+    /// An established TCP connection (as a shared file: recreated by the
+    /// restorer with TCP_REPAIR, once every connection of the image exists).
+    TcpConn(crate::tcp::TcpConn),
     /// One end of a pipe (only as the description of a shared file: the
     /// restorer creates each pipe once and fills it with its unread data).
     Pipe {
@@ -140,7 +143,10 @@ pub fn find_shared(procs: &mut [(i32, &mut FilesImage)], shared: &mut Vec<Shared
             }
             if matches!(
                 f.kind,
-                FdKind::Eventfd { .. } | FdKind::Signalfd { .. } | FdKind::TcpListen(_)
+                FdKind::Eventfd { .. }
+                    | FdKind::Signalfd { .. }
+                    | FdKind::TcpListen(_)
+                    | FdKind::TcpConn(_)
             ) {
                 // Created once by the restorer; held by one process or several.
                 let seen = owners
@@ -325,6 +331,7 @@ pub fn collect(pid: i32) -> Result<FilesImage> {
                 {
                     Ok(crate::sockets::Collected::Unix(end)) => FdKind::UnixPair(end),
                     Ok(crate::sockets::Collected::TcpListen(l)) => FdKind::TcpListen(l),
+                    Ok(crate::sockets::Collected::TcpConn(c)) => FdKind::TcpConn(c),
                     Err(what) => return refuse(what),
                 }
             }
@@ -643,6 +650,7 @@ pub fn open_for_restore(f: &FdImage) -> std::result::Result<Option<i32>, String>
         | FdKind::Pipe { .. }
         | FdKind::UnixPair(_)
         | FdKind::TcpListen(_)
+        | FdKind::TcpConn(_)
         | FdKind::Shmem { .. }
         | FdKind::Epoll { .. } => return Ok(None),
     };

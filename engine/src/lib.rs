@@ -19,6 +19,7 @@ pub mod restore;
 pub mod show;
 pub mod sockets;
 pub mod task;
+pub mod tcp;
 
 use serde::{Deserialize, Serialize};
 

@@ -47,6 +47,10 @@ enum Command {
         /// Let the process continue after the dump.
         #[arg(long, conflicts_with = "stop")]
         leave_running: bool,
+        /// Carry established TCP connections to peers outside the dump
+        /// (TCP_REPAIR); without it such a connection is refused.
+        #[arg(long)]
+        tcp_established: bool,
         /// Leave the process stopped (SIGSTOP) after the dump.
         #[arg(long)]
         stop: bool,
@@ -107,6 +111,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
             pgid,
             dir,
             leave_running,
+            tcp_established,
             stop,
         } => {
             let (pid, scope) = match (pid, session, pgid) {
@@ -129,6 +134,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
                     dir,
                     after,
                     scope,
+                    tcp_established,
                 },
                 &bar,
             )?;

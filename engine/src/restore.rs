@@ -452,10 +452,33 @@ fn restore_tree(
         .collect();
     let sockets = crate::sockets::create(&unix_ends)?;
     let mut shared_fds = Vec::new();
-    for sf in &image.inventory.shared_files {
+    let is_conn = |sf: &&files::SharedFile| matches!(sf.file, FdKind::TcpConn(_));
+    for sf in image
+        .inventory
+        .shared_files
+        .iter()
+        .filter(|sf| !is_conn(sf))
+    {
         let at = plans[0].shared_base + sf.id as i32;
         shared_fds.push(open_shared(&image.dir, sf, at, &pipes, &sockets)?);
     }
+    // TCP connections after the listeners: a listener binds its port normally,
+    // an accepted connection on the same port then binds it in repair mode.
+    let conns: Vec<crate::tcp::TcpConn> = image
+        .inventory
+        .shared_files
+        .iter()
+        .filter_map(|sf| match &sf.file {
+            FdKind::TcpConn(c) => Some(c.clone()),
+            _ => None,
+        })
+        .collect();
+    let conns = crate::tcp::create(&conns)?;
+    for sf in image.inventory.shared_files.iter().filter(is_conn) {
+        let at = plans[0].shared_base + sf.id as i32;
+        shared_fds.push(open_shared(&image.dir, sf, at, &pipes, &conns)?);
+    }
+    drop(conns);
     // Every end now sits at its shared slot.
     drop(pipes);
     drop(sockets);
@@ -540,23 +563,23 @@ fn open_shared(
             crc32c,
         } => (create_shmem(dir, *inode, *size, *crc32c)?, None),
         FdKind::TcpListen(l) => (crate::sockets::restore_listen(l)?, Some(l.flags)),
-        FdKind::UnixPair(e) => {
-            let (_, sock) = sockets.iter().find(|(i, _)| *i == e.inode).ok_or_else(|| {
+        FdKind::UnixPair(crate::sockets::UnixEnd { inode, flags, .. })
+        | FdKind::TcpConn(crate::tcp::TcpConn { inode, flags, .. }) => {
+            let (_, sock) = sockets.iter().find(|(i, _)| i == inode).ok_or_else(|| {
                 Error::Restore(format!(
-                    "shared file {}: unix socket {} was not created",
-                    sf.id, e.inode
+                    "shared file {}: socket {inode} was not created",
+                    sf.id
                 ))
             })?;
             // SAFETY: dup of an fd we own; the copy is owned below.
             let fd = unsafe { libc::fcntl(sock.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
             if fd < 0 {
                 return Err(Error::Restore(format!(
-                    "unix socket {}: dup: {}",
-                    e.inode,
+                    "socket {inode}: dup: {}",
                     std::io::Error::last_os_error()
                 )));
             }
-            (fd, Some(e.flags))
+            (fd, Some(*flags))
         }
         FdKind::Pipe {
             inode,

@@ -252,6 +252,7 @@ pub fn render(image: &Image) -> String {
                 FdKind::UnixPair(e) => {
                     format!("unix socket {} paired with {}{cloexec}", e.inode, e.peer)
                 }
+                FdKind::TcpConn(c) => format!("TCP connection {}{cloexec}", c.describe()),
                 FdKind::Signalfd { mask, .. } => {
                     format!("signalfd for [{}]{cloexec}", mask_names(*mask).join(" "))
                 }
@@ -294,10 +295,16 @@ pub fn render(image: &Image) -> String {
                         Some(FdKind::TcpListen(l)) => {
                             format!(
                                 "listening TCP socket {}, backlog {} (shared{cloexec})",
-                                socket_addr(&l.addr),
+                                crate::tcp::addr_text(&l.addr),
                                 l.backlog
                             )
                         }
+                        Some(FdKind::TcpConn(c)) => format!(
+                            "TCP connection {} ({} bytes to send, {} received unread{cloexec})",
+                            c.describe(),
+                            c.send_queue.len(),
+                            c.recv_queue.len()
+                        ),
                         Some(FdKind::Eventfd { count, .. }) => {
                             format!("eventfd, counter {count} (shared{cloexec})")
                         }
@@ -315,28 +322,6 @@ pub fn render(image: &Image) -> String {
         }
     }
     o
-}
-
-/// A saved sockaddr_in/sockaddr_in6 as text.
-fn socket_addr(raw: &[u8]) -> String {
-    let family = raw
-        .get(..2)
-        .map(|b| u16::from_ne_bytes([b[0], b[1]]) as i32);
-    let port = raw
-        .get(2..4)
-        .map(|b| u16::from_be_bytes([b[0], b[1]]))
-        .unwrap_or(0);
-    match family {
-        Some(libc::AF_INET) if raw.len() >= 8 => format!(
-            "{}:{port}",
-            std::net::Ipv4Addr::new(raw[4], raw[5], raw[6], raw[7])
-        ),
-        Some(libc::AF_INET6) if raw.len() >= 24 => {
-            let a: [u8; 16] = raw[8..24].try_into().expect("16 bytes");
-            format!("[{}]:{port}", std::net::Ipv6Addr::from(a))
-        }
-        _ => "?".into(),
-    }
 }
 
 fn list_or_none(v: Vec<String>) -> String {

@@ -250,6 +250,7 @@ fn peek_queue(pid: i32, fd: i32, sock: &OwnedFd, stream: bool) -> Result<Vec<Mes
 pub enum Collected {
     Unix(UnixEnd),
     TcpListen(TcpListen),
+    TcpConn(crate::tcp::TcpConn),
 }
 
 pub fn collect(pid: i32, fd: i32, flags: i32) -> Result<std::result::Result<Collected, String>> {
@@ -268,7 +269,12 @@ pub fn collect(pid: i32, fd: i32, flags: i32) -> Result<std::result::Result<Coll
     match domain {
         libc::AF_UNIX => {}
         libc::AF_INET | libc::AF_INET6 if ty == libc::SOCK_STREAM => {
-            return Ok(collect_listen(pid, &sock, domain, flags)?.map(Collected::TcpListen))
+            if sockopt(s, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) == 0 {
+                return Ok(
+                    crate::tcp::collect(pid, fd, &sock, domain, flags)?.map(Collected::TcpConn)
+                );
+            }
+            return Ok(collect_listen(pid, &sock, domain, flags)?.map(Collected::TcpListen));
         }
         libc::AF_INET | libc::AF_INET6 if ty == libc::SOCK_DGRAM => {
             return Ok(Err("a UDP socket".into()))
@@ -441,9 +447,6 @@ fn collect_listen(
     flags: i32,
 ) -> Result<std::result::Result<TcpListen, String>> {
     let s = sock.as_raw_fd();
-    if sockopt(s, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) == 0 {
-        return Ok(Err("a TCP socket".into()));
-    }
     // SAFETY: fstat and getsockname write into buffers we own.
     let (inode, addr) = unsafe {
         let mut st: libc::stat = std::mem::zeroed();

@@ -61,14 +61,14 @@ fn dumping_a_pid_that_does_not_exist_is_a_clear_error() {
 fn unsupported_resource_is_refused_and_the_target_keeps_running() {
     require_root!();
     use std::os::unix::process::CommandExt;
-    // coreutils `sleep` holding a TCP socket on fd 5, which the engine cannot carry yet.
+    // coreutils `sleep` holding a netlink socket on fd 5, which the engine does not carry.
     let mut cmd = std::process::Command::new("sleep");
     cmd.arg("30");
     // SAFETY: only async-signal-safe syscalls between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
             libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            let s = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            let s = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE);
             if s < 0 || libc::dup2(s, 5) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -85,7 +85,7 @@ fn unsupported_resource_is_refused_and_the_target_keeps_running() {
     assert_eq!(out.status.code(), Some(crest_engine::EXIT_UNSUPPORTED));
     assert_eq!(
         stderr_of(&out),
-        format!("crest: error: pid {pid}: fd 5 is a TCP socket: not supported yet\n")
+        format!("crest: error: pid {pid}: fd 5 is a netlink socket: not supported yet\n")
     );
     assert!(!tmp.path().join("img").exists());
     assert_unharmed(pid);
@@ -314,4 +314,71 @@ fn a_pid_in_use_is_named_in_the_error() {
     );
     assert_unharmed(w.pid);
     finish(&mut w);
+}
+
+#[test]
+fn a_tcp_connection_to_a_peer_outside_the_dump_is_refused_unless_asked() {
+    require_root!();
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    // `sleep` holds one end of a loopback connection on fd 5; this test holds the other.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let client = std::net::TcpStream::connect(addr).unwrap();
+    let (mut server, _) = l.accept().unwrap();
+    let local = client.local_addr().unwrap();
+    let cfd = client.as_raw_fd();
+    let mut cmd = std::process::Command::new("sleep");
+    cmd.arg("30");
+    // SAFETY: only async-signal-safe syscalls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(cfd, 5) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::syscall(libc::SYS_close_range, 6u32, u32::MAX, 0u32);
+            libc::syscall(libc::SYS_close_range, 3u32, 4u32, 0u32);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(client);
+    let pid = child.id() as i32;
+    wait_for_file(format!("/proc/{pid}/fd/5").as_ref(), TIMEOUT);
+    std::thread::sleep(Duration::from_millis(50));
+    let tmp = tempfile::tempdir().unwrap();
+    let out = dump(pid, &tmp.path().join("img"), &[]);
+    assert_eq!(out.status.code(), Some(crest_engine::EXIT_UNSUPPORTED));
+    assert_eq!(
+        stderr_of(&out),
+        format!(
+            "crest: error: pid {pid}: fd 5 is a TCP connection {local} → {addr} to a peer \
+             outside the dump (--tcp-established carries it): not supported yet\n"
+        )
+    );
+    assert!(!tmp.path().join("img").exists());
+    assert_unharmed(pid);
+    // Out of repair mode again: what the peer sends is acknowledged and queued.
+    server.write_all(b"still connected").unwrap();
+    let out = dump(
+        pid,
+        &tmp.path().join("img2"),
+        &["--tcp-established", "--leave-running"],
+    );
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_unharmed(pid);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Out of repair mode, its end closes with a FIN or RST (in repair mode it
+    // would vanish silently and this read would time out).
+    server
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    match server.read(&mut b) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the connection did not close: {other:?}"),
+    }
 }

@@ -288,10 +288,31 @@ fn tcp_established(ctl: &Ctl, c: &mut Checks) {
     let addr = l.local_addr().unwrap_or_else(|e| fail(&format!("{e}")));
     let mut cl = TcpStream::connect(addr).unwrap_or_else(|e| fail(&format!("connect: {e}")));
     let (mut sv, _) = l.accept().unwrap_or_else(|e| fail(&format!("accept: {e}")));
-    let up = pattern(100_000, SEED);
+    // The client writes until its send queue is full too (non-blocking), so
+    // both the server's receive queue and the client's unsent data are carried.
+    let mut up = pattern(6 << 20, SEED);
     let down = pattern(5000, SEED + 1);
-    cl.write_all(&up)
-        .unwrap_or_else(|e| fail(&format!("write: {e}")));
+    cl.set_nonblocking(true)
+        .unwrap_or_else(|e| fail(&format!("O_NONBLOCK: {e}")));
+    cl.set_nodelay(true)
+        .unwrap_or_else(|e| fail(&format!("TCP_NODELAY: {e}")));
+    let mut sent = 0;
+    while sent < up.len() {
+        match cl.write(&up[sent..]) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // Let the kernel move what it can into the server's queue, then top up.
+                std::thread::sleep(Duration::from_millis(20));
+                match cl.write(&up[sent..]) {
+                    Ok(n) => sent += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => fail(&format!("write: {e}")),
+                }
+            }
+            Err(e) => fail(&format!("write: {e}")),
+        }
+    }
+    up.truncate(sent);
     sv.write_all(&down)
         .unwrap_or_else(|e| fail(&format!("write: {e}")));
     let ends = (
@@ -314,6 +335,13 @@ fn tcp_established(ctl: &Ctl, c: &mut Checks) {
         ),
         ends,
     );
+    c.eq("client TCP_NODELAY", cl.nodelay().ok(), Some(true));
+    // SAFETY: fcntl with no pointer arguments.
+    let fl = unsafe { libc::fcntl(cl.as_raw_fd(), libc::F_GETFL) };
+    c.check(fl >= 0 && fl & libc::O_NONBLOCK != 0, || {
+        "the client lost O_NONBLOCK".into()
+    });
+    let _ = cl.set_nonblocking(false);
     for (s, want, what) in [
         (&mut sv, &up, "client→server"),
         (&mut cl, &down, "server→client"),

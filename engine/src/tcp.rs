@@ -1,0 +1,765 @@
+//! Established TCP connections, carried with `TCP_REPAIR` (as CRIU's soccr).
+//!
+//! Collect puts the socket (duplicated into crest with `pidfd_getfd`) in
+//! repair mode, which freezes its state without a FIN or RST: sequence
+//! numbers (`TCP_QUEUE_SEQ`), both queues (peeked in repair mode), the
+//! negotiated options, timestamp and window. Every socket put in repair mode
+//! is remembered: [`leave_repair_all`] puts them back before a target resumes
+//! (failed dump, `--leave-running`); after a dump that kills the targets,
+//! [`forget_repaired`] lets them close in repair mode, silently.
+//!
+//! Restore creates every connection in repair mode first (bound to its old
+//! address, its queues refilled, "connected" without a handshake), and only
+//! then leaves repair mode on all: both ends of a loopback connection exist
+//! before either sends its window probe.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+const TCP_ESTABLISHED: u8 = 1;
+const TCP_NO_QUEUE: i32 = 0;
+const TCP_RECV_QUEUE: i32 = 1;
+const TCP_SEND_QUEUE: i32 = 2;
+const TCPOPT_MAXSEG: u32 = 2;
+const TCPOPT_WINDOW: u32 = 3;
+const TCPOPT_SACK_PERM: u32 = 4;
+const TCPOPT_TIMESTAMP: u32 = 8;
+const TCPI_OPT_TIMESTAMPS: u8 = 1;
+const TCPI_OPT_SACK: u8 = 2;
+const TCPI_OPT_WSCALE: u8 = 4;
+const SIOCINQ: libc::c_ulong = 0x541B;
+const SIOCOUTQ: libc::c_ulong = 0x5411;
+const SIOCOUTQNSD: libc::c_ulong = 0x894B;
+
+/// An established TCP connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpConn {
+    pub inode: u64,
+    pub family: i32,
+    /// Our `sockaddr_in`/`sockaddr_in6`, raw.
+    #[serde(with = "crate::image::hex_bytes")]
+    pub local: Vec<u8>,
+    /// The peer's, raw.
+    #[serde(with = "crate::image::hex_bytes")]
+    pub peer: Vec<u8>,
+    /// Sequence number after the send queue's last byte (write_seq).
+    pub send_seq: u32,
+    /// Sequence number after the last byte received (rcv_nxt).
+    pub recv_seq: u32,
+    /// Written by the program, not yet acknowledged by the peer.
+    #[serde(with = "crate::image::hex_bytes")]
+    pub send_queue: Vec<u8>,
+    /// How many bytes at the end of `send_queue` were never sent.
+    pub unsent: u32,
+    /// Received, not yet read by the program.
+    #[serde(with = "crate::image::hex_bytes")]
+    pub recv_queue: Vec<u8>,
+    pub mss: u32,
+    pub sack: bool,
+    /// Window scales (ours for sending, ours for receiving), when negotiated.
+    pub wscale: Option<(u8, u8)>,
+    /// The TCP timestamp clock, when timestamps were negotiated.
+    pub timestamp: Option<u32>,
+    pub window: Option<Window>,
+    pub opts: InetOpts,
+    /// Status flags (O_NONBLOCK).
+    pub flags: i32,
+}
+
+/// `struct tcp_repair_window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[repr(C)]
+pub struct Window {
+    pub snd_wl1: u32,
+    pub snd_wnd: u32,
+    pub max_window: u32,
+    pub rcv_wnd: u32,
+    pub rcv_wup: u32,
+}
+
+/// The socket options of an inet socket that programs rely on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct InetOpts {
+    pub reuseaddr: bool,
+    pub reuseport: bool,
+    pub v6only: bool,
+    pub nodelay: bool,
+    pub keepalive: bool,
+    pub keepidle: i32,
+    pub keepintvl: i32,
+    pub keepcnt: i32,
+    /// SO_SNDBUF / SO_RCVBUF as getsockopt reports them (the kernel's doubled values).
+    pub sndbuf: i32,
+    pub rcvbuf: i32,
+    /// SO_LINGER's timeout when lingering is on.
+    pub linger: Option<i32>,
+}
+
+/// Sockets crest put in repair mode during this dump (its own duplicates).
+static REPAIRED: Mutex<Vec<OwnedFd>> = Mutex::new(Vec::new());
+
+fn repaired() -> std::sync::MutexGuard<'static, Vec<OwnedFd>> {
+    REPAIRED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Takes every socket this dump put in repair mode out of it again: the
+/// program carries on exactly where it was (the kernel sends a window probe).
+pub fn leave_repair_all() {
+    for s in repaired().drain(..) {
+        if set_int(s.as_raw_fd(), libc::SOL_TCP, libc::TCP_REPAIR, 0).is_err() {
+            tracing::error!(
+                "could not take a TCP socket out of repair mode: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// Drops crest's copies, leaving the sockets in repair mode: the killed
+/// targets close them without sending a FIN or RST to the peer.
+pub fn forget_repaired() {
+    repaired().clear();
+}
+
+fn get_int(fd: i32, level: i32, name: i32) -> std::io::Result<i32> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `v`.
+    let r = unsafe { libc::getsockopt(fd, level, name, (&mut v as *mut i32).cast(), &mut len) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(v)
+}
+
+fn set_int(fd: i32, level: i32, name: i32, v: i32) -> std::io::Result<()> {
+    set_raw(fd, level, name, &v)
+}
+
+fn set_raw<T>(fd: i32, level: i32, name: i32, v: &T) -> std::io::Result<()> {
+    // SAFETY: setsockopt reads size_of::<T>() bytes from `v`.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (v as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn ioctl_int(fd: i32, req: libc::c_ulong) -> std::io::Result<i32> {
+    let mut v: libc::c_int = 0;
+    // SAFETY: these ioctls write one int.
+    if unsafe { libc::ioctl(fd, req as _, &mut v) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(v)
+}
+
+/// getsockname (`peer` false) or getpeername, raw bytes.
+pub(crate) fn sock_name(fd: i32, peer: bool) -> std::io::Result<Vec<u8>> {
+    // SAFETY: both calls write at most `len` bytes into a sockaddr_storage we own.
+    unsafe {
+        let mut ss: libc::sockaddr_storage = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        let p = (&mut ss as *mut libc::sockaddr_storage).cast();
+        let r = if peer {
+            libc::getpeername(fd, p, &mut len)
+        } else {
+            libc::getsockname(fd, p, &mut len)
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let len = (len as usize).min(std::mem::size_of::<libc::sockaddr_storage>());
+        Ok(
+            std::slice::from_raw_parts((&ss as *const libc::sockaddr_storage).cast::<u8>(), len)
+                .to_vec(),
+        )
+    }
+}
+
+/// A saved sockaddr_in/sockaddr_in6 as text ("127.0.0.1:80", "[::1]:80").
+pub fn addr_text(raw: &[u8]) -> String {
+    let family = raw
+        .get(..2)
+        .map(|b| u16::from_ne_bytes([b[0], b[1]]) as i32);
+    let port = raw
+        .get(2..4)
+        .map(|b| u16::from_be_bytes([b[0], b[1]]))
+        .unwrap_or(0);
+    match family {
+        Some(libc::AF_INET) if raw.len() >= 8 => format!(
+            "{}:{port}",
+            std::net::Ipv4Addr::new(raw[4], raw[5], raw[6], raw[7])
+        ),
+        Some(libc::AF_INET6) if raw.len() >= 24 => {
+            let a: [u8; 16] = raw[8..24].try_into().expect("16 bytes");
+            format!("[{}]:{port}", std::net::Ipv6Addr::from(a))
+        }
+        _ => "?".into(),
+    }
+}
+
+/// The same endpoint, ignoring padding and IPv6 flow info: family, port, address.
+pub fn same_endpoint(a: &[u8], b: &[u8]) -> bool {
+    let key = |r: &[u8]| -> Option<Vec<u8>> {
+        let family = u16::from_ne_bytes([*r.first()?, *r.get(1)?]) as i32;
+        let (lo, hi) = match family {
+            libc::AF_INET => (4, 8),
+            libc::AF_INET6 => (8, 24),
+            _ => return None,
+        };
+        let mut k = r.get(..4)?.to_vec();
+        k.extend_from_slice(r.get(lo..hi)?);
+        Some(k)
+    };
+    matches!((key(a), key(b)), (Some(x), Some(y)) if x == y)
+}
+
+impl TcpConn {
+    /// "127.0.0.1:40000 → 127.0.0.1:80", for messages.
+    pub fn describe(&self) -> String {
+        format!("{} → {}", addr_text(&self.local), addr_text(&self.peer))
+    }
+
+    /// Whether `other` is this connection's other end.
+    pub fn is_peer_of(&self, other: &TcpConn) -> bool {
+        same_endpoint(&self.local, &other.peer) && same_endpoint(&self.peer, &other.local)
+    }
+}
+
+pub(crate) fn collect_opts(s: i32, family: i32) -> InetOpts {
+    let get = |level, name| get_int(s, level, name).unwrap_or(0);
+    let mut linger = libc::linger {
+        l_onoff: 0,
+        l_linger: 0,
+    };
+    let mut len = std::mem::size_of::<libc::linger>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `linger`.
+    unsafe {
+        libc::getsockopt(
+            s,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&mut linger as *mut libc::linger).cast(),
+            &mut len,
+        )
+    };
+    let stream = get(libc::SOL_SOCKET, libc::SO_TYPE) == libc::SOCK_STREAM;
+    InetOpts {
+        reuseaddr: get(libc::SOL_SOCKET, libc::SO_REUSEADDR) != 0,
+        reuseport: get(libc::SOL_SOCKET, libc::SO_REUSEPORT) != 0,
+        v6only: family == libc::AF_INET6 && get(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) != 0,
+        nodelay: stream && get(libc::IPPROTO_TCP, libc::TCP_NODELAY) != 0,
+        keepalive: get(libc::SOL_SOCKET, libc::SO_KEEPALIVE) != 0,
+        keepidle: if stream {
+            get(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE)
+        } else {
+            0
+        },
+        keepintvl: if stream {
+            get(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL)
+        } else {
+            0
+        },
+        keepcnt: if stream {
+            get(libc::IPPROTO_TCP, libc::TCP_KEEPCNT)
+        } else {
+            0
+        },
+        sndbuf: get(libc::SOL_SOCKET, libc::SO_SNDBUF),
+        rcvbuf: get(libc::SOL_SOCKET, libc::SO_RCVBUF),
+        linger: (linger.l_onoff != 0).then_some(linger.l_linger),
+    }
+}
+
+/// Sets the options that a fresh socket does not already have. Buffer sizes
+/// are set only when they differ from the fresh socket's (setting one turns
+/// the kernel's autotuning off for it).
+pub(crate) fn apply_opts(s: i32, o: &InetOpts, what: &str) -> Result<()> {
+    let err = |name: &str, e: std::io::Error| Error::Restore(format!("{what}: {name}: {e}"));
+    let stream = get_int(s, libc::SOL_SOCKET, libc::SO_TYPE).unwrap_or(0) == libc::SOCK_STREAM;
+    set_int(s, libc::SOL_SOCKET, libc::SO_REUSEADDR, o.reuseaddr.into())
+        .map_err(|e| err("SO_REUSEADDR", e))?;
+    if o.reuseport {
+        set_int(s, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1).map_err(|e| err("SO_REUSEPORT", e))?;
+    }
+    if o.keepalive {
+        set_int(s, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1).map_err(|e| err("SO_KEEPALIVE", e))?;
+    }
+    if stream {
+        if o.nodelay {
+            set_int(s, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)
+                .map_err(|e| err("TCP_NODELAY", e))?;
+        }
+        for (name, opt, v) in [
+            ("TCP_KEEPIDLE", libc::TCP_KEEPIDLE, o.keepidle),
+            ("TCP_KEEPINTVL", libc::TCP_KEEPINTVL, o.keepintvl),
+            ("TCP_KEEPCNT", libc::TCP_KEEPCNT, o.keepcnt),
+        ] {
+            if v > 0 && get_int(s, libc::IPPROTO_TCP, opt).ok() != Some(v) {
+                set_int(s, libc::IPPROTO_TCP, opt, v).map_err(|e| err(name, e))?;
+            }
+        }
+    }
+    set_buffers(s, o).map_err(|e| err("SO_SNDBUF/SO_RCVBUF", e))?;
+    if let Some(t) = o.linger {
+        let l = libc::linger {
+            l_onoff: 1,
+            l_linger: t,
+        };
+        set_raw(s, libc::SOL_SOCKET, libc::SO_LINGER, &l).map_err(|e| err("SO_LINGER", e))?;
+    }
+    Ok(())
+}
+
+fn set_buffers(s: i32, o: &InetOpts) -> std::io::Result<()> {
+    for (get, force, v) in [
+        (libc::SO_SNDBUF, libc::SO_SNDBUFFORCE, o.sndbuf),
+        (libc::SO_RCVBUF, libc::SO_RCVBUFFORCE, o.rcvbuf),
+    ] {
+        if v > 0 && get_int(s, libc::SOL_SOCKET, get)? != v {
+            // The kernel doubles what it is given; FORCE passes the sysctl cap (we are root).
+            set_int(s, libc::SOL_SOCKET, force, v / 2)?;
+        }
+    }
+    Ok(())
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct TcpInfoHead {
+    state: u8,
+    ca_state: u8,
+    retransmits: u8,
+    probes: u8,
+    backoff: u8,
+    options: u8,
+    /// snd_wscale in the low nibble, rcv_wscale in the high one.
+    wscale: u8,
+    rate_flags: u8,
+}
+
+const STATE_NAMES: [&str; 13] = [
+    "?",
+    "ESTABLISHED",
+    "SYN_SENT",
+    "SYN_RECV",
+    "FIN_WAIT1",
+    "FIN_WAIT2",
+    "TIME_WAIT",
+    "CLOSE",
+    "CLOSE_WAIT",
+    "LAST_ACK",
+    "LISTEN",
+    "CLOSING",
+    "NEW_SYN_RECV",
+];
+
+fn tcp_info(s: i32) -> std::io::Result<TcpInfoHead> {
+    let mut ti = TcpInfoHead::default();
+    let mut len = std::mem::size_of::<TcpInfoHead>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes of struct tcp_info, whose head is TcpInfoHead.
+    let r = unsafe {
+        libc::getsockopt(
+            s,
+            libc::SOL_TCP,
+            libc::TCP_INFO,
+            (&mut ti as *mut TcpInfoHead).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(ti)
+}
+
+/// Describes connected TCP socket `fd` of `pid` (`sock` is crest's copy), or
+/// says why it cannot be carried. Leaves the socket in repair mode (see the
+/// module comment).
+pub fn collect(
+    pid: i32,
+    fd: i32,
+    sock: &OwnedFd,
+    family: i32,
+    flags: i32,
+) -> Result<std::result::Result<TcpConn, String>> {
+    let s = sock.as_raw_fd();
+    let sys = |what: String, e: std::io::Error| {
+        Error::sys(
+            pid,
+            format!("fd {fd}: {what}"),
+            nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+        )
+    };
+    let ti = tcp_info(s).map_err(|e| sys("TCP_INFO".into(), e))?;
+    if ti.state != TCP_ESTABLISHED {
+        let name = STATE_NAMES.get(ti.state as usize).unwrap_or(&"?");
+        return Ok(Err(if ti.state == 7 {
+            "an unconnected TCP socket".to_string()
+        } else {
+            format!("a TCP socket in state {name} (only established connections are carried)")
+        }));
+    }
+    let local = sock_name(s, false).map_err(|e| sys("getsockname".into(), e))?;
+    let peer = sock_name(s, true).map_err(|e| sys("getpeername".into(), e))?;
+    let what = format!(
+        "TCP connection {} → {}",
+        addr_text(&local),
+        addr_text(&peer)
+    );
+    // SAFETY: fstat writes into a stat we own.
+    let inode = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(s, &mut st) < 0 {
+            return Err(sys("fstat".into(), std::io::Error::last_os_error()));
+        }
+        st.st_ino
+    };
+    let copy = sock
+        .try_clone()
+        .map_err(|e| sys("duplicating the socket".into(), e))?;
+    set_int(s, libc::SOL_TCP, libc::TCP_REPAIR, 1).map_err(|e| {
+        sys(
+            format!("{what}: entering TCP repair mode (needs CAP_NET_ADMIN)"),
+            e,
+        )
+    })?;
+    repaired().push(copy);
+    // The state may have moved between TCP_INFO and repair mode.
+    let ti = tcp_info(s).map_err(|e| sys("TCP_INFO".into(), e))?;
+    if ti.state != TCP_ESTABLISHED {
+        return Ok(Err(format!("a {what} that is closing")));
+    }
+    let q = |req, name: &str| ioctl_int(s, req).map_err(|e| sys(format!("{what}: {name}"), e));
+    let outq = q(SIOCOUTQ, "SIOCOUTQ")? as usize;
+    let unsent = q(SIOCOUTQNSD, "SIOCOUTQNSD")? as u32;
+    let inq = q(SIOCINQ, "SIOCINQ")? as usize;
+    let mss = get_int(s, libc::SOL_TCP, libc::TCP_MAXSEG)
+        .map_err(|e| sys(format!("{what}: TCP_MAXSEG"), e))? as u32;
+    let timestamp = if ti.options & TCPI_OPT_TIMESTAMPS != 0 {
+        Some(
+            get_int(s, libc::SOL_TCP, libc::TCP_TIMESTAMP)
+                .map_err(|e| sys(format!("{what}: TCP_TIMESTAMP"), e))? as u32,
+        )
+    } else {
+        None
+    };
+    let mut w = Window::default();
+    let mut len = std::mem::size_of::<Window>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes of struct tcp_repair_window.
+    let window = (unsafe {
+        libc::getsockopt(
+            s,
+            libc::SOL_TCP,
+            libc::TCP_REPAIR_WINDOW,
+            (&mut w as *mut Window).cast(),
+            &mut len,
+        )
+    } == 0)
+        .then_some(w);
+    let (recv_seq, recv_queue) = peek_queue(s, TCP_RECV_QUEUE, inq)
+        .map_err(|e| sys(format!("{what}: reading its receive queue"), e))?;
+    let (send_seq, send_queue) = peek_queue(s, TCP_SEND_QUEUE, outq)
+        .map_err(|e| sys(format!("{what}: reading its send queue"), e))?;
+    let _ = set_int(s, libc::SOL_TCP, libc::TCP_REPAIR_QUEUE, TCP_NO_QUEUE);
+    Ok(Ok(TcpConn {
+        inode,
+        family,
+        local,
+        peer,
+        send_seq,
+        recv_seq,
+        send_queue,
+        unsent: unsent.min(outq as u32),
+        recv_queue,
+        mss,
+        sack: ti.options & TCPI_OPT_SACK != 0,
+        wscale: (ti.options & TCPI_OPT_WSCALE != 0).then_some((ti.wscale & 0xf, ti.wscale >> 4)),
+        timestamp,
+        window,
+        opts: collect_opts(s, family),
+        flags,
+    }))
+}
+
+/// One queue's sequence number and contents, peeked in repair mode.
+fn peek_queue(s: i32, queue: i32, len: usize) -> std::io::Result<(u32, Vec<u8>)> {
+    set_int(s, libc::SOL_TCP, libc::TCP_REPAIR_QUEUE, queue)?;
+    let seq = get_int(s, libc::SOL_TCP, libc::TCP_QUEUE_SEQ)? as u32;
+    if len == 0 {
+        return Ok((seq, Vec::new()));
+    }
+    // One byte more than announced, to see that the queue holds exactly `len`.
+    let mut buf = vec![0u8; len + 1];
+    // SAFETY: recv writes at most buf.len() bytes into buf.
+    let n = unsafe {
+        libc::recv(
+            s,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if n as usize != len {
+        return Err(std::io::Error::other(format!(
+            "{n} bytes where the kernel announced {len}"
+        )));
+    }
+    buf.truncate(len);
+    Ok((seq, buf))
+}
+
+/// Writes `data` into a queue of a socket in repair mode (or, out of repair
+/// mode, sends it), halving the chunk when the kernel refuses a large one.
+fn send_chunked(s: i32, data: &[u8]) -> std::io::Result<()> {
+    let mut off = 0;
+    let mut chunk = data.len().max(1);
+    while off < data.len() {
+        let n = chunk.min(data.len() - off);
+        // SAFETY: send reads n bytes of `data` from off.
+        let r = unsafe {
+            libc::send(
+                s,
+                data[off..].as_ptr().cast(),
+                n,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if r <= 0 {
+            let e = std::io::Error::last_os_error();
+            if chunk > 1024 {
+                chunk /= 2;
+                continue;
+            }
+            return Err(e);
+        }
+        off += r as usize;
+    }
+    Ok(())
+}
+
+/// Builds one connection in repair mode, its queues refilled (all but the
+/// never-sent part of the send queue, written once out of repair mode).
+fn build(c: &TcpConn) -> std::io::Result<OwnedFd> {
+    let step = |what: &'static str| {
+        move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{what}: {e}"))
+    };
+    // SAFETY: a socket we create and own from here on.
+    let sock = unsafe {
+        let s = libc::socket(c.family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if s < 0 {
+            return Err(std::io::Error::last_os_error()).map_err(step("socket"));
+        }
+        OwnedFd::from_raw_fd(s)
+    };
+    let s = sock.as_raw_fd();
+    set_int(s, libc::SOL_TCP, libc::TCP_REPAIR, 1).map_err(step("entering repair mode"))?;
+    if c.family == libc::AF_INET6 {
+        set_int(
+            s,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            c.opts.v6only.into(),
+        )
+        .map_err(step("IPV6_V6ONLY"))?;
+    }
+    // Before the queues: the receive queue must fit in the receive buffer.
+    set_buffers(s, &c.opts).map_err(step("buffer sizes"))?;
+    // SAFETY: bind/connect read the saved address bytes, of their saved length.
+    if unsafe { libc::bind(s, c.local.as_ptr().cast(), c.local.len() as libc::socklen_t) } < 0 {
+        return Err(std::io::Error::last_os_error()).map_err(step("bind"));
+    }
+    let set_seq = |queue, seq: u32| {
+        set_int(s, libc::SOL_TCP, libc::TCP_REPAIR_QUEUE, queue)?;
+        set_int(s, libc::SOL_TCP, libc::TCP_QUEUE_SEQ, seq as i32)
+    };
+    set_seq(
+        TCP_RECV_QUEUE,
+        c.recv_seq.wrapping_sub(c.recv_queue.len() as u32),
+    )
+    .map_err(step("receive sequence"))?;
+    set_seq(
+        TCP_SEND_QUEUE,
+        c.send_seq.wrapping_sub(c.send_queue.len() as u32),
+    )
+    .map_err(step("send sequence"))?;
+    // In repair mode connect sends nothing: the socket is simply established.
+    // SAFETY: as for bind.
+    if unsafe { libc::connect(s, c.peer.as_ptr().cast(), c.peer.len() as libc::socklen_t) } < 0 {
+        return Err(std::io::Error::last_os_error()).map_err(step("connect"));
+    }
+    let mut opts: Vec<[u32; 2]> = Vec::new();
+    if c.sack {
+        opts.push([TCPOPT_SACK_PERM, 0]);
+    }
+    if let Some((snd, rcv)) = c.wscale {
+        opts.push([TCPOPT_WINDOW, snd as u32 | (rcv as u32) << 16]);
+    }
+    if c.timestamp.is_some() {
+        opts.push([TCPOPT_TIMESTAMP, 0]);
+    }
+    opts.push([TCPOPT_MAXSEG, c.mss]);
+    // SAFETY: setsockopt reads opts.len() pairs of u32 (struct tcp_repair_opt).
+    if unsafe {
+        libc::setsockopt(
+            s,
+            libc::SOL_TCP,
+            libc::TCP_REPAIR_OPTIONS,
+            opts.as_ptr().cast(),
+            (opts.len() * 8) as libc::socklen_t,
+        )
+    } < 0
+    {
+        return Err(std::io::Error::last_os_error()).map_err(step("TCP_REPAIR_OPTIONS"));
+    }
+    if let Some(ts) = c.timestamp {
+        set_int(s, libc::SOL_TCP, libc::TCP_TIMESTAMP, ts as i32).map_err(step("TCP_TIMESTAMP"))?;
+    }
+    if !c.recv_queue.is_empty() {
+        set_int(s, libc::SOL_TCP, libc::TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+            .map_err(step("receive queue"))?;
+        send_chunked(s, &c.recv_queue).map_err(step("refilling the receive queue"))?;
+    }
+    let sent = c.send_queue.len() - (c.unsent as usize).min(c.send_queue.len());
+    if sent > 0 {
+        set_int(s, libc::SOL_TCP, libc::TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+            .map_err(step("send queue"))?;
+        send_chunked(s, &c.send_queue[..sent]).map_err(step("refilling the send queue"))?;
+    }
+    if let Some(w) = c.window {
+        set_raw(s, libc::SOL_TCP, libc::TCP_REPAIR_WINDOW, &w)
+            .map_err(step("TCP_REPAIR_WINDOW"))?;
+    }
+    set_int(s, libc::SOL_TCP, libc::TCP_REPAIR_QUEUE, TCP_NO_QUEUE).map_err(step("queue"))?;
+    Ok(sock)
+}
+
+/// Recreates every connection of the image in the restorer: returns each
+/// one's inode with its socket, out of repair mode, options set.
+pub fn create(conns: &[TcpConn]) -> Result<Vec<(u64, OwnedFd)>> {
+    let err = |c: &TcpConn, e: std::io::Error| {
+        Error::Restore(format!("TCP connection {}: {e}", c.describe()))
+    };
+    let mut out = Vec::new();
+    for c in conns {
+        out.push((c.inode, build(c).map_err(|e| err(c, e))?));
+    }
+    for (c, (_, sock)) in conns.iter().zip(&out) {
+        let s = sock.as_raw_fd();
+        set_int(s, libc::SOL_TCP, libc::TCP_REPAIR, 0).map_err(|e| {
+            err(
+                c,
+                std::io::Error::new(e.kind(), format!("leaving repair mode: {e}")),
+            )
+        })?;
+        let sent = c.send_queue.len() - (c.unsent as usize).min(c.send_queue.len());
+        send_chunked(s, &c.send_queue[sent..]).map_err(|e| {
+            err(
+                c,
+                std::io::Error::new(e.kind(), format!("sending the unsent data: {e}")),
+            )
+        })?;
+        apply_opts(s, &c.opts, &format!("TCP connection {}", c.describe()))?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rstest::rstest;
+
+    fn v4(ip: [u8; 4], port: u16) -> Vec<u8> {
+        let mut v = (libc::AF_INET as u16).to_ne_bytes().to_vec();
+        v.extend_from_slice(&port.to_be_bytes());
+        v.extend_from_slice(&ip);
+        v.extend_from_slice(&[0; 8]);
+        v
+    }
+
+    fn v6(ip: [u8; 16], port: u16, flow: u32) -> Vec<u8> {
+        let mut v = (libc::AF_INET6 as u16).to_ne_bytes().to_vec();
+        v.extend_from_slice(&port.to_be_bytes());
+        v.extend_from_slice(&flow.to_ne_bytes());
+        v.extend_from_slice(&ip);
+        v.extend_from_slice(&0u32.to_ne_bytes());
+        v
+    }
+
+    #[rstest]
+    #[case(v4([127, 0, 0, 1], 8080), "127.0.0.1:8080")]
+    #[case(v6(std::net::Ipv6Addr::LOCALHOST.octets(), 443, 0), "[::1]:443")]
+    #[case(vec![1, 2], "?")]
+    #[case(vec![], "?")]
+    fn addresses_as_text(#[case] raw: Vec<u8>, #[case] text: &str) {
+        assert_eq!(addr_text(&raw), text);
+    }
+
+    #[test]
+    fn endpoints_compare_family_port_and_address_only() {
+        let lo6 = std::net::Ipv6Addr::LOCALHOST.octets();
+        assert!(same_endpoint(
+            &v4([127, 0, 0, 1], 80),
+            &v4([127, 0, 0, 1], 80)
+        ));
+        assert!(!same_endpoint(
+            &v4([127, 0, 0, 1], 80),
+            &v4([127, 0, 0, 1], 81)
+        ));
+        assert!(!same_endpoint(
+            &v4([127, 0, 0, 1], 80),
+            &v4([127, 0, 0, 2], 80)
+        ));
+        assert!(same_endpoint(&v6(lo6, 80, 0), &v6(lo6, 80, 7)));
+        assert!(!same_endpoint(&v6(lo6, 80, 0), &v4([127, 0, 0, 1], 80)));
+        assert!(!same_endpoint(&[], &[]));
+    }
+
+    #[test]
+    fn the_two_ends_of_a_connection_are_peers() {
+        let conn = |l: Vec<u8>, p: Vec<u8>| TcpConn {
+            inode: 1,
+            family: libc::AF_INET,
+            local: l,
+            peer: p,
+            send_seq: 0,
+            recv_seq: 0,
+            send_queue: vec![],
+            unsent: 0,
+            recv_queue: vec![],
+            mss: 65483,
+            sack: true,
+            wscale: Some((7, 7)),
+            timestamp: None,
+            window: None,
+            opts: InetOpts::default(),
+            flags: 0,
+        };
+        let a = conn(v4([127, 0, 0, 1], 4000), v4([127, 0, 0, 1], 80));
+        let b = conn(v4([127, 0, 0, 1], 80), v4([127, 0, 0, 1], 4000));
+        let c = conn(v4([127, 0, 0, 1], 80), v4([127, 0, 0, 1], 4001));
+        assert!(a.is_peer_of(&b) && b.is_peer_of(&a));
+        assert!(!a.is_peer_of(&c));
+        assert_eq!(a.describe(), "127.0.0.1:4000 → 127.0.0.1:80");
+        let json = serde_json::to_string(&a).expect("serialises");
+        assert_eq!(serde_json::from_str::<TcpConn>(&json).expect("parses"), a);
+    }
+}
