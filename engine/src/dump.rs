@@ -746,14 +746,6 @@ fn collect_process(
             format!("holds a file lock ({lock})"),
         ));
     }
-    let timers = proc::read(pid, "timers").unwrap_or_default();
-    let posix_timers = timers.lines().filter(|l| l.starts_with("ID:")).count();
-    if posix_timers > 0 {
-        return Err(Error::unsupported(
-            pid,
-            format!("has {posix_timers} POSIX timer(s) (timer_create)"),
-        ));
-    }
     if files.root != "/" {
         return Err(Error::unsupported(
             pid,

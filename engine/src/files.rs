@@ -71,6 +71,8 @@ pub enum FdKind {
     },
     /// A signalfd with its mask (created by the restorer, inherited).
     Signalfd { mask: u64, flags: i32 },
+    /// A timerfd with its timer and unread expirations (created by the restorer, inherited).
+    Timerfd(crate::timers::Timerfd),
     /// An epoll instance and its watch set, rebuilt by its process once every
     /// other descriptor is in place.
     Epoll {
@@ -145,6 +147,7 @@ pub fn find_shared(procs: &mut [(i32, &mut FilesImage)], shared: &mut Vec<Shared
                 f.kind,
                 FdKind::Eventfd { .. }
                     | FdKind::Signalfd { .. }
+                    | FdKind::Timerfd(_)
                     | FdKind::TcpListen(_)
                     | FdKind::TcpConn(_)
             ) {
@@ -452,6 +455,7 @@ fn anon_kind(name: &str, fdinfo: &str, flags: i32) -> std::result::Result<FdKind
                 .ok_or("a signalfd without a readable mask")?;
             Ok(FdKind::Signalfd { mask, flags })
         }
+        "timerfd" => crate::timers::parse_timerfd(fdinfo, flags).map(FdKind::Timerfd),
         "eventpoll" => {
             let mut watches = Vec::new();
             for line in fdinfo.lines().filter(|l| l.starts_with("tfd:")) {
@@ -644,6 +648,7 @@ pub fn open_for_restore(f: &FdImage) -> std::result::Result<Option<i32>, String>
             flags,
         } => return open_eventfd(f.fd, *count, *semaphore, *flags).map(Some),
         FdKind::Signalfd { mask, flags } => return open_signalfd(f.fd, *mask, *flags).map(Some),
+        FdKind::Timerfd(t) => return crate::timers::open_timerfd(f.fd, t).map(Some),
         FdKind::Dup { .. }
         | FdKind::Inherited { .. }
         | FdKind::Shared { .. }

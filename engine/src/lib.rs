@@ -20,6 +20,7 @@ pub mod show;
 pub mod sockets;
 pub mod task;
 pub mod tcp;
+pub mod timers;
 
 use serde::{Deserialize, Serialize};
 

@@ -1595,6 +1595,10 @@ fn rebuild(
             )?;
         }
     }
+    // POSIX timers once every thread they may notify exists.
+    crate::timers::restore_posix(pid, &p.state.posix_timers, scratch, &call, &|nr, args| {
+        t.remote_syscall(insn, nr, args)
+    })?;
     let c = &p.state.creds;
     let last_cap: u64 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
@@ -1824,7 +1828,7 @@ fn needs_write_window(p: &ProcessImage, v: &mm::Vma) -> bool {
 }
 
 /// Runs one system call in the restore child: (number, arguments, what for).
-type RemoteCall<'a> = dyn Fn(i64, [u64; 6], &str) -> Result<u64> + 'a;
+pub type RemoteCall<'a> = dyn Fn(i64, [u64; 6], &str) -> Result<u64> + 'a;
 
 /// Moves the child's vDSO and vvar areas to where the dumped process had them.
 /// Same kernel: same sizes, so a move is enough. Another layout is refused.

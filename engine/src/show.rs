@@ -179,6 +179,26 @@ pub fn render(image: &Image) -> String {
                 t.interval_us as f64 / 1e6
             );
         }
+        for t in &st.posix_timers {
+            let notify = match t.notify & !4 {
+                1 => "no signal".to_string(),
+                _ if t.notify & 4 != 0 => format!(
+                    "{} to thread {}, value {:#x}",
+                    signal_name(t.signo),
+                    t.target,
+                    t.sigval
+                ),
+                _ => format!("{}, value {:#x}", signal_name(t.signo), t.sigval),
+            };
+            let _ = writeln!(
+                o,
+                "  POSIX timer {} ({}, {notify}): {:.6} s left, interval {:.6} s",
+                t.id,
+                crate::timers::clock_name(t.clock),
+                t.value_ns as f64 / 1e9,
+                t.interval_ns as f64 / 1e9
+            );
+        }
         let saved = p.mm.saved_bytes();
         let _ = writeln!(
             o,
@@ -256,6 +276,7 @@ pub fn render(image: &Image) -> String {
                 FdKind::Signalfd { mask, .. } => {
                     format!("signalfd for [{}]{cloexec}", mask_names(*mask).join(" "))
                 }
+                FdKind::Timerfd(t) => format!("{}{cloexec}", timerfd(t)),
                 FdKind::Epoll { watches, .. } => {
                     let fds: Vec<String> = watches.iter().map(|w| w.fd.to_string()).collect();
                     format!("epoll watching fds [{}]{cloexec}", fds.join(" "))
@@ -308,6 +329,7 @@ pub fn render(image: &Image) -> String {
                         Some(FdKind::Eventfd { count, .. }) => {
                             format!("eventfd, counter {count} (shared{cloexec})")
                         }
+                        Some(FdKind::Timerfd(t)) => format!("{} (shared{cloexec})", timerfd(t)),
                         Some(FdKind::Signalfd { mask, .. }) => {
                             format!(
                                 "signalfd for [{}] (shared{cloexec})",
@@ -322,6 +344,21 @@ pub fn render(image: &Image) -> String {
         }
     }
     o
+}
+
+fn timerfd(t: &crate::timers::Timerfd) -> String {
+    let abs = if t.settime_flags & 1 != 0 {
+        ", absolute"
+    } else {
+        ""
+    };
+    format!(
+        "timerfd on {}{abs}: {:.6} s left, interval {:.6} s, {} unread expirations",
+        crate::timers::clock_name(t.clock),
+        t.value_ns as f64 / 1e9,
+        t.interval_ns as f64 / 1e9,
+        t.ticks
+    )
 }
 
 fn list_or_none(v: Vec<String>) -> String {

@@ -254,6 +254,19 @@ pub struct AltStack {
 pub struct SigInfo(#[serde(with = "crate::image::hex_bytes")] pub Vec<u8>);
 
 impl SigInfo {
+    /// A siginfo as PTRACE_PEEKSIGINFO gave it. A POSIX timer's signal carries
+    /// a kernel-private cookie (`si_sys_private`) that the kernel matches
+    /// against the timer when the signal is dequeued; it means nothing to the
+    /// restored timer, so it is dropped.
+    pub fn from_kernel(raw: &[u8]) -> SigInfo {
+        const SI_TIMER: i32 = -2;
+        let mut v = raw.to_vec();
+        if v.len() >= 36 && i32::from_ne_bytes([v[8], v[9], v[10], v[11]]) == SI_TIMER {
+            v[32..36].fill(0);
+        }
+        SigInfo(v)
+    }
+
     pub fn signo(&self) -> i32 {
         i32::from_ne_bytes([self.0[0], self.0[1], self.0[2], self.0[3]])
     }
@@ -309,6 +322,9 @@ pub struct ProcessState {
     /// Signals queued for the whole process (shared pending).
     pub shared_pending: Vec<SigInfo>,
     pub itimers: Vec<ITimer>,
+    /// timer_create timers, by ID.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub posix_timers: Vec<crate::timers::PosixTimer>,
     pub creds: Creds,
     pub rlimits: Vec<Rlimit>,
     pub umask: u32,
@@ -404,7 +420,7 @@ pub fn collect_thread(remote: &Remote, regs: &Regs, name: String) -> Result<Thre
     let pending = t
         .pending_siginfos(false)?
         .into_iter()
-        .map(|b| SigInfo(b.to_vec()))
+        .map(|b| SigInfo::from_kernel(&b))
         .collect();
     let rseq = match t.rseq()? {
         Some(c) => Some(Rseq {
@@ -494,7 +510,7 @@ pub fn collect_process(remote: &Remote, status: &str) -> Result<ProcessState> {
         .tracee
         .pending_siginfos(true)?
         .into_iter()
-        .map(|b| SigInfo(b.to_vec()))
+        .map(|b| SigInfo::from_kernel(&b))
         .collect();
     let mut itimers = Vec::new();
     for which in [libc::ITIMER_REAL, libc::ITIMER_VIRTUAL, libc::ITIMER_PROF] {
@@ -581,6 +597,7 @@ pub fn collect_process(remote: &Remote, status: &str) -> Result<ProcessState> {
         sigactions,
         shared_pending,
         itimers,
+        posix_timers: crate::timers::collect_posix(remote)?,
         creds,
         rlimits,
         umask,

@@ -39,6 +39,25 @@ fn install(sig: i32) {
     }
 }
 
+/// Blocks or unblocks `sig` in this (single-threaded) process.
+fn block(sig: i32, on: bool) {
+    // SAFETY: a sigset we fill ourselves.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, sig);
+        let how = if on {
+            libc::SIG_BLOCK
+        } else {
+            libc::SIG_UNBLOCK
+        };
+        sys(
+            libc::sigprocmask(how, &set, std::ptr::null_mut()),
+            "sigprocmask",
+        );
+    }
+}
+
 /// Waits up to a second for the tick count to grow by `n`.
 fn ticks_grow(n: usize) -> bool {
     let start = TICKS.load(Ordering::SeqCst);
@@ -151,49 +170,83 @@ fn main() {
         }
         "posix-timer" => {
             install(libc::SIGUSR1);
-            // SAFETY: sev is fully initialised; timer receives the new id.
-            let timer = unsafe {
-                let mut sev: libc::sigevent = std::mem::zeroed();
-                sev.sigev_notify = libc::SIGEV_SIGNAL;
-                sev.sigev_signo = libc::SIGUSR1;
-                sev.sigev_value = libc::sigval {
-                    sival_ptr: TIMER_VALUE as *mut libc::c_void,
+            // SIGUSR1 stays blocked until `go`: the timer's signal then sits
+            // pending (the outside view sees the same thing before and after,
+            // never a handler half-run) and must be carried across too.
+            block(libc::SIGUSR1, true);
+            let create = |clock: libc::clockid_t, notify: i32, value: usize| {
+                // SAFETY: sev is fully initialised; timer receives the new id.
+                unsafe {
+                    let mut sev: libc::sigevent = std::mem::zeroed();
+                    sev.sigev_notify = notify;
+                    sev.sigev_signo = libc::SIGUSR1;
+                    sev.sigev_value = libc::sigval {
+                        sival_ptr: value as *mut libc::c_void,
+                    };
+                    let mut timer: libc::timer_t = std::ptr::null_mut();
+                    sys(
+                        libc::timer_create(clock, &mut sev, &mut timer),
+                        "timer_create",
+                    );
+                    timer
+                }
+            };
+            let arm = |timer: libc::timer_t, interval_ms: i64, value_ms: i64| {
+                let ts = |ms: i64| libc::timespec {
+                    tv_sec: ms / 1000,
+                    tv_nsec: (ms % 1000) * 1_000_000,
                 };
-                let mut timer: libc::timer_t = std::ptr::null_mut();
-                sys(
-                    libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut timer),
-                    "timer_create",
-                );
                 let spec = libc::itimerspec {
-                    it_interval: libc::timespec {
-                        tv_sec: 0,
-                        tv_nsec: 20_000_000,
-                    },
-                    it_value: libc::timespec {
-                        tv_sec: 0,
-                        tv_nsec: 20_000_000,
-                    },
+                    it_interval: ts(interval_ms),
+                    it_value: ts(value_ms),
                 };
+                // SAFETY: spec is valid; timer came from timer_create.
                 sys(
-                    libc::timer_settime(timer, 0, &spec, std::ptr::null_mut()),
+                    unsafe { libc::timer_settime(timer, 0, &spec, std::ptr::null_mut()) },
                     "timer_settime",
                 );
-                timer
             };
+            // Three timers, the middle one deleted: the others keep their IDs
+            // across the gap. One periodic, one far in the future without a signal.
+            let ticking = create(libc::CLOCK_MONOTONIC, libc::SIGEV_SIGNAL, TIMER_VALUE);
+            let gap = create(libc::CLOCK_MONOTONIC, libc::SIGEV_SIGNAL, 0);
+            let quiet = create(libc::CLOCK_REALTIME, libc::SIGEV_NONE, 0);
+            // SAFETY: gap came from timer_create.
+            sys(unsafe { libc::timer_delete(gap) }, "timer_delete");
+            arm(ticking, 20, 20);
+            arm(quiet, 0, 1_000_000);
+            // Let the first expiry happen: its signal is now pending.
+            std::thread::sleep(Duration::from_millis(60));
             ctl.ready();
             ctl.wait_for_go();
-            // SAFETY: cur is a valid out pointer; the id is the one timer_create gave.
-            let (r, cur) = unsafe {
-                let mut cur: libc::itimerspec = std::mem::zeroed();
-                (libc::timer_gettime(timer, &mut cur), cur)
+            let get = |timer: libc::timer_t| {
+                // SAFETY: cur is a valid out pointer.
+                unsafe {
+                    let mut cur: libc::itimerspec = std::mem::zeroed();
+                    let r = libc::timer_gettime(timer, &mut cur);
+                    (r, std::io::Error::last_os_error(), cur)
+                }
             };
+            let (r, e, cur) = get(ticking);
             c.check(r == 0, || {
-                format!(
-                    "timer_gettime on the original timer id: {}",
-                    std::io::Error::last_os_error()
-                )
+                format!("timer_gettime on the periodic timer's original id: {e}")
             });
-            c.eq("timer interval (ms)", ts_ms(cur.it_interval), 20);
+            c.eq("periodic timer interval (ms)", ts_ms(cur.it_interval), 20);
+            let (r, e, cur) = get(quiet);
+            c.check(r == 0, || {
+                format!("timer_gettime on the quiet timer's original id: {e}")
+            });
+            let left = ts_ms(cur.it_value);
+            c.check(left > 990_000 && left <= 1_000_000, || {
+                format!("quiet timer has {left} ms left, expected just under 1000 s")
+            });
+            let (r, _, _) = get(gap);
+            c.check(r < 0, || "the deleted timer's id is a timer again".into());
+            let before = TICKS.load(Ordering::SeqCst);
+            block(libc::SIGUSR1, false);
+            c.check(TICKS.load(Ordering::SeqCst) > before, || {
+                "no timer signal was pending when SIGUSR1 was unblocked".into()
+            });
             c.check(ticks_grow(3), || "the timer stopped firing".into());
             c.eq(
                 "sigev_value of the timer's signals (0 = all right)",
@@ -202,50 +255,98 @@ fn main() {
             );
         }
         "timerfd" => {
-            // SAFETY: plain values; spec is valid.
-            let fd = unsafe {
-                let fd = sys(
-                    libc::timerfd_create(
-                        libc::CLOCK_MONOTONIC,
-                        libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
-                    ),
-                    "timerfd_create",
-                );
-                let spec = libc::itimerspec {
-                    it_interval: libc::timespec {
-                        tv_sec: 0,
-                        tv_nsec: 10_000_000,
-                    },
-                    it_value: libc::timespec {
-                        tv_sec: 0,
-                        tv_nsec: 10_000_000,
-                    },
+            let make =
+                |clock: libc::clockid_t, flags: i32, interval_ms: i64, value: libc::timespec| {
+                    let spec = libc::itimerspec {
+                        it_interval: libc::timespec {
+                            tv_sec: interval_ms / 1000,
+                            tv_nsec: (interval_ms % 1000) * 1_000_000,
+                        },
+                        it_value: value,
+                    };
+                    // SAFETY: plain values; spec is valid.
+                    unsafe {
+                        let fd = sys(
+                            libc::timerfd_create(clock, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC),
+                            "timerfd_create",
+                        );
+                        sys(
+                            libc::timerfd_settime(fd, flags, &spec, std::ptr::null_mut()),
+                            "timerfd_settime",
+                        );
+                        fd
+                    }
                 };
-                sys(
-                    libc::timerfd_settime(fd, 0, &spec, std::ptr::null_mut()),
-                    "timerfd_settime",
-                );
-                fd
+            let ms = |ms: i64| libc::timespec {
+                tv_sec: ms / 1000,
+                tv_nsec: (ms % 1000) * 1_000_000,
             };
+            // A relative periodic timer, ticking.
+            let ticking = make(libc::CLOCK_MONOTONIC, 0, 10, ms(10));
+            // An absolute CLOCK_REALTIME timer 1000 s ahead, cancelled should
+            // the clock be set: restored absolute, with both flags.
+            // SAFETY: now is a valid out pointer.
+            let now = unsafe {
+                let mut now: libc::timespec = std::mem::zeroed();
+                libc::clock_gettime(libc::CLOCK_REALTIME, &mut now);
+                now
+            };
+            let abs_flags = libc::TFD_TIMER_ABSTIME | libc::TFD_TIMER_CANCEL_ON_SET;
+            let absolute = make(
+                libc::CLOCK_REALTIME,
+                abs_flags,
+                0,
+                libc::timespec {
+                    tv_sec: now.tv_sec + 1000,
+                    tv_nsec: now.tv_nsec,
+                },
+            );
+            // A one-shot timer that already expired, its expiration unread.
+            let expired = make(libc::CLOCK_MONOTONIC, 0, 0, ms(1));
+            std::thread::sleep(Duration::from_millis(20));
             ctl.ready();
             ctl.wait_for_go();
-            // SAFETY: cur is a valid out pointer.
-            let cur = unsafe {
-                let mut cur: libc::itimerspec = std::mem::zeroed();
-                libc::timerfd_gettime(fd, &mut cur);
-                cur
+            let get = |fd: i32| {
+                // SAFETY: cur is a valid out pointer.
+                unsafe {
+                    let mut cur: libc::itimerspec = std::mem::zeroed();
+                    libc::timerfd_gettime(fd, &mut cur);
+                    cur
+                }
             };
-            c.eq("timerfd interval (ms)", ts_ms(cur.it_interval), 10);
-            let _ = read_available(fd);
+            let count = |fd: i32| {
+                let (b, _) = read_available(fd);
+                b.get(..8)
+                    .map(|b| u64::from_ne_bytes(b.try_into().unwrap_or_default()))
+                    .unwrap_or(0)
+            };
+            c.eq("timerfd interval (ms)", ts_ms(get(ticking).it_interval), 10);
+            let _ = count(ticking);
             std::thread::sleep(Duration::from_millis(50));
-            let (b, _) = read_available(fd);
-            let n = b
-                .get(..8)
-                .map(|b| u64::from_ne_bytes(b.try_into().unwrap_or_default()))
-                .unwrap_or(0);
+            let n = count(ticking);
             c.check(n >= 1, || {
                 format!("the timerfd counted {n} expirations in 50 ms")
             });
+            let left = ts_ms(get(absolute).it_value);
+            c.check(left > 990_000 && left <= 1_000_000, || {
+                format!("the absolute timerfd has {left} ms left, expected just under 1000 s")
+            });
+            let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{absolute}"))
+                .unwrap_or_default();
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("settime flags:"))
+                .and_then(|v| i32::from_str_radix(v.trim(), 8).ok());
+            c.eq(
+                "the absolute timerfd's settime flags",
+                flags,
+                Some(abs_flags),
+            );
+            c.eq(
+                "unread expirations of the expired one-shot timerfd",
+                count(expired),
+                1,
+            );
         }
         other => {
             eprintln!("wl-time: unknown mode {other:?}");
