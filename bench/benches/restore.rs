@@ -37,6 +37,7 @@ fn bench_restore(c: &mut Criterion) {
             stop: false,
             pid_wait: Duration::from_secs(5),
             allow_changed_files: false,
+            pidns: false,
         };
         group.throughput(Throughput::Bytes((mib as u64) << 20));
         group.bench_with_input(

@@ -59,6 +59,9 @@ pub enum Mode {
     CorruptImage,
     /// A restore after a file the process had open changed fails with a clear error.
     FileChanged,
+    /// `dump --stop` keeps the original holding its PID; `restore --pidns`
+    /// brings the copy back in a new PID namespace with that PID inside.
+    Pidns,
 }
 
 impl Mode {

@@ -269,6 +269,7 @@ impl Run<'_> {
             Mode::ShowImage => self.show_image(),
             Mode::CorruptImage => self.corrupt_image(),
             Mode::FileChanged => self.file_changed(),
+            Mode::Pidns => self.pidns(),
         }
     }
 
@@ -1017,6 +1018,70 @@ impl Run<'_> {
             std::thread::sleep(POLL);
         }
         self.expect_ok(&self.ctl.clone(), "the detached workload")
+    }
+
+    fn pidns(&mut self) -> R<()> {
+        let pid = self.start_workload()?;
+        let img = self.dump(pid, 1, &["--stop"])?;
+        let pidfile = self.dir.join("restored.pid");
+        let e = self.crest(
+            "restore1",
+            &[
+                "restore".into(),
+                "-d".into(),
+                "--pidns".into(),
+                "--pidfile".into(),
+                pidfile.clone().into(),
+                "-D".into(),
+                img.into(),
+            ],
+        )?;
+        self.expect_success("restore --pidns --detach", &e)?;
+        let outside: i32 = fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .ok_or_else(|| Stop::Failed(format!("no pid in {}", pidfile.display())))?;
+        let Some(st) = view::read_stat(outside) else {
+            fail!("the restored process {outside} (from --pidfile) does not exist");
+        };
+        self.known.push((outside, st.starttime));
+        if let Some(init) = view::read_stat(st.ppid) {
+            self.known.push((st.ppid, init.starttime));
+        }
+        let nspid = |p: i32| -> Vec<String> {
+            fs::read_to_string(format!("/proc/{p}/status"))
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .map(|v| v.split_whitespace().map(str::to_owned).collect())
+                .unwrap_or_default()
+        };
+        if nspid(outside) != [outside.to_string(), pid.to_string()] {
+            fail!(
+                "restored process {outside}: NSpid {:?}, expected [{outside}, {pid}] (its original pid inside a new namespace)",
+                nspid(outside)
+            );
+        }
+        if nspid(st.ppid).last().map(String::as_str) != Some("1") {
+            fail!(
+                "the restored process's parent {} is not its namespace's init (NSpid {:?})",
+                st.ppid,
+                nspid(st.ppid)
+            );
+        }
+        if view::read_stat(pid).map(|s| s.state) != Some('T') {
+            fail!("the original {pid} is no longer stopped (it holds the pid the restore could not take)");
+        }
+        self.go(&self.ctl.clone())?;
+        let result = self.ctl.join(RESULT);
+        while !result.exists() {
+            self.time_left()?;
+            std::thread::sleep(POLL);
+        }
+        self.expect_ok(
+            &self.ctl.clone(),
+            "the workload restored in a new PID namespace",
+        )
     }
 
     fn check_command(&mut self) -> R<()> {

@@ -565,7 +565,18 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
             crate::tcp::forget_repaired();
         }
         AfterDump::LeaveRunning => set.release_all(None)?,
-        AfterDump::Stop => set.release_all(Some(Signal::SIGSTOP))?,
+        AfterDump::Stop => {
+            set.release_all(Some(Signal::SIGSTOP))?;
+            // Return only once they are stopped: the signal acts after detach.
+            let until = Instant::now() + std::time::Duration::from_secs(2);
+            for p in &images {
+                while stat_fields(p.pid).is_ok_and(|f| f.first().is_some_and(|s| s != "T"))
+                    && Instant::now() < until
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+        }
     }
     tracing::info!(
         root,

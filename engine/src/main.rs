@@ -77,6 +77,11 @@ enum Command {
         /// How long to wait for the original PID to become free, in seconds.
         #[arg(long, default_value_t = 5.0, value_name = "SECS")]
         pid_wait: f64,
+        /// Restore into a new PID namespace (under an init of crest's own), so
+        /// PIDs taken here do not block it. Inside, every process has its
+        /// original PID; --pidfile gets the root's PID as seen from here.
+        #[arg(long)]
+        pidns: bool,
     },
     /// Print an image: processes, memory, registers, files, signals.
     Show {
@@ -153,6 +158,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
             pidfile,
             allow_changed_files,
             pid_wait,
+            pidns,
         } => {
             let bar = progress_bar();
             let opts = RestoreOptions {
@@ -161,12 +167,15 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 stop,
                 pid_wait: Duration::from_secs_f64(pid_wait.max(0.0)),
                 allow_changed_files,
+                pidns,
             };
             let restored = crest_engine::restore::restore(&opts, &bar)?;
             bar.finish_and_clear();
             if let Some(path) = pidfile {
                 let pid = match restored {
-                    Restored::Detached { pid } | Restored::Child { pid } => pid,
+                    Restored::Detached { pid }
+                    | Restored::Child { pid }
+                    | Restored::InPidns { pid, .. } => pid,
                 };
                 let tmp = path.with_extension("tmp");
                 std::fs::write(&tmp, format!("{pid}\n"))
@@ -178,7 +187,21 @@ fn run(cli: Cli) -> Result<u8, Error> {
                     tracing::info!(pid, "restored and detached");
                     Ok(0)
                 }
-                Restored::Child { pid } => {
+                Restored::InPidns {
+                    pid,
+                    detached: true,
+                    ..
+                } => {
+                    tracing::info!(pid, "restored in a new PID namespace and detached");
+                    Ok(0)
+                }
+                // The namespace's init exits with the root's status.
+                Restored::Child { pid }
+                | Restored::InPidns {
+                    init: pid,
+                    detached: false,
+                    ..
+                } => {
                     use nix::sys::wait::{waitpid, WaitStatus};
                     // Our own SIGINT/SIGTERM would otherwise kill us and orphan the job.
                     loop {

@@ -44,6 +44,9 @@ pub struct RestoreOptions {
     pub pid_wait: Duration,
     /// Restore even if an open file changed since the dump (logged, not refused).
     pub allow_changed_files: bool,
+    /// Restore into a new PID namespace, under an init of crest's own, so
+    /// that PIDs taken here do not block the restore.
+    pub pidns: bool,
 }
 
 /// What `restore` leaves behind.
@@ -53,6 +56,11 @@ pub enum Restored {
     Child { pid: i32 },
     /// The process runs, detached from us (reparented to init or a subreaper).
     Detached { pid: i32 },
+    /// The process runs in a new PID namespace under `init`, crest's child,
+    /// which exits with the root's status (as `crest restore` does) once the
+    /// namespace is empty. `pid` is the root's PID as seen from here; inside
+    /// the namespace it has its original one.
+    InPidns { pid: i32, init: i32, detached: bool },
 }
 
 /// The page file, mapped read-only, with every chunk checked against its checksum.
@@ -157,8 +165,11 @@ pub fn restore(opts: &RestoreOptions, progress: &indicatif::ProgressBar) -> Resu
         pages.push(Pages::open(&image.dir, p)?);
     }
     let plans = plan_tree(&image)?;
+    if opts.pidns {
+        return restore_in_pidns(&image, &plans, &pages, opts, progress);
+    }
     if !opts.detach {
-        restore_tree(&image, &plans, &pages, opts, progress)?;
+        restore_tree(&image, &plans, &pages, opts, progress, false)?;
         return Ok(Restored::Child { pid: root });
     }
     // Detached: an intermediate process restores and exits, so the restored
@@ -168,7 +179,7 @@ pub fn restore(opts: &RestoreOptions, progress: &indicatif::ProgressBar) -> Resu
     match unsafe { nix::unistd::fork() }.map_err(|e| Error::sys(0, "fork", e))? {
         nix::unistd::ForkResult::Child => {
             drop(rd);
-            let msg = match restore_tree(&image, &plans, &pages, opts, progress) {
+            let msg = match restore_tree(&image, &plans, &pages, opts, progress, false) {
                 Ok(()) => "ok".to_string(),
                 Err(e) => format!("err {} {e}", e.exit_code()),
             };
@@ -418,12 +429,133 @@ impl Drop for TreeGuard {
 
 /// Creates the whole tree (each process forks its own children), then rebuilds
 /// every process through ptrace and releases them all together.
+/// Restores the tree under a new PID namespace: crest's child becomes its
+/// init (PID 1), restores the tree there (the root is its child, every
+/// process gets its original PID inside), reports, and then reaps until the
+/// namespace is empty, exiting with the root's status.
+fn restore_in_pidns(
+    image: &Image,
+    plans: &[ChildPlan],
+    pages: &[Pages],
+    opts: &RestoreOptions,
+    progress: &indicatif::ProgressBar,
+) -> Result<Restored> {
+    let root = image.inventory.root_pid;
+    let (rd, wr) = nix::unistd::pipe().map_err(|e| Error::sys(0, "pipe", e))?;
+    let args = CloneArgs {
+        flags: libc::CLONE_NEWPID as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..Default::default()
+    };
+    // SAFETY: clone3 without CLONE_VM behaves like fork; the child runs the
+    // restore and the namespace's init loop and never returns.
+    let init = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if init < 0 {
+        let e = nix::errno::Errno::last();
+        return Err(Error::Restore(format!(
+            "cannot create a PID namespace (clone3 CLONE_NEWPID): {e}"
+        )));
+    }
+    if init == 0 {
+        drop(rd);
+        let msg = match restore_tree(image, plans, pages, opts, progress, true) {
+            Ok(()) => "ok".to_string(),
+            Err(e) => format!("err {} {e}", e.exit_code()),
+        };
+        let _ = nix::unistd::write(&wr, msg.as_bytes());
+        pidns_init(root, msg == "ok");
+    }
+    drop(wr);
+    let init = init as i32;
+    let mut msg = String::new();
+    use std::io::Read;
+    let _ = File::from(rd).read_to_string(&mut msg);
+    if msg != "ok" {
+        let _ = waitpid(nix::unistd::Pid::from_raw(init), None);
+        let rest = msg
+            .strip_prefix("err ")
+            .unwrap_or("1 the namespace's init died");
+        let (_, text) = rest.split_once(' ').unwrap_or(("1", rest));
+        return Err(Error::Restore(format!("in a new PID namespace: {text}")));
+    }
+    // The root as seen from here: init's child whose innermost PID is root.
+    let pid = std::fs::read_dir("/proc")
+        .map_err(|e| Error::io("/proc", e))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|&pid| {
+            let status = proc::read(pid, "status").unwrap_or_default();
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+                    .unwrap_or_default()
+            };
+            field("PPid:") == [init.to_string()]
+                && field("NSpid:").last() == Some(&root.to_string())
+        })
+        .ok_or_else(|| {
+            Error::Restore(format!(
+                "pid {root}: restored in a new PID namespace, but not found under its init {init}"
+            ))
+        })?;
+    Ok(Restored::InPidns {
+        pid,
+        init,
+        detached: opts.detach,
+    })
+}
+
+/// The namespace's init once the tree runs: hold nothing of the tree's
+/// (descriptors would keep pipes and files open), reap every process, and
+/// exit with the root's status when the namespace is empty.
+fn pidns_init(root: i32, restored: bool) -> ! {
+    // SAFETY: plain syscalls on ourselves; this process never returns.
+    unsafe {
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            for fd in 0..3 {
+                libc::dup2(null, fd);
+            }
+        }
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        if !restored {
+            libc::_exit(1);
+        }
+        let mut code = 0;
+        loop {
+            let mut status = 0;
+            let pid = libc::waitpid(-1, &mut status, 0);
+            if pid < 0 {
+                if nix::errno::Errno::last() == nix::errno::Errno::EINTR {
+                    continue;
+                }
+                libc::_exit(code);
+            }
+            if pid == root {
+                code = if libc::WIFEXITED(status) {
+                    libc::WEXITSTATUS(status)
+                } else {
+                    128 + libc::WTERMSIG(status)
+                };
+            }
+        }
+    }
+}
+
 fn restore_tree(
     image: &Image,
     plans: &[ChildPlan],
     pages: &[Pages],
     opts: &RestoreOptions,
     progress: &indicatif::ProgressBar,
+    new_pidns: bool,
 ) -> Result<()> {
     let mut report = [0i32; 2];
     // SAFETY: pipe2 writes two fds into the array.
@@ -495,6 +627,12 @@ fn restore_tree(
     })?;
     debug_assert_eq!(root, plans[0].pid);
     guard.pids.push(root);
+    if new_pidns {
+        // We are the namespace's init: PIDs we pass to ptrace and friends are
+        // the namespace's, so /proc must be too. Mounted in a mount namespace
+        // of our own, after the tree was forked (it keeps the original one).
+        mount_own_proc()?;
+    }
     drop(wr);
     // Each process reports "ok PID" or "err PID reason", then closes its end.
     let mut text = String::new();
@@ -545,6 +683,30 @@ fn restore_tree(
         }
     }
     Ok(())
+}
+
+/// Mounts a procfs of our PID namespace on /proc, in a private mount
+/// namespace of our own.
+fn mount_own_proc() -> Result<()> {
+    use nix::mount::{mount, MsFlags};
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .map_err(|e| Error::sys(0, "unshare(CLONE_NEWNS) for the namespace's /proc", e))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| Error::sys(0, "making / private for the namespace's /proc", e))?;
+    mount(
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| Error::sys(0, "mounting /proc for the namespace", e))
 }
 
 /// Opens (or, for a pipe end, duplicates) a shared file at exactly `at`,
@@ -708,7 +870,7 @@ fn pid_taken(pid: i32) -> Error {
         .map(|c| c.trim().to_string())
         .unwrap_or_else(|_| "?".into());
     Error::Restore(format!(
-        "pid {pid} is in use (by '{comm}'); stop that process or restore into a new PID namespace (--pidns, not supported yet)"
+        "pid {pid} is in use (by '{comm}'); stop that process or restore into a new PID namespace (--pidns)"
     ))
 }
 
