@@ -11,33 +11,136 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 
-const HOG_ENV: &str = "CREST_BENCH_HOG_MIB";
+const HOG_ENV: &str = "CREST_BENCH_HOG";
 
-/// If this process was started as a hog, become one and never return.
-pub fn hog_main_if_requested() {
-    let Some(mib) = std::env::var(HOG_ENV)
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-    else {
-        return;
-    };
-    let len = mib << 20;
+/// What a hog holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// `mib` MiB of dirty (non-zero) private anonymous memory.
+    Dirty { mib: usize },
+    /// A `reserve_gib` GiB MAP_NORESERVE reservation of which the first
+    /// `touched_mib` MiB are dirty: dump cost must follow the touched part.
+    Sparse {
+        reserve_gib: usize,
+        touched_mib: usize,
+    },
+    /// `count` one-page private anonymous mappings, each dirty (alternate
+    /// pages read-only so that the kernel keeps them apart).
+    ManyVmas { count: usize },
+}
+
+impl Workload {
+    /// The bytes a dump copies: the benchmark's throughput unit.
+    pub fn bytes(self) -> u64 {
+        match self {
+            Workload::Dirty { mib } => (mib as u64) << 20,
+            Workload::Sparse { touched_mib, .. } => (touched_mib as u64) << 20,
+            Workload::ManyVmas { count } => count as u64 * 4096,
+        }
+    }
+
+    pub fn label(self) -> String {
+        match self {
+            Workload::Dirty { mib } => format!("{mib}MiB"),
+            Workload::Sparse {
+                reserve_gib,
+                touched_mib,
+            } => format!("sparse-{reserve_gib}GiB-{touched_mib}MiB"),
+            Workload::ManyVmas { count } => format!("{count}-vmas"),
+        }
+    }
+
+    fn to_env(self) -> String {
+        match self {
+            Workload::Dirty { mib } => format!("dirty:{mib}"),
+            Workload::Sparse {
+                reserve_gib,
+                touched_mib,
+            } => format!("sparse:{reserve_gib}:{touched_mib}"),
+            Workload::ManyVmas { count } => format!("vmas:{count}"),
+        }
+    }
+
+    fn from_env(s: &str) -> Option<Workload> {
+        let mut it = s.split(':');
+        let kind = it.next()?;
+        let mut n = || it.next().and_then(|v| v.parse::<usize>().ok());
+        Some(match kind {
+            "dirty" => Workload::Dirty { mib: n()? },
+            "sparse" => Workload::Sparse {
+                reserve_gib: n()?,
+                touched_mib: n()?,
+            },
+            "vmas" => Workload::ManyVmas { count: n()? },
+            _ => return None,
+        })
+    }
+}
+
+/// The cases every dump/restore benchmark covers.
+pub const WORKLOADS: &[Workload] = &[
+    Workload::Dirty { mib: 64 },
+    Workload::Dirty { mib: 256 },
+    Workload::Dirty { mib: 1024 },
+    Workload::Sparse {
+        reserve_gib: 64,
+        touched_mib: 64,
+    },
+    Workload::ManyVmas { count: 10_000 },
+];
+
+fn map(len: usize, flags: i32) -> *mut u8 {
     // SAFETY: a fresh private anonymous mapping, checked for failure.
     let p = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags,
             -1,
             0,
         )
     };
     assert_ne!(p, libc::MAP_FAILED, "hog mmap");
-    // SAFETY: `p` maps `len` bytes we own; fill every page with non-zero data.
-    let mem = unsafe { std::slice::from_raw_parts_mut(p.cast::<u64>(), len / 8) };
-    for (i, w) in mem.iter_mut().enumerate() {
-        *w = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    p.cast()
+}
+
+/// Fills `len` bytes at `p` with non-zero data, every page different.
+fn dirty(p: *mut u8, len: usize) {
+    // SAFETY: the caller's mapping of `len` writable bytes.
+    let mem = unsafe { std::slice::from_raw_parts_mut(p, len) };
+    mem.fill(0x5a);
+    for (i, page) in mem.chunks_mut(4096).enumerate() {
+        page[..8].copy_from_slice(&(i as u64 + 1).to_ne_bytes());
+    }
+}
+
+/// If this process was started as a hog, become one and never return.
+pub fn hog_main_if_requested() {
+    let Some(w) = std::env::var(HOG_ENV)
+        .ok()
+        .and_then(|v| Workload::from_env(&v))
+    else {
+        return;
+    };
+    match w {
+        Workload::Dirty { mib } => dirty(map(mib << 20, 0), mib << 20),
+        Workload::Sparse {
+            reserve_gib,
+            touched_mib,
+        } => dirty(
+            map(reserve_gib << 30, libc::MAP_NORESERVE),
+            touched_mib << 20,
+        ),
+        Workload::ManyVmas { count } => {
+            let p = map(count * 4096, 0);
+            dirty(p, count * 4096);
+            for i in (1..count).step_by(2) {
+                // SAFETY: a page of the mapping made above.
+                let r = unsafe { libc::mprotect(p.add(i * 4096).cast(), 4096, libc::PROT_READ) };
+                assert_eq!(r, 0, "hog mprotect");
+            }
+        }
     }
     println!("ready");
     loop {
@@ -46,19 +149,19 @@ pub fn hog_main_if_requested() {
     }
 }
 
-/// A running hog process with `mib` MiB of dirty anonymous memory.
+/// A running hog process.
 pub struct Hog {
     pub child: Child,
     pub pid: i32,
 }
 
 impl Hog {
-    pub fn spawn(mib: usize) -> Result<Hog> {
+    pub fn spawn(w: Workload) -> Result<Hog> {
         let mut cmd = Command::new(std::env::current_exe()?);
-        cmd.env(HOG_ENV, mib.to_string())
+        cmd.env(HOG_ENV, w.to_env())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(Stdio::null());
         // SAFETY: async-signal-safe syscalls only.
         unsafe {
             cmd.pre_exec(|| {
@@ -140,7 +243,28 @@ pub fn group<'a>(
     let mut group = c.benchmark_group(name);
     group
         .sample_size(10)
+        .sampling_mode(criterion::SamplingMode::Flat)
         .warm_up_time(std::time::Duration::from_millis(500))
         .measurement_time(std::time::Duration::from_secs(5));
     group
+}
+
+/// Touches and frees `$CREST_BENCH_WARM_GIB` GiB (default 1) before a timed
+/// step: this machine gives freed memory back to its host, and memory touched
+/// for the first time after that is several times slower, which would make
+/// timings bimodal.
+pub fn warm() {
+    let gib: usize = std::env::var("CREST_BENCH_WARM_GIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    if gib == 0 {
+        return;
+    }
+    let p = map(gib << 30, libc::MAP_NORESERVE);
+    // SAFETY: the mapping just made.
+    unsafe {
+        std::ptr::write_bytes(p, 1, gib << 30);
+        libc::munmap(p.cast(), gib << 30);
+    }
 }
