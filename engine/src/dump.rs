@@ -14,7 +14,9 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag};
 
 use crate::error::{Error, Result};
-use crate::image::{DumpStats, Header, Image, Inventory, MetaWriter, RecordKind, Staging, Zombie};
+use crate::image::{
+    DumpStats, Header, Image, Inventory, LostGroup, MetaWriter, RecordKind, Staging, Zombie,
+};
 use crate::ptrace::{Regs, Tracee};
 use crate::task::{self, Registers, Remote};
 use crate::{files, mm, proc, ProcessImage, PAGE_SIZE};
@@ -527,6 +529,7 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
         });
     }
     let lost_session_leaders = check_sessions(&images, &zombies)?;
+    let lost_group_leaders = lost_groups(&images, &zombies, &lost_session_leaders);
 
     stats.frozen_us = started.elapsed().as_micros() as u64;
     let mut meta = MetaWriter::new(&Header::current());
@@ -539,6 +542,7 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
             shared_files,
             pipes,
             lost_session_leaders,
+            lost_group_leaders,
             stats: stats.clone(),
         },
     );
@@ -664,6 +668,32 @@ fn held_lock(pid: i32, files: &files::FilesImage) -> Option<String> {
         let ours = owner == pid || (owner == -1 && inodes.contains(&inode));
         ours.then(|| format!("{} {}", w.get(1).unwrap_or(&"?"), w.get(3).unwrap_or(&"?")))
     })
+}
+
+/// Process groups of the dump whose leader has exited (not a lost session's
+/// own group: its helper recreates that one).
+fn lost_groups(
+    images: &[ProcessImage],
+    zombies: &[Zombie],
+    lost_sessions: &[i32],
+) -> Vec<LostGroup> {
+    let in_dump =
+        |pid: i32| images.iter().any(|p| p.pid == pid) || zombies.iter().any(|z| z.pid == pid);
+    let mut lost: Vec<LostGroup> = Vec::new();
+    for p in images {
+        let gone = stat_fields(p.pgid).map_or(true, |f| stat_field(&f, 5) != p.pgid as i64);
+        if !in_dump(p.pgid)
+            && !lost_sessions.contains(&p.pgid)
+            && gone
+            && !lost.iter().any(|g| g.pgid == p.pgid)
+        {
+            lost.push(LostGroup {
+                pgid: p.pgid,
+                sid: p.sid,
+            });
+        }
+    }
+    lost
 }
 
 /// Whether the leader of session `sid` has exited: no process has that PID,

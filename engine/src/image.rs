@@ -76,7 +76,20 @@ pub struct Inventory {
     /// forks the members, and exits, as CRIU does.
     #[serde(default)]
     pub lost_session_leaders: Vec<i32>,
+    /// Process groups whose leader had exited (its PID is the group ID), with
+    /// their session: restore keeps a helper with that PID leading the group
+    /// until every member has joined it.
+    #[serde(default)]
+    pub lost_group_leaders: Vec<LostGroup>,
     pub stats: DumpStats,
+}
+
+/// A process group whose leader had exited, and the session it is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LostGroup {
+    pub pgid: i32,
+    pub sid: i32,
 }
 
 /// A zombie in the dumped tree: restored as a zombie with the same status,
@@ -379,6 +392,7 @@ mod tests {
                 shared_files: vec![],
                 pipes: vec![],
                 lost_session_leaders: vec![],
+                lost_group_leaders: vec![],
                 stats: DumpStats::default(),
             },
         );

@@ -229,6 +229,10 @@ struct ChildPlan {
     lost_sessions: Vec<(i32, Vec<usize>)>,
     /// Created through a helper that exits (orphans, lost-session members).
     reparented: bool,
+    /// Process groups whose leader had exited, in this process's session: a
+    /// holder with the leader's PID leads each until the restorer has joined
+    /// every member to it, then is killed.
+    lost_groups: Vec<i32>,
     /// Was a child subreaper: must be one before lost-session helpers exit.
     subreaper: bool,
     /// Zombie children it forks: (pid, wait status, own group, own session, name).
@@ -350,6 +354,20 @@ fn plan_tree(image: &Image) -> Result<Vec<ChildPlan>> {
             orphans,
             lost_sessions,
             reparented,
+            lost_groups: image
+                .inventory
+                .lost_group_leaders
+                .iter()
+                .filter(|g| {
+                    let forker = image
+                        .processes
+                        .iter()
+                        .position(|q| q.sid == g.sid)
+                        .unwrap_or(0);
+                    image.processes[forker].pid == p.pid
+                })
+                .map(|g| g.pgid)
+                .collect(),
             subreaper: p.state.child_subreaper,
             zombies,
             fds: p.files.fds.clone(),
@@ -672,6 +690,12 @@ fn restore_tree(
         built.push(rebuild(t, image, p, &pages[i], plans[i].trampoline)?);
     }
     set_process_groups(image, plans)?;
+    for g in &image.inventory.lost_group_leaders {
+        if guard.pids.contains(&g.pgid) {
+            // SAFETY: kill has no memory effects; the holder is ours (it reported).
+            unsafe { libc::kill(g.pgid, libc::SIGKILL) };
+        }
+    }
     for (i, p) in image.processes.iter().enumerate() {
         finish(p, &built[i], plans[i].trampoline)?;
     }
@@ -887,7 +911,12 @@ fn set_process_groups(image: &Image, plans: &[ChildPlan]) -> Result<()> {
             if image.inventory.lost_session_leaders.contains(&p.pgid) {
                 continue;
             }
-            if !leaders_first && !in_image(p.pgid) {
+            let lost_group = image
+                .inventory
+                .lost_group_leaders
+                .iter()
+                .any(|g| g.pgid == p.pgid);
+            if !leaders_first && !in_image(p.pgid) && !lost_group {
                 if image.inventory.zombies.iter().any(|z| z.pid == p.pgid) {
                     return Err(Error::unsupported(
                         p.pid,
@@ -1006,6 +1035,9 @@ fn process_main(
             report(format!("err {} {}\n", plan.pid, errno_msg("setsid")));
             libc::_exit(1);
         }
+    }
+    for &g in &plan.lost_groups {
+        hold_lost_group(g, plan.pid, plan.err_fd, deadline);
     }
     for &c in &plan.children {
         let err_fd = plan.err_fd;
@@ -1160,6 +1192,57 @@ fn process_main(
             libc::pause();
         }
     }
+}
+
+/// Creates the holder of lost process group `pgid` in our session: a process
+/// with that PID leading that group, double-forked so that it is not our
+/// child. It reports "ok PGID" (so the restorer kills it should the restore
+/// fail), closes everything, and waits to be killed once every member joined.
+fn hold_lost_group(pgid: i32, me: i32, err_fd: i32, deadline: Instant) {
+    let report = |msg: String| {
+        // SAFETY: a write of our own buffer to the report pipe; under PIPE_BUF, so atomic.
+        unsafe { libc::write(err_fd, msg.as_ptr().cast(), msg.len()) };
+    };
+    // SAFETY: the intermediate process only clones the holder and exits.
+    let middle = unsafe { libc::fork() };
+    if middle == 0 {
+        let r = clone_with_pid(pgid, deadline, || {
+            // SAFETY: plain syscalls on ourselves; we never return.
+            unsafe {
+                libc::setpgid(0, 0);
+                report(format!("ok {pgid}\n"));
+                libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
+                loop {
+                    libc::pause();
+                }
+            }
+        });
+        let code = match r {
+            Ok(holder) => {
+                // Leave only once the group exists, so members can join it.
+                while Instant::now() < deadline + Duration::from_secs(2) {
+                    // SAFETY: getpgid takes a plain value.
+                    if unsafe { libc::getpgid(holder) } == pgid {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                0
+            }
+            Err(e) => {
+                report(match e {
+                    CloneError::Taken(pid) => format!("err {me} taken {pid}\n"),
+                    CloneError::Other(e) => format!("err {me} {e}\n"),
+                });
+                1
+            }
+        };
+        // SAFETY: leaving without unwinding; the holder is reparented.
+        unsafe { libc::_exit(code) };
+    }
+    // SAFETY: reaping the intermediate process we just forked.
+    unsafe { libc::waitpid(middle, std::ptr::null_mut(), 0) };
+    drop_pending_sigchld();
 }
 
 /// Drops the SIGCHLD a helper's or a zombie's death queued for us (all our

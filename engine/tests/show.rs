@@ -30,6 +30,7 @@ fn fixture_image(dir: &std::path::Path) {
             shared_files: vec![],
             pipes: vec![],
             lost_session_leaders: vec![],
+            lost_group_leaders: vec![],
             stats,
         },
     );

@@ -131,6 +131,7 @@ fn main() {
             });
         }
         "orphan" => orphan(&ctl, &mut c),
+        "group-leader-gone" => group_leader_gone(&ctl, &mut c),
         "stopped" => {
             let child = fork_child(|| {
                 // SAFETY: raising SIGSTOP at ourselves.
@@ -481,6 +482,54 @@ fn leaderless(ctl: &Ctl, c: &mut Checks) {
     c.eq(
         "b's session (its leader's pid, leader gone)",
         unsafe { libc::getsid(b) },
+        a,
+    );
+    if let Err(e) = wait_ok(b, "b") {
+        c.fail(e);
+    }
+}
+
+/// Child a leads a new group, child b joins it, then a exits: b stays in a
+/// group whose leader is gone (a shell pipeline whose first command ended).
+fn group_leader_gone(ctl: &Ctl, c: &mut Checks) {
+    let a = fork_child(|| {
+        // SAFETY: setpgid takes plain values.
+        unsafe { libc::setpgid(0, 0) };
+        child_ready(ctl, "a");
+        loop {
+            // SAFETY: pause takes nothing; the parent kills us once b has joined.
+            unsafe { libc::pause() };
+        }
+    });
+    wait_children_ready(ctl, &["a"]);
+    let b = fork_child(|| {
+        // SAFETY: setpgid/getpgid take plain values.
+        if unsafe { libc::setpgid(0, a) } != 0 {
+            eprintln!("b: setpgid to {a}: {}", std::io::Error::last_os_error());
+            return 2;
+        }
+        child_ready(ctl, "b");
+        ctl.wait_for_go();
+        // SAFETY: as above.
+        let g = unsafe { libc::getpgid(0) };
+        if g != a {
+            eprintln!("b: group {g}, expected {a} (its leader gone)");
+            return 1;
+        }
+        0
+    });
+    wait_children_ready(ctl, &["b"]);
+    // SAFETY: kill and waitpid on our own child a.
+    unsafe {
+        libc::kill(a, libc::SIGKILL);
+        libc::waitpid(a, std::ptr::null_mut(), 0);
+    }
+    ctl.ready();
+    ctl.wait_for_go();
+    // SAFETY: getpgid takes a plain value.
+    c.eq(
+        "b's group (its leader gone)",
+        unsafe { libc::getpgid(b) },
         a,
     );
     if let Err(e) = wait_ok(b, "b") {
