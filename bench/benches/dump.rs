@@ -27,6 +27,7 @@ fn bench_dump(c: &mut Criterion) {
                 after: AfterDump::LeaveRunning,
                 scope: Scope::Tree,
                 tcp_established: false,
+                callback_timeout: crest_engine::api::DEFAULT_CALLBACK_TIMEOUT,
             };
             let t = Instant::now();
             let stats = dump(&opts, &bar).expect("dump");

@@ -25,6 +25,7 @@ fn bench_restore(c: &mut Criterion) {
                     after: AfterDump::Kill,
                     scope: Scope::Tree,
                     tcp_established: false,
+                    callback_timeout: crest_engine::api::DEFAULT_CALLBACK_TIMEOUT,
                 },
                 &bar,
             )

@@ -62,6 +62,14 @@ pub enum Mode {
     /// `dump --stop` keeps the original holding its PID; `restore --pidns`
     /// brings the copy back in a new PID namespace with that PID inside.
     Pidns,
+    /// `leave-running`, and the workload's `outcome` file must say `continued`
+    /// after the original finishes and `restarted` after the restored one does
+    /// (the callback interface's answer).
+    ContinueRestart,
+    /// The workload checkpoints itself into `ctl/self-img` before `ready`
+    /// (outcome `continued`); after it finishes, that image is restored and
+    /// must finish too (outcome `restarted`).
+    SelfCheckpoint,
 }
 
 impl Mode {

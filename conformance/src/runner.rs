@@ -270,6 +270,8 @@ impl Run<'_> {
             Mode::CorruptImage => self.corrupt_image(),
             Mode::FileChanged => self.file_changed(),
             Mode::Pidns => self.pidns(),
+            Mode::ContinueRestart => self.leave_running_with(true),
+            Mode::SelfCheckpoint => self.self_checkpoint(),
         }
     }
 
@@ -323,6 +325,8 @@ impl Run<'_> {
             cmd.stdout(self.file("wl.out")?);
         }
         cmd.current_dir(&self.ctl);
+        // Workloads that request their own checkpoint run this crest.
+        cmd.env("CREST_BIN", &self.cfg.crest_bin);
         // SAFETY: setsid and fcntl (in only_stdio) are async-signal-safe and
         // touch no memory of the parent.
         unsafe {
@@ -931,6 +935,74 @@ impl Run<'_> {
     }
 
     fn leave_running(&mut self) -> R<()> {
+        self.leave_running_with(false)
+    }
+
+    /// The workload's `outcome` file must hold `want` (continue-restart and
+    /// self-checkpoint modes: what libcrest told its callbacks).
+    fn expect_outcome(&self, want: &str, who: &str) -> R<()> {
+        let got = fs::read_to_string(self.ctl.join("outcome"))
+            .unwrap_or_else(|_| "(no outcome file)".into());
+        if got.trim() != want {
+            fail!(
+                "{who}: its checkpoint callbacks were told {:?}, expected {want:?}",
+                got.trim()
+            );
+        }
+        Ok(())
+    }
+
+    fn clear_protocol_files(&self) {
+        for f in [GO, RESULT, READY, "outcome"] {
+            let _ = fs::remove_file(self.ctl.join(f));
+        }
+    }
+
+    fn self_checkpoint(&mut self) -> R<()> {
+        let pid = self.start_workload()?;
+        let img = self.ctl.join("self-img");
+        if !img.join("meta.crest").is_file() {
+            fail!(
+                "the workload did not checkpoint itself: no image at {}",
+                img.display()
+            );
+        }
+        self.finish_original()?;
+        self.expect_outcome("continued", "the original workload")?;
+        self.clear_protocol_files();
+        self.spawn_restore(&img)?;
+        let ready = self.ctl.join(READY);
+        loop {
+            if fs::read_to_string(&ready).is_ok_and(|t| t.trim() == pid.to_string()) {
+                break;
+            }
+            if let Some(r) = self.restore.as_mut() {
+                if let Ok(Some(st)) = r.try_wait() {
+                    self.restore = None;
+                    let log = fs::read_to_string(
+                        self.dir.join(format!("restore{}.log", self.crest_runs)),
+                    )
+                    .unwrap_or_default();
+                    fail!("crest restore of the self-made image ended ({}) before the process was ready: {}", describe_status(st), engine_message(&log));
+                }
+            }
+            self.time_left()?;
+            std::thread::sleep(POLL);
+        }
+        self.go(&self.ctl.clone())?;
+        let st = self.wait_restore(None)?;
+        if shell_status(st) != 0 {
+            fail!(
+                "crest restore exited with {}: {}",
+                describe_status(st),
+                self.result(&self.ctl.clone()).trim_end()
+            );
+        }
+        self.expect_ok(&self.ctl.clone(), "the restored workload")?;
+        self.expect_outcome("restarted", "the restored workload")
+    }
+
+    fn leave_running_with(&mut self, outcomes: bool) -> R<()> {
         let me = std::process::id() as i32;
         let pid = self.start_workload()?;
         let before = self.view_now(pid, Parent::Expect(me))?;
@@ -943,6 +1015,10 @@ impl Run<'_> {
         )?;
         // The original must still work...
         self.finish_original()?;
+        if outcomes {
+            self.expect_outcome("continued", "the original workload")?;
+            let _ = fs::remove_file(self.ctl.join("outcome"));
+        }
         let _ = fs::remove_file(self.ctl.join(GO));
         let _ = fs::remove_file(self.ctl.join(RESULT));
         // ...and so must its image, which was taken before `go`.
@@ -968,7 +1044,11 @@ impl Run<'_> {
                 self.result(&self.ctl.clone()).trim_end()
             );
         }
-        self.expect_ok(&self.ctl.clone(), "the restored workload")
+        self.expect_ok(&self.ctl.clone(), "the restored workload")?;
+        if outcomes {
+            self.expect_outcome("restarted", "the restored workload")?;
+        }
+        Ok(())
     }
 
     fn stop_after_dump(&mut self) -> R<()> {

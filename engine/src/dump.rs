@@ -56,6 +56,8 @@ pub struct DumpOptions {
     /// Carry established TCP connections whose peer is outside the dump (as
     /// CRIU's `--tcp-established`); without it they are refused.
     pub tcp_established: bool,
+    /// How long libcrest processes may take in their checkpoint callbacks.
+    pub callback_timeout: std::time::Duration,
 }
 
 /// One seized thread, its registers and signal mask at the freeze. While
@@ -446,6 +448,16 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
             reason: "is not a session leader (--session takes the session ID)".into(),
         });
     }
+    // Processes using libcrest run their callbacks now, before anything is
+    // frozen; dropped on failure, the handshake tells them the dump failed
+    // (after `set` has released them).
+    let in_scope = match opts.scope {
+        Scope::Tree => tree(opts.pid)?,
+        Scope::Session => members(6, opts.pid)?,
+        Scope::Pgid => members(5, opts.pid)?,
+    };
+    progress.set_message(format!("pid {root}: checkpoint callbacks"));
+    let mut callbacks = crate::api::Handshake::run(&in_scope, opts.callback_timeout)?;
     let started = Instant::now();
     let mut set = FrozenSet::default();
     let mut zombie_pids = Vec::new();
@@ -456,7 +468,9 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
     let mut stats = DumpStats::default();
     let mut images = Vec::new();
     for fp in &mut set.procs {
-        images.push(collect_process(fp, staging.path(), &mut stats, progress)?);
+        let mut image = collect_process(fp, staging.path(), &mut stats, progress)?;
+        image.api = callbacks.image_of(fp.pid);
+        images.push(image);
     }
     let mut shared_files = Vec::new();
     let pipes = {
@@ -554,6 +568,7 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
 
     match opts.after {
         AfterDump::Kill => {
+            callbacks.finish(None)?;
             set.released = true;
             for p in &set.procs {
                 let _ = kill(nix::unistd::Pid::from_raw(p.pid), Signal::SIGKILL);
@@ -568,8 +583,13 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
             // Their connections closed in repair mode, without a FIN or RST.
             crate::tcp::forget_repaired();
         }
-        AfterDump::LeaveRunning => set.release_all(None)?,
+        // Written while still frozen: the callbacks' waits restart and see it.
+        AfterDump::LeaveRunning => {
+            callbacks.finish(Some(crate::api::CONTINUED))?;
+            set.release_all(None)?
+        }
         AfterDump::Stop => {
+            callbacks.finish(Some(crate::api::CONTINUED))?;
             set.release_all(Some(Signal::SIGSTOP))?;
             // Return only once they are stopped: the signal acts after detach.
             let until = Instant::now() + std::time::Duration::from_secs(2);
@@ -878,5 +898,6 @@ fn collect_process(
             chunks,
         },
         files,
+        api: None,
     })
 }

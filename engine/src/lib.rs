@@ -6,6 +6,7 @@
 //! → the child sets up what it can on itself (files, signals, limits) → the
 //! restorer rebuilds its address space and registers through ptrace → resume.
 
+pub mod api;
 pub mod check;
 pub mod dump;
 pub mod error;
@@ -45,4 +46,7 @@ pub struct ProcessImage {
     pub state: task::ProcessState,
     pub mm: mm::MmImage,
     pub files: files::FilesImage,
+    /// The process took part through libcrest: where its state word is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<api::ApiImage>,
 }

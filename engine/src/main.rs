@@ -54,6 +54,10 @@ enum Command {
         /// Leave the process stopped (SIGSTOP) after the dump.
         #[arg(long)]
         stop: bool,
+        /// How long processes using libcrest may take in their checkpoint
+        /// callbacks before the dump is cancelled, in seconds.
+        #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+        callback_timeout: f64,
     },
     /// Restore a process from an image directory, with its original PID.
     /// Without --detach crest stays its parent and exits with its exit status
@@ -118,6 +122,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
             leave_running,
             tcp_established,
             stop,
+            callback_timeout,
         } => {
             let (pid, scope) = match (pid, session, pgid) {
                 (Some(pid), _, _) => (pid, Scope::Tree),
@@ -140,6 +145,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
                     after,
                     scope,
                     tcp_established,
+                    callback_timeout: Duration::from_secs_f64(callback_timeout.max(0.0)),
                 },
                 &bar,
             )?;

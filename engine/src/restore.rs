@@ -699,6 +699,8 @@ fn restore_tree(
     for (i, p) in image.processes.iter().enumerate() {
         finish(p, &built[i], plans[i].trampoline)?;
     }
+    // libcrest processes learn they were restarted before they run.
+    crate::api::restarted(&image.processes)?;
     guard.armed = false;
     for (i, p) in image.processes.iter().enumerate() {
         for (n, t) in built[i].iter().enumerate() {
