@@ -481,6 +481,7 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
         pipes
     };
     save_shared_memory(&images, staging.path(), &mut shared_files)?;
+    crate::memfd::collect(&mut images, staging.path(), &mut shared_files)?;
     // The first process and fd holding shared file `id`, for messages.
     let holder = |id: u32| {
         images

@@ -71,6 +71,9 @@ pub enum FdKind {
     },
     /// A signalfd with its mask (created by the restorer, inherited).
     Signalfd { mask: u64, flags: i32 },
+    /// A memfd (as a shared file: created by the restorer with its contents,
+    /// sealed once every process has mapped it; see `memfd`).
+    Memfd(crate::memfd::Memfd),
     /// A timerfd with its timer and unread expirations (created by the restorer, inherited).
     Timerfd(crate::timers::Timerfd),
     /// An epoll instance and its watch set, rebuilt by its process once every
@@ -346,7 +349,17 @@ pub fn collect(pid: i32) -> Result<FilesImage> {
                 Err(what) => return refuse(what),
             }
         } else if link.starts_with("/memfd:") {
-            return refuse(format!("a memfd ({link})"));
+            let fdpath = format!("/proc/{pid}/fd/{fd}");
+            let meta = std::fs::metadata(&fdpath).map_err(|e| Error::io(&fdpath, e))?;
+            match crate::memfd::Memfd::from_fd(
+                meta.ino(),
+                &link,
+                info.flags & REOPEN_MASK,
+                info.pos,
+            ) {
+                Some(m) => FdKind::Memfd(m),
+                None => return refuse(format!("a memfd with an unexpected name ({link})")),
+            }
         } else if let Some(path) = link
             .strip_suffix(" (deleted)")
             .filter(|p| p.starts_with('/'))
@@ -657,6 +670,7 @@ pub fn open_for_restore(f: &FdImage) -> std::result::Result<Option<i32>, String>
         | FdKind::TcpListen(_)
         | FdKind::TcpConn(_)
         | FdKind::Shmem { .. }
+        | FdKind::Memfd(_)
         | FdKind::Epoll { .. } => return Ok(None),
     };
     let c = std::ffi::CString::new(path.as_str()).map_err(|_| format!("fd {}: bad path", f.fd))?;

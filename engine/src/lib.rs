@@ -12,6 +12,7 @@ pub mod dump;
 pub mod error;
 pub mod files;
 pub mod image;
+pub mod memfd;
 pub mod mm;
 pub mod pipes;
 pub mod proc;

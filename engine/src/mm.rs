@@ -40,6 +40,15 @@ pub enum Backing {
     /// the object `inode` is saved once for the whole dump (see
     /// `files::FdKind::Shmem`) and every process maps the same object again.
     SharedAnon { inode: u64, offset: u64 },
+    /// A mapping of memfd `inode` (saved once for the whole dump, see
+    /// `crate::memfd`). Private: pages the process wrote are in the image.
+    Memfd {
+        inode: u64,
+        name: String,
+        offset: u64,
+        shared: bool,
+        may_write: bool,
+    },
     /// A mapping the kernel provides (`[vdso]`, `[vvar]`, `[vvar_vclock]`).
     Special { name: String },
 }
@@ -180,6 +189,14 @@ pub fn collect_vmas(
                 inode: m.inode,
                 offset: m.offset,
             }
+        } else if m.deleted && m.name.starts_with("/memfd:") {
+            Backing::Memfd {
+                inode: m.inode,
+                name: m.name["/memfd:".len()..].to_string(),
+                offset: m.offset,
+                shared: m.shared,
+                may_write: has_flag(m.start, "mw"),
+            }
         } else if m.shared
             && (m.deleted
                 || !m.name.starts_with('/')
@@ -249,8 +266,9 @@ pub fn collect_pages(
         let file_backed = match &vma.backing {
             Backing::Special { .. }
             | Backing::File { shared: true, .. }
+            | Backing::Memfd { shared: true, .. }
             | Backing::SharedAnon { .. } => continue,
-            Backing::File { .. } => true,
+            Backing::File { .. } | Backing::Memfd { .. } => true,
             Backing::Anon => false,
         };
         proc::read_pagemap(&pagemap_file, vma.start, vma.end, &mut entries)

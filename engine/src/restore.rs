@@ -17,7 +17,7 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -689,6 +689,13 @@ fn restore_tree(
         guard.pids.push(p.pid);
         built.push(rebuild(t, image, p, &pages[i], plans[i].trampoline)?);
     }
+    // Seals last: every process has mapped its memfds (a write seal forbids
+    // writable shared mappings).
+    for sf in &image.inventory.shared_files {
+        if let FdKind::Memfd(m) = &sf.file {
+            crate::memfd::seal(plans[0].shared_base + sf.id as i32, m)?;
+        }
+    }
     set_process_groups(image, plans)?;
     for g in &image.inventory.lost_group_leaders {
         if guard.pids.contains(&g.pgid) {
@@ -751,6 +758,10 @@ fn open_shared(
             crc32c,
         } => (create_shmem(dir, *inode, *size, *crc32c)?, None),
         FdKind::TcpListen(l) => (crate::sockets::restore_listen(l)?, Some(l.flags)),
+        FdKind::Memfd(m) => (
+            crate::memfd::create(dir, m)?.into_raw_fd(),
+            Some(m.flags & !libc::O_ACCMODE),
+        ),
         FdKind::UnixPair(crate::sockets::UnixEnd { inode, flags, .. })
         | FdKind::TcpConn(crate::tcp::TcpConn { inode, flags, .. }) => {
             let (_, sock) = sockets.iter().find(|(i, _)| i == inode).ok_or_else(|| {
@@ -1284,6 +1295,15 @@ fn helper_fds(
                 ..
             } => (path.clone(), *shared && *may_write),
             Backing::SharedAnon { inode, .. } => (shmem_source(shared, shared_base, *inode)?, true),
+            Backing::Memfd {
+                inode,
+                shared: is_shared,
+                may_write,
+                ..
+            } => (
+                memfd_source(shared, shared_base, *inode)?,
+                *is_shared && *may_write,
+            ),
             _ => continue,
         };
         match out.iter_mut().find(|(q, _, _)| *q == source) {
@@ -1311,6 +1331,15 @@ fn shmem_source(shared: &[files::SharedFile], shared_base: i32, inode: u64) -> R
     Ok(format!("/proc/self/fd/{}", shared_base + sf.id as i32))
 }
 
+/// Where a restore child reopens memfd `inode` from (to map it).
+fn memfd_source(shared: &[files::SharedFile], shared_base: i32, inode: u64) -> Result<String> {
+    let sf = shared
+        .iter()
+        .find(|s| matches!(&s.file, FdKind::Memfd(m) if m.inode == inode))
+        .ok_or_else(|| Error::Restore(format!("memfd {inode} is missing from the image")))?;
+    Ok(format!("/proc/self/fd/{}", shared_base + sf.id as i32))
+}
+
 /// The first fd number free in every restore child above its own descriptors,
 /// helper descriptors and report pipe: where shared files are inherited.
 fn shared_base(image: &Image) -> i32 {
@@ -1324,6 +1353,7 @@ fn shared_base(image: &Image) -> i32 {
                 let key = match &v.backing {
                     Backing::File { path, .. } => path.clone(),
                     Backing::SharedAnon { inode, .. } => format!("shmem {inode}"),
+                    Backing::Memfd { inode, .. } => format!("memfd {inode}"),
                     _ => continue,
                 };
                 if !sources.contains(&key) {
@@ -1671,6 +1701,23 @@ fn rebuild(
                     .find(|(p, _, _)| p == path)
                     .map(|(_, fd, _)| *fd)
                     .expect("every mapped file has a helper fd");
+                if *shared {
+                    flags = (flags & !libc::MAP_PRIVATE) | libc::MAP_SHARED;
+                }
+                (fd as u64, *offset)
+            }
+            Backing::Memfd {
+                inode,
+                offset,
+                shared,
+                ..
+            } => {
+                let source = memfd_source(image_shared, shared_base, *inode)?;
+                let fd = file_fds
+                    .iter()
+                    .find(|(p, _, _)| *p == source)
+                    .map(|(_, fd, _)| *fd)
+                    .expect("every mapped memfd has a helper fd");
                 if *shared {
                     flags = (flags & !libc::MAP_PRIVATE) | libc::MAP_SHARED;
                 }
@@ -2066,8 +2113,10 @@ fn finish(p: &ProcessImage, threads: &[Tracee], insn: u64) -> Result<()> {
 /// their final protection at once and are written through /proc/PID/mem,
 /// which keeps a huge PROT_NONE reservation from being charged to overcommit.
 fn needs_write_window(p: &ProcessImage, v: &mm::Vma) -> bool {
-    matches!(v.backing, Backing::File { shared: false, .. })
-        && v.prot & libc::PROT_WRITE == 0
+    matches!(
+        v.backing,
+        Backing::File { shared: false, .. } | Backing::Memfd { shared: false, .. }
+    ) && v.prot & libc::PROT_WRITE == 0
         && p.mm
             .chunks
             .iter()

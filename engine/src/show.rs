@@ -220,6 +220,15 @@ pub fn render(image: &Image) -> String {
                 Backing::Anon => v.name.clone(),
                 Backing::File { path, offset, .. } => format!("{path} @ {offset:#x}"),
                 Backing::Special { name } => name.clone(),
+                Backing::Memfd {
+                    name,
+                    offset,
+                    shared,
+                    ..
+                } => format!(
+                    "memfd:{name} @ {offset:#x}{}",
+                    if *shared { ", shared" } else { "" }
+                ),
                 Backing::SharedAnon { inode, offset } => {
                     format!("shared anonymous memory {inode} @ {offset:#x}")
                 }
@@ -277,6 +286,7 @@ pub fn render(image: &Image) -> String {
                     format!("signalfd for [{}]{cloexec}", mask_names(*mask).join(" "))
                 }
                 FdKind::Timerfd(t) => format!("{}{cloexec}", timerfd(t)),
+                FdKind::Memfd(m) => format!("{}{cloexec}", memfd(m)),
                 FdKind::Epoll { watches, .. } => {
                     let fds: Vec<String> = watches.iter().map(|w| w.fd.to_string()).collect();
                     format!("epoll watching fds [{}]{cloexec}", fds.join(" "))
@@ -329,6 +339,7 @@ pub fn render(image: &Image) -> String {
                         Some(FdKind::Eventfd { count, .. }) => {
                             format!("eventfd, counter {count} (shared{cloexec})")
                         }
+                        Some(FdKind::Memfd(m)) => format!("{} (shared{cloexec})", memfd(m)),
                         Some(FdKind::Timerfd(t)) => format!("{} (shared{cloexec})", timerfd(t)),
                         Some(FdKind::Signalfd { mask, .. }) => {
                             format!(
@@ -344,6 +355,18 @@ pub fn render(image: &Image) -> String {
         }
     }
     o
+}
+
+fn memfd(m: &crate::memfd::Memfd) -> String {
+    format!(
+        "memfd:{} ({}, offset {}, {} bytes saved, mode {:o}, seals {:#x})",
+        m.name,
+        access(m.flags),
+        m.pos,
+        m.size,
+        m.mode,
+        m.seals
+    )
 }
 
 fn timerfd(t: &crate::timers::Timerfd) -> String {

@@ -543,14 +543,52 @@ fn memfd(ctl: &Ctl, c: &mut Checks) {
     );
     write_all(fd, &pattern(len, SEED));
     let m = mmap(len, RW, libc::MAP_SHARED, fd);
-    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
     // SAFETY: plain values.
     sys(
         unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) },
         "F_ADD_SEALS",
     );
+    // A second memfd, only mapped (its fd closed), sealed against future
+    // writes: the mapping made before the seal stays writable.
+    let name2 = CString::new("crest-wl-mapped").unwrap_or_default();
+    // SAFETY: name2 is NUL-terminated.
+    let fd2 = sys(
+        unsafe { libc::memfd_create(name2.as_ptr(), libc::MFD_ALLOW_SEALING) },
+        "memfd_create",
+    );
+    let len2 = 3 * PAGE;
+    // SAFETY: plain values.
+    sys(unsafe { libc::ftruncate(fd2, len2 as i64) }, "ftruncate");
+    let m2 = mmap(len2, RW, libc::MAP_SHARED, fd2);
+    // SAFETY: m2 is a RW mapping of len2 bytes.
+    fill_pattern(unsafe { slice(m2, len2) }, SEED + 1);
+    // SAFETY: plain values; then the fd goes, the mapping stays.
+    unsafe {
+        sys(
+            libc::fcntl(fd2, libc::F_ADD_SEALS, libc::F_SEAL_FUTURE_WRITE),
+            "F_ADD_SEALS",
+        );
+        libc::close(fd2);
+    }
     ctl.ready();
     ctl.wait_for_go();
+    // SAFETY: m2 is a RW shared mapping of len2 bytes.
+    let s2 = unsafe { slice(m2, len2) };
+    c.eq(
+        "mapped-only memfd mismatch at",
+        first_pattern_mismatch(s2, SEED + 1),
+        None,
+    );
+    s2[5] = !s2[5];
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    c.check(
+        maps.lines().any(|l| {
+            l.starts_with(&format!("{:x}-", m2 as usize))
+                && l.ends_with("/memfd:crest-wl-mapped (deleted)")
+        }),
+        || "the mapped-only memfd is not \"/memfd:crest-wl-mapped (deleted)\" in maps".into(),
+    );
     // SAFETY: plain values.
     c.eq(
         "seals",
