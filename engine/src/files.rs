@@ -93,6 +93,8 @@ pub enum FdKind {
     /// An established TCP connection (as a shared file: recreated by the
     /// restorer with TCP_REPAIR, once every connection of the image exists).
     TcpConn(crate::tcp::TcpConn),
+    /// A UDP socket with its queued datagrams (as a shared file: recreated by the restorer).
+    Udp(crate::udp::UdpSock),
     /// One end of a pipe (only as the description of a shared file: the
     /// restorer creates each pipe once and fills it with its unread data).
     Pipe {
@@ -153,6 +155,7 @@ pub fn find_shared(procs: &mut [(i32, &mut FilesImage)], shared: &mut Vec<Shared
                     | FdKind::Timerfd(_)
                     | FdKind::TcpListen(_)
                     | FdKind::TcpConn(_)
+                    | FdKind::Udp(_)
             ) {
                 // Created once by the restorer; held by one process or several.
                 let seen = owners
@@ -338,6 +341,7 @@ pub fn collect(pid: i32) -> Result<FilesImage> {
                     Ok(crate::sockets::Collected::Unix(end)) => FdKind::UnixPair(end),
                     Ok(crate::sockets::Collected::TcpListen(l)) => FdKind::TcpListen(l),
                     Ok(crate::sockets::Collected::TcpConn(c)) => FdKind::TcpConn(c),
+                    Ok(crate::sockets::Collected::Udp(u)) => FdKind::Udp(u),
                     Err(what) => return refuse(what),
                 }
             }
@@ -669,6 +673,7 @@ pub fn open_for_restore(f: &FdImage) -> std::result::Result<Option<i32>, String>
         | FdKind::UnixPair(_)
         | FdKind::TcpListen(_)
         | FdKind::TcpConn(_)
+        | FdKind::Udp(_)
         | FdKind::Shmem { .. }
         | FdKind::Memfd(_)
         | FdKind::Epoll { .. } => return Ok(None),

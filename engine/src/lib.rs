@@ -23,6 +23,7 @@ pub mod sockets;
 pub mod task;
 pub mod tcp;
 pub mod timers;
+pub mod udp;
 
 use serde::{Deserialize, Serialize};
 

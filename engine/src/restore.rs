@@ -602,7 +602,7 @@ fn restore_tree(
         .collect();
     let sockets = crate::sockets::create(&unix_ends)?;
     let mut shared_fds = Vec::new();
-    let is_conn = |sf: &&files::SharedFile| matches!(sf.file, FdKind::TcpConn(_));
+    let is_conn = |sf: &&files::SharedFile| matches!(sf.file, FdKind::TcpConn(_) | FdKind::Udp(_));
     for sf in image
         .inventory
         .shared_files
@@ -614,6 +614,8 @@ fn restore_tree(
     }
     // TCP connections after the listeners: a listener binds its port normally,
     // an accepted connection on the same port then binds it in repair mode.
+    // UDP sockets after them all: their queues are refilled from the senders'
+    // addresses, which may be another socket's.
     let conns: Vec<crate::tcp::TcpConn> = image
         .inventory
         .shared_files
@@ -623,7 +625,17 @@ fn restore_tree(
             _ => None,
         })
         .collect();
-    let conns = crate::tcp::create(&conns)?;
+    let mut conns = crate::tcp::create(&conns)?;
+    let udp: Vec<crate::udp::UdpSock> = image
+        .inventory
+        .shared_files
+        .iter()
+        .filter_map(|sf| match &sf.file {
+            FdKind::Udp(u) => Some(u.clone()),
+            _ => None,
+        })
+        .collect();
+    conns.extend(crate::udp::create(&udp)?);
     for sf in image.inventory.shared_files.iter().filter(is_conn) {
         let at = plans[0].shared_base + sf.id as i32;
         shared_fds.push(open_shared(&image.dir, sf, at, &pipes, &conns)?);
@@ -763,7 +775,8 @@ fn open_shared(
             Some(m.flags & !libc::O_ACCMODE),
         ),
         FdKind::UnixPair(crate::sockets::UnixEnd { inode, flags, .. })
-        | FdKind::TcpConn(crate::tcp::TcpConn { inode, flags, .. }) => {
+        | FdKind::TcpConn(crate::tcp::TcpConn { inode, flags, .. })
+        | FdKind::Udp(crate::udp::UdpSock { inode, flags, .. }) => {
             let (_, sock) = sockets.iter().find(|(i, _)| i == inode).ok_or_else(|| {
                 Error::Restore(format!(
                     "shared file {}: socket {inode} was not created",

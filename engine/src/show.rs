@@ -282,6 +282,9 @@ pub fn render(image: &Image) -> String {
                     format!("unix socket {} paired with {}{cloexec}", e.inode, e.peer)
                 }
                 FdKind::TcpConn(c) => format!("TCP connection {}{cloexec}", c.describe()),
+                FdKind::Udp(u) => {
+                    format!("UDP socket {}{cloexec}", crate::tcp::addr_text(&u.local))
+                }
                 FdKind::Signalfd { mask, .. } => {
                     format!("signalfd for [{}]{cloexec}", mask_names(*mask).join(" "))
                 }
@@ -335,6 +338,16 @@ pub fn render(image: &Image) -> String {
                             c.describe(),
                             c.send_queue.len(),
                             c.recv_queue.len()
+                        ),
+                        Some(FdKind::Udp(u)) => format!(
+                            "UDP socket {}{} ({} datagrams queued{cloexec})",
+                            crate::tcp::addr_text(&u.local),
+                            if u.peer.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" → {}", crate::tcp::addr_text(&u.peer))
+                            },
+                            u.queue.len()
                         ),
                         Some(FdKind::Eventfd { count, .. }) => {
                             format!("eventfd, counter {count} (shared{cloexec})")

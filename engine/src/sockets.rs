@@ -251,6 +251,7 @@ pub enum Collected {
     Unix(UnixEnd),
     TcpListen(TcpListen),
     TcpConn(crate::tcp::TcpConn),
+    Udp(crate::udp::UdpSock),
 }
 
 pub fn collect(pid: i32, fd: i32, flags: i32) -> Result<std::result::Result<Collected, String>> {
@@ -277,7 +278,9 @@ pub fn collect(pid: i32, fd: i32, flags: i32) -> Result<std::result::Result<Coll
             return Ok(collect_listen(pid, &sock, domain, flags)?.map(Collected::TcpListen));
         }
         libc::AF_INET | libc::AF_INET6 if ty == libc::SOCK_DGRAM => {
-            return Ok(Err("a UDP socket".into()))
+            return Ok(Ok(Collected::Udp(crate::udp::collect(
+                pid, fd, &sock, domain, flags,
+            )?)))
         }
         libc::AF_NETLINK => return Ok(Err("a netlink socket".into())),
         d => return Ok(Err(format!("a socket (family {d}, {tyname})"))),

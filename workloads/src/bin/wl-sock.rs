@@ -42,10 +42,14 @@ fn main() {
             let (aa, ba) = (a.local_addr().ok(), b.local_addr().ok());
             b.send_to(b"queued datagram", aa.unwrap_or_else(|| fail("no address")))
                 .unwrap_or_else(|e| fail(&format!("send_to: {e}")));
+            // b is also connected to a (a connected UDP socket keeps its peer).
+            b.connect(aa.unwrap_or_else(|| fail("no address")))
+                .unwrap_or_else(|e| fail(&format!("connect: {e}")));
             ctl.ready();
             ctl.wait_for_go();
             c.eq("a's address", a.local_addr().ok(), aa);
             c.eq("b's address", b.local_addr().ok(), ba);
+            c.eq("b's peer", b.peer_addr().ok(), aa);
             let _ = a.set_read_timeout(Some(Duration::from_millis(500)));
             let mut buf = [0u8; 64];
             match a.recv_from(&mut buf) {
@@ -55,10 +59,7 @@ fn main() {
                 }
                 Err(e) => c.fail(format!("the queued datagram is gone: {e}")),
             }
-            let ok = b
-                .send_to(b"new", aa.unwrap_or_else(|| fail("no address")))
-                .is_ok()
-                && a.recv_from(&mut buf).is_ok();
+            let ok = b.send(b"new").is_ok() && a.recv_from(&mut buf).is_ok();
             c.check(ok, || "a datagram sent after restore did not arrive".into());
         }
         other => {
