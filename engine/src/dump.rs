@@ -670,11 +670,18 @@ fn save_shared_memory(
 
 /// A line of `/proc/locks` for a lock `pid` holds: POSIX and flock locks by
 /// owner pid, OFD locks (pid -1) by the inode of one of its open files.
-fn held_lock(pid: i32, files: &files::FilesImage) -> Option<String> {
+/// A lock in /proc/locks that this process owns but that no descriptor's
+/// fdinfo showed (a flock kept alive by a mapping after its fd was closed…).
+fn unreachable_lock(
+    pid: i32,
+    files: &files::FilesImage,
+    collected: &[crate::locks::FileLock],
+) -> Option<String> {
     let locks = std::fs::read_to_string("/proc/locks").ok()?;
     let inodes: Vec<u64> = files
         .fds
         .iter()
+        .filter(|f| collected.iter().any(|l| l.fd == f.fd))
         .filter_map(|f| match &f.kind {
             files::FdKind::Regular { identity, .. } => Some(identity.inode),
             _ => None,
@@ -686,8 +693,8 @@ fn held_lock(pid: i32, files: &files::FilesImage) -> Option<String> {
         let w: Vec<&str> = w.into_iter().filter(|x| *x != "->").collect();
         let owner: i32 = w.get(4)?.parse().ok()?;
         let inode: u64 = w.get(5)?.rsplit(':').next()?.parse().ok()?;
-        let ours = owner == pid || (owner == -1 && inodes.contains(&inode));
-        ours.then(|| format!("{} {}", w.get(1).unwrap_or(&"?"), w.get(3).unwrap_or(&"?")))
+        (owner == pid && !inodes.contains(&inode))
+            .then(|| format!("{} {}", w.get(1).unwrap_or(&"?"), w.get(3).unwrap_or(&"?")))
     })
 }
 
@@ -802,10 +809,17 @@ fn collect_process(
     let smaps = proc::read(pid, "smaps")?;
     let vmas = mm::collect_vmas(pid, &maps, &proc::parse_smaps_vmflags(&smaps))?;
     let files = files::collect(pid)?;
-    if let Some(lock) = held_lock(pid, &files) {
+    let mut locks = Vec::new();
+    for f in &files.fds {
+        let info = proc::read(pid, &format!("fdinfo/{}", f.fd)).unwrap_or_default();
+        locks.extend(
+            crate::locks::parse_fdinfo(f.fd, &info).map_err(|why| Error::unsupported(pid, why))?,
+        );
+    }
+    if let Some(lock) = unreachable_lock(pid, &files, &locks) {
         return Err(Error::unsupported(
             pid,
-            format!("holds a file lock ({lock})"),
+            format!("holds a file lock ({lock}) not reachable through an open descriptor"),
         ));
     }
     if files.root != "/" {
@@ -900,5 +914,6 @@ fn collect_process(
         },
         files,
         api: None,
+        locks,
     })
 }

@@ -13,6 +13,7 @@ pub mod error;
 pub mod files;
 pub mod image;
 pub mod memfd;
+pub mod locks;
 pub mod mm;
 pub mod pipes;
 pub mod proc;
@@ -51,4 +52,7 @@ pub struct ProcessImage {
     /// The process took part through libcrest: where its state word is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api: Option<api::ApiImage>,
+    /// File locks it holds, taken again once its descriptors are in place.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub locks: Vec<locks::FileLock>,
 }

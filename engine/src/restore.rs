@@ -1823,6 +1823,8 @@ fn rebuild(
     for fd in file_fds.iter().map(|(_, fd, _)| *fd).chain([exe_fd]) {
         call(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0], "close")?;
     }
+    // Only now: closing any descriptor of a file drops our POSIX locks on it.
+    crate::locks::restore(t, insn, scratch, &p.locks)?;
 
     for it in &p.state.itimers {
         // A periodic timer caught the instant it fired reads 0 left (its signal

@@ -366,6 +366,12 @@ pub fn render(image: &Image) -> String {
             };
             let _ = writeln!(o, "    {:>3}  {what}", f.fd);
         }
+        if !p.locks.is_empty() {
+            let _ = writeln!(o, "  locks:");
+            for l in &p.locks {
+                let _ = writeln!(o, "    {}", l.describe());
+            }
+        }
     }
     o
 }

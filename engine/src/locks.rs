@@ -1,0 +1,235 @@
+//! File locks: flock, POSIX record and OFD locks held by the dumped processes.
+//!
+//! Collect reads them from each descriptor's fdinfo: its `lock:` lines list
+//! the locks set through that open file whose owner is the process (POSIX) or
+//! the open file itself (flock, OFD). Restore takes them again through the
+//! restored process once its descriptors are final (closing any descriptor of
+//! a file drops the process's POSIX locks on it), failing clearly when someone
+//! else holds a conflicting lock by then.
+
+use crate::error::{Error, Result};
+use crate::ptrace::Tracee;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LockKind {
+    /// flock(2): owned by the open file description.
+    Flock,
+    /// fcntl F_SETLK: owned by the process.
+    Posix,
+    /// fcntl F_OFD_SETLK: owned by the open file description.
+    Ofd,
+}
+
+/// One lock, taken again through descriptor `fd`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLock {
+    pub fd: i32,
+    pub kind: LockKind,
+    pub write: bool,
+    pub start: u64,
+    /// 0: to the end of the file, however long it grows.
+    pub len: u64,
+}
+
+impl FileLock {
+    pub fn describe(&self) -> String {
+        let kind = match self.kind {
+            LockKind::Flock => "flock",
+            LockKind::Posix => "POSIX",
+            LockKind::Ofd => "OFD",
+        };
+        let mode = if self.write { "write" } else { "read" };
+        match (self.kind, self.len) {
+            (LockKind::Flock, _) => format!("fd {}: {kind} {mode} lock", self.fd),
+            (_, 0) => format!(
+                "fd {}: {kind} {mode} lock from {} to EOF",
+                self.fd, self.start
+            ),
+            (_, len) => format!(
+                "fd {}: {kind} {mode} lock on bytes {}..{}",
+                self.fd,
+                self.start,
+                self.start + len
+            ),
+        }
+    }
+}
+
+/// The locks in one descriptor's fdinfo, e.g.
+/// `lock:\t1: POSIX  ADVISORY  WRITE 1234 08:01:5678 0 9`. Leases,
+/// delegations and mandatory locks are refused (the reason is returned).
+pub fn parse_fdinfo(fd: i32, fdinfo: &str) -> std::result::Result<Vec<FileLock>, String> {
+    let mut out = Vec::new();
+    for line in fdinfo.lines().filter_map(|l| l.strip_prefix("lock:")) {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        // [id:, kind, ADVISORY|MANDATORY, READ|WRITE, pid, dev:ino, start, end]
+        let (Some(kind), Some(mode), Some(rw), Some(start), Some(end)) =
+            (w.get(1), w.get(2), w.get(3), w.get(6), w.get(7))
+        else {
+            return Err(format!("fd {fd}: unreadable lock line {line:?}"));
+        };
+        let kind = match *kind {
+            "FLOCK" => LockKind::Flock,
+            "POSIX" => LockKind::Posix,
+            "OFDLCK" => LockKind::Ofd,
+            other => return Err(format!("fd {fd}: holds a {other} (leases and delegations)")),
+        };
+        if *mode != "ADVISORY" {
+            return Err(format!("fd {fd}: holds a {} {mode} lock", w[1]));
+        }
+        let write = match *rw {
+            "WRITE" => true,
+            "READ" => false,
+            other => return Err(format!("fd {fd}: holds a lock of type {other}")),
+        };
+        let start: u64 = start
+            .parse()
+            .map_err(|_| format!("fd {fd}: lock start {start:?}"))?;
+        let len = match *end {
+            "EOF" => 0,
+            e => e
+                .parse::<u64>()
+                .map(|e| e + 1 - start)
+                .map_err(|_| format!("fd {fd}: lock end {e:?}"))?,
+        };
+        let lock = FileLock {
+            fd,
+            kind,
+            write,
+            start,
+            len,
+        };
+        if !out.contains(&lock) {
+            out.push(lock);
+        }
+    }
+    Ok(out)
+}
+
+/// `struct flock` as x86-64 lays it out: type, whence, start, len, pid.
+fn flock_bytes(l: &FileLock) -> [u8; 32] {
+    let mut b = [0u8; 32];
+    let ty = if l.write {
+        libc::F_WRLCK
+    } else {
+        libc::F_RDLCK
+    } as i16;
+    b[0..2].copy_from_slice(&ty.to_ne_bytes());
+    b[2..4].copy_from_slice(&(libc::SEEK_SET as i16).to_ne_bytes());
+    b[8..16].copy_from_slice(&(l.start as i64).to_ne_bytes());
+    b[16..24].copy_from_slice(&(l.len as i64).to_ne_bytes());
+    b
+}
+
+/// Takes `locks` again in the restored process `t` (stopped, seized), through
+/// its syscall instruction `insn` and a scratch area it owns.
+pub fn restore(t: Tracee, insn: u64, scratch: u64, locks: &[FileLock]) -> Result<()> {
+    const F_OFD_SETLK: u64 = 37;
+    for l in locks {
+        let r = match l.kind {
+            LockKind::Flock => {
+                let op = if l.write {
+                    libc::LOCK_EX
+                } else {
+                    libc::LOCK_SH
+                } | libc::LOCK_NB;
+                t.remote_syscall(insn, libc::SYS_flock, [l.fd as u64, op as u64, 0, 0, 0, 0])?
+            }
+            LockKind::Posix | LockKind::Ofd => {
+                crate::ptrace::write_mem(t.pid, scratch, &flock_bytes(l))?;
+                let cmd = if l.kind == LockKind::Posix {
+                    libc::F_SETLK as u64
+                } else {
+                    F_OFD_SETLK
+                };
+                t.remote_syscall(insn, libc::SYS_fcntl, [l.fd as u64, cmd, scratch, 0, 0, 0])?
+            }
+        };
+        if (-4095..0).contains(&r) {
+            let errno = nix::errno::Errno::from_raw(-r as i32);
+            let why = match errno {
+                nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES => {
+                    "another process holds a conflicting lock".to_string()
+                }
+                e => e.to_string(),
+            };
+            return Err(Error::Restore(format!(
+                "pid {}: {}: cannot take it again: {why}",
+                t.pid,
+                l.describe()
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rstest::rstest;
+
+    #[rstest]
+    #[case(
+        "lock:\t1: FLOCK  ADVISORY  WRITE 12 fe:00:99 0 EOF",
+        LockKind::Flock,
+        true,
+        0,
+        0
+    )]
+    #[case(
+        "lock:\t2: POSIX  ADVISORY  WRITE 12 fe:00:99 0 9",
+        LockKind::Posix,
+        true,
+        0,
+        10
+    )]
+    #[case(
+        "lock:\t3: POSIX  ADVISORY  READ 12 fe:00:99 100 EOF",
+        LockKind::Posix,
+        false,
+        100,
+        0
+    )]
+    #[case(
+        "lock:\t4: OFDLCK ADVISORY  READ -1 fe:00:99 5 5",
+        LockKind::Ofd,
+        false,
+        5,
+        1
+    )]
+    fn parses_fdinfo_lock_lines(
+        #[case] line: &str,
+        #[case] kind: LockKind,
+        #[case] write: bool,
+        #[case] start: u64,
+        #[case] len: u64,
+    ) {
+        let text = format!("pos:\t0\nflags:\t02\nmnt_id:\t24\nino:\t99\n{line}\n");
+        assert_eq!(
+            parse_fdinfo(7, &text),
+            Ok(vec![FileLock {
+                fd: 7,
+                kind,
+                write,
+                start,
+                len
+            }])
+        );
+    }
+
+    #[rstest]
+    #[case("lock:\t1: LEASE  ACTIVE    READ 12 fe:00:99 0 EOF", "LEASE")]
+    #[case("lock:\t1: POSIX  MANDATORY WRITE 12 fe:00:99 0 EOF", "MANDATORY")]
+    fn refuses_leases_and_mandatory_locks(#[case] line: &str, #[case] mentions: &str) {
+        let err = parse_fdinfo(3, line).unwrap_err();
+        assert!(err.contains(mentions), "{err}");
+    }
+
+    #[test]
+    fn no_lock_lines_no_locks() {
+        assert_eq!(parse_fdinfo(3, "pos:\t0\nflags:\t02\n"), Ok(vec![]));
+    }
+}
