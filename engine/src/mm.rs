@@ -150,10 +150,13 @@ pub fn collect_vmas(
     maps: &[MapsEntry],
     vmflags: &[(u64, Vec<String>)],
 ) -> Result<Vec<Vma>> {
+    // By start address: a process may have tens of thousands of mappings.
+    let by_start: std::collections::HashMap<u64, &Vec<String>> =
+        vmflags.iter().map(|(s, f)| (*s, f)).collect();
     let has_flag = |start: u64, flag: &str| {
-        vmflags
-            .iter()
-            .any(|(s, f)| *s == start && f.iter().any(|x| x == flag))
+        by_start
+            .get(&start)
+            .is_some_and(|f| f.iter().any(|x| x == flag))
     };
     let mut vmas = Vec::new();
     for m in maps {
@@ -248,20 +251,203 @@ pub fn collect_vmas(
     Ok(vmas)
 }
 
+/// A run of touched pages to copy, inside one VMA.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    vaddr: u64,
+    len: u64,
+    /// Private file mapping: pages are kept even when all zeros (they differ
+    /// from the file).
+    file_backed: bool,
+    readable: bool,
+}
+
+/// Bytes read from the target per batch (one process_vm_readv), and how
+/// many batches may be in flight between the reader and the writer.
+const BATCH: usize = 8 << 20;
+const BUFFERS: usize = 3;
+
 /// Copies the touched pages of `vmas` from `pid` into `pages_path`.
+///
+/// The touched pages are found with PAGEMAP_SCAN where the kernel has it
+/// (cost follows the populated page tables, not the size of the mappings),
+/// else by reading `pagemap`. This thread reads them from the target in big
+/// batches while a second one writes the previous batch, and a third
+/// allocates the file's pages ahead of the writer: on tmpfs, allocation is
+/// most of the cost of a write.
 pub fn collect_pages(
     pid: i32,
     vmas: &[Vma],
     pages_path: &Path,
     stats: &mut crate::image::DumpStats,
 ) -> Result<Vec<PageChunk>> {
+    let runs = touched_runs(pid, vmas, stats)?;
+    let out = crate::image::create_private(pages_path)?;
+    let upper: u64 = runs.iter().map(|r| r.len).sum();
+    let mut chunks = Vec::new();
+    let written = std::sync::atomic::AtomicU64::new(0);
+    let result = std::thread::scope(|s| -> Result<u64> {
+        let (job_tx, job_rx) =
+            std::sync::mpsc::sync_channel::<(Vec<u8>, Vec<(usize, usize)>)>(BUFFERS);
+        let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let out = &out;
+        let written = &written;
+        let allocator = s.spawn(move || preallocate(out, upper, written));
+        let writer = s.spawn(move || -> Result<()> {
+            let mut w = out;
+            for (buf, parts) in job_rx {
+                for (from, to) in &parts {
+                    w.write_all(&buf[*from..*to])
+                        .map_err(|e| Error::io(pages_path, e))?;
+                    written.fetch_add((to - from) as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                if free_tx.send(buf).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        });
+        let mut made = 0;
+        let mut offset = 0u64;
+        let mut read_err = None;
+        let mut i = 0;
+        while i < runs.len() {
+            // One batch: consecutive runs up to BATCH bytes and 1024 iovecs.
+            let first = i;
+            let mut bytes = 0usize;
+            while i < runs.len() && i - first < 1024 && bytes + runs[i].len as usize <= BATCH {
+                bytes += runs[i].len as usize;
+                i += 1;
+            }
+            if i == first {
+                bytes = runs[i].len as usize; // a run larger than BATCH alone
+                i += 1;
+            }
+            let mut buf = if made < BUFFERS {
+                made += 1;
+                vec![0u8; BATCH.max(bytes)]
+            } else {
+                match free_rx.recv() {
+                    Ok(b) => b,
+                    Err(_) => break, // the writer failed: its error is reported below
+                }
+            };
+            if buf.len() < bytes {
+                buf.resize(bytes, 0);
+            }
+            if let Err(e) = read_batch(pid, &runs[first..i], &mut buf[..bytes]) {
+                read_err = Some(e);
+                break;
+            }
+            let mut parts = Vec::new();
+            let mut at = 0usize;
+            for r in &runs[first..i] {
+                let data = &buf[at..at + r.len as usize];
+                // Anonymous pages that hold only zeros come back as zeros from
+                // the fresh mapping at restore: don't write them.
+                let nonzero = if r.file_backed {
+                    vec![(0, data.len())]
+                } else {
+                    nonzero_runs(data)
+                };
+                stats.pages_skipped +=
+                    (data.len() - nonzero.iter().map(|x| x.1 - x.0).sum::<usize>()) as u64
+                        / PAGE_SIZE;
+                for (from, to) in nonzero {
+                    let part = &data[from..to];
+                    chunks.push(PageChunk {
+                        vaddr: r.vaddr + from as u64,
+                        len: part.len() as u64,
+                        offset,
+                        crc32c: crc32c::crc32c(part),
+                    });
+                    offset += part.len() as u64;
+                    stats.pages_written += part.len() as u64 / PAGE_SIZE;
+                    parts.push((at + from, at + to));
+                }
+                at += r.len as usize;
+            }
+            if job_tx.send((buf, parts)).is_err() {
+                break;
+            }
+        }
+        drop(job_tx);
+        let wrote = writer.join().expect("page writer panicked");
+        let allocated = allocator.join().expect("page allocator panicked");
+        if let Some(e) = read_err {
+            return Err(e);
+        }
+        wrote?;
+        allocated.map_err(|e| Error::io(pages_path, e))?;
+        Ok(offset)
+    });
+    let offset = result?;
+    if written.load(std::sync::atomic::Ordering::Relaxed) != offset {
+        return Err(Error::io(
+            pages_path,
+            std::io::Error::other("short write of the page file"),
+        ));
+    }
+    // Pages allocated ahead for what turned out to be zero pages.
+    out.set_len(offset).map_err(|e| Error::io(pages_path, e))?;
+    Ok(chunks)
+}
+
+/// Allocates the page file's blocks (at most `upper` bytes) ahead of the
+/// writer, in steps, without changing its size. Best effort: a filesystem
+/// without fallocate just leaves allocation to the writes.
+fn preallocate(
+    out: &File,
+    upper: u64,
+    written: &std::sync::atomic::AtomicU64,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const STEP: u64 = 16 << 20;
+    // Stay at most this far ahead: allocating further only holds memory early.
+    const AHEAD: u64 = 256 << 20;
+    let mut at = 0u64;
+    while at < upper {
+        let w = written.load(std::sync::atomic::Ordering::Relaxed);
+        if at > w + AHEAD {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+            continue;
+        }
+        let at_least = at.max(w);
+        let len = STEP.min(upper - at_least);
+        if len == 0 {
+            break;
+        }
+        // SAFETY: fallocate on a file we own; no memory is passed.
+        let r = unsafe {
+            libc::fallocate(
+                out.as_raw_fd(),
+                libc::FALLOC_FL_KEEP_SIZE,
+                at_least as i64,
+                len as i64,
+            )
+        };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
+                _ => Err(e),
+            };
+        }
+        at = at_least + len;
+    }
+    Ok(())
+}
+
+/// The runs of touched pages of `vmas` (at most [`MAX_CHUNK`] each), counting
+/// the untouched ones in `stats`.
+fn touched_runs(pid: i32, vmas: &[Vma], stats: &mut crate::image::DumpStats) -> Result<Vec<Run>> {
+    use proc::pagemap_scan as ps;
     let pm_path = format!("/proc/{pid}/pagemap");
     let pagemap_file = File::open(&pm_path).map_err(|e| Error::io(&pm_path, e))?;
-    let mut out = crate::image::create_private(pages_path)?;
-    let mut chunks = Vec::new();
+    let mut use_scan = true;
+    let mut runs = Vec::new();
+    let mut regions = Vec::new();
     let mut entries = Vec::new();
-    let mut offset = 0u64;
-    let mut buf = vec![0u8; MAX_CHUNK as usize];
     for vma in vmas {
         let file_backed = match &vma.backing {
             Backing::Special { .. }
@@ -271,11 +457,59 @@ pub fn collect_pages(
             Backing::File { .. } | Backing::Memfd { .. } => true,
             Backing::Anon => false,
         };
+        let readable = vma.prot & libc::PROT_READ != 0;
+        let mut push = |from: u64, to: u64| {
+            let mut a = from;
+            while a < to {
+                let len = (to - a).min(MAX_CHUNK);
+                runs.push(Run {
+                    vaddr: a,
+                    len,
+                    file_backed,
+                    readable,
+                });
+                a += len;
+            }
+        };
+        let mut kept = 0u64;
+        if use_scan {
+            regions.clear();
+            match ps::scan(
+                &pagemap_file,
+                vma.start,
+                vma.end,
+                ps::IS_PRESENT | ps::IS_SWAPPED,
+                ps::IS_PRESENT | ps::IS_SWAPPED | ps::IS_FILE | ps::IS_PFNZERO,
+                &mut regions,
+            ) {
+                Ok(()) => {
+                    for r in &regions {
+                        let c = r.categories;
+                        // The shared zero page reads as zeros: nothing to save.
+                        // In a private file mapping only copy-on-write (not
+                        // file) pages differ from the file.
+                        let keep = c & ps::IS_SWAPPED != 0
+                            || (c & ps::IS_PRESENT != 0
+                                && c & ps::IS_PFNZERO == 0
+                                && (!file_backed || c & ps::IS_FILE == 0));
+                        if keep {
+                            push(r.start, r.end);
+                            kept += (r.end - r.start) / PAGE_SIZE;
+                        }
+                    }
+                    stats.pages_skipped += vma.len() / PAGE_SIZE - kept;
+                    continue;
+                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY) | Some(libc::EINVAL)) => {
+                    use_scan = false; // an older kernel: read pagemap
+                }
+                Err(e) => return Err(Error::io(&pm_path, e)),
+            }
+        }
         proc::read_pagemap(&pagemap_file, vma.start, vma.end, &mut entries)
             .map_err(|e| Error::io(&pm_path, e))?;
         let keep = |e: u64| {
             if file_backed {
-                // Only copy-on-write pages differ from the file.
                 (e & pagemap::PRESENT != 0 && e & pagemap::FILE_OR_SHARED == 0)
                     || e & pagemap::SWAPPED != 0
             } else {
@@ -285,46 +519,62 @@ pub fn collect_pages(
         let mut i = 0;
         while i < entries.len() {
             if !keep(entries[i]) {
-                stats.pages_skipped += 1;
                 i += 1;
                 continue;
             }
             let first = i;
-            while i < entries.len()
-                && keep(entries[i])
-                && ((i - first + 1) as u64 * PAGE_SIZE) <= MAX_CHUNK
-            {
+            while i < entries.len() && keep(entries[i]) {
                 i += 1;
             }
-            let vaddr = vma.start + first as u64 * PAGE_SIZE;
-            let len = (i - first) as u64 * PAGE_SIZE;
-            let data = &mut buf[..len as usize];
-            read_target(pid, vaddr, data, vma.prot & libc::PROT_READ != 0)?;
-            // Anonymous pages that hold only zeros come back as zeros from the
-            // fresh mapping at restore: don't write them (a huge page faulted in
-            // by one touch is mostly such pages).
-            let runs = if file_backed {
-                vec![(0, data.len())]
-            } else {
-                nonzero_runs(data)
-            };
-            stats.pages_skipped +=
-                (data.len() - runs.iter().map(|r| r.1 - r.0).sum::<usize>()) as u64 / PAGE_SIZE;
-            for (from, to) in runs {
-                let part = &data[from..to];
-                out.write_all(part).map_err(|e| Error::io(pages_path, e))?;
-                chunks.push(PageChunk {
-                    vaddr: vaddr + from as u64,
-                    len: part.len() as u64,
-                    offset,
-                    crc32c: crc32c::crc32c(part),
-                });
-                offset += part.len() as u64;
-                stats.pages_written += part.len() as u64 / PAGE_SIZE;
-            }
+            push(
+                vma.start + first as u64 * PAGE_SIZE,
+                vma.start + i as u64 * PAGE_SIZE,
+            );
+            kept += (i - first) as u64;
         }
+        stats.pages_skipped += entries.len() as u64 - kept;
     }
-    Ok(chunks)
+    Ok(runs)
+}
+
+/// Reads `runs` of target memory into `buf`, back to back: one
+/// process_vm_readv for the readable ones, the rest (and whatever that
+/// could not read) through /proc/PID/mem.
+fn read_batch(pid: i32, runs: &[Run], buf: &mut [u8]) -> Result<()> {
+    let mut done = 0usize;
+    if runs.iter().all(|r| r.readable) {
+        let mut locals: Vec<std::io::IoSliceMut> = Vec::with_capacity(runs.len());
+        let mut rest = &mut buf[..];
+        for r in runs {
+            let (a, b) = rest.split_at_mut(r.len as usize);
+            locals.push(std::io::IoSliceMut::new(a));
+            rest = b;
+        }
+        let remote: Vec<nix::sys::uio::RemoteIoVec> = runs
+            .iter()
+            .map(|r| nix::sys::uio::RemoteIoVec {
+                base: r.vaddr as usize,
+                len: r.len as usize,
+            })
+            .collect();
+        // A short read stops at the first run that failed (an odd mapping):
+        // that one and the rest go through /proc/PID/mem below.
+        done =
+            nix::sys::uio::process_vm_readv(nix::unistd::Pid::from_raw(pid), &mut locals, &remote)
+                .unwrap_or(0);
+    }
+    let mut at = 0usize;
+    for r in runs {
+        let len = r.len as usize;
+        if at + len > done {
+            let from = done.max(at);
+            let skip = (from - at) as u64;
+            read_target(pid, r.vaddr + skip, &mut buf[from..at + len], r.readable)?;
+            done = at + len;
+        }
+        at += len;
+    }
+    Ok(())
 }
 
 /// The byte ranges of `data` covering its pages that are not all zeros.
