@@ -482,6 +482,7 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
     };
     save_shared_memory(&images, staging.path(), &mut shared_files)?;
     crate::memfd::collect(&mut images, staging.path(), &mut shared_files)?;
+    let sysv_shm = crate::sysvshm::collect(&images, staging.path())?;
     // The first process and fd holding shared file `id`, for messages.
     let holder = |id: u32| {
         images
@@ -558,6 +559,7 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
             pipes,
             lost_session_leaders,
             lost_group_leaders,
+            sysv_shm,
             stats: stats.clone(),
         },
     );

@@ -52,6 +52,9 @@ pub enum FdKind {
         #[serde(with = "crate::image::hex_bytes")]
         contents: Vec<u8>,
     },
+    /// An open directory, reopened by path at its readdir position (the
+    /// filesystem's own cookie, which lseek takes back).
+    Directory { path: String, flags: i32, pos: u64 },
     /// A character device reopened by path (/dev/null, /dev/zero, /dev/urandom…).
     Device { path: String, flags: i32 },
     /// Shares the open file description of a lower descriptor (dup, or inherited across fork).
@@ -178,7 +181,10 @@ pub fn find_shared(procs: &mut [(i32, &mut FilesImage)], shared: &mut Vec<Shared
             }
             if !matches!(
                 f.kind,
-                FdKind::Regular { .. } | FdKind::Device { .. } | FdKind::Unlinked { .. }
+                FdKind::Regular { .. }
+                    | FdKind::Directory { .. }
+                    | FdKind::Device { .. }
+                    | FdKind::Unlinked { .. }
             ) {
                 continue;
             }
@@ -191,8 +197,12 @@ pub fn find_shared(procs: &mut [(i32, &mut FilesImage)], shared: &mut Vec<Shared
                 None => {
                     let later = procs[i + 1..].iter().any(|(qpid, q)| {
                         q.fds.iter().any(|g| {
-                            matches!(g.kind, FdKind::Regular { .. } | FdKind::Device { .. })
-                                && kcmp_files(pid, f.fd, *qpid, g.fd)
+                            matches!(
+                                g.kind,
+                                FdKind::Regular { .. }
+                                    | FdKind::Directory { .. }
+                                    | FdKind::Device { .. }
+                            ) && kcmp_files(pid, f.fd, *qpid, g.fd)
                         })
                     });
                     later.then(|| {
@@ -406,7 +416,11 @@ pub fn collect(pid: i32) -> Result<FilesImage> {
             } else if ft.is_char_device() && stdio {
                 FdKind::Inherited { was: link }
             } else if ft.is_dir() {
-                return refuse(format!("a directory ({link})"));
+                FdKind::Directory {
+                    path: link,
+                    flags: info.flags & REOPEN_MASK,
+                    pos: info.pos,
+                }
             } else if ft.is_fifo() {
                 FdKind::Pipe {
                     inode: meta.ino(),
@@ -653,6 +667,7 @@ pub fn open_for_restore(f: &FdImage) -> std::result::Result<Option<i32>, String>
             path, flags, pos, ..
         } => (path, *flags, Some(*pos)),
         FdKind::Device { path, flags } => (path, *flags, None),
+        FdKind::Directory { path, flags, pos } => (path, *flags, Some(*pos)),
         FdKind::Unlinked {
             path,
             flags,

@@ -81,6 +81,10 @@ pub struct Inventory {
     /// until every member has joined it.
     #[serde(default)]
     pub lost_group_leaders: Vec<LostGroup>,
+    /// SysV shm segments the processes attach, each with its contents in
+    /// `sysvshm-ID.img`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sysv_shm: Vec<crate::sysvshm::SysvShm>,
     pub stats: DumpStats,
 }
 
@@ -393,6 +397,7 @@ mod tests {
                 pipes: vec![],
                 lost_session_leaders: vec![],
                 lost_group_leaders: vec![],
+                sysv_shm: vec![],
                 stats: DumpStats::default(),
             },
         );

@@ -21,6 +21,7 @@ pub mod ptrace;
 pub mod restore;
 pub mod show;
 pub mod sockets;
+pub mod sysvshm;
 pub mod task;
 pub mod tcp;
 pub mod timers;

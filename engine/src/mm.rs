@@ -40,6 +40,18 @@ pub enum Backing {
     /// the object `inode` is saved once for the whole dump (see
     /// `files::FdKind::Shmem`) and every process maps the same object again.
     SharedAnon { inode: u64, offset: u64 },
+    /// An attachment (or part of one, split by mprotect) of SysV shm segment
+    /// `shmid`, saved once for the whole dump (see `crate::sysvshm`).
+    SysvShm {
+        shmid: i32,
+        /// The key it was created with (its mappings' name, `/SYSV<key>`),
+        /// which stays when IPC_RMID makes the segment's key private.
+        key: i32,
+        offset: u64,
+        /// Attached writable (VM_MAYWRITE).
+        #[serde(default)]
+        may_write: bool,
+    },
     /// A mapping of memfd `inode` (saved once for the whole dump, see
     /// `crate::memfd`). Private: pages the process wrote are in the image.
     Memfd {
@@ -191,6 +203,13 @@ pub fn collect_vmas(
             Backing::SharedAnon {
                 inode: m.inode,
                 offset: m.offset,
+            }
+        } else if m.shared && m.name.starts_with("/SYSV") {
+            Backing::SysvShm {
+                shmid: m.inode as i32,
+                key: u32::from_str_radix(&m.name["/SYSV".len()..], 16).unwrap_or(0) as i32,
+                offset: m.offset,
+                may_write: has_flag(m.start, "mw"),
             }
         } else if m.deleted && m.name.starts_with("/memfd:") {
             Backing::Memfd {
@@ -453,6 +472,7 @@ fn touched_runs(pid: i32, vmas: &[Vma], stats: &mut crate::image::DumpStats) -> 
             Backing::Special { .. }
             | Backing::File { shared: true, .. }
             | Backing::Memfd { shared: true, .. }
+            | Backing::SysvShm { .. }
             | Backing::SharedAnon { .. } => continue,
             Backing::File { .. } | Backing::Memfd { .. } => true,
             Backing::Anon => false,

@@ -601,6 +601,7 @@ fn restore_tree(
         })
         .collect();
     let sockets = crate::sockets::create(&unix_ends)?;
+    let mut sysv = crate::sysvshm::prepare(&image.dir, &image.inventory.sysv_shm)?;
     let mut shared_fds = Vec::new();
     let is_conn = |sf: &&files::SharedFile| matches!(sf.file, FdKind::TcpConn(_) | FdKind::Udp(_));
     for sf in image
@@ -701,6 +702,7 @@ fn restore_tree(
         guard.pids.push(p.pid);
         built.push(rebuild(t, image, p, &pages[i], plans[i].trampoline)?);
     }
+    crate::sysvshm::finish(&image.inventory.sysv_shm)?;
     // Seals last: every process has mapped its memfds (a write seal forbids
     // writable shared mappings).
     for sf in &image.inventory.shared_files {
@@ -721,6 +723,7 @@ fn restore_tree(
     // libcrest processes learn they were restarted before they run.
     crate::api::restarted(&image.processes)?;
     guard.armed = false;
+    sysv.armed = false;
     for (i, p) in image.processes.iter().enumerate() {
         for (n, t) in built[i].iter().enumerate() {
             let sig = (n == 0 && (opts.stop || p.stopped)).then_some(Signal::SIGSTOP);
@@ -1684,6 +1687,46 @@ fn rebuild(
     }
     move_specials(pid, p, &own, &call)?;
 
+    // SysV shm: one shmat per attachment, at its first VMA; the rest of it
+    // (split off by mprotect) gets its protection after.
+    let sizes: Vec<(i32, u64)> = image
+        .inventory
+        .sysv_shm
+        .iter()
+        .map(|s| (s.id, s.size))
+        .collect();
+    let attachments = crate::sysvshm::attachments(p, &sizes).map_err(|e| {
+        Error::bad_image(
+            image.dir.join(crate::image::META_FILE),
+            format!("pid {pid}: {e}"),
+        )
+    })?;
+    for group in &attachments {
+        let vmas: Vec<&mm::Vma> = group.iter().map(|&i| &p.mm.vmas[i]).collect();
+        let Backing::SysvShm { shmid, .. } = vmas[0].backing else {
+            continue;
+        };
+        let (shmflg, prot) = crate::sysvshm::attach_flags(&vmas);
+        let got = call(
+            libc::SYS_shmat,
+            [shmid as u64, vmas[0].start, shmflg as u64, 0, 0, 0],
+            &format!("shmat of SysV shm segment {shmid} at {:#x}", vmas[0].start),
+        )?;
+        if got != vmas[0].start {
+            return Err(Error::Restore(format!(
+                "pid {pid}: SysV shm segment {shmid} attached at {got:#x}, not {:#x}",
+                vmas[0].start
+            )));
+        }
+        for v in vmas.iter().filter(|v| v.prot != prot) {
+            call(
+                libc::SYS_mprotect,
+                [v.start, v.len(), v.prot as u64, 0, 0, 0],
+                "mprotect of a SysV shm attachment",
+            )?;
+        }
+    }
+
     for v in &p.mm.vmas {
         let prot = if needs_write_window(p, v) {
             libc::PROT_READ | libc::PROT_WRITE
@@ -1698,7 +1741,7 @@ fn rebuild(
             flags |= libc::MAP_NORESERVE;
         }
         let (fd, off) = match &v.backing {
-            Backing::Special { .. } => continue,
+            Backing::Special { .. } | Backing::SysvShm { .. } => continue,
             Backing::Anon => {
                 flags |= libc::MAP_ANONYMOUS;
                 (u64::MAX, 0)

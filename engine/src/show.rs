@@ -220,6 +220,9 @@ pub fn render(image: &Image) -> String {
                 Backing::Anon => v.name.clone(),
                 Backing::File { path, offset, .. } => format!("{path} @ {offset:#x}"),
                 Backing::Special { name } => name.clone(),
+                Backing::SysvShm { shmid, offset, .. } => {
+                    format!("SysV shm segment {shmid} @ {offset:#x}")
+                }
                 Backing::Memfd {
                     name,
                     offset,
@@ -257,6 +260,9 @@ pub fn render(image: &Image) -> String {
                     identity.size
                 ),
                 FdKind::Device { path, flags } => format!("{path} ({}{cloexec})", access(*flags)),
+                FdKind::Directory { path, pos, .. } => {
+                    format!("{path}, a directory (position {pos}{cloexec})")
+                }
                 FdKind::Unlinked {
                     path,
                     flags,
@@ -304,6 +310,9 @@ pub fn render(image: &Image) -> String {
                         Some(FdKind::Regular { path, pos, .. }) => {
                             format!("{path} (shared with other processes, offset {pos}{cloexec})")
                         }
+                        Some(FdKind::Directory { path, pos, .. }) => format!(
+                            "{path}, a directory (shared with other processes, position {pos}{cloexec})"
+                        ),
                         Some(FdKind::Device { path, .. }) => {
                             format!("{path} (shared with other processes{cloexec})")
                         }

@@ -31,6 +31,7 @@ fn fixture_image(dir: &std::path::Path) {
             pipes: vec![],
             lost_session_leaders: vec![],
             lost_group_leaders: vec![],
+            sysv_shm: vec![],
             stats,
         },
     );

@@ -297,8 +297,72 @@ fn main() {
             let p: *mut u8 = p.cast();
             // SAFETY: p is an attached RW segment of len bytes.
             fill_pattern(unsafe { slice(p, len) }, SEED);
+            // Its last page made read-only: the attachment is two VMAs (two attaches).
+            // SAFETY: a page of our own attachment.
+            sys(
+                unsafe { libc::mprotect(p.add(len - PAGE).cast(), PAGE, libc::PROT_READ) },
+                "mprotect",
+            );
+            // A second segment with a key and an odd size, attached read-only
+            // and already removed (it lives until the last detach).
+            let len2 = 10_000;
+            let key = 0x4352_0000 | (std::process::id() as i32 & 0xffff);
+            // SAFETY: plain values.
+            let id2 = sys(
+                unsafe { libc::shmget(key, len2, libc::IPC_CREAT | libc::IPC_EXCL | 0o640) },
+                "shmget",
+            );
+            // SAFETY: id2 is a fresh segment, attached read-write once to fill it.
+            let p2: *mut u8 = unsafe {
+                let w = libc::shmat(id2, ptr::null(), 0);
+                if w as isize == -1 {
+                    setup_failed("shmat");
+                }
+                fill_pattern(slice(w.cast(), len2), SEED + 1);
+                libc::shmdt(w);
+                let r = libc::shmat(id2, ptr::null(), libc::SHM_RDONLY);
+                if r as isize == -1 {
+                    setup_failed("shmat");
+                }
+                sys(
+                    libc::shmctl(id2, libc::IPC_RMID, ptr::null_mut()),
+                    "IPC_RMID",
+                );
+                r.cast()
+            };
             ctl.ready();
             ctl.wait_for_go();
+            // SAFETY: p2 is an attached read-only segment of len2 bytes.
+            c.eq(
+                "removed segment mismatch at",
+                first_pattern_mismatch(unsafe { slice(p2, len2) }, SEED + 1),
+                None,
+            );
+            // SAFETY: ds2 is a valid out pointer.
+            let mut ds2: libc::shmid_ds = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
+            let r = unsafe { libc::shmctl(id2, libc::IPC_STAT, &mut ds2) };
+            c.check(r == 0, || {
+                format!(
+                    "shmctl(IPC_STAT) on removed segment {id2}: {}",
+                    std::io::Error::last_os_error()
+                )
+            });
+            c.eq("removed segment size", ds2.shm_segsz, len2);
+            c.eq(
+                "removed segment mode (with SHM_DEST)",
+                ds2.shm_perm.mode & 0o1777,
+                0o1640,
+            );
+            let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+            let line = maps
+                .lines()
+                .find(|l| l.starts_with(&format!("{:x}-", p2 as usize)))
+                .unwrap_or_default()
+                .to_string();
+            c.check(line.contains(" r--s "), || {
+                format!("the read-only attachment is {line:?}")
+            });
             // SAFETY: as above.
             c.eq(
                 "segment mismatch at",
@@ -315,7 +379,7 @@ fn main() {
                     std::io::Error::last_os_error()
                 )
             });
-            c.eq("attach count", ds.shm_nattch, 1);
+            c.eq("attach count (two VMAs)", ds.shm_nattch, 2);
             c.eq("segment size", ds.shm_segsz, len);
             // SAFETY: removing our own segment.
             unsafe { libc::shmctl(id, libc::IPC_RMID, ptr::null_mut()) };
