@@ -472,6 +472,7 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
         image.api = callbacks.image_of(fp.pid);
         images.push(image);
     }
+    crate::tty::resolve(&mut images)?;
     let mut shared_files = Vec::new();
     let pipes = {
         let mut procs: Vec<(i32, &mut files::FilesImage)> =
@@ -917,5 +918,8 @@ fn collect_process(
         files,
         api: None,
         locks,
+        ctty: (stat_field(&f, 6) == pid as i64)
+            .then(|| crate::tty::pts_index_of_tty_nr(stat_field(&f, 7)))
+            .flatten(),
     })
 }

@@ -98,6 +98,9 @@ pub enum FdKind {
     TcpConn(crate::tcp::TcpConn),
     /// A UDP socket with its queued datagrams (as a shared file: recreated by the restorer).
     Udp(crate::udp::UdpSock),
+    /// One end of a pty whose master is in the dump (as a shared file: the
+    /// restorer recreates the pair with the same index; see `tty`).
+    Pty(crate::tty::PtyEnd),
     /// One end of a pipe (only as the description of a shared file: the
     /// restorer creates each pipe once and fills it with its unread data).
     Pipe {
@@ -159,6 +162,7 @@ pub fn find_shared(procs: &mut [(i32, &mut FilesImage)], shared: &mut Vec<Shared
                     | FdKind::TcpListen(_)
                     | FdKind::TcpConn(_)
                     | FdKind::Udp(_)
+                    | FdKind::Pty(_)
             ) {
                 // Created once by the restorer; held by one process or several.
                 let seen = owners
@@ -408,7 +412,30 @@ pub fn collect(pid: i32) -> Result<FilesImage> {
                     pos: info.pos,
                     identity: FileIdentity::of(&meta),
                 }
-            } else if ft.is_char_device() && STATELESS_DEVICES.contains(&link.as_str()) {
+            } else if ft.is_char_device() && link == "/dev/ptmx" {
+                match crate::tty::collect_master(
+                    pid,
+                    fd,
+                    &proc::read(pid, &format!("fdinfo/{fd}"))?,
+                    info.flags & REOPEN_MASK & !libc::O_ACCMODE,
+                ) {
+                    Ok(end) => FdKind::Pty(end),
+                    Err(what) => return refuse(what),
+                }
+            } else if let Some(index) =
+                crate::tty::slave_index(&link).filter(|_| ft.is_char_device())
+            {
+                // Whether its master is in the dump is decided once every
+                // process is collected (see `tty::resolve`).
+                FdKind::Pty(crate::tty::PtyEnd {
+                    index,
+                    master: false,
+                    flags: info.flags & REOPEN_MASK & !libc::O_ACCMODE,
+                    state: None,
+                })
+            } else if ft.is_char_device()
+                && (STATELESS_DEVICES.contains(&link.as_str()) || (link == "/dev/tty" && !stdio))
+            {
                 FdKind::Device {
                     path: link,
                     flags: info.flags & REOPEN_MASK,
@@ -689,6 +716,7 @@ pub fn open_for_restore(f: &FdImage) -> std::result::Result<Option<i32>, String>
         | FdKind::TcpListen(_)
         | FdKind::TcpConn(_)
         | FdKind::Udp(_)
+        | FdKind::Pty(_)
         | FdKind::Shmem { .. }
         | FdKind::Memfd(_)
         | FdKind::Epoll { .. } => return Ok(None),

@@ -12,8 +12,8 @@ pub mod dump;
 pub mod error;
 pub mod files;
 pub mod image;
-pub mod memfd;
 pub mod locks;
+pub mod memfd;
 pub mod mm;
 pub mod pipes;
 pub mod proc;
@@ -25,6 +25,7 @@ pub mod sysvshm;
 pub mod task;
 pub mod tcp;
 pub mod timers;
+pub mod tty;
 pub mod udp;
 
 use serde::{Deserialize, Serialize};
@@ -56,4 +57,7 @@ pub struct ProcessImage {
     /// File locks it holds, taken again once its descriptors are in place.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub locks: Vec<locks::FileLock>,
+    /// A session leader's controlling terminal: the pts index of a pty in the dump.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ctty: Option<u32>,
 }

@@ -235,6 +235,9 @@ struct ChildPlan {
     lost_groups: Vec<i32>,
     /// Was a child subreaper: must be one before lost-session helpers exit.
     subreaper: bool,
+    /// A session leader's controlling terminal: the shared slot of a slave
+    /// of that pty, made the controlling terminal right after setsid().
+    ctty_slot: Option<i32>,
     /// Zombie children it forks: (pid, wait status, own group, own session, name).
     zombies: Vec<(i32, i32, bool, bool, CString)>,
     fds: Vec<files::FdImage>,
@@ -369,6 +372,18 @@ fn plan_tree(image: &Image) -> Result<Vec<ChildPlan>> {
                 .map(|g| g.pgid)
                 .collect(),
             subreaper: p.state.child_subreaper,
+            ctty_slot: p.ctty.and_then(|index| {
+                image
+                    .inventory
+                    .shared_files
+                    .iter()
+                    .find_map(|sf| match &sf.file {
+                        FdKind::Pty(e) if !e.master && e.index == index => {
+                            Some(base + sf.id as i32)
+                        }
+                        _ => None,
+                    })
+            }),
             zombies,
             fds: p.files.fds.clone(),
             map_files,
@@ -602,6 +617,15 @@ fn restore_tree(
         .collect();
     let sockets = crate::sockets::create(&unix_ends)?;
     let mut sysv = crate::sysvshm::prepare(&image.dir, &image.inventory.sysv_shm)?;
+    // Pty masters before any slave is opened (opening a slave needs its master).
+    let mut ptys = Vec::new();
+    for sf in &image.inventory.shared_files {
+        if let FdKind::Pty(end) = &sf.file {
+            if end.master {
+                ptys.push((end.index, crate::tty::create(end)?));
+            }
+        }
+    }
     let mut shared_fds = Vec::new();
     let is_conn = |sf: &&files::SharedFile| matches!(sf.file, FdKind::TcpConn(_) | FdKind::Udp(_));
     for sf in image
@@ -611,7 +635,7 @@ fn restore_tree(
         .filter(|sf| !is_conn(sf))
     {
         let at = plans[0].shared_base + sf.id as i32;
-        shared_fds.push(open_shared(&image.dir, sf, at, &pipes, &sockets)?);
+        shared_fds.push(open_shared(&image.dir, sf, at, &pipes, &sockets, &ptys)?);
     }
     // TCP connections after the listeners: a listener binds its port normally,
     // an accepted connection on the same port then binds it in repair mode.
@@ -639,9 +663,10 @@ fn restore_tree(
     conns.extend(crate::udp::create(&udp)?);
     for sf in image.inventory.shared_files.iter().filter(is_conn) {
         let at = plans[0].shared_base + sf.id as i32;
-        shared_fds.push(open_shared(&image.dir, sf, at, &pipes, &conns)?);
+        shared_fds.push(open_shared(&image.dir, sf, at, &pipes, &conns, &ptys)?);
     }
     drop(conns);
+    drop(ptys);
     // Every end now sits at its shared slot.
     drop(pipes);
     drop(sockets);
@@ -765,8 +790,28 @@ fn open_shared(
     at: i32,
     pipes: &[(u64, OwnedFd, OwnedFd)],
     sockets: &[(u64, OwnedFd)],
+    ptys: &[(u32, OwnedFd)],
 ) -> Result<OwnedFd> {
     let (fd, status_flags) = match &sf.file {
+        FdKind::Pty(end) if end.master => {
+            let (_, m) = ptys.iter().find(|(i, _)| *i == end.index).ok_or_else(|| {
+                Error::Restore(format!("pty {}: its master was not created", end.index))
+            })?;
+            // SAFETY: dup of an fd we own; the copy is owned below.
+            let fd = unsafe { libc::fcntl(m.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+            if fd < 0 {
+                return Err(Error::Restore(format!(
+                    "pty {}: dup: {}",
+                    end.index,
+                    std::io::Error::last_os_error()
+                )));
+            }
+            (fd, Some(end.flags))
+        }
+        FdKind::Pty(end) => (
+            crate::tty::open_slave_for_restore(end.index)?.into_raw_fd(),
+            Some(end.flags),
+        ),
         FdKind::Shmem {
             inode,
             size,
@@ -1063,6 +1108,16 @@ fn process_main(
         if plan.session_leader && libc::setsid() < 0 {
             report(format!("err {} {}\n", plan.pid, errno_msg("setsid")));
             libc::_exit(1);
+        }
+        if let Some(slot) = plan.ctty_slot {
+            if libc::ioctl(slot, libc::TIOCSCTTY, 0) < 0 {
+                report(format!(
+                    "err {} {}\n",
+                    plan.pid,
+                    errno_msg("making its pty its controlling terminal (TIOCSCTTY)")
+                ));
+                libc::_exit(1);
+            }
         }
     }
     for &g in &plan.lost_groups {

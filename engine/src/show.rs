@@ -296,6 +296,7 @@ pub fn render(image: &Image) -> String {
                 }
                 FdKind::Timerfd(t) => format!("{}{cloexec}", timerfd(t)),
                 FdKind::Memfd(m) => format!("{}{cloexec}", memfd(m)),
+                FdKind::Pty(e) => format!("{}{cloexec}", pty(e)),
                 FdKind::Epoll { watches, .. } => {
                     let fds: Vec<String> = watches.iter().map(|w| w.fd.to_string()).collect();
                     format!("epoll watching fds [{}]{cloexec}", fds.join(" "))
@@ -348,6 +349,7 @@ pub fn render(image: &Image) -> String {
                             c.send_queue.len(),
                             c.recv_queue.len()
                         ),
+                        Some(FdKind::Pty(e)) => format!("{} (shared{cloexec})", pty(e)),
                         Some(FdKind::Udp(u)) => format!(
                             "UDP socket {}{} ({} datagrams queued{cloexec})",
                             crate::tcp::addr_text(&u.local),
@@ -428,4 +430,19 @@ pub fn to_json(image: &Image) -> serde_json::Value {
         "inventory": image.inventory,
         "processes": image.processes,
     })
+}
+
+fn pty(e: &crate::tty::PtyEnd) -> String {
+    match &e.state {
+        Some(st) => format!(
+            "pty master of /dev/pts/{} ({} bytes to the slave, {} to the master, {}x{})",
+            e.index,
+            st.to_slave.len(),
+            st.to_master.len(),
+            st.winsize[1],
+            st.winsize[0]
+        ),
+        None if e.master => format!("pty master of /dev/pts/{}", e.index),
+        None => format!("/dev/pts/{} (pty slave)", e.index),
+    }
 }
