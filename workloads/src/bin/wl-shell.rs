@@ -14,18 +14,18 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 
 /// `$1`: the directory to work in. Writes `ready` (the shell's pid) at
-/// iteration 20 and waits there for `go`; so does the background child at
-/// its line 10. `$2` = "check" compares with `expected` and writes `result`.
+/// iteration 10 and waits there for `go`; so does the background child at
+/// its line 5. Small, because every iteration execs under QEMU's emulation. `$2` = "check" compares with `expected` and writes `result`.
 const SCRIPT: &str = r#"
 set -e
 cd "$1"
 : > out
 background() {
   n=0
-  while [ $n -lt 40 ]; do
+  while [ $n -lt 16 ]; do
     echo "bg $n $((n * 7))"
     n=$((n + 1))
-    if [ $n -eq 10 ]; then
+    if [ $n -eq 5 ]; then
       while [ ! -e go ]; do sleep 0.05; done
     fi
     sleep 0.01
@@ -34,10 +34,10 @@ background() {
 background &
 bg=$!
 i=0
-while [ $i -lt 100 ]; do
+while [ $i -lt 40 ]; do
   (echo "line $i $((i * i)) $(echo sub | tr a-z A-Z)") >> out
   i=$((i + 1))
-  if [ $i -eq 20 ]; then
+  if [ $i -eq 10 ]; then
     echo $$ > ready.tmp && mv ready.tmp ready
     while [ ! -e go ]; do sleep 0.05; done
   fi
