@@ -260,3 +260,62 @@ pub fn restarted(processes: &[ProcessImage]) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufRead;
+    use std::os::unix::net::UnixListener;
+
+    /// A stand-in for libcrest in this process: answers `checkpoint` with `reply`.
+    fn fake_library(reply: &'static str) -> std::thread::JoinHandle<Vec<String>> {
+        let pid = std::process::id() as i32;
+        let addr = SocketAddr::from_abstract_name(format!("crest-api.{pid}")).unwrap();
+        let l = UnixListener::bind_addr(&addr).unwrap();
+        std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            drop(l);
+            let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+            let mut seen = Vec::new();
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            seen.push(line.trim().to_string());
+            (&s).write_all(reply.as_bytes()).unwrap();
+            line.clear();
+            let _ = r.read_line(&mut line);
+            seen.push(line.trim().to_string());
+            seen
+        })
+    }
+
+    #[test]
+    fn handshake_with_and_without_the_library() {
+        let pid = std::process::id() as i32;
+        // Nobody listens: a transparent dump, nothing recorded.
+        let hs = Handshake::run(&[pid], Duration::from_secs(1)).unwrap();
+        assert_eq!(hs.image_of(pid), None);
+
+        let lib = fake_library("abort permanent cannot be checkpointed\n");
+        let err = Handshake::run(&[pid], Duration::from_secs(5))
+            .err()
+            .expect("refused");
+        let text = err.to_string();
+        assert!(text.contains(&format!("pid {pid}")), "{text}");
+        assert!(
+            text.contains("permanent failure): cannot be checkpointed"),
+            "{text}"
+        );
+        assert_eq!(lib.join().unwrap(), vec!["checkpoint", ""]);
+
+        let lib = fake_library("ready 7f00dead0000\n");
+        let mut hs = Handshake::run(&[pid], Duration::from_secs(5)).unwrap();
+        assert_eq!(lib.join().unwrap(), vec!["checkpoint", "freeze"]);
+        assert_eq!(
+            hs.image_of(pid),
+            Some(ApiImage {
+                state_addr: 0x7f00_dead_0000
+            })
+        );
+        hs.finish(None).unwrap();
+    }
+}

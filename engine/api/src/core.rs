@@ -63,6 +63,8 @@ pub static LAST: AtomicU32 = AtomicU32::new(IDLE);
 /// The first abort of a cycle: its kind, then its reason (written by the winner).
 static ABORT_KIND: AtomicU32 = AtomicU32::new(0);
 static ABORT_LEN: AtomicUsize = AtomicUsize::new(0);
+/// Set once the reason is complete: what the control thread waits for.
+static ABORT_READY: AtomicBool = AtomicBool::new(false);
 static ABORT_REASON: [AtomicU8; 200] = [const { AtomicU8::new(0) }; 200];
 /// The listener's fd number (kept across a checkpoint).
 static LISTEN_FD: AtomicI32 = AtomicI32::new(-1);
@@ -313,13 +315,14 @@ fn record_abort(kind: u32, reason: &[u8]) {
             d.store(if *s == b'\n' { b' ' } else { *s }, SeqCst);
         }
         ABORT_LEN.store(n, SeqCst);
+        ABORT_READY.store(true, SeqCst);
     }
     RESULT.store(FAILED, SeqCst);
     sys::futex_wake(&RESULT);
 }
 
 fn aborted() -> bool {
-    ABORT_KIND.load(SeqCst) != 0
+    ABORT_READY.load(SeqCst)
 }
 
 extern "C" fn on_signal(_sig: libc::c_int) {
@@ -419,6 +422,7 @@ fn wait_until(conn: RawFd, cond: impl Fn() -> bool) -> bool {
 }
 
 fn cycle(conn: RawFd, crest: i32, pid: i32) {
+    ABORT_READY.store(false, SeqCst);
     ABORT_KIND.store(0, SeqCst);
     ABORT_LEN.store(0, SeqCst);
     ARRIVED.store(0, SeqCst);

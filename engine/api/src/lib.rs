@@ -176,3 +176,88 @@ pub fn checkpoint_pending() -> bool {
 pub fn cycles() -> u64 {
     core::CYCLES.load(std::sync::atomic::Ordering::SeqCst)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, Write};
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixStream};
+    use std::sync::atomic::Ordering::SeqCst;
+    use std::sync::{Arc, Mutex};
+
+    /// Plays crest's part of one cycle in this process and returns the
+    /// address the library reported.
+    fn drive(state: u32) -> Option<u64> {
+        let addr =
+            SocketAddr::from_abstract_name(format!("crest-api.{}", std::process::id())).unwrap();
+        let s = UnixStream::connect_addr(&addr).unwrap();
+        (&s).write_all(b"checkpoint\n").unwrap();
+        let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        let a = u64::from_str_radix(line.trim().strip_prefix("ready ")?, 16).ok()?;
+        (&s).write_all(b"freeze\n").unwrap();
+        line.clear();
+        assert_eq!(
+            r.read_line(&mut line).unwrap(),
+            0,
+            "the library closes after freeze"
+        );
+        // What crest writes while the process is frozen.
+        // SAFETY: a is the address of the library's state word in this process.
+        unsafe { (*(a as *const std::sync::atomic::AtomicU32)).store(state, SeqCst) };
+        Some(a)
+    }
+
+    #[test]
+    fn a_cycle_runs_thread_and_signal_callbacks_nested() {
+        assert_eq!(checkpoint(), Err(Error(libc::EINVAL)));
+        let log: Arc<Mutex<Vec<String>>> = Arc::default();
+        for name in ["first", "second"] {
+            let log = log.clone();
+            register_thread(move || {
+                log.lock().unwrap().push(format!("{name} before"));
+                let o = checkpoint();
+                log.lock().unwrap().push(format!("{name} after {o:?}"));
+            })
+            .unwrap();
+        }
+        static SIG: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        // Signal callbacks run on the thread that registers them: not this
+        // one, which plays crest and must not be stopped in a handler.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // SAFETY: the callback stores an atomic and calls checkpoint().
+            unsafe {
+                register_signal(|| {
+                    let o = checkpoint();
+                    SIG.store(if o == Ok(Outcome::Restarted) { 2 } else { 1 }, SeqCst);
+                })
+            }
+            .unwrap();
+            tx.send(()).unwrap();
+            while SIG.load(SeqCst) == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        });
+        rx.recv().unwrap();
+        let a = drive(core::RESTARTED).expect("ready");
+        assert_eq!(a, core::STATE.as_ptr() as u64);
+        while cycles() < 1 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(
+            *log.lock().unwrap(),
+            vec![
+                "second before",
+                "first before",
+                "first after Ok(Restarted)",
+                "second after Ok(Restarted)"
+            ]
+        );
+        assert_eq!(SIG.load(SeqCst), 2);
+        // Critical sections are free again.
+        drop(CriticalSection::enter());
+    }
+}
