@@ -153,6 +153,27 @@ impl MmImage {
     }
 }
 
+/// Finds the VMA holding an address in O(log n): images may have tens of
+/// thousands of mappings and as many chunks.
+pub struct VmaLookup<'a> {
+    sorted: Vec<&'a Vma>,
+}
+
+impl<'a> VmaLookup<'a> {
+    pub fn new(vmas: &'a [Vma]) -> Self {
+        let mut sorted: Vec<&Vma> = vmas.iter().collect();
+        sorted.sort_by_key(|v| v.start);
+        VmaLookup { sorted }
+    }
+
+    /// The VMA containing `[addr, addr+len)` entirely, if one does.
+    pub fn containing(&self, addr: u64, len: u64) -> Option<&'a Vma> {
+        let i = self.sorted.partition_point(|v| v.start <= addr);
+        let v = *self.sorted.get(i.checked_sub(1)?)?;
+        (addr >= v.start && addr.checked_add(len)? <= v.end).then_some(v)
+    }
+}
+
 /// Largest chunk: a chunk is checksummed and copied as one piece.
 const MAX_CHUNK: u64 = 4 << 20;
 
@@ -722,6 +743,28 @@ pub fn find_gap(taken: &[(u64, u64)], size: u64, from: u64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vma_lookup_finds_the_containing_mapping() {
+        let vma = |start, end| Vma {
+            start,
+            end,
+            prot: 0,
+            backing: Backing::Anon,
+            name: String::new(),
+            growsdown: false,
+            noreserve: false,
+            advice: vec![],
+        };
+        let vmas = [vma(0x5000, 0x8000), vma(0x1000, 0x3000)];
+        let l = VmaLookup::new(&vmas);
+        assert_eq!(l.containing(0x1000, 0x2000).map(|v| v.start), Some(0x1000));
+        assert_eq!(l.containing(0x7000, 0x1000).map(|v| v.start), Some(0x5000));
+        assert!(l.containing(0x2000, 0x2000).is_none()); // runs past the end
+        assert!(l.containing(0x3000, 0x1000).is_none()); // in the gap
+        assert!(l.containing(0x0, 0x1000).is_none());
+        assert!(l.containing(0x7000, u64::MAX).is_none());
+    }
 
     #[test]
     fn zero_pages_are_left_out_of_runs() {

@@ -74,6 +74,7 @@ impl Pages {
         let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
         let len = f.metadata().map_err(|e| Error::io(&path, e))?.len();
         let bad = |reason: String| Error::bad_image(&path, reason);
+        let lookup = mm::VmaLookup::new(&p.mm.vmas);
         for c in &p.mm.chunks {
             if c.offset.checked_add(c.len).is_none_or(|end| end > len) {
                 return Err(bad(format!(
@@ -81,10 +82,7 @@ impl Pages {
                     c.offset, c.len
                 )));
             }
-            let inside =
-                p.mm.vmas
-                    .iter()
-                    .any(|v| c.vaddr >= v.start && c.vaddr + c.len <= v.end);
+            let inside = lookup.containing(c.vaddr, c.len).is_some();
             if !inside || c.len % PAGE_SIZE != 0 || c.vaddr % PAGE_SIZE != 0 {
                 return Err(bad(format!(
                     "chunk {:#x}+{:#x} does not lie inside one mapping",
@@ -101,7 +99,9 @@ impl Pages {
                 std::ptr::null_mut(),
                 len as usize,
                 libc::PROT_READ,
-                libc::MAP_PRIVATE,
+                // Checksummed right below, then copied: map it all at once
+                // rather than fault it in.
+                libc::MAP_PRIVATE | libc::MAP_POPULATE,
                 f.as_raw_fd(),
                 0,
             )
@@ -2310,41 +2310,79 @@ fn move_specials(
 
 /// Copies every saved chunk into the child, in batches of up to 1024 iovecs.
 fn write_pages(pid: i32, p: &ProcessImage, pages: &Pages) -> Result<()> {
+    let lookup = mm::VmaLookup::new(&p.mm.vmas);
     let writable = |addr: u64| {
-        p.mm.vmas.iter().any(|v| {
-            addr >= v.start
-                && addr < v.end
-                && (v.prot & libc::PROT_WRITE != 0 || needs_write_window(p, v))
-        })
+        lookup
+            .containing(addr, 1)
+            .is_some_and(|v| v.prot & libc::PROT_WRITE != 0 || needs_write_window(p, v))
     };
     let (direct, forced): (Vec<&mm::PageChunk>, Vec<&mm::PageChunk>) =
         p.mm.chunks.iter().partition(|c| writable(c.vaddr));
-    for batch in direct.chunks(1024) {
-        let local: Vec<std::io::IoSlice> = batch
-            .iter()
-            .map(|c| std::io::IoSlice::new(pages.slice(c.offset, c.len)))
-            .collect();
-        let remote: Vec<nix::sys::uio::RemoteIoVec> = batch
-            .iter()
-            .map(|c| nix::sys::uio::RemoteIoVec {
-                base: c.vaddr as usize,
-                len: c.len as usize,
-            })
-            .collect();
-        let want: u64 = batch.iter().map(|c| c.len).sum();
-        let n = nix::sys::uio::process_vm_writev(Pid::from_raw(pid), &local, &remote)
-            .map_err(|e| Error::sys(pid, "process_vm_writev", e))?;
-        if n as u64 != want {
-            // A short write stops at the first chunk that failed: finish chunk by chunk
-            // through /proc/PID/mem, which reports the address that failed.
-            for c in batch {
-                crate::ptrace::write_mem(pid, c.vaddr, pages.slice(c.offset, c.len))?;
-            }
+    // Two halves by bytes, copied by two threads: most of the cost is the
+    // target's page faults, which run in parallel.
+    let total: u64 = direct.iter().map(|c| c.len).sum();
+    let mut acc = 0;
+    let split = direct
+        .iter()
+        .position(|c| {
+            acc += c.len;
+            acc * 2 >= total
+        })
+        .map_or(direct.len(), |i| i + 1);
+    let halves: Vec<Vec<(&[u8], u64)>> = [&direct[..split], &direct[split..]]
+        .iter()
+        .map(|h| {
+            h.iter()
+                .map(|c| (pages.slice(c.offset, c.len), c.vaddr))
+                .collect()
+        })
+        .collect();
+    let parallel =
+        total >= 32 << 20 && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
+    if parallel {
+        std::thread::scope(|s| {
+            let second = s.spawn(|| write_direct(pid, &halves[1]));
+            let first = write_direct(pid, &halves[0]);
+            let second = second.join().expect("page writer panicked");
+            first.and(second)
+        })?;
+    } else {
+        for h in &halves {
+            write_direct(pid, h)?;
         }
     }
     // Read-only and PROT_NONE mappings: a tracer may write them through /proc/PID/mem.
     for c in forced {
         crate::ptrace::write_mem(pid, c.vaddr, pages.slice(c.offset, c.len))?;
+    }
+    Ok(())
+}
+
+/// Copies `(data, address)` pieces into writable memory of `pid`, up to 1024
+/// per process_vm_writev.
+fn write_direct(pid: i32, pieces: &[(&[u8], u64)]) -> Result<()> {
+    for batch in pieces.chunks(1024) {
+        let local: Vec<std::io::IoSlice> = batch
+            .iter()
+            .map(|(d, _)| std::io::IoSlice::new(d))
+            .collect();
+        let remote: Vec<nix::sys::uio::RemoteIoVec> = batch
+            .iter()
+            .map(|(d, a)| nix::sys::uio::RemoteIoVec {
+                base: *a as usize,
+                len: d.len(),
+            })
+            .collect();
+        let want: usize = batch.iter().map(|(d, _)| d.len()).sum();
+        let n = nix::sys::uio::process_vm_writev(Pid::from_raw(pid), &local, &remote)
+            .map_err(|e| Error::sys(pid, "process_vm_writev", e))?;
+        if n != want {
+            // A short write stops at the first piece that failed: finish piece by
+            // piece through /proc/PID/mem, which reports the address that failed.
+            for (d, a) in batch {
+                crate::ptrace::write_mem(pid, *a, d)?;
+            }
+        }
     }
     Ok(())
 }
