@@ -500,10 +500,21 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
     for sf in &shared_files {
         match &sf.file {
             files::FdKind::UnixPair(end) => {
-                let peer_here = shared_files
-                    .iter()
-                    .any(|o| matches!(&o.file, files::FdKind::UnixPair(e) if e.inode == end.peer));
-                if !peer_here {
+                let peer = shared_files.iter().find_map(|o| match &o.file {
+                    files::FdKind::UnixPair(e) if e.inode == end.peer => Some(e),
+                    _ => None,
+                });
+                if peer.is_some_and(|p| !p.name.is_empty() && !end.name.is_empty()) {
+                    let (pid, fd) = holder(sf.id);
+                    return Err(Error::unsupported(
+                        pid,
+                        format!(
+                            "fd {fd} is a unix socket connected to {}, both ends bound to a name",
+                            crate::sockets::unix_name_text(&end.name)
+                        ),
+                    ));
+                }
+                if peer.is_none() {
                     let (pid, fd) = holder(sf.id);
                     return Err(Error::unsupported(
                         pid,

@@ -101,6 +101,8 @@ pub enum FdKind {
     /// One end of a pty whose master is in the dump (as a shared file: the
     /// restorer recreates the pair with the same index; see `tty`).
     Pty(crate::tty::PtyEnd),
+    /// A listening unix socket (as a shared file: recreated by the restorer).
+    UnixListen(crate::sockets::UnixListen),
     /// One end of a pipe (only as the description of a shared file: the
     /// restorer creates each pipe once and fills it with its unread data).
     Pipe {
@@ -163,6 +165,7 @@ pub fn find_shared(procs: &mut [(i32, &mut FilesImage)], shared: &mut Vec<Shared
                     | FdKind::TcpConn(_)
                     | FdKind::Udp(_)
                     | FdKind::Pty(_)
+                    | FdKind::UnixListen(_)
             ) {
                 // Created once by the restorer; held by one process or several.
                 let seen = owners
@@ -356,6 +359,7 @@ pub fn collect(pid: i32) -> Result<FilesImage> {
                     Ok(crate::sockets::Collected::TcpListen(l)) => FdKind::TcpListen(l),
                     Ok(crate::sockets::Collected::TcpConn(c)) => FdKind::TcpConn(c),
                     Ok(crate::sockets::Collected::Udp(u)) => FdKind::Udp(u),
+                    Ok(crate::sockets::Collected::UnixListen(l)) => FdKind::UnixListen(l),
                     Err(what) => return refuse(what),
                 }
             }
@@ -717,6 +721,7 @@ pub fn open_for_restore(f: &FdImage) -> std::result::Result<Option<i32>, String>
         | FdKind::TcpConn(_)
         | FdKind::Udp(_)
         | FdKind::Pty(_)
+        | FdKind::UnixListen(_)
         | FdKind::Shmem { .. }
         | FdKind::Memfd(_)
         | FdKind::Epoll { .. } => return Ok(None),

@@ -818,6 +818,7 @@ fn open_shared(
             crc32c,
         } => (create_shmem(dir, *inode, *size, *crc32c)?, None),
         FdKind::TcpListen(l) => (crate::sockets::restore_listen(l)?, Some(l.flags)),
+        FdKind::UnixListen(l) => (crate::sockets::restore_unix_listen(l)?, Some(l.flags)),
         FdKind::Memfd(m) => (
             crate::memfd::create(dir, m)?.into_raw_fd(),
             Some(m.flags & !libc::O_ACCMODE),

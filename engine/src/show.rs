@@ -288,6 +288,10 @@ pub fn render(image: &Image) -> String {
                     format!("unix socket {} paired with {}{cloexec}", e.inode, e.peer)
                 }
                 FdKind::TcpConn(c) => format!("TCP connection {}{cloexec}", c.describe()),
+                FdKind::UnixListen(l) => format!(
+                    "listening unix socket {}{cloexec}",
+                    crate::sockets::unix_name_text(&l.name)
+                ),
                 FdKind::Udp(u) => {
                     format!("UDP socket {}{cloexec}", crate::tcp::addr_text(&u.local))
                 }
@@ -334,7 +338,7 @@ pub fn render(image: &Image) -> String {
                                 libc::SOCK_DGRAM => "datagram",
                                 _ => "seqpacket",
                             };
-                            format!("unix {ty} socket paired with {} ({} messages, {queued} bytes queued{cloexec})", e.peer, e.queue.len())
+                            format!("unix {ty} socket{} paired with {} ({} messages, {queued} bytes queued{cloexec})", if e.name.is_empty() { String::new() } else { format!(" at {}", crate::sockets::unix_name_text(&e.name)) }, e.peer, e.queue.len())
                         }
                         Some(FdKind::TcpListen(l)) => {
                             format!(
@@ -350,6 +354,11 @@ pub fn render(image: &Image) -> String {
                             c.recv_queue.len()
                         ),
                         Some(FdKind::Pty(e)) => format!("{} (shared{cloexec})", pty(e)),
+                        Some(FdKind::UnixListen(l)) => format!(
+                            "listening unix socket {}, backlog {} (shared{cloexec})",
+                            crate::sockets::unix_name_text(&l.name),
+                            l.backlog
+                        ),
                         Some(FdKind::Udp(u)) => format!(
                             "UDP socket {}{} ({} datagrams queued{cloexec})",
                             crate::tcp::addr_text(&u.local),

@@ -25,6 +25,192 @@ pub struct UnixEnd {
     pub flags: i32,
     /// Messages waiting in this end's receive queue (one blob for a stream).
     pub queue: Vec<Message>,
+    /// The name it shares with its listener when it was accepted (`sun_path`
+    /// bytes; empty for an unnamed end).
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        with = "crate::image::hex_bytes"
+    )]
+    pub name: Vec<u8>,
+}
+
+/// A listening unix socket (stream or seqpacket) bound to a path or an
+/// abstract name. Its accept queue must be empty.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnixListen {
+    pub inode: u64,
+    pub ty: i32,
+    /// `sun_path` as bound: an absolute path, or a NUL then an abstract name.
+    #[serde(with = "crate::image::hex_bytes")]
+    pub name: Vec<u8>,
+    pub backlog: i32,
+    /// Status flags (O_NONBLOCK).
+    pub flags: i32,
+    /// The socket file's mode, owner and group (a path socket whose file is still there).
+    pub file: Option<(u32, u32, u32)>,
+}
+
+/// A unix socket name as text: the path, or `@name` for an abstract one.
+pub fn unix_name_text(name: &[u8]) -> String {
+    match name.split_first() {
+        None => "(unnamed)".into(),
+        Some((0, rest)) => format!("@{}", String::from_utf8_lossy(rest)),
+        Some(_) => String::from_utf8_lossy(name.split(|&b| b == 0).next().unwrap_or(name)).into(),
+    }
+}
+
+/// `sockaddr_un` for a saved name, and its length.
+fn sockaddr_un(name: &[u8]) -> std::io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    // SAFETY: sockaddr_un is plain data; all zeroes is valid.
+    let mut a: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if name.len() > a.sun_path.len() {
+        return Err(std::io::Error::other("name too long"));
+    }
+    a.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in a.sun_path.iter_mut().zip(name) {
+        *d = *s as libc::c_char;
+    }
+    // A path is NUL-terminated; an abstract name is exactly its bytes.
+    let path_len = if name.first() == Some(&0) {
+        name.len()
+    } else {
+        name.iter().position(|&b| b == 0).unwrap_or(name.len())
+    };
+    Ok((
+        a,
+        (std::mem::size_of::<libc::sa_family_t>() + path_len) as libc::socklen_t,
+    ))
+}
+
+fn path_of(name: &[u8]) -> Option<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    (name.first().is_some_and(|&b| b != 0)).then(|| {
+        std::path::PathBuf::from(std::ffi::OsStr::from_bytes(
+            name.split(|&b| b == 0).next().unwrap_or(name),
+        ))
+    })
+}
+
+/// Removes the socket file a dead process left at `name`'s path (a path in
+/// use by a live socket, or a file that is not a socket, is an error).
+fn unlink_stale(name: &[u8], ty: i32) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Some(path) = path_of(name) else {
+        return Ok(());
+    };
+    let meta = match std::fs::symlink_metadata(&path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(std::io::Error::other(format!(
+            "{} exists and is not a socket",
+            path.display()
+        )));
+    }
+    let probe = new_unix(ty)?;
+    let (a, len) = sockaddr_un(name)?;
+    // SAFETY: connect reads `len` bytes of the sockaddr_un we built.
+    let r = unsafe {
+        libc::connect(
+            probe.as_raw_fd(),
+            (&a as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    };
+    if r == 0 {
+        return Err(std::io::Error::other(format!(
+            "{} is in use by a live socket",
+            path.display()
+        )));
+    }
+    std::fs::remove_file(&path)
+}
+
+fn new_unix(ty: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: socket returns a new fd we then own.
+    let s = unsafe { libc::socket(libc::AF_UNIX, ty | libc::SOCK_CLOEXEC, 0) };
+    if s < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `s` is a fresh fd.
+    Ok(unsafe { OwnedFd::from_raw_fd(s) })
+}
+
+/// A socket of type `ty` bound to `name` and listening.
+fn bind_listen(name: &[u8], ty: i32, backlog: i32) -> std::io::Result<OwnedFd> {
+    unlink_stale(name, ty)?;
+    let s = new_unix(ty)?;
+    let (a, len) = sockaddr_un(name)?;
+    // SAFETY: bind reads `len` bytes of the sockaddr_un we built; listen takes no pointer.
+    unsafe {
+        if libc::bind(s.as_raw_fd(), (&a as *const libc::sockaddr_un).cast(), len) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::listen(s.as_raw_fd(), backlog) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(s)
+}
+
+/// A connected pair whose server end carries `name` (as an accepted socket
+/// does): made through a throwaway listener at that name, which is removed
+/// again so the real listener can take it. Returns (server end, client end).
+fn accepted_pair(name: &[u8], ty: i32) -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let l = bind_listen(name, ty, 1)?;
+    let c = new_unix(ty)?;
+    let (a, len) = sockaddr_un(name)?;
+    // SAFETY: connect reads the sockaddr_un we built; accept4 takes no address buffer.
+    let sv = unsafe {
+        if libc::connect(c.as_raw_fd(), (&a as *const libc::sockaddr_un).cast(), len) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let sv = libc::accept4(
+            l.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        );
+        if sv < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        OwnedFd::from_raw_fd(sv)
+    };
+    drop(l);
+    if let Some(p) = path_of(name) {
+        std::fs::remove_file(p)?;
+    }
+    Ok((sv, c))
+}
+
+/// Recreates a listening unix socket in the restorer.
+pub fn restore_unix_listen(l: &UnixListen) -> Result<i32> {
+    use std::os::fd::IntoRawFd;
+    let err = |what: &str, e: std::io::Error| {
+        Error::Restore(format!(
+            "listening unix socket {}: {what}: {e}",
+            unix_name_text(&l.name)
+        ))
+    };
+    let s = bind_listen(&l.name, l.ty, l.backlog).map_err(|e| err("bind", e))?;
+    if let Some(path) = path_of(&l.name) {
+        match l.file {
+            Some((mode, uid, gid)) => {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                    .map_err(|e| err("chmod", e))?;
+                std::os::unix::fs::lchown(&path, Some(uid), Some(gid))
+                    .map_err(|e| err("chown", e))?;
+            }
+            // Its file had been removed: reachable only by those already connected.
+            None => std::fs::remove_file(&path).map_err(|e| err("unlink", e))?,
+        }
+    }
+    Ok(s.into_raw_fd())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,13 +237,53 @@ fn sockopt(fd: i32, level: i32, name: i32) -> i32 {
     v
 }
 
-/// The peer inode of unix socket `inode` and whether it has a name, from sock_diag.
-fn diag(pid: i32, inode: u64) -> Result<(u64, bool)> {
+/// What sock_diag tells about a unix socket.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Diag {
+    /// The peer's inode (0: none).
+    peer: u64,
+    /// `sun_path` as bound (empty: unnamed; a leading NUL: abstract).
+    name: Vec<u8>,
+    /// The inode of the socket file it is bound to.
+    vfs_ino: Option<u64>,
+    /// Listening: connections waiting to be accepted, and the backlog.
+    rqlen: Option<(u32, u32)>,
+}
+
+/// Parses the attributes that follow a `unix_diag_msg`.
+fn parse_diag_attrs(mut b: &[u8]) -> Diag {
+    const UNIX_DIAG_NAME: u16 = 0;
+    const UNIX_DIAG_VFS: u16 = 1;
+    const UNIX_DIAG_PEER: u16 = 2;
+    const UNIX_DIAG_RQLEN: u16 = 4;
+    let u32_at = |b: &[u8], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let mut d = Diag::default();
+    while b.len() >= 4 {
+        let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
+        let ty = u16::from_ne_bytes([b[2], b[3]]);
+        if len < 4 || len > b.len() {
+            break;
+        }
+        let v = &b[4..len];
+        match ty {
+            UNIX_DIAG_PEER if v.len() >= 4 => d.peer = u32_at(v, 0) as u64,
+            UNIX_DIAG_NAME => d.name = v.to_vec(),
+            UNIX_DIAG_VFS if v.len() >= 8 => d.vfs_ino = Some(u32_at(v, 0) as u64),
+            UNIX_DIAG_RQLEN if v.len() >= 8 => d.rqlen = Some((u32_at(v, 0), u32_at(v, 4))),
+            _ => {}
+        }
+        b = &b[((len + 3) & !3).min(b.len())..];
+    }
+    d
+}
+
+/// sock_diag's view of unix socket `inode`.
+fn diag(pid: i32, inode: u64) -> Result<Diag> {
     const SOCK_DIAG_BY_FAMILY: u16 = 20;
     const UDIAG_SHOW_NAME: u32 = 0x1;
+    const UDIAG_SHOW_VFS: u32 = 0x2;
     const UDIAG_SHOW_PEER: u32 = 0x4;
-    const UNIX_DIAG_NAME: u16 = 0;
-    const UNIX_DIAG_PEER: u16 = 2;
+    const UDIAG_SHOW_RQLEN: u32 = 0x10;
     #[repr(C)]
     struct Req {
         len: u32,
@@ -84,7 +310,7 @@ fn diag(pid: i32, inode: u64) -> Result<(u64, bool)> {
         pad: 0,
         states: u32::MAX,
         ino: inode as u32,
-        show: UDIAG_SHOW_PEER | UDIAG_SHOW_NAME,
+        show: UDIAG_SHOW_PEER | UDIAG_SHOW_NAME | UDIAG_SHOW_VFS | UDIAG_SHOW_RQLEN,
         cookie: [u32::MAX; 2],
     };
     let mut buf = [0u8; 8192];
@@ -124,25 +350,8 @@ fn diag(pid: i32, inode: u64) -> Result<(u64, bool)> {
         ));
     }
     let total = (u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize).min(n as usize);
-    let mut off = 16 + 16; // nlmsghdr + unix_diag_msg
-    let (mut peer, mut named) = (0u64, false);
-    while off + 4 <= total {
-        let len = u16::from_ne_bytes([buf[off], buf[off + 1]]) as usize;
-        let ty = u16::from_ne_bytes([buf[off + 2], buf[off + 3]]);
-        if len < 4 || off + len > total {
-            break;
-        }
-        match ty {
-            UNIX_DIAG_PEER if len >= 8 => {
-                peer = u32::from_ne_bytes([buf[off + 4], buf[off + 5], buf[off + 6], buf[off + 7]])
-                    as u64
-            }
-            UNIX_DIAG_NAME => named = len > 4,
-            _ => {}
-        }
-        off += (len + 3) & !3;
-    }
-    Ok((peer, named))
+    // nlmsghdr + unix_diag_msg, then the attributes.
+    Ok(parse_diag_attrs(&buf[32..total.max(32)]))
 }
 
 /// Reads a receive queue without consuming it. Refuses file descriptors or
@@ -252,6 +461,7 @@ pub enum Collected {
     TcpListen(TcpListen),
     TcpConn(crate::tcp::TcpConn),
     Udp(crate::udp::UdpSock),
+    UnixListen(UnixListen),
 }
 
 pub fn collect(pid: i32, fd: i32, flags: i32) -> Result<std::result::Result<Collected, String>> {
@@ -293,20 +503,58 @@ pub fn collect(pid: i32, fd: i32, flags: i32) -> Result<std::result::Result<Coll
         }
         st.st_ino
     };
-    let (peer, named) = diag(pid, inode)?;
-    if named {
-        return Ok(Err(format!("a bound unix {tyname} socket")));
+    let d = diag(pid, inode)?;
+    let shown = unix_name_text(&d.name);
+    if !d.name.is_empty() && d.name[0] != 0 && d.name[0] != b'/' {
+        return Ok(Err(format!(
+            "a unix {tyname} socket bound to the relative path {shown}"
+        )));
     }
-    if peer == 0 {
-        return Ok(Err(format!("an unconnected unix {tyname} socket")));
+    if sockopt(s, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) != 0 {
+        let (waiting, backlog) = d.rqlen.unwrap_or((0, libc::SOMAXCONN as u32));
+        if waiting > 0 {
+            return Ok(Err(format!(
+                "a listening unix socket {shown} with {waiting} connection(s) waiting to be accepted"
+            )));
+        }
+        if d.name.is_empty() {
+            return Ok(Err(format!("an unnamed listening unix {tyname} socket")));
+        }
+        // The socket file, if the one at the path is still this socket's.
+        let file = path_of(&d.name).and_then(|p| {
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::symlink_metadata(p).ok()?;
+            (Some(m.ino()) == d.vfs_ino).then(|| (m.mode() & 0o7777, m.uid(), m.gid()))
+        });
+        return Ok(Ok(Collected::UnixListen(UnixListen {
+            inode,
+            ty,
+            name: d.name,
+            backlog: backlog as i32,
+            flags,
+            file,
+        })));
+    }
+    if d.peer == 0 {
+        return Ok(Err(if d.name.is_empty() {
+            format!("an unconnected unix {tyname} socket")
+        } else {
+            format!("a unix {tyname} socket bound to {shown}, not connected")
+        }));
+    }
+    if !d.name.is_empty() && ty == libc::SOCK_DGRAM {
+        return Ok(Err(format!(
+            "a connected unix datagram socket bound to {shown}"
+        )));
     }
     let queue = peek_queue(pid, fd, &sock, ty == libc::SOCK_STREAM)?;
     Ok(Ok(Collected::Unix(UnixEnd {
         inode,
-        peer,
+        peer: d.peer,
         ty,
         flags,
         queue,
+        name: d.name,
     })))
 }
 
@@ -324,23 +572,47 @@ pub fn create(ends: &[UnixEnd]) -> Result<Vec<(u64, OwnedFd)>> {
                 a.inode, a.peer
             ))
         })?;
+        let named = |e: &UnixEnd| !e.name.is_empty();
+        if named(a) && named(b) {
+            return Err(Error::Restore(format!(
+                "unix sockets {} and {}: both ends of the connection have a name",
+                a.inode, b.inode
+            )));
+        }
         let mut fds = [0i32; 2];
-        // SAFETY: socketpair writes two fds we then own.
-        let (fa, fb) = unsafe {
-            if libc::socketpair(
-                libc::AF_UNIX,
-                a.ty | libc::SOCK_CLOEXEC,
-                0,
-                fds.as_mut_ptr(),
-            ) < 0
-            {
-                return Err(Error::Restore(format!(
-                    "unix socket {}: socketpair: {}",
-                    a.inode,
-                    std::io::Error::last_os_error()
-                )));
+        let pair = if named(a) || named(b) {
+            let (server, _) = if named(a) { (a, b) } else { (b, a) };
+            let (sv, cl) = accepted_pair(&server.name, server.ty).map_err(|e| {
+                Error::Restore(format!(
+                    "unix socket {} (accepted at {}): {e}",
+                    server.inode,
+                    unix_name_text(&server.name)
+                ))
+            })?;
+            Some(if named(a) { (sv, cl) } else { (cl, sv) })
+        } else {
+            None
+        };
+        let (fa, fb) = if let Some(p) = pair {
+            p
+        } else {
+            // SAFETY: socketpair writes two fds we then own.
+            unsafe {
+                if libc::socketpair(
+                    libc::AF_UNIX,
+                    a.ty | libc::SOCK_CLOEXEC,
+                    0,
+                    fds.as_mut_ptr(),
+                ) < 0
+                {
+                    return Err(Error::Restore(format!(
+                        "unix socket {}: socketpair: {}",
+                        a.inode,
+                        std::io::Error::last_os_error()
+                    )));
+                }
+                (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
             }
-            (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
         };
         // What waited in a's queue was sent by b, and the other way round.
         for (receiver, sender) in [(a, &fb), (b, &fa)] {
@@ -525,5 +797,67 @@ pub fn restore_listen(l: &TcpListen) -> Result<i32> {
         set(s, libc::SOL_SOCKET, libc::SO_REUSEADDR, l.reuseaddr);
         use std::os::fd::IntoRawFd;
         Ok(owned.into_raw_fd())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rstest::rstest;
+
+    fn attr(ty: u16, v: &[u8]) -> Vec<u8> {
+        let mut a = ((4 + v.len()) as u16).to_ne_bytes().to_vec();
+        a.extend_from_slice(&ty.to_ne_bytes());
+        a.extend_from_slice(v);
+        a.resize((a.len() + 3) & !3, 0);
+        a
+    }
+
+    #[test]
+    fn sock_diag_attributes_are_read_whatever_their_order() {
+        let mut b = attr(4, &[3, 0, 0, 0, 128, 0, 0, 0]);
+        b.extend(attr(0, b"/run/x.sock"));
+        b.extend(attr(2, &77u32.to_ne_bytes()));
+        b.extend(attr(1, &[9, 0, 0, 0, 1, 0, 0, 0]));
+        b.extend(attr(99, b"ignored"));
+        let d = parse_diag_attrs(&b);
+        assert_eq!(
+            d,
+            Diag {
+                peer: 77,
+                name: b"/run/x.sock".to_vec(),
+                vfs_ino: Some(9),
+                rqlen: Some((3, 128)),
+            }
+        );
+        assert_eq!(parse_diag_attrs(&[]), Diag::default());
+        // A truncated attribute ends the walk instead of reading past the buffer.
+        assert_eq!(parse_diag_attrs(&[40, 0, 2, 0, 1]), Diag::default());
+    }
+
+    #[rstest]
+    #[case(b"/tmp/a.sock", "/tmp/a.sock", 2 + 11)]
+    #[case(b"\0crest-wl-1", "@crest-wl-1", 2 + 11)]
+    #[case(b"/tmp/b\0\0\0", "/tmp/b", 2 + 6)]
+    fn unix_names(#[case] raw: &[u8], #[case] text: &str, #[case] len: u32) {
+        assert_eq!(unix_name_text(raw), text);
+        assert_eq!(sockaddr_un(raw).unwrap().1, len);
+    }
+
+    #[test]
+    fn an_accepted_pair_carries_the_name_and_frees_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let name = path.as_os_str().as_encoded_bytes().to_vec();
+        let (sv, cl) = accepted_pair(&name, libc::SOCK_STREAM).unwrap();
+        let sv = std::os::unix::net::UnixStream::from(sv);
+        let cl = std::os::unix::net::UnixStream::from(cl);
+        assert_eq!(sv.local_addr().unwrap().as_pathname(), Some(path.as_path()));
+        assert_eq!(cl.peer_addr().unwrap().as_pathname(), Some(path.as_path()));
+        assert!(!path.exists(), "the throwaway listener's file is removed");
+        let l = bind_listen(&name, libc::SOCK_STREAM, 4).unwrap();
+        drop(l);
+        // Left behind by a dead listener: removed and bound again.
+        bind_listen(&name, libc::SOCK_STREAM, 4).unwrap();
     }
 }

@@ -259,8 +259,41 @@ fn listen(ctl: &Ctl, c: &mut Checks, kind: &str) {
     }
     .unwrap_or_else(|e| fail(&format!("address: {e}")));
     let l = UnixListener::bind_addr(&addr).unwrap_or_else(|e| fail(&format!("bind: {e}")));
+    // A connection accepted before the dump, with data queued both ways: its
+    // server end shares the listener's name, its client end has it as peer.
+    let mut cl = UnixStream::connect_addr(&addr).unwrap_or_else(|e| fail(&format!("connect: {e}")));
+    let (mut sv, _) = l.accept().unwrap_or_else(|e| fail(&format!("accept: {e}")));
+    cl.write_all(b"queued by the client")
+        .unwrap_or_else(|e| fail(&format!("write: {e}")));
+    sv.write_all(b"queued by the server")
+        .unwrap_or_else(|e| fail(&format!("write: {e}")));
     ctl.ready();
     ctl.wait_for_go();
+    let names = |a: std::io::Result<std::os::unix::net::SocketAddr>| {
+        a.ok().map(|a| {
+            (
+                a.as_pathname().map(|p| p.to_path_buf()),
+                a.as_abstract_name().map(|n| n.to_vec()),
+            )
+        })
+    };
+    let want = Some((
+        addr.as_pathname().map(|p| p.to_path_buf()),
+        addr.as_abstract_name().map(|n| n.to_vec()),
+    ));
+    c.eq("accepted end's name", names(sv.local_addr()), want.clone());
+    c.eq("client's peer name", names(cl.peer_addr()), want);
+    for (s, what, want) in [
+        (&mut sv, "client→server", b"queued by the client"),
+        (&mut cl, "server→client", b"queued by the server"),
+    ] {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut b = [0u8; 20];
+        match s.read_exact(&mut b) {
+            Ok(()) => c.eq(what, &b, want),
+            Err(e) => c.fail(format!("{what}: {e}")),
+        }
+    }
     let now = l.local_addr().ok();
     let same = match (kind, &now) {
         ("path", Some(a)) => a.as_pathname() == addr.as_pathname(),
