@@ -95,16 +95,26 @@ fn failure(log: &Path) -> String {
 /// fork → fork → exec, the middle process exiting at once; returns the
 /// grandchild's pid. Only async-signal-safe calls between fork and exec.
 fn spawn_detached(argv: &[*const libc::c_char], log: &CString) -> Result<i32, String> {
+    // p carries the grandchild's pid to us; crest starts only once `go` is
+    // closed on our side: no pipe of ours may be open when crest freezes us.
     let mut p = [0i32; 2];
-    // SAFETY: p is valid for two ints.
+    let mut go = [0i32; 2];
+    // SAFETY: p and go are valid for two ints each.
     if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe2: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: as above.
+    if unsafe { libc::pipe2(go.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        sys::close(p[0]);
+        sys::close(p[1]);
         return Err(format!("pipe2: {}", std::io::Error::last_os_error()));
     }
     // SAFETY: the child only calls async-signal-safe functions before _exit/exec.
     let child = unsafe { libc::fork() };
     if child < 0 {
-        sys::close(p[0]);
-        sys::close(p[1]);
+        for fd in [p[0], p[1], go[0], go[1]] {
+            sys::close(fd);
+        }
         return Err(format!("fork: {}", std::io::Error::last_os_error()));
     }
     if child == 0 {
@@ -112,6 +122,11 @@ fn spawn_detached(argv: &[*const libc::c_char], log: &CString) -> Result<i32, St
         unsafe {
             let g = libc::fork();
             if g == 0 {
+                libc::close(go[1]);
+                let mut b = 0u8;
+                while libc::read(go[0], &mut b as *mut u8 as *mut libc::c_void, 1) < 0
+                    && *libc::__errno_location() == libc::EINTR
+                {}
                 libc::setsid();
                 let fd = libc::open(
                     log.as_ptr(),
@@ -143,6 +158,9 @@ fn spawn_detached(argv: &[*const libc::c_char], log: &CString) -> Result<i32, St
     let mut st = 0;
     // SAFETY: st is a valid int; child is our own child.
     unsafe { libc::waitpid(child, &mut st, 0) };
+    // Now crest may start.
+    sys::close(go[0]);
+    sys::close(go[1]);
     if n != 4 || g <= 0 {
         return Err("could not start crest".into());
     }

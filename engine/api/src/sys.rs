@@ -55,19 +55,12 @@ pub fn errno() -> i32 {
     io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
-/// Whether `pid` still exists as a live (non-zombie) process.
+/// Whether `pid` still exists (a zombie counts as alive until reaped). Only
+/// kill(0): opening /proc/PID/stat here could leave a file open at the very
+/// moment crest freezes the process, and the image would hold it.
 pub fn alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks for existence and permission.
-    if unsafe { libc::kill(pid, 0) } != 0 && errno() == libc::ESRCH {
-        return false;
-    }
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => s
-            .rfind(')')
-            .and_then(|i| s[i + 1..].split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
+    unsafe { libc::kill(pid, 0) == 0 || errno() != libc::ESRCH }
 }
 
 /// `tgkill(getpid(), tid, sig)`.

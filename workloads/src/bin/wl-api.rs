@@ -849,12 +849,14 @@ fn drain(r: &mut Ring) -> std::io::Result<()> {
 const C_SOURCE: &str = include_str!("../../c/wl-api.c");
 const C_HEADER: &str = include_str!("../../../engine/api/crest.h");
 
-/// Builds the C program against crest.h and libcrest.so (next to this binary
-/// or in deps/) and execs it with the same pid and arguments.
+/// Builds the C program against crest.h and libcrest.so (in deps/ or next to
+/// this binary) and execs it with the same pid and arguments.
 fn c_abi(ctl: &Ctl, args: &[String]) {
     let exe = std::env::current_exe().unwrap_or_else(|_| setup_failed("current_exe"));
     let bin_dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
-    let lib_dir: PathBuf = [bin_dir.clone(), bin_dir.join("deps")]
+    // deps/ first: cargo refreshes it whenever it builds wl-api, while the
+    // copy next to the binaries is only refreshed by `cargo build -p crest-api`.
+    let lib_dir: PathBuf = [bin_dir.join("deps"), bin_dir.clone()]
         .into_iter()
         .find(|d| d.join("libcrest.so").is_file())
         .unwrap_or_else(|| {
