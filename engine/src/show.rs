@@ -281,6 +281,9 @@ pub fn render(image: &Image) -> String {
                     format!("shared memory object {inode} ({size} bytes)")
                 }
                 FdKind::Eventfd { count, .. } => format!("eventfd, counter {count}{cloexec}"),
+                FdKind::TcpListen(l) if !l.listening => {
+                    format!("TCP socket, not connected{cloexec}")
+                }
                 FdKind::TcpListen(l) => {
                     format!("listening TCP socket, backlog {}{cloexec}", l.backlog)
                 }
@@ -340,6 +343,10 @@ pub fn render(image: &Image) -> String {
                             };
                             format!("unix {ty} socket{} paired with {} ({} messages, {queued} bytes queued{cloexec})", if e.name.is_empty() { String::new() } else { format!(" at {}", crate::sockets::unix_name_text(&e.name)) }, e.peer, e.queue.len())
                         }
+                        Some(FdKind::TcpListen(l)) if !l.listening => format!(
+                            "TCP socket {}, not connected (shared{cloexec})",
+                            crate::tcp::addr_text(&l.addr)
+                        ),
                         Some(FdKind::TcpListen(l)) => {
                             format!(
                                 "listening TCP socket {}, backlog {} (shared{cloexec})",

@@ -480,12 +480,15 @@ pub fn collect(pid: i32, fd: i32, flags: i32) -> Result<std::result::Result<Coll
     match domain {
         libc::AF_UNIX => {}
         libc::AF_INET | libc::AF_INET6 if ty == libc::SOCK_STREAM => {
-            if sockopt(s, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) == 0 {
+            let listening = sockopt(s, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) != 0;
+            if !listening && !crate::tcp::never_connected(s) {
                 return Ok(
                     crate::tcp::collect(pid, fd, &sock, domain, flags)?.map(Collected::TcpConn)
                 );
             }
-            return Ok(collect_listen(pid, &sock, domain, flags)?.map(Collected::TcpListen));
+            return Ok(
+                collect_listen(pid, &sock, domain, flags, listening)?.map(Collected::TcpListen)
+            );
         }
         libc::AF_INET | libc::AF_INET6 if ty == libc::SOCK_DGRAM => {
             return Ok(Ok(Collected::Udp(crate::udp::collect(
@@ -644,6 +647,7 @@ pub fn create(ends: &[UnixEnd]) -> Result<Vec<(u64, OwnedFd)>> {
 
 /// A listening TCP socket: address, backlog and the options that matter for
 /// binding. Its accept queue must be empty (pending connections are refused).
+/// Also a TCP socket never connected nor listening (bound or not).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TcpListen {
@@ -659,6 +663,13 @@ pub struct TcpListen {
     pub nodelay: bool,
     /// Status flags (O_NONBLOCK).
     pub flags: i32,
+    /// False for a socket not listening (nor connected) yet.
+    #[serde(default = "yes")]
+    pub listening: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The accept queue length and backlog of listening TCP socket `inode`, from inet_diag.
@@ -720,6 +731,7 @@ fn collect_listen(
     sock: &OwnedFd,
     family: i32,
     flags: i32,
+    listening: bool,
 ) -> Result<std::result::Result<TcpListen, String>> {
     let s = sock.as_raw_fd();
     // SAFETY: fstat and getsockname write into buffers we own.
@@ -740,8 +752,11 @@ fn collect_listen(
         .to_vec();
         (st.st_ino, bytes)
     };
-    let (waiting, backlog) =
-        listen_queue(pid, family, inode)?.unwrap_or((0, libc::SOMAXCONN as u32));
+    let (waiting, backlog) = if listening {
+        listen_queue(pid, family, inode)?.unwrap_or((0, libc::SOMAXCONN as u32))
+    } else {
+        (0, 0)
+    };
     if waiting > 0 {
         return Ok(Err(format!(
             "a listening TCP socket with {waiting} connection(s) waiting to be accepted"
@@ -757,6 +772,7 @@ fn collect_listen(
         v6only: family == libc::AF_INET6 && sockopt(s, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) != 0,
         nodelay: sockopt(s, libc::IPPROTO_TCP, libc::TCP_NODELAY) != 0,
         flags,
+        listening,
     }))
 }
 
@@ -788,10 +804,16 @@ pub fn restore_listen(l: &TcpListen) -> Result<i32> {
         set(s, libc::SOL_SOCKET, libc::SO_REUSEADDR, true);
         set(s, libc::SOL_SOCKET, libc::SO_REUSEPORT, l.reuseport);
         set(s, libc::IPPROTO_TCP, libc::TCP_NODELAY, l.nodelay);
-        if libc::bind(s, l.addr.as_ptr().cast(), l.addr.len() as libc::socklen_t) < 0 {
+        let port = l
+            .addr
+            .get(2..4)
+            .map_or(0, |p| u16::from_ne_bytes([p[0], p[1]]));
+        if (l.listening || port != 0)
+            && libc::bind(s, l.addr.as_ptr().cast(), l.addr.len() as libc::socklen_t) < 0
+        {
             return Err(err("bind"));
         }
-        if libc::listen(s, l.backlog) < 0 {
+        if l.listening && libc::listen(s, l.backlog) < 0 {
             return Err(err("listen"));
         }
         set(s, libc::SOL_SOCKET, libc::SO_REUSEADDR, l.reuseaddr);

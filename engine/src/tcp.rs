@@ -388,6 +388,25 @@ fn tcp_info(s: i32) -> std::io::Result<TcpInfoHead> {
     Ok(ti)
 }
 
+/// Whether TCP socket `s` was never connected (state CLOSE: fresh, or bound only).
+pub fn never_connected(s: i32) -> bool {
+    // SAFETY: tcp_info is plain data; all zeroes is valid.
+    let mut ti: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `ti`.
+    let r = unsafe {
+        libc::getsockopt(
+            s,
+            libc::SOL_TCP,
+            libc::TCP_INFO,
+            (&mut ti as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    // A connection that was closed or reset is CLOSE too, but it sent segments.
+    r == 0 && ti.tcpi_state == 7 && ti.tcpi_segs_out == 0 && ti.tcpi_segs_in == 0
+}
+
 /// Describes connected TCP socket `fd` of `pid` (`sock` is crest's copy), or
 /// says why it cannot be carried. Leaves the socket in repair mode (see the
 /// module comment).
