@@ -128,6 +128,10 @@ pub struct CaseSpec {
     /// For `refused`: a word the refusal must contain (case-insensitive).
     #[serde(default)]
     pub refusal_mentions: Option<String>,
+    /// The workload keeps changing while it is dumped (forking, spawning
+    /// threads): its outside view is not compared, it checks itself.
+    #[serde(default)]
+    pub volatile_view: bool,
 }
 
 impl CaseSpec {

@@ -101,6 +101,12 @@ enum Command {
     },
 }
 
+/// Prints a report; a reader that went away (`crest show | head`) is not an error.
+fn emit(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
 fn progress_bar() -> indicatif::ProgressBar {
     // Shows only on a terminal and only for work that takes more than a moment.
     let bar = indicatif::ProgressBar::new_spinner();
@@ -225,24 +231,24 @@ fn run(cli: Cli) -> Result<u8, Error> {
         Command::Show { dir, json } => {
             let img = image::Image::read(&dir)?;
             if json {
-                println!(
-                    "{}",
+                emit(&format!(
+                    "{}\n",
                     serde_json::to_string_pretty(&show::to_json(&img)).expect("serialisable")
-                );
+                ));
             } else {
-                print!("{}", show::render(&img));
+                emit(&show::render(&img));
             }
             Ok(0)
         }
         Command::Check { json } => {
             let report = check::check();
             if json {
-                println!(
-                    "{}",
+                emit(&format!(
+                    "{}\n",
                     serde_json::to_string_pretty(&report).expect("serialisable")
-                );
+                ));
             } else {
-                print!("{}", check::render(&report));
+                emit(&check::render(&report));
             }
             Ok(if report.missing_required().is_empty() {
                 0

@@ -132,6 +132,7 @@ fn main() {
         }
         "orphan" => orphan(&ctl, &mut c),
         "group-leader-gone" => group_leader_gone(&ctl, &mut c),
+        "fork-storm" => fork_storm(&ctl, &mut c),
         "stopped" => {
             let child = fork_child(|| {
                 // SAFETY: raising SIGSTOP at ourselves.
@@ -486,6 +487,67 @@ fn leaderless(ctl: &Ctl, c: &mut Checks) {
     );
     if let Err(e) = wait_ok(b, "b") {
         c.fail(e);
+    }
+}
+
+/// Keeps forking children and spawning threads while it is dumped: the
+/// freeze must catch every process and thread that appears meanwhile. After
+/// `go`, every child forked (before or during the dump) must still be there
+/// and exit cleanly, and threads must keep being spawned.
+fn fork_storm(ctl: &Ctl, c: &mut Checks) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    const CHILDREN: usize = 60;
+    let go = std::ffi::CString::new(ctl.path("go").as_os_str().as_encoded_bytes())
+        .unwrap_or_else(|_| setup_failed("go path"));
+    let spawned = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (spawned2, stop2) = (Arc::clone(&spawned), Arc::clone(&stop));
+    let spawner = std::thread::spawn(move || {
+        while !stop2.load(Ordering::Acquire) {
+            let s = Arc::clone(&spawned2);
+            let _ = std::thread::spawn(move || s.fetch_add(1, Ordering::AcqRel)).join();
+        }
+    });
+    let mut children = Vec::new();
+    for i in 0..CHILDREN {
+        // SAFETY: the child only calls async-signal-safe functions (access,
+        // nanosleep, _exit) on memory prepared before the fork.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            setup_failed("fork");
+        }
+        if pid == 0 {
+            let ms = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 5_000_000,
+            };
+            // SAFETY: as above.
+            unsafe {
+                while libc::access(go.as_ptr(), libc::F_OK) != 0 {
+                    libc::nanosleep(&ms, std::ptr::null_mut());
+                }
+                libc::_exit(0);
+            }
+        }
+        children.push(pid);
+        if i == CHILDREN / 4 {
+            // Ready while a quarter is forked: the dump lands mid-storm.
+            ctl.ready();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    ctl.wait_for_go();
+    let at_go = spawned.load(Ordering::Acquire);
+    wait_until("threads to be spawned after go", || {
+        spawned.load(Ordering::Acquire) >= at_go + 20
+    });
+    stop.store(true, Ordering::Release);
+    let _ = spawner.join();
+    for (i, pid) in children.iter().enumerate() {
+        if let Err(e) = wait_ok(*pid, &format!("child {i}")) {
+            c.fail(e);
+        }
     }
 }
 

@@ -397,6 +397,9 @@ fn futex(ctl: &Ctl, c: &mut Checks) {
     c.eq("condvar waiter result", cv, Some(7));
 }
 
+/// The sleeping thread's nanosleep in `syscall` mode.
+const SLEEP_SECS: libc::time_t = 8;
+
 fn syscall(ctl: &Ctl, c: &mut Checks) {
     let mut p1 = [0; 2];
     let mut p2 = [0; 2];
@@ -422,8 +425,10 @@ fn syscall(ctl: &Ctl, c: &mut Checks) {
     let sleeper = std::thread::spawn(move || {
         t2.lock().map(|mut t| t.push(gettid())).ok();
         let t0 = Instant::now();
+        // Long enough to be still asleep when a loaded, emulated guest gets
+        // around to the dump (a 2 s sleep once ended before it there).
         let ts = libc::timespec {
-            tv_sec: 2,
+            tv_sec: SLEEP_SECS,
             tv_nsec: 0,
         };
         // SAFETY: ts is valid; no remainder wanted. The raw syscall (not std's
@@ -477,8 +482,8 @@ fn syscall(ctl: &Ctl, c: &mut Checks) {
     match sleeper.join() {
         Ok((r, el)) => {
             c.eq("nanosleep result", r, 0);
-            c.check(el >= Duration::from_secs(2), || {
-                format!("nanosleep(2 s) returned after {el:?}")
+            c.check(el >= Duration::from_secs(SLEEP_SECS as u64), || {
+                format!("nanosleep({SLEEP_SECS} s) returned after {el:?}")
             });
         }
         Err(_) => c.fail("sleeper panicked"),
