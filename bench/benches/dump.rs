@@ -28,6 +28,9 @@ fn bench_dump(c: &mut Criterion) {
                 scope: Scope::Tree,
                 tcp_established: false,
                 callback_timeout: crest_engine::api::DEFAULT_CALLBACK_TIMEOUT,
+                save_files: None,
+                verify_files_hash: false,
+                include_files: vec![],
             };
             let t = Instant::now();
             let stats = dump(&opts, &bar).expect("dump");

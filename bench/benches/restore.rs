@@ -26,6 +26,9 @@ fn bench_restore(c: &mut Criterion) {
                     scope: Scope::Tree,
                     tcp_established: false,
                     callback_timeout: crest_engine::api::DEFAULT_CALLBACK_TIMEOUT,
+                    save_files: None,
+                    verify_files_hash: false,
+                    include_files: vec![],
                 },
                 &bar,
             )
@@ -40,6 +43,7 @@ fn bench_restore(c: &mut Criterion) {
             pid_wait: Duration::from_secs(5),
             allow_changed_files: false,
             pidns: false,
+            restore_files: None,
         };
         group.throughput(Throughput::Bytes(w.bytes()));
         group.bench_function(BenchmarkId::from_parameter(w.label()), |b| {

@@ -59,6 +59,13 @@ pub enum Mode {
     CorruptImage,
     /// A restore after a file the process had open changed fails with a clear error.
     FileChanged,
+    /// `dump --save-files`, then the file the workload has open is
+    /// overwritten; `restore --restore-files=clobber` writes it back and the
+    /// workload finds its contents as they were.
+    FileSaved,
+    /// `dump --include-file ctl/extra` (a file no process has open), then the
+    /// file is removed; the restore puts it back as it was.
+    FileExtra,
     /// `dump --stop` keeps the original holding its PID; `restore --pidns`
     /// brings the copy back in a new PID namespace with that PID inside.
     Pidns,
@@ -132,6 +139,9 @@ pub struct CaseSpec {
     /// threads): its outside view is not compared, it checks itself.
     #[serde(default)]
     pub volatile_view: bool,
+    /// Extra arguments for every `crest dump` of the case.
+    #[serde(default)]
+    pub dump_args: Vec<String>,
 }
 
 impl CaseSpec {

@@ -269,6 +269,8 @@ impl Run<'_> {
             Mode::ShowImage => self.show_image(),
             Mode::CorruptImage => self.corrupt_image(),
             Mode::FileChanged => self.file_changed(),
+            Mode::FileSaved => self.file_saved(),
+            Mode::FileExtra => self.file_extra(),
             Mode::Pidns => self.pidns(),
             Mode::ContinueRestart => self.leave_running_with(true),
             Mode::SelfCheckpoint => self.self_checkpoint(),
@@ -593,6 +595,7 @@ impl Run<'_> {
     fn dump(&mut self, pid: i32, cycle: u32, extra: &[&str]) -> R<PathBuf> {
         let img = self.dir.join(format!("img{cycle}"));
         let mut args = self.dump_args(pid, &img);
+        args.extend(self.spec.dump_args.iter().map(OsString::from));
         args.extend(extra.iter().map(OsString::from));
         let e = self.crest(&format!("dump{cycle}"), &args)?;
         self.expect_success("dump", &e)?;
@@ -649,6 +652,10 @@ impl Run<'_> {
     }
 
     fn spawn_restore(&mut self, img: &Path) -> R<i32> {
+        self.spawn_restore_with(img, &[])
+    }
+
+    fn spawn_restore_with(&mut self, img: &Path, extra: &[&str]) -> R<i32> {
         self.crest_runs += 1;
         let n = self.crest_runs;
         self.restore_status = None;
@@ -659,6 +666,7 @@ impl Run<'_> {
             .arg(self.dir.join(format!("restore{n}.pid")))
             .arg("-D")
             .arg(img)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(self.file(&format!("restore{n}.out"))?)
             .stderr(self.file(&format!("restore{n}.log"))?)
@@ -1306,6 +1314,69 @@ impl Run<'_> {
             );
         }
         Ok(())
+    }
+
+    fn file_saved(&mut self) -> R<()> {
+        let me = std::process::id() as i32;
+        let pid = self.start_workload()?;
+        self.mask_session = self.spec.scope == Scope::Pid;
+        let before = self.view_now(pid, Parent::Expect(me))?;
+        let img = self.dump_or_rollback(pid, &["--save-files"], &before)?;
+        self.reap_workload(pid)?;
+        let data = self.ctl.join("data");
+        let saved =
+            fs::read(&data).map_err(|e| Stop::Failed(format!("{}: {e}", data.display())))?;
+        fs::write(&data, vec![b'#'; saved.len() / 2])
+            .map_err(|e| Stop::Failed(format!("cannot overwrite {}: {e}", data.display())))?;
+        let rpid = self.spawn_restore_with(&img, &["--restore-files=clobber"])?;
+        self.wait_view(pid, &before, Parent::Expect(rpid), "restore")?;
+        if fs::read(&data).ok().as_ref() != Some(&saved) {
+            fail!(
+                "{} does not hold its saved contents again after --restore-files=clobber",
+                data.display()
+            );
+        }
+        self.go(&self.ctl.clone())?;
+        let st = self.wait_restore(None)?;
+        if shell_status(st) != self.spec.expect_exit {
+            fail!(
+                "crest restore exited with {} (expected {})",
+                describe_status(st),
+                self.spec.expect_exit
+            );
+        }
+        self.expect_ok(&self.ctl.clone(), "the restored workload")
+    }
+
+    fn file_extra(&mut self) -> R<()> {
+        let me = std::process::id() as i32;
+        let pid = self.start_workload()?;
+        self.mask_session = self.spec.scope == Scope::Pid;
+        let before = self.view_now(pid, Parent::Expect(me))?;
+        let extra = self.ctl.join("extra");
+        let contents = format!("named at the dump of {pid}\n").repeat(100);
+        fs::write(&extra, &contents)
+            .map_err(|e| Stop::Failed(format!("cannot write {}: {e}", extra.display())))?;
+        let arg = format!("--include-file={}", extra.display());
+        let img = self.dump_or_rollback(pid, &[&arg], &before)?;
+        self.reap_workload(pid)?;
+        fs::remove_file(&extra)
+            .map_err(|e| Stop::Failed(format!("cannot remove {}: {e}", extra.display())))?;
+        let rpid = self.spawn_restore(&img)?;
+        self.wait_view(pid, &before, Parent::Expect(rpid), "restore")?;
+        if fs::read_to_string(&extra).ok().as_deref() != Some(contents.as_str()) {
+            fail!("{} was not put back as it was at the dump", extra.display());
+        }
+        self.go(&self.ctl.clone())?;
+        let st = self.wait_restore(None)?;
+        if shell_status(st) != self.spec.expect_exit {
+            fail!(
+                "crest restore exited with {} (expected {})",
+                describe_status(st),
+                self.spec.expect_exit
+            );
+        }
+        self.expect_ok(&self.ctl.clone(), "the restored workload")
     }
 
     // ---- cleanup and logs --------------------------------------------------

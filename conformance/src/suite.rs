@@ -539,6 +539,7 @@ mod tests {
             max_image_kib: None,
             stdout_pipe: false,
             refusal_mentions: None,
+            dump_args: vec![],
             volatile_view: false,
         }
     }

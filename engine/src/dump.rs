@@ -58,6 +58,15 @@ pub struct DumpOptions {
     pub tcp_established: bool,
     /// How long libcrest processes may take in their checkpoint callbacks.
     pub callback_timeout: std::time::Duration,
+    /// Save the contents of open regular files whose path matches this glob
+    /// (`--save-files[=GLOB]`).
+    pub save_files: Option<String>,
+    /// Record open files' contents hash instead of only their identity
+    /// (`--verify-files=hash`).
+    pub verify_files_hash: bool,
+    /// Files to make part of the image even if no process has them open
+    /// (`--include-file`); restore puts them back.
+    pub include_files: Vec<PathBuf>,
 }
 
 /// One seized thread, its registers and signal mask at the freeze. While
@@ -484,6 +493,22 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
     save_shared_memory(&images, staging.path(), &mut shared_files)?;
     crate::memfd::collect(&mut images, staging.path(), &mut shared_files)?;
     let sysv_shm = crate::sysvshm::collect(&images, staging.path())?;
+    if opts.verify_files_hash {
+        files::record_hashes(
+            images
+                .iter_mut()
+                .flat_map(|p| {
+                    let pid = p.pid;
+                    p.files.fds.iter_mut().map(move |f| (pid, &mut f.kind))
+                })
+                .chain(shared_files.iter_mut().map(|s| (root, &mut s.file))),
+        )?;
+    }
+    let mut saved_files = match &opts.save_files {
+        Some(glob) => crate::savefiles::save(&images, &shared_files, glob, staging.path())?,
+        None => Vec::new(),
+    };
+    crate::savefiles::include(&opts.include_files, staging.path(), &mut saved_files)?;
     // The first process and fd holding shared file `id`, for messages.
     let holder = |id: u32| {
         images
@@ -572,6 +597,7 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
             lost_session_leaders,
             lost_group_leaders,
             sysv_shm,
+            saved_files,
             stats: stats.clone(),
         },
     );

@@ -19,6 +19,11 @@ pub struct FileIdentity {
     pub inode: u64,
     pub size: u64,
     pub mtime_ns: i64,
+    /// crc32c of the contents (`crest dump --verify-files=hash`): when set,
+    /// the file counts as unchanged if its contents are, whatever its inode
+    /// or mtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crc32c: Option<u32>,
 }
 
 impl FileIdentity {
@@ -28,8 +33,39 @@ impl FileIdentity {
             inode: meta.ino(),
             size: meta.size(),
             mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            crc32c: None,
         }
     }
+
+    /// crc32c of the file at `path`, read in 1 MiB pieces.
+    pub fn content_crc(path: &str) -> std::io::Result<u32> {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut crc = 0u32;
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                return Ok(crc);
+            }
+            crc = crc32c::crc32c_append(crc, &buf[..n]);
+        }
+    }
+}
+
+/// `crest dump --verify-files=hash`: records the contents' checksum of every
+/// regular file the processes hold open.
+pub fn record_hashes<'a>(kinds: impl Iterator<Item = (i32, &'a mut FdKind)>) -> Result<()> {
+    for (pid, k) in kinds {
+        if let FdKind::Regular { path, identity, .. } = k {
+            identity.crc32c =
+                Some(FileIdentity::content_crc(path).map_err(|e| Error::Refused {
+                    pid,
+                    reason: format!("cannot read {path} to hash it: {e}"),
+                })?);
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -571,6 +607,17 @@ pub fn verify_unchanged(pid: i32, files: &FilesImage, shared: &[SharedFile]) -> 
         if let FdKind::Regular { path, identity, .. } = kind {
             let meta = std::fs::metadata(path)
                 .map_err(|e| Error::Restore(format!("pid {pid}: fd {}: {path}: {e}", f.fd)))?;
+            if let Some(crc) = identity.crc32c {
+                let now = FileIdentity::content_crc(path)
+                    .map_err(|e| Error::Restore(format!("pid {pid}: fd {}: {path}: {e}", f.fd)))?;
+                if now != crc {
+                    return Err(Error::Restore(format!(
+                        "pid {pid}: fd {}: {path}: its contents changed since the dump (their hash differs)",
+                        f.fd
+                    )));
+                }
+                continue;
+            }
             let now = FileIdentity::of(&meta);
             if now != *identity {
                 let how = if now.inode != identity.inode || now.dev != identity.dev {
@@ -632,6 +679,7 @@ fn open_unlinked(
                 inode: 0,
                 size: 0,
                 mtime_ns: 0,
+                crc32c: None,
             },
         },
     };

@@ -85,6 +85,9 @@ pub struct Inventory {
     /// `sysvshm-ID.img`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sysv_shm: Vec<crate::sysvshm::SysvShm>,
+    /// Open files whose contents were saved (`crest dump --save-files`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub saved_files: Vec<crate::savefiles::SavedFile>,
     pub stats: DumpStats,
 }
 
@@ -398,6 +401,7 @@ mod tests {
                 lost_session_leaders: vec![],
                 lost_group_leaders: vec![],
                 sysv_shm: vec![],
+                saved_files: vec![],
                 stats: DumpStats::default(),
             },
         );

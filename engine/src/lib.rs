@@ -19,6 +19,7 @@ pub mod pipes;
 pub mod proc;
 pub mod ptrace;
 pub mod restore;
+pub mod savefiles;
 pub mod show;
 pub mod sockets;
 pub mod sysvshm;

@@ -20,6 +20,18 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum VerifyFilesArg {
+    Identity,
+    Hash,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum RestoreFilesArg {
+    Clobber,
+    Anonymous,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Checkpoint a process into an image directory. By default the process is
@@ -58,6 +70,18 @@ enum Command {
         /// callbacks before the dump is cancelled, in seconds.
         #[arg(long, default_value_t = 10.0, value_name = "SECS")]
         callback_timeout: f64,
+        /// Save the contents of the open regular files whose path matches GLOB
+        /// (all of them without one) in the image.
+        #[arg(long, value_name = "GLOB", num_args = 0..=1, require_equals = true, default_missing_value = "*")]
+        save_files: Option<String>,
+        /// How a restore tells that an open file changed: its identity (inode,
+        /// size, mtime) or a hash of its contents.
+        #[arg(long, value_name = "HOW", default_value = "identity")]
+        verify_files: VerifyFilesArg,
+        /// Make this file part of the image even if no process has it open;
+        /// restore puts it back (repeatable).
+        #[arg(long = "include-file", value_name = "PATH")]
+        include_files: Vec<PathBuf>,
     },
     /// Restore a process from an image directory, with its original PID.
     /// Without --detach crest stays its parent and exits with its exit status
@@ -86,6 +110,10 @@ enum Command {
         /// original PID; --pidfile gets the root's PID as seen from here.
         #[arg(long)]
         pidns: bool,
+        /// Give back files saved with `dump --save-files`: written back to
+        /// their paths (clobber) or opened as unlinked copies (anonymous).
+        #[arg(long, value_name = "HOW")]
+        restore_files: Option<RestoreFilesArg>,
     },
     /// Print an image: processes, memory, registers, files, signals.
     Show {
@@ -129,6 +157,9 @@ fn run(cli: Cli) -> Result<u8, Error> {
             tcp_established,
             stop,
             callback_timeout,
+            save_files,
+            verify_files,
+            include_files,
         } => {
             let (pid, scope) = match (pid, session, pgid) {
                 (Some(pid), _, _) => (pid, Scope::Tree),
@@ -152,6 +183,9 @@ fn run(cli: Cli) -> Result<u8, Error> {
                     scope,
                     tcp_established,
                     callback_timeout: Duration::from_secs_f64(callback_timeout.max(0.0)),
+                    save_files,
+                    verify_files_hash: matches!(verify_files, VerifyFilesArg::Hash),
+                    include_files,
                 },
                 &bar,
             )?;
@@ -171,6 +205,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
             allow_changed_files,
             pid_wait,
             pidns,
+            restore_files,
         } => {
             let bar = progress_bar();
             let opts = RestoreOptions {
@@ -180,6 +215,10 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 pid_wait: Duration::from_secs_f64(pid_wait.max(0.0)),
                 allow_changed_files,
                 pidns,
+                restore_files: restore_files.map(|r| match r {
+                    RestoreFilesArg::Clobber => crest_engine::savefiles::RestoreFiles::Clobber,
+                    RestoreFilesArg::Anonymous => crest_engine::savefiles::RestoreFiles::Anonymous,
+                }),
             };
             let restored = crest_engine::restore::restore(&opts, &bar)?;
             bar.finish_and_clear();

@@ -47,6 +47,8 @@ pub struct RestoreOptions {
     /// Restore into a new PID namespace, under an init of crest's own, so
     /// that PIDs taken here do not block the restore.
     pub pidns: bool,
+    /// Give back the files saved with `--save-files` this way.
+    pub restore_files: Option<crate::savefiles::RestoreFiles>,
 }
 
 /// What `restore` leaves behind.
@@ -145,7 +147,19 @@ impl Drop for Pages {
 
 /// Restores the image in `opts.dir`.
 pub fn restore(opts: &RestoreOptions, progress: &indicatif::ProgressBar) -> Result<Restored> {
-    let image = Image::read(&opts.dir)?;
+    let mut image = Image::read(&opts.dir)?;
+    crate::savefiles::put_back_included(&image.dir, &image.inventory.saved_files)?;
+    if let Some(how) = opts.restore_files {
+        let inv = &mut image.inventory;
+        crate::savefiles::apply(
+            &image.dir,
+            &inv.saved_files,
+            how,
+            &mut image.processes,
+            &mut inv.shared_files,
+        )?;
+    }
+    let image = image;
     let root = image.inventory.root_pid;
     let mut pages = Vec::new();
     for p in &image.processes {

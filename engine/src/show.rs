@@ -89,6 +89,10 @@ pub fn render(image: &Image) -> String {
         s.pages_written,
         s.pages_skipped
     );
+    for s in &image.inventory.saved_files {
+        let how = if s.included { "included" } else { "saved" };
+        let _ = writeln!(o, "  {how} file {} ({} bytes)", s.path, s.size);
+    }
     for p in &image.processes {
         let st = &p.state;
         let _ = writeln!(

@@ -32,6 +32,7 @@ fn fixture_image(dir: &std::path::Path) {
             lost_session_leaders: vec![],
             lost_group_leaders: vec![],
             sysv_shm: vec![],
+            saved_files: vec![],
             stats,
         },
     );
