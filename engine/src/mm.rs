@@ -304,8 +304,8 @@ struct Run {
 
 /// Bytes read from the target per batch (one process_vm_readv), and how
 /// many batches may be in flight between the reader and the writer.
-const BATCH: usize = 8 << 20;
-const BUFFERS: usize = 3;
+const BATCH: usize = 1 << 20;
+const BUFFERS: usize = 4;
 
 /// Copies the touched pages of `vmas` from `pid` into `pages_path`.
 ///

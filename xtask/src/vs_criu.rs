@@ -143,7 +143,27 @@ fn kill_and_reap(pid: i32) {
     }
 }
 
-fn run_timed(mut cmd: Command, what: &str, log: &Path) -> Result<Duration> {
+/// CPU time (user + system) of the waited-for children so far.
+fn children_cpu() -> Duration {
+    // SAFETY: getrusage fills the struct we pass.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Runs `cmd` to completion: its wall time and its CPU time (all its
+/// threads and waited-for children), the latter barely affected by other
+/// load on the machine.
+fn run_timed(cmd: Command, what: &str, log: &Path) -> Result<Duration> {
+    run_measured(cmd, what, log).map(|(wall, _)| wall)
+}
+
+fn run_measured(mut cmd: Command, what: &str, log: &Path) -> Result<(Duration, Duration)> {
+    let cpu0 = children_cpu();
     let t = Instant::now();
     let out = cmd
         .stdin(Stdio::null())
@@ -159,7 +179,7 @@ fn run_timed(mut cmd: Command, what: &str, log: &Path) -> Result<Duration> {
             log.display()
         );
     }
-    Ok(took)
+    Ok((took, children_cpu().saturating_sub(cpu0)))
 }
 
 /// One sample of one tool.
@@ -168,6 +188,8 @@ struct Sample {
     dump: Duration,
     restore: Duration,
     frozen: Duration,
+    dump_cpu: Duration,
+    restore_cpu: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,10 +240,10 @@ fn sample(tool: Tool, tools: &Tools, a: &VsCriuArgs) -> Result<Sample> {
             c
         }
     };
-    let dump = run_timed(cmd, &format!("{tool:?} dump"), &log);
+    let dump = run_measured(cmd, &format!("{tool:?} dump"), &log);
     let _ = hog.kill();
     let _ = hog.wait();
-    let dump = dump?;
+    let (dump, dump_cpu) = dump?;
     let frozen = match tool {
         Tool::Crest => crest_frozen(&tools.crest, &dir)?,
         Tool::Criu => {
@@ -247,9 +269,13 @@ fn sample(tool: Tool, tools: &Tools, a: &VsCriuArgs) -> Result<Sample> {
             c
         }
     };
+    // The CPU of a restore includes the restored process's own (CRIU's
+    // restorer runs in it): counted once it is reaped.
+    let cpu0 = children_cpu();
     let restore = run_timed(cmd, &format!("{tool:?} restore"), &log);
     let rss = resident_kib(pid);
     kill_and_reap(pid);
+    let restore_cpu = children_cpu().saturating_sub(cpu0);
     let restore = restore?;
     if rss < (a.mib as u64) << 10 {
         bail!(
@@ -262,6 +288,8 @@ fn sample(tool: Tool, tools: &Tools, a: &VsCriuArgs) -> Result<Sample> {
         dump,
         restore,
         frozen,
+        dump_cpu,
+        restore_cpu,
     })
 }
 
@@ -417,11 +445,13 @@ pub fn main(a: VsCriuArgs) -> Result<i32> {
         for tool in [Tool::Crest, Tool::Criu] {
             let s = sample(tool, &tools, &a)?;
             eprintln!(
-                "sample {}/{} {tool:?}: dump {:.0} ms, restore {:.0} ms, frozen {:.0} ms",
+                "sample {}/{} {tool:?}: dump {:.0} ms (CPU {:.0}), restore {:.0} ms (CPU {:.0}), frozen {:.0} ms",
                 i + 1,
                 a.samples,
                 s.dump.as_secs_f64() * 1e3,
+                s.dump_cpu.as_secs_f64() * 1e3,
                 s.restore.as_secs_f64() * 1e3,
+                s.restore_cpu.as_secs_f64() * 1e3,
                 s.frozen.as_secs_f64() * 1e3
             );
             match tool {
@@ -446,10 +476,12 @@ pub fn main(a: VsCriuArgs) -> Result<i32> {
     );
     println!("|---|---|---|---|");
     type Pick = fn(&Sample) -> Duration;
-    let rows: [(&str, Pick, bool); 3] = [
+    let rows: [(&str, Pick, bool); 5] = [
         ("dump", |s| s.dump, true),
         ("restore", |s| s.restore, true),
         ("frozen", |s| s.frozen, false),
+        ("dump CPU (user+sys)", |s| s.dump_cpu, false),
+        ("restore CPU (user+sys)", |s| s.restore_cpu, false),
     ];
     for (name, pick, rate) in rows {
         let c = median(crest.iter().map(pick).collect());
