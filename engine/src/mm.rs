@@ -819,7 +819,7 @@ mod tests {
     }
 
     #[test]
-    fn vsyscall_is_skipped_and_shared_memory_refused() {
+    fn vsyscall_is_skipped_and_shared_device_memory_refused() {
         let maps = crate::proc::parse_maps(
             "1000-2000 rw-p 00000000 00:00 0 [heap]\nffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]\n",
         )
@@ -827,9 +827,7 @@ mod tests {
         let vmas = collect_vmas(1, &maps, &[]).unwrap();
         assert_eq!(vmas.len(), 1);
         assert_eq!(vmas[0].name, "[heap]");
-        let shared =
-            crate::proc::parse_maps("1000-2000 rw-s 00000000 00:01 5 /SYSV00000000 (deleted)\n")
-                .unwrap();
+        let shared = crate::proc::parse_maps("1000-2000 rw-s 00000000 00:05 9 /dev/fb0\n").unwrap();
         let err = collect_vmas(7, &shared, &[]).unwrap_err();
         assert!(matches!(err, Error::Unsupported { pid: 7, .. }), "{err}");
         assert!(err.to_string().contains("shared memory"));
