@@ -116,32 +116,69 @@ impl Handshake {
         if hs.parts.is_empty() {
             return Ok(hs);
         }
+        // All answers are awaited at once: the first refusal wins, even while
+        // another process still waits for it in its callbacks.
         let deadline = Instant::now() + timeout;
-        for i in 0..hs.parts.len() {
-            let pid = hs.parts[i].pid;
-            let line = hs.parts[i].read_line(deadline).ok_or_else(|| Error::Refused {
-                pid,
-                reason: format!(
-                    "its checkpoint callbacks did not finish within {timeout:?} (--callback-timeout); the checkpoint was cancelled"
-                ),
-            })?;
-            if let Some(rest) = line.strip_prefix("abort ") {
-                let (kind, reason) = rest.split_once(' ').unwrap_or((rest, ""));
+        let mut waiting: Vec<usize> = (0..hs.parts.len()).collect();
+        while let Some(&first) = waiting.first() {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                 return Err(Error::Refused {
-                    pid,
+                    pid: hs.parts[first].pid,
                     reason: format!(
-                        "a checkpoint callback refused the checkpoint ({kind} failure): {reason}"
+                        "its checkpoint callbacks did not finish within {timeout:?} (--callback-timeout); the checkpoint was cancelled"
                     ),
                 });
+            };
+            let mut fds: Vec<libc::pollfd> = waiting
+                .iter()
+                .map(|&i| libc::pollfd {
+                    fd: hs.parts[i]
+                        .conn
+                        .as_ref()
+                        .map_or(-1, std::os::fd::AsRawFd::as_raw_fd),
+                    events: libc::POLLIN,
+                    revents: 0,
+                })
+                .collect();
+            let ms = left.as_millis().clamp(1, 1000) as libc::c_int;
+            // SAFETY: fds is a valid array of fds.len() pollfds.
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+            let ready: Vec<usize> = waiting
+                .iter()
+                .zip(&fds)
+                .filter(|(_, f)| f.revents != 0)
+                .map(|(&i, _)| i)
+                .collect();
+            for i in ready {
+                let pid = hs.parts[i].pid;
+                // Readable: a whole line is there or follows at once.
+                let line = hs.parts[i]
+                    .read_line(Instant::now() + Duration::from_secs(1))
+                    .ok_or_else(|| Error::Refused {
+                        pid,
+                        reason:
+                            "libcrest closed its control socket during the checkpoint callbacks"
+                                .into(),
+                    })?;
+                if let Some(rest) = line.strip_prefix("abort ") {
+                    let (kind, reason) = rest.split_once(' ').unwrap_or((rest, ""));
+                    return Err(Error::Refused {
+                        pid,
+                        reason: format!(
+                            "a checkpoint callback refused the checkpoint ({kind} failure): {reason}"
+                        ),
+                    });
+                }
+                let addr = line
+                    .strip_prefix("ready ")
+                    .and_then(|a| u64::from_str_radix(a, 16).ok())
+                    .ok_or_else(|| Error::Refused {
+                        pid,
+                        reason: format!("libcrest answered {line:?} instead of \"ready ADDR\""),
+                    })?;
+                hs.parts[i].state_addr = Some(addr);
+                waiting.retain(|&w| w != i);
             }
-            let addr = line
-                .strip_prefix("ready ")
-                .and_then(|a| u64::from_str_radix(a, 16).ok())
-                .ok_or_else(|| Error::Refused {
-                    pid,
-                    reason: format!("libcrest answered {line:?} instead of \"ready ADDR\""),
-                })?;
-            hs.parts[i].state_addr = Some(addr);
         }
         // The library closes its sockets on `freeze`; none may be in the image.
         for p in &mut hs.parts {
