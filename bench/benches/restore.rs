@@ -44,6 +44,7 @@ fn bench_restore(c: &mut Criterion) {
             allow_changed_files: false,
             pidns: false,
             restore_files: None,
+            relocate: vec![],
         };
         group.throughput(Throughput::Bytes(w.bytes()));
         group.bench_function(BenchmarkId::from_parameter(w.label()), |b| {

@@ -66,6 +66,10 @@ pub enum Mode {
     /// `dump --include-file ctl/extra` (a file no process has open), then the
     /// file is removed; the restore puts it back as it was.
     FileExtra,
+    /// After the dump `ctl/data` is renamed `ctl/data.moved`; `restore
+    /// --relocate CTL/data=CTL/data.moved` opens it there (the view expects
+    /// the new path).
+    Relocate,
     /// `dump --stop` keeps the original holding its PID; `restore --pidns`
     /// brings the copy back in a new PID namespace with that PID inside.
     Pidns,

@@ -271,6 +271,7 @@ impl Run<'_> {
             Mode::FileChanged => self.file_changed(),
             Mode::FileSaved => self.file_saved(),
             Mode::FileExtra => self.file_extra(),
+            Mode::Relocate => self.relocate(),
             Mode::Pidns => self.pidns(),
             Mode::ContinueRestart => self.leave_running_with(true),
             Mode::SelfCheckpoint => self.self_checkpoint(),
@@ -1336,6 +1337,41 @@ impl Run<'_> {
                 data.display()
             );
         }
+        self.go(&self.ctl.clone())?;
+        let st = self.wait_restore(None)?;
+        if shell_status(st) != self.spec.expect_exit {
+            fail!(
+                "crest restore exited with {} (expected {})",
+                describe_status(st),
+                self.spec.expect_exit
+            );
+        }
+        self.expect_ok(&self.ctl.clone(), "the restored workload")
+    }
+
+    fn relocate(&mut self) -> R<()> {
+        let me = std::process::id() as i32;
+        let pid = self.start_workload()?;
+        self.mask_session = self.spec.scope == Scope::Pid;
+        let before = self.view_now(pid, Parent::Expect(me))?;
+        let img = self.dump_or_rollback(pid, &[], &before)?;
+        self.reap_workload(pid)?;
+        let old = self.ctl.join("data");
+        let new = self.ctl.join("data.moved");
+        fs::rename(&old, &new)
+            .map_err(|e| Stop::Failed(format!("cannot move {}: {e}", old.display())))?;
+        let (o, n) = (old.display().to_string(), new.display().to_string());
+        let expected: Vec<String> = before
+            .iter()
+            // Views name the case directory `$CASE`.
+            .map(|l| l.replace("-> $CASE/ctl/data ", "-> $CASE/ctl/data.moved "))
+            .collect();
+        if expected == before {
+            fail!("the workload has no descriptor of {o} to relocate");
+        }
+        let rule = format!("--relocate={o}={n}");
+        let rpid = self.spawn_restore_with(&img, &[&rule])?;
+        self.wait_view(pid, &expected, Parent::Expect(rpid), "restore")?;
         self.go(&self.ctl.clone())?;
         let st = self.wait_restore(None)?;
         if shell_status(st) != self.spec.expect_exit {

@@ -20,6 +20,15 @@ struct Cli {
     command: Command,
 }
 
+fn parse_relocation(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((old, new)) if old.starts_with('/') && new.starts_with('/') => {
+            Ok((old.to_string(), new.to_string()))
+        }
+        _ => Err("expected OLD=NEW, two absolute paths".into()),
+    }
+}
+
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum VerifyFilesArg {
     Identity,
@@ -114,6 +123,10 @@ enum Command {
         /// their paths (clobber) or opened as unlinked copies (anonymous).
         #[arg(long, value_name = "HOW")]
         restore_files: Option<RestoreFilesArg>,
+        /// Open and map files found under OLD at dump time from NEW instead
+        /// (repeatable).
+        #[arg(long, value_name = "OLD=NEW", value_parser = parse_relocation)]
+        relocate: Vec<(String, String)>,
     },
     /// Print an image: processes, memory, registers, files, signals.
     Show {
@@ -206,6 +219,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
             pid_wait,
             pidns,
             restore_files,
+            relocate,
         } => {
             let bar = progress_bar();
             let opts = RestoreOptions {
@@ -215,6 +229,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 pid_wait: Duration::from_secs_f64(pid_wait.max(0.0)),
                 allow_changed_files,
                 pidns,
+                relocate,
                 restore_files: restore_files.map(|r| match r {
                     RestoreFilesArg::Clobber => crest_engine::savefiles::RestoreFiles::Clobber,
                     RestoreFilesArg::Anonymous => crest_engine::savefiles::RestoreFiles::Anonymous,

@@ -49,6 +49,8 @@ pub struct RestoreOptions {
     pub pidns: bool,
     /// Give back the files saved with `--save-files` this way.
     pub restore_files: Option<crate::savefiles::RestoreFiles>,
+    /// `--relocate OLD=NEW`: paths under OLD are opened under NEW.
+    pub relocate: Vec<(String, String)>,
 }
 
 /// What `restore` leaves behind.
@@ -149,6 +151,11 @@ impl Drop for Pages {
 pub fn restore(opts: &RestoreOptions, progress: &indicatif::ProgressBar) -> Result<Restored> {
     let mut image = Image::read(&opts.dir)?;
     crate::savefiles::put_back_included(&image.dir, &image.inventory.saved_files)?;
+    crate::savefiles::relocate(
+        &opts.relocate,
+        &mut image.processes,
+        &mut image.inventory.shared_files,
+    );
     if let Some(how) = opts.restore_files {
         let inv = &mut image.inventory;
         crate::savefiles::apply(

@@ -224,9 +224,67 @@ pub fn apply(
     Ok(())
 }
 
+/// `path` with its prefix `old` (a whole path or a directory of it)
+/// replaced by `new`, if it has that prefix.
+fn relocated(path: &str, old: &str, new: &str) -> Option<String> {
+    let old = old.trim_end_matches('/');
+    let rest = path.strip_prefix(old)?;
+    (rest.is_empty() || rest.starts_with('/'))
+        .then(|| format!("{}{rest}", new.trim_end_matches('/')))
+}
+
+/// `crest restore --relocate OLD=NEW`: every path under OLD that the image
+/// opens or maps (files, directories, FIFOs, mapped files, cwd) is taken
+/// from NEW instead. The files there are still checked against the dump.
+pub fn relocate(
+    rules: &[(String, String)],
+    processes: &mut [ProcessImage],
+    shared: &mut [SharedFile],
+) {
+    let apply = |path: &mut String| {
+        for (old, new) in rules {
+            if let Some(p) = relocated(path, old, new) {
+                *path = p;
+                return;
+            }
+        }
+    };
+    let fix_kind = |k: &mut FdKind| match k {
+        FdKind::Regular { path, .. }
+        | FdKind::Directory { path, .. }
+        | FdKind::Device { path, .. }
+        | FdKind::Unlinked { path, .. } => apply(path),
+        FdKind::Pipe {
+            fifo: Some(path), ..
+        } => apply(path),
+        _ => {}
+    };
+    for p in processes.iter_mut() {
+        for f in &mut p.files.fds {
+            fix_kind(&mut f.kind);
+        }
+        apply(&mut p.files.cwd);
+        for v in &mut p.mm.vmas {
+            if let crate::mm::Backing::File { path, .. } = &mut v.backing {
+                apply(path);
+            }
+        }
+    }
+    for s in shared.iter_mut() {
+        fix_kind(&mut s.file);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relocation_takes_whole_components() {
+        assert_eq!(relocated("/a/b/c", "/a/b", "/x"), Some("/x/c".into()));
+        assert_eq!(relocated("/a/b", "/a/b/", "/x/"), Some("/x".into()));
+        assert_eq!(relocated("/a/bc", "/a/b", "/x"), None);
+    }
 
     #[test]
     fn globs_cross_directories() {
