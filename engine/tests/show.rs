@@ -32,7 +32,14 @@ fn fixture_image(dir: &std::path::Path) {
             lost_session_leaders: vec![],
             lost_group_leaders: vec![],
             sysv_shm: vec![],
-            saved_files: vec![],
+            saved_files: vec![crest_engine::savefiles::SavedFile {
+                path: "/data/input.txt".into(),
+                size: 4000,
+                mode: 0o644,
+                crc32c: 0,
+                image: "file-0.img".into(),
+                included: false,
+            }],
             stats,
         },
     );
