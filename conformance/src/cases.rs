@@ -81,12 +81,17 @@ pub enum Mode {
     /// (outcome `continued`); after it finishes, that image is restored and
     /// must finish too (outcome `restarted`).
     SelfCheckpoint,
+    /// An MPI job (`workloads/mpi/ring.c`, args: flavour, iterations, pause in
+    /// ms) built with the flavour's mpicc and started with its launcher; the
+    /// launcher's tree is dumped mid-run, restored (`cycles` times) and must
+    /// finish with the checksum of an uninterrupted run.
+    MpiJob,
 }
 
 impl Mode {
     /// Whether the mode starts a workload at all.
     pub fn needs_workload(self) -> bool {
-        !matches!(self, Mode::NoSuchPid | Mode::CheckCommand)
+        !matches!(self, Mode::NoSuchPid | Mode::CheckCommand | Mode::MpiJob)
     }
 }
 
@@ -146,6 +151,9 @@ pub struct CaseSpec {
     /// Extra arguments for every `crest dump` of the case.
     #[serde(default)]
     pub dump_args: Vec<String>,
+    /// Dump/restore cycles of this case (default: `--cycles`).
+    #[serde(default)]
+    pub cycles: Option<u32>,
 }
 
 impl CaseSpec {

@@ -4,6 +4,7 @@
 //! the JSON reports (`report`).
 
 pub mod cases;
+pub mod mpi;
 pub mod report;
 pub mod requirements;
 pub mod runner;

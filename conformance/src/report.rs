@@ -35,6 +35,9 @@ pub struct CaseRecord {
     /// Why it failed or was ignored (the engine's refusal for unsupported features).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// Measurements a case reports (the MPI cases' dump and restore times).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub notes: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -281,6 +284,7 @@ mod tests {
             outcome,
             duration_ms: 1500,
             message: message.to_string(),
+            notes: String::new(),
         }
     }
 

@@ -13,6 +13,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::cases::{CaseSpec, Mode, Need, Scope};
+use crate::mpi;
 use crate::view::{self, Parent};
 
 const READY: &str = "ready";
@@ -41,6 +42,8 @@ pub struct Config {
     pub case_timeout: Duration,
     pub keep: bool,
     pub mpi: Option<PathBuf>,
+    /// Launcher arguments for `--mpi` (`--mpi-args`).
+    pub mpi_args: Vec<String>,
     pub is_root: bool,
     /// The engine offers `crest dump --session SID` (see [`engine_has_session`]).
     pub session_dump: bool,
@@ -129,6 +132,13 @@ pub fn on_path(name: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// The toolchain an MPI case runs with (its first argument names the MPI),
+/// or why it cannot run here.
+fn mpi_toolchain(cfg: &Config, spec: &CaseSpec) -> Result<mpi::Toolchain, String> {
+    let flavor = mpi::Flavor::parse(spec.args.first().map(String::as_str).unwrap_or(""))?;
+    mpi::toolchain(flavor, cfg.mpi.as_deref(), &cfg.mpi_args)
+}
+
 /// The state of one running case.
 struct Run<'a> {
     cfg: &'a Config,
@@ -154,15 +164,33 @@ struct Run<'a> {
     /// into the restorer's group and session. PROC-PGID and PROC-SID cases use
     /// tree and session scopes, where they are compared.
     mask_session: bool,
+    /// Measurements for the report (the MPI cases' dump and restore times).
+    notes: Vec<String>,
 }
 
 /// Runs `spec` and always cleans up after it.
 pub fn run_case(cfg: &Config, spec: &CaseSpec, seq: usize) -> CaseOutcome {
+    run_case_noted(cfg, spec, seq, &mut Vec::new())
+}
+
+/// [`run_case`], also returning what the case measured in `notes`.
+pub fn run_case_noted(
+    cfg: &Config,
+    spec: &CaseSpec,
+    seq: usize,
+    notes: &mut Vec<String>,
+) -> CaseOutcome {
     if let Some(reason) = &spec.pending {
         return CaseOutcome::Ignored(format!("case not runnable yet: {reason}"));
     }
     for need in &spec.needs {
         match need {
+            // An MPI job names its MPI: that one's compiler and launcher must be there.
+            Need::Mpicc if spec.mode == Mode::MpiJob => {
+                if let Err(why) = mpi_toolchain(cfg, spec) {
+                    return CaseOutcome::Ignored(why);
+                }
+            }
             Need::Mpicc => {
                 let found =
                     cfg.mpi.as_ref().map(|m| m.exists()).unwrap_or(false) || on_path("mpicc");
@@ -232,9 +260,11 @@ pub fn run_case(cfg: &Config, spec: &CaseSpec, seq: usize) -> CaseOutcome {
         sid: None,
         crest_runs: 0,
         mask_session: false,
+        notes: Vec::new(),
     };
     let result = run.drive();
     run.cleanup();
+    notes.append(&mut run.notes);
     let outcome = match result {
         Ok(()) => CaseOutcome::Passed,
         Err(Stop::Ignored(m)) => CaseOutcome::Ignored(m),
@@ -275,6 +305,7 @@ impl Run<'_> {
             Mode::Pidns => self.pidns(),
             Mode::ContinueRestart => self.leave_running_with(true),
             Mode::SelfCheckpoint => self.self_checkpoint(),
+            Mode::MpiJob => self.mpi_job(),
         }
     }
 
@@ -1415,6 +1446,309 @@ impl Run<'_> {
         self.expect_ok(&self.ctl.clone(), "the restored workload")
     }
 
+    // ---- the MPI job -------------------------------------------------------
+
+    /// An MPI job (see [`Mode::MpiJob`]): built with the flavour's mpicc, run
+    /// once without pauses for the reference checksum, then started in a
+    /// session of its own and dumped mid-run from the launcher's pid (the
+    /// whole tree), restored, `cycles` times. It must finish with exit 0,
+    /// every progress line exactly once, and the reference checksum.
+    fn mpi_job(&mut self) -> R<()> {
+        let tc = mpi_toolchain(self.cfg, self.spec).map_err(Stop::Ignored)?;
+        let num = |i: usize, what: &str| -> R<u64> {
+            self.spec
+                .args
+                .get(i)
+                .and_then(|a| a.parse().ok())
+                .ok_or_else(|| {
+                    Stop::Failed(format!(
+                        "case args: {what} missing (flavour, iterations, pause in ms)"
+                    ))
+                })
+        };
+        let (iterations, pause) = (num(1, "iterations")?, num(2, "pause")?);
+        let cycles = self.spec.cycles.unwrap_or(self.cfg.cycles).max(1);
+        let exe = self.dir.join("ring");
+        tc.compile(&exe).map_err(Stop::Failed)?;
+        let reference = self.mpi_reference(&tc, &exe, iterations)?;
+
+        let args = vec![iterations.to_string(), pause.to_string()];
+        let _ = fs::write(self.dir.join("job.cmd"), tc.describe(&exe, &args) + "\n");
+        let mut cmd = tc.command(&exe, &args);
+        cmd.stdin(Stdio::null())
+            .stdout(self.file("wl.out")?)
+            .stderr(self.file("wl.err")?)
+            .current_dir(&self.dir);
+        // SAFETY: setsid and fcntl (in only_stdio) are async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                only_stdio();
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| Stop::Failed(format!("cannot start {}: {e}", tc.launcher.display())))?;
+        let pid = child.id() as i32;
+        self.sid = Some(pid);
+        self.workload = Some(child);
+        let out = self.dir.join("wl.out");
+        let mut seen = 0;
+        for cycle in 1..=cycles {
+            // Mid-run: a quarter of the way in, then some iterations after each restore.
+            let target = if cycle == 1 {
+                (iterations / 4).max(2)
+            } else {
+                seen + (iterations / 8).max(2)
+            };
+            self.wait_progress(&out, target, iterations)?;
+            let tree = job_tree(pid);
+            for &(p, _, _) in &tree {
+                if let Some(st) = view::read_stat(p) {
+                    self.known.push((p, st.starttime));
+                }
+            }
+            let t0 = Instant::now();
+            let img = match self.dump(pid, cycle, &[]) {
+                Ok(img) => img,
+                Err(Stop::Ignored(m)) if cycle == 1 => {
+                    return Err(self.mpi_after_refusal(m, &out, iterations, &reference))
+                }
+                Err(stop) => return Err(stop),
+            };
+            let dump_time = t0.elapsed();
+            seen = mpi::JobOutput::parse(&fs::read_to_string(&out).unwrap_or_default()).last();
+            if cycle == 1 {
+                self.reap_workload(pid)?;
+            } else {
+                let st = self.wait_restore(Some(self.death_wait()))?;
+                if shell_status(st) != 128 + libc::SIGKILL {
+                    fail!("cycle {cycle}: the previous crest restore ended with {} (expected 137: its job was killed by the dump)", describe_status(st));
+                }
+            }
+            let t1 = Instant::now();
+            let rpid = self.spawn_restore(&img)?;
+            self.wait_tree(&tree, pid, rpid, cycle)?;
+            self.notes.push(format!(
+                "cycle {cycle}: dump {:.2} s, restore {:.2} s ({} processes, image {} KiB, at iteration {seen}/{iterations})",
+                dump_time.as_secs_f64(),
+                t1.elapsed().as_secs_f64(),
+                tree.len(),
+                dir_size(&img) / 1024
+            ));
+        }
+        let Some(mut r) = self.restore.take() else {
+            fail!("no crest restore is running");
+        };
+        let end = wait_job(&mut r, &out, self.deadline);
+        self.restore = Some(r);
+        match end {
+            None => fail!("the restored job did not finish before the case timeout"),
+            Some(JobEnd::HungInFinalize) => self
+                .notes
+                .push("the restored job hung in MPI_Finalize after its checksum".into()),
+            Some(JobEnd::Exited(st)) if shell_status(st) != 0 => fail!(
+                "the restored job ended with {} (crest restore passes the launcher's status on)",
+                describe_status(st)
+            ),
+            Some(JobEnd::Exited(_)) => self.restore = None,
+        }
+        let text = fs::read_to_string(&out).unwrap_or_default();
+        self.check_job_output(&text, iterations, &reference)
+    }
+
+    /// The checksum of an uninterrupted run without pauses (same iterations),
+    /// in a session of its own so that a hung run can be killed whole.
+    fn mpi_reference(&mut self, tc: &mpi::Toolchain, exe: &Path, iterations: u64) -> R<String> {
+        let args = vec![iterations.to_string(), "0".to_string()];
+        let out = self.dir.join("reference.out");
+        let mut cmd = tc.command(exe, &args);
+        cmd.stdin(Stdio::null())
+            .stdout(self.file("reference.out")?)
+            .stderr(self.file("reference.err")?)
+            .current_dir(&self.dir);
+        // SAFETY: setsid and fcntl (in only_stdio) are async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                only_stdio();
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| Stop::Failed(format!("cannot start {}: {e}", tc.launcher.display())))?;
+        let sid = child.id() as i32;
+        let end = wait_job(&mut child, &out, self.deadline);
+        for pid in session_members(sid) {
+            // SAFETY: kill has no memory effects; the process is in the reference run's session.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        let o = mpi::JobOutput::parse(&fs::read_to_string(&out).unwrap_or_default());
+        match (end, o.checksum) {
+            (Some(JobEnd::Exited(st)), Some(c)) if st.success() => Ok(c),
+            (Some(JobEnd::HungInFinalize), Some(c)) => {
+                self.notes
+                    .push("the reference run hung in MPI_Finalize after its checksum".into());
+                Ok(c)
+            }
+            (None, _) => fail!(
+                "the reference run ({}) did not finish before the case timeout",
+                tc.describe(exe, &args)
+            ),
+            (Some(JobEnd::Exited(st)), _) => fail!(
+                "the reference run ({}) ended with {} without a checksum line",
+                tc.describe(exe, &args),
+                describe_status(st)
+            ),
+            (Some(JobEnd::HungInFinalize), None) => {
+                unreachable!("a hang is only noticed after the checksum")
+            }
+        }
+    }
+
+    /// Waits until the job has reported iteration `target`.
+    fn wait_progress(&mut self, out: &Path, target: u64, iterations: u64) -> R<()> {
+        loop {
+            let last = mpi::JobOutput::parse(&fs::read_to_string(out).unwrap_or_default()).last();
+            if last >= target {
+                if last >= iterations {
+                    fail!("the job finished before it could be dumped: give it more iterations or a longer pause");
+                }
+                return Ok(());
+            }
+            let ended = match (self.workload.as_mut(), self.restore.as_mut()) {
+                (Some(c), _) | (None, Some(c)) => c.try_wait().ok().flatten(),
+                _ => None,
+            };
+            if let Some(st) = ended {
+                fail!(
+                    "the job ended ({}) at iteration {last}, before iteration {target}",
+                    describe_status(st)
+                );
+            }
+            self.time_left()?;
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Waits until every process of `tree` runs again: same pid, same name,
+    /// same parent (the root's is the restorer `rpid`), not stopped, not traced.
+    fn wait_tree(
+        &mut self,
+        tree: &[(i32, String, i32)],
+        root: i32,
+        rpid: i32,
+        cycle: u32,
+    ) -> R<()> {
+        let until = (Instant::now() + self.view_wait()).min(self.deadline);
+        loop {
+            if let Some(r) = self.restore.as_mut() {
+                if let Ok(Some(st)) = r.try_wait() {
+                    self.restore = None;
+                    let log = self.dir.join(format!("restore{}.log", self.crest_runs));
+                    let msg = engine_message(&fs::read_to_string(log).unwrap_or_default());
+                    if st.code() == Some(EXIT_UNSUPPORTED) && msg.contains("crest: error:") {
+                        return Err(Stop::Ignored(format!("restore refused: {msg}")));
+                    }
+                    fail!(
+                        "cycle {cycle}: crest restore ended ({}) before the job ran again: {msg}",
+                        describe_status(st)
+                    );
+                }
+            }
+            let missing: Vec<String> = tree
+                .iter()
+                .filter(|(p, comm, ppid)| {
+                    let want_ppid = if *p == root { rpid } else { *ppid };
+                    let ok = view::read_stat(*p).is_some_and(|st| {
+                        st.comm == *comm && st.ppid == want_ppid && !matches!(st.state, 'T' | 't')
+                    }) && tracer_pid(*p) == Some(0);
+                    !ok
+                })
+                .map(|(p, comm, _)| format!("{p} ({comm})"))
+                .collect();
+            if missing.is_empty() {
+                for &(p, _, _) in tree {
+                    if let Some(st) = view::read_stat(p) {
+                        self.known.push((p, st.starttime));
+                    }
+                }
+                return Ok(());
+            }
+            if Instant::now() > until {
+                fail!(
+                    "cycle {cycle}: after restore these processes of the job do not run as before: {}",
+                    missing.join(", ")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// After a refused first dump the job must carry on unharmed: it finishes
+    /// with exit 0 and the reference checksum; then the case is ignored with
+    /// the refusal, else it fails.
+    fn mpi_after_refusal(
+        &mut self,
+        refusal: String,
+        out: &Path,
+        iterations: u64,
+        reference: &str,
+    ) -> Stop {
+        let Some(mut c) = self.workload.take() else {
+            return Stop::Failed(format!("{refusal}\nand the job is not ours to wait for"));
+        };
+        let end = wait_job(&mut c, out, self.deadline);
+        self.workload = Some(c);
+        let st = match end {
+            None => {
+                return Stop::Failed(format!(
+                    "{refusal}\nand the job did not finish after the refused dump"
+                ))
+            }
+            Some(JobEnd::HungInFinalize) => {
+                self.notes.push(
+                    "after the refused dump the job hung in MPI_Finalize after its checksum".into(),
+                );
+                std::process::ExitStatus::from_raw(0)
+            }
+            Some(JobEnd::Exited(st)) => st,
+        };
+        let text = fs::read_to_string(out).unwrap_or_default();
+        if !st.success() {
+            return Stop::Failed(format!(
+                "{refusal}\nand the job ended with {} after the refused dump",
+                describe_status(st)
+            ));
+        }
+        match self.check_job_output(&text, iterations, reference) {
+            Ok(()) => Stop::Ignored(refusal),
+            Err(Stop::Failed(m)) | Err(Stop::Ignored(m)) => {
+                Stop::Failed(format!("{refusal}\nand after the refused dump: {m}"))
+            }
+        }
+    }
+
+    fn check_job_output(&self, text: &str, iterations: u64, reference: &str) -> R<()> {
+        let o = mpi::JobOutput::parse(text);
+        o.complete(iterations).map_err(Stop::Failed)?;
+        match o.checksum {
+            Some(c) if c == reference => Ok(()),
+            Some(c) => {
+                fail!("the job ended with checksum {c}, an uninterrupted run with {reference}")
+            }
+            None => fail!("the job printed no checksum line"),
+        }
+    }
+
     // ---- cleanup and logs --------------------------------------------------
 
     /// Kills whatever the case left: every process seen in a view (same pid,
@@ -1566,6 +1900,83 @@ fn is_descendant(mut pid: i32, root: i32) -> bool {
         }
     }
     false
+}
+
+/// `root` and its descendants as (pid, comm, ppid), parents first.
+fn job_tree(root: i32) -> Vec<(i32, String, i32)> {
+    let mut out: Vec<(i32, String, i32)> = Vec::new();
+    if let Some(st) = view::read_stat(root) {
+        out.push((root, st.comm, st.ppid));
+    }
+    let all: Vec<(i32, view::Stat)> = fs::read_dir("/proc")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+                .filter_map(|p| Some((p, view::read_stat(p)?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut i = 0;
+    while i < out.len() {
+        let parent = out[i].0;
+        for (p, st) in &all {
+            if st.ppid == parent && !out.iter().any(|o| o.0 == *p) {
+                out.push((*p, st.comm.clone(), st.ppid));
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+/// How long a job that printed its checksum may take to exit. Debian's MPICH
+/// 4.0.2 (ch4:ucx, UCX_TLS=tcp,self) sometimes hangs in MPI_Finalize on this
+/// kind of host, in uninterrupted runs too: one rank waits in UCX for an
+/// endpoint close its peers never progress, they wait for it in the PMI
+/// barrier. The checksum line comes after every rank agreed on the result,
+/// so such a job is killed and the hang is noted, not counted as a failure.
+const FINALIZE_GRACE: Duration = Duration::from_secs(15);
+
+/// How an MPI job ended.
+enum JobEnd {
+    Exited(ExitStatus),
+    /// Printed its checksum, then did not exit within [`FINALIZE_GRACE`].
+    HungInFinalize,
+}
+
+/// Waits for `child` (the launcher, or the restorer that passes its status
+/// on) to exit; `None` at `deadline`.
+fn wait_job(child: &mut Child, out: &Path, deadline: Instant) -> Option<JobEnd> {
+    let mut printed: Option<Instant> = None;
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(JobEnd::Exited(st));
+        }
+        if printed.is_none()
+            && mpi::JobOutput::parse(&fs::read_to_string(out).unwrap_or_default())
+                .checksum
+                .is_some()
+        {
+            printed = Some(Instant::now());
+        }
+        if printed.is_some_and(|t| t.elapsed() > FINALIZE_GRACE) {
+            return Some(JobEnd::HungInFinalize);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// `TracerPid` of `pid`, from its status.
+fn tracer_pid(pid: i32) -> Option<i32> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// The processes whose session id is `sid`.

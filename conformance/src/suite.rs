@@ -30,6 +30,8 @@ pub struct Options {
     pub case_timeout: Duration,
     pub keep: bool,
     pub mpi: Option<PathBuf>,
+    /// `--mpi-args`: launcher arguments for the `--mpi` launcher (split at whitespace).
+    pub mpi_args: Vec<String>,
     /// The arguments left for libtest-mimic (program name first).
     pub rest: Vec<OsString>,
 }
@@ -50,6 +52,7 @@ suite options (before or among libtest's):
   --case-timeout SECS    per-case timeout (default 60)
   --keep                 keep the case dirs of passed cases too
   --mpi PATH             the mpirun to run the MPI section against
+  --mpi-args ARGS        its arguments before `-n 4 PROGRAM` (one string, split at spaces)
 ";
 
 /// Splits the suite's flags from libtest's. `args[0]` is the program name.
@@ -78,6 +81,7 @@ pub fn parse_options(args: Vec<OsString>) -> anyhow::Result<Options> {
             "--cycles",
             "--case-timeout",
             "--mpi",
+            "--mpi-args",
         ];
         if flag == "--keep" {
             o.keep = true;
@@ -103,6 +107,13 @@ pub fn parse_options(args: Vec<OsString>) -> anyhow::Result<Options> {
             "--junit" => o.junit = path,
             "--markdown" => o.markdown = path,
             "--mpi" => o.mpi = path,
+            "--mpi-args" => {
+                o.mpi_args = v
+                    .to_string_lossy()
+                    .split_whitespace()
+                    .map(String::from)
+                    .collect()
+            }
             "--cycles" => {
                 o.cycles = v
                     .to_string_lossy()
@@ -290,6 +301,7 @@ fn run_suite(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
         case_timeout: opts.case_timeout,
         keep: opts.keep,
         mpi: opts.mpi.clone(),
+        mpi_args: opts.mpi_args.clone(),
         is_root: nix::unistd::geteuid().is_root(),
         session_dump: runner::engine_has_session(&crest_bin),
     });
@@ -368,7 +380,12 @@ pub fn trials(
             let (name, kind) = (spec.id.clone(), spec.requirement().to_string());
             Trial::ignorable_test(name, move || {
                 let t0 = Instant::now();
-                let outcome = runner::run_case(&cfg, &spec, seq);
+                let mut notes = Vec::new();
+                let outcome = runner::run_case_noted(&cfg, &spec, seq, &mut notes);
+                let notes = notes.join("; ");
+                if !notes.is_empty() {
+                    eprintln!("{}: {notes}", spec.id);
+                }
                 let (o, message, ret) = match outcome {
                     CaseOutcome::Passed => {
                         (Outcome::Passed, String::new(), Ok(Completion::Completed))
@@ -386,6 +403,7 @@ pub fn trials(
                         outcome: o,
                         duration_ms: t0.elapsed().as_millis() as u64,
                         message,
+                        notes,
                     });
                 }
                 ret
@@ -456,6 +474,8 @@ mod tests {
             "9",
             "--mpi",
             "/usr/bin/mpirun",
+            "--mpi-args",
+            "--mca btl tcp,self",
         ]))
         .unwrap();
         assert_eq!(o.crest_bin, Some(PathBuf::from("/x/crest")));
@@ -463,6 +483,7 @@ mod tests {
         assert_eq!(o.case_timeout, Duration::from_secs(9));
         assert_eq!(o.report, Some(PathBuf::from("r.json")));
         assert_eq!(o.mpi, Some(PathBuf::from("/usr/bin/mpirun")));
+        assert_eq!(o.mpi_args, ["--mca", "btl", "tcp,self"]);
         assert!(o.keep);
         assert_eq!(
             o.rest,
@@ -518,6 +539,7 @@ mod tests {
                 case_timeout: Duration::from_secs(20),
                 keep: false,
                 mpi: None,
+                mpi_args: Vec::new(),
                 is_root: root,
                 session_dump: false,
             }
@@ -540,6 +562,7 @@ mod tests {
             stdout_pipe: false,
             refusal_mentions: None,
             dump_args: vec![],
+            cycles: None,
             volatile_view: false,
         }
     }

@@ -653,8 +653,9 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
     Ok(stats)
 }
 
-/// Saves each shared anonymous memory object once, whoever maps it, into
-/// `shmem-INODE.img`, and lists it among the shared files.
+/// Saves each shared anonymous memory object (and each unlinked file mapped
+/// shared) once, whoever maps it, into `shmem-INODE.img`, and lists it among
+/// the shared files.
 fn save_shared_memory(
     images: &[ProcessImage],
     dir: &std::path::Path,
@@ -663,37 +664,67 @@ fn save_shared_memory(
     let mut seen: Vec<u64> = Vec::new();
     for p in images {
         for v in &p.mm.vmas {
-            let mm::Backing::SharedAnon { inode, .. } = v.backing else {
+            let mm::Backing::SharedAnon {
+                inode, ref path, ..
+            } = v.backing
+            else {
                 continue;
             };
             if seen.contains(&inode) {
                 continue;
             }
             seen.push(inode);
-            // The object's size: as far as any process maps it.
+            // An unlinked file the mapping came from may also be open as a
+            // descriptor: restored apart, the two would no longer share pages.
+            if let Some(path) = path {
+                let open_too = images.iter().find(|q| {
+                    q.files.fds.iter().any(|f| {
+                        matches!(&f.kind, files::FdKind::Unlinked { path: fp, .. } if fp == path)
+                    })
+                });
+                if let Some(q) = open_too {
+                    return Err(Error::unsupported(
+                        q.pid,
+                        format!("{path} (deleted) is both mapped shared and open: this sharing"),
+                    ));
+                }
+            }
+            // map_files gives the object itself, not just this process's window.
+            let src = format!("/proc/{}/map_files/{:x}-{:x}", p.pid, v.start, v.end);
+            let f = std::fs::File::open(&src).map_err(|e| Error::io(&src, e))?;
+            // The object's size: as far as any process maps it, or the file's
+            // length when that is longer (an unlinked file mapped in part).
+            let file_len = if path.is_some() {
+                f.metadata().map_err(|e| Error::io(&src, e))?.len()
+            } else {
+                0
+            };
             let size = images
                 .iter()
                 .flat_map(|q| q.mm.vmas.iter())
                 .filter_map(|w| match w.backing {
-                    mm::Backing::SharedAnon { inode: i, offset } if i == inode => {
-                        Some(offset + w.len())
-                    }
+                    mm::Backing::SharedAnon {
+                        inode: i, offset, ..
+                    } if i == inode => Some(offset + w.len()),
                     _ => None,
                 })
                 .max()
-                .unwrap_or(0);
-            // map_files gives the object itself, not just this process's window.
-            let src = format!("/proc/{}/map_files/{:x}-{:x}", p.pid, v.start, v.end);
-            let f = std::fs::File::open(&src).map_err(|e| Error::io(&src, e))?;
+                .unwrap_or(0)
+                .max(file_len);
             let mut data = vec![0u8; size as usize];
-            use std::os::unix::fs::FileExt;
-            f.read_exact_at(&mut data, 0)
-                .map_err(|e| Error::io(&src, e))?;
-            let path = dir.join(format!("shmem-{inode}.img"));
+            // A file may end before the last mapped page: the rest reads as zeros.
+            let got = read_up_to(&f, &mut data).map_err(|e| Error::io(&src, e))?;
+            if got < size as usize && path.is_none() {
+                return Err(Error::io(
+                    &src,
+                    std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+                ));
+            }
+            let path_img = dir.join(format!("shmem-{inode}.img"));
             use std::io::Write;
-            crate::image::create_private(&path)?
+            crate::image::create_private(&path_img)?
                 .write_all(&data)
-                .map_err(|e| Error::io(&path, e))?;
+                .map_err(|e| Error::io(&path_img, e))?;
             let id = shared.len() as u32;
             shared.push(files::SharedFile {
                 id,
@@ -701,11 +732,27 @@ fn save_shared_memory(
                     inode,
                     size,
                     crc32c: crc32c::crc32c(&data),
+                    path: path.clone(),
                 },
             });
         }
     }
     Ok(())
+}
+
+/// Reads from offset 0 until `buf` is full or the file ends; returns the bytes read.
+fn read_up_to(f: &std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
 }
 
 /// A line of `/proc/locks` for a lock `pid` holds: POSIX and flock locks by

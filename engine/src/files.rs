@@ -123,7 +123,15 @@ pub enum FdKind {
     },
     /// A shared anonymous memory object (as a shared file): its contents are
     /// in `shmem-INODE.img`; the restorer recreates it and every process maps it.
-    Shmem { inode: u64, size: u64, crc32c: u32 },
+    /// With `path`, an unlinked file mapped shared: recreated under that name
+    /// (when free) and unlinked again, so /proc shows "PATH (deleted)" as before.
+    Shmem {
+        inode: u64,
+        size: u64,
+        crc32c: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<String>,
+    },
     /// One end of a connected unix socket pair (as a shared file: the restorer
     /// creates each pair once and requeues its data).
     UnixPair(crate::sockets::UnixEnd),

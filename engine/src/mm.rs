@@ -36,10 +36,17 @@ pub enum Backing {
         #[serde(default)]
         may_write: bool,
     },
-    /// Shared anonymous memory (MAP_SHARED|MAP_ANONYMOUS, shared across fork):
-    /// the object `inode` is saved once for the whole dump (see
-    /// `files::FdKind::Shmem`) and every process maps the same object again.
-    SharedAnon { inode: u64, offset: u64 },
+    /// Shared anonymous memory (MAP_SHARED|MAP_ANONYMOUS, shared across fork),
+    /// or a shared mapping of a file unlinked since (`path`: MPICH's deleted
+    /// `/dev/shm/mpich_shar_tmp*` segment, mapped by every rank): the object
+    /// `inode` is saved once for the whole dump (see `files::FdKind::Shmem`)
+    /// and every process maps the same object again.
+    SharedAnon {
+        inode: u64,
+        offset: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<String>,
+    },
     /// An attachment (or part of one, split by mprotect) of SysV shm segment
     /// `shmid`, saved once for the whole dump (see `crate::sysvshm`).
     SysvShm {
@@ -224,6 +231,15 @@ pub fn collect_vmas(
             Backing::SharedAnon {
                 inode: m.inode,
                 offset: m.offset,
+                path: None,
+            }
+        } else if m.shared && m.deleted && is_unlinked_file(&m.name) && m.inode != 0 {
+            // An unlinked file mapped shared: nothing else can reach it by
+            // name, so its contents are the object's whole state.
+            Backing::SharedAnon {
+                inode: m.inode,
+                offset: m.offset,
+                path: Some(m.name.clone()),
             }
         } else if m.shared && m.name.starts_with("/SYSV") {
             Backing::SysvShm {
@@ -289,6 +305,19 @@ pub fn collect_vmas(
         });
     }
     Ok(vmas)
+}
+
+/// Whether a "(deleted)" shared mapping's name is a file that was unlinked,
+/// rather than a kernel object shown with a made-up path (SysV shm, memfd,
+/// shared hugetlb anonymous memory, devices).
+fn is_unlinked_file(name: &str) -> bool {
+    // Kernel objects show as names right under / (`/i915`, `/SYSV…`).
+    name.starts_with('/')
+        && name.rfind('/') > Some(0)
+        && !name.starts_with("/SYSV")
+        && !name.starts_with("/memfd:")
+        && !name.starts_with("/anon_hugepage")
+        && (!name.starts_with("/dev/") || name.starts_with("/dev/shm/"))
 }
 
 /// A run of touched pages to copy, inside one VMA.
@@ -831,5 +860,30 @@ mod tests {
         let err = collect_vmas(7, &shared, &[]).unwrap_err();
         assert!(matches!(err, Error::Unsupported { pid: 7, .. }), "{err}");
         assert!(err.to_string().contains("shared memory"));
+        for name in ["/dev/fb0", "/i915"] {
+            let m = crate::proc::parse_maps(&format!(
+                "1000-2000 rw-s 00000000 00:01 5 {name} (deleted)\n"
+            ))
+            .unwrap();
+            assert!(collect_vmas(7, &m, &[]).is_err(), "{name}");
+        }
+    }
+
+    /// MPICH's segment: an unlinked /dev/shm file every rank maps shared.
+    #[test]
+    fn an_unlinked_file_mapped_shared_is_a_shared_object() {
+        let maps = crate::proc::parse_maps(
+            "7f00000000-7f00001000 rw-s 00000000 00:1a 77 /dev/shm/mpich_shar_tmpAbC (deleted)\n",
+        )
+        .unwrap();
+        let vmas = collect_vmas(1, &maps, &[]).unwrap();
+        assert_eq!(
+            vmas[0].backing,
+            Backing::SharedAnon {
+                inode: 77,
+                offset: 0,
+                path: Some("/dev/shm/mpich_shar_tmpAbC".into())
+            }
+        );
     }
 }

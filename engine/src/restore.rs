@@ -837,7 +837,11 @@ fn open_shared(
             inode,
             size,
             crc32c,
-        } => (create_shmem(dir, *inode, *size, *crc32c)?, None),
+            path,
+        } => (
+            create_shmem(dir, *inode, *size, *crc32c, path.as_deref())?,
+            None,
+        ),
         FdKind::TcpListen(l) => (crate::sockets::restore_listen(l)?, Some(l.flags)),
         FdKind::UnixListen(l) => (crate::sockets::restore_unix_listen(l)?, Some(l.flags)),
         FdKind::Memfd(m) => (
@@ -936,7 +940,13 @@ fn open_shared(
 /// anonymous shared mapping filled with its contents, reopened through
 /// map_files so every process can map the same object (shown as
 /// "/dev/zero (deleted)", as before).
-fn create_shmem(dir: &Path, inode: u64, size: u64, crc: u32) -> Result<i32> {
+fn create_shmem(
+    dir: &Path,
+    inode: u64,
+    size: u64,
+    crc: u32,
+    original: Option<&str>,
+) -> Result<i32> {
     let path = dir.join(format!("shmem-{inode}.img"));
     let data = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
     if data.len() as u64 != size {
@@ -947,6 +957,9 @@ fn create_shmem(dir: &Path, inode: u64, size: u64, crc: u32) -> Result<i32> {
     }
     if crc32c::crc32c(&data) != crc {
         return Err(Error::bad_image(&path, "checksum mismatch"));
+    }
+    if let Some(file) = original {
+        return create_unlinked_shared(file, inode, &data);
     }
     let len = (size as usize).max(PAGE_SIZE as usize);
     // SAFETY: a fresh shared anonymous mapping of `len` bytes that we fill,
@@ -983,6 +996,42 @@ fn create_shmem(dir: &Path, inode: u64, size: u64, crc: u32) -> Result<i32> {
         }
         Ok(fd)
     }
+}
+
+/// Recreates an unlinked file that was mapped shared: written under its old
+/// name when that is free (so /proc shows the same "PATH (deleted)"), else
+/// beside it, and unlinked again; the returned fd keeps it alive.
+fn create_unlinked_shared(file: &str, inode: u64, data: &[u8]) -> Result<i32> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let create = |p: &str| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(p)
+    };
+    let beside = format!("{file}.crest-{inode}");
+    let (name, mut f) = match create(file) {
+        Ok(f) => (file.to_string(), f),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => (
+            beside.clone(),
+            create(&beside).map_err(|e| {
+                Error::Restore(format!("shared memory {inode}: recreating {beside}: {e}"))
+            })?,
+        ),
+        Err(e) => {
+            return Err(Error::Restore(format!(
+                "shared memory {inode}: recreating {file}: {e}"
+            )))
+        }
+    };
+    let written = f.write_all(data);
+    let _ = std::fs::remove_file(&name);
+    written.map_err(|e| Error::Restore(format!("shared memory {inode}: writing {name}: {e}")))?;
+    Ok(std::os::fd::IntoRawFd::into_raw_fd(f))
 }
 
 fn pid_taken(pid: i32) -> Error {
@@ -1856,7 +1905,7 @@ fn rebuild(
                 }
                 (fd as u64, *offset)
             }
-            Backing::SharedAnon { inode, offset } => {
+            Backing::SharedAnon { inode, offset, .. } => {
                 let source = shmem_source(image_shared, shared_base, *inode)?;
                 let fd = file_fds
                     .iter()

@@ -236,9 +236,16 @@ pub fn render(image: &Image) -> String {
                     "memfd:{name} @ {offset:#x}{}",
                     if *shared { ", shared" } else { "" }
                 ),
-                Backing::SharedAnon { inode, offset } => {
-                    format!("shared anonymous memory {inode} @ {offset:#x}")
-                }
+                Backing::SharedAnon {
+                    inode,
+                    offset,
+                    path: None,
+                } => format!("shared anonymous memory {inode} @ {offset:#x}"),
+                Backing::SharedAnon {
+                    inode,
+                    offset,
+                    path: Some(path),
+                } => format!("shared memory {inode} ({path}, deleted) @ {offset:#x}"),
             };
             let _ = writeln!(
                 o,
@@ -281,9 +288,12 @@ pub fn render(image: &Image) -> String {
                 }
                 FdKind::Dup { of } => format!("same open file as fd {of}{cloexec}"),
                 FdKind::Inherited { was } => format!("rebound to the restorer's own (was {was})"),
-                FdKind::Shmem { inode, size, .. } => {
-                    format!("shared memory object {inode} ({size} bytes)")
-                }
+                FdKind::Shmem {
+                    inode, size, path, ..
+                } => match path {
+                    Some(p) => format!("shared memory object {inode} ({size} bytes, {p} deleted)"),
+                    None => format!("shared memory object {inode} ({size} bytes)"),
+                },
                 FdKind::Eventfd { count, .. } => format!("eventfd, counter {count}{cloexec}"),
                 FdKind::TcpListen(l) if !l.listening => {
                     format!("TCP socket, not connected{cloexec}")

@@ -49,9 +49,18 @@ pub struct ConformanceArgs {
     /// Output directory (default: target/conformance).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
-    /// The MPI launcher (mpirun) for the MPI section.
+    /// The MPI launcher (mpirun) for the MPI section (MPI-VENDOR).
     #[arg(long, value_name = "PATH")]
     pub mpi: Option<PathBuf>,
+    /// Its arguments before `-n 4 PROGRAM` (one string, split at spaces),
+    /// e.g. `--mpi-args '--mca btl tcp,self'`.
+    #[arg(
+        long,
+        value_name = "ARGS",
+        requires = "mpi",
+        allow_hyphen_values = true
+    )]
+    pub mpi_args: Option<String>,
     /// Per-kernel timeout in seconds (boot + suite).
     #[arg(long, value_name = "SECS", default_value_t = 1800)]
     pub timeout: u64,
@@ -147,6 +156,10 @@ fn harness_argv(bin: &Path, args: &ConformanceArgs, case_timeout: Option<u64>) -
     if let Some(m) = &args.mpi {
         v.push("--mpi".into());
         v.push(s(m));
+    }
+    if let Some(a) = &args.mpi_args {
+        v.push("--mpi-args".into());
+        v.push(a.clone());
     }
     if let Some(t) = case_timeout {
         v.push("--case-timeout".into());
@@ -467,6 +480,7 @@ mod tests {
             baseline: None,
             out: None,
             mpi: Some("/usr/bin/mpirun".into()),
+            mpi_args: Some("--mca btl tcp,self".into()),
             timeout: 1,
             case_timeout: None,
             no_build: false,
@@ -483,7 +497,7 @@ mod tests {
             v,
             "/w/target/debug/crest-conformance --crest-bin /w/target/debug/crest --workload-dir /w/target/debug \
              --work-dir {work} --report {results}/report.json --junit {results}/junit.xml \
-             --mpi /usr/bin/mpirun --case-timeout 300 --test-threads=1 PIPE"
+             --mpi /usr/bin/mpirun --mpi-args --mca btl tcp,self --case-timeout 300 --test-threads=1 PIPE"
         );
     }
 

@@ -403,6 +403,7 @@ mod tests {
             outcome: o,
             duration_ms: 5,
             message: msg.into(),
+            notes: String::new(),
         }
     }
 

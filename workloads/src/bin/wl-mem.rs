@@ -2,7 +2,7 @@
 //!
 //! `wl-mem --ctl DIR MODE [ARGS]`, MODE one of: anon MIB, sparse GIB,
 //! file-private, file-shared, shared-anon, shared-anon-fork, prot, brk, vdso,
-//! memfd, posix-shm, sysv-shm, madvise, growsdown.
+//! memfd, posix-shm, unlinked-shm-fork, sysv-shm, madvise, growsdown.
 
 use crest_workloads::support::{
     fork_child, mode, num_arg, pattern, pattern_diff, setup_failed, sys, wait_ok, write_all,
@@ -230,6 +230,66 @@ fn main() {
             );
             // SAFETY: name is NUL-terminated.
             unsafe { libc::shm_unlink(name.as_ptr()) };
+        }
+        // MPICH's intra-node segment: a /dev/shm file mapped shared, unlinked,
+        // and inherited by a forked child; no descriptor stays open.
+        "unlinked-shm-fork" => {
+            let path = format!("/dev/shm/crest-wl-unlinked-{}", std::process::id());
+            let cpath = CString::new(path.clone()).unwrap_or_default();
+            let len = 64 * 1024;
+            // SAFETY: cpath is NUL-terminated.
+            let fd = sys(
+                unsafe {
+                    libc::open(
+                        cpath.as_ptr(),
+                        libc::O_CREAT | libc::O_EXCL | libc::O_RDWR,
+                        0o600,
+                    )
+                },
+                "open in /dev/shm",
+            );
+            // SAFETY: plain values.
+            sys(unsafe { libc::ftruncate(fd, len as i64) }, "ftruncate");
+            let m = mmap(len, RW, libc::MAP_SHARED, fd);
+            // SAFETY: fd and cpath are ours.
+            unsafe {
+                libc::close(fd);
+                libc::unlink(cpath.as_ptr());
+            }
+            // SAFETY: m is a fresh RW mapping of len bytes.
+            let s = unsafe { slice(m, len) };
+            fill_pattern(&mut s[PAGE..], SEED);
+            s[0] = 0;
+            s[1] = 0;
+            let child = fork_child(|| {
+                ctl.wait_for_go();
+                // SAFETY: m stays mapped in the child; volatile because the parent writes it.
+                let ok = wait_byte(unsafe { m.add(0) }, 1);
+                if ok {
+                    // SAFETY: as above.
+                    unsafe { ptr::write_volatile(m.add(1), 2) };
+                }
+                i32::from(!ok)
+            });
+            ctl.ready();
+            ctl.wait_for_go();
+            // SAFETY: m is mapped.
+            unsafe { ptr::write_volatile(m, 1) };
+            c.check(wait_byte(m.wrapping_add(1), 2), || {
+                "the child never saw the parent's write: the segment is no longer shared".into()
+            });
+            if let Err(e) = wait_ok(child, "child") {
+                c.fail(e);
+            }
+            c.eq(
+                "pattern mismatch at",
+                first_pattern_mismatch(&s[PAGE..], SEED),
+                None,
+            );
+            let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+            c.check(maps.contains(&format!("{path} (deleted)")), || {
+                format!("/proc/self/maps no longer shows {path} (deleted)")
+            });
         }
         "growsdown" => {
             let len = 4 * PAGE;
