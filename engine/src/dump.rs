@@ -487,6 +487,7 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
         let mut procs: Vec<(i32, &mut files::FilesImage)> =
             images.iter_mut().map(|p| (p.pid, &mut p.files)).collect();
         let pipes = crate::pipes::resolve(&mut procs)?;
+        files::rebind_outside_stdio(&mut procs, opts.tcp_established);
         files::find_shared(&mut procs, &mut shared_files);
         pipes
     };

@@ -330,6 +330,46 @@ pub struct FilesImage {
     pub root: String,
 }
 
+/// stdin/stdout/stderr on a socket whose peer is not in the dump (a login's
+/// or a launcher's outside) is rebound to the restorer's own, as for pipes.
+/// Socket ends in the dump are listed as they were collected; `carry_tcp`
+/// keeps stdio TCP connections to the outside (`--tcp-established`).
+pub fn rebind_outside_stdio(procs: &mut [(i32, &mut FilesImage)], carry_tcp: bool) {
+    let unix_here: Vec<u64> = procs
+        .iter()
+        .flat_map(|(_, f)| f.fds.iter())
+        .filter_map(|f| match &f.kind {
+            FdKind::UnixPair(e) => Some(e.inode),
+            _ => None,
+        })
+        .collect();
+    let tcp_here: Vec<crate::tcp::TcpConn> = procs
+        .iter()
+        .flat_map(|(_, f)| f.fds.iter())
+        .filter_map(|f| match &f.kind {
+            FdKind::TcpConn(c) => Some(c.clone()),
+            _ => None,
+        })
+        .collect();
+    for (_, files) in procs.iter_mut() {
+        for f in files.fds.iter_mut().filter(|f| f.fd <= 2) {
+            let outside = match &f.kind {
+                FdKind::UnixPair(e) => !unix_here.contains(&e.peer),
+                FdKind::TcpConn(c) => !carry_tcp && !tcp_here.iter().any(|o| o.is_peer_of(c)),
+                _ => false,
+            };
+            if outside {
+                let was = match &f.kind {
+                    FdKind::UnixPair(e) => format!("socket:[{}]", e.inode),
+                    FdKind::TcpConn(c) => format!("TCP connection {}", c.describe()),
+                    _ => unreachable!("only sockets are rebound"),
+                };
+                f.kind = FdKind::Inherited { was };
+            }
+        }
+    }
+}
+
 /// Largest unlinked file whose contents a dump saves.
 const MAX_UNLINKED: u64 = 64 << 20;
 
@@ -394,18 +434,18 @@ pub fn collect(pid: i32) -> Result<FilesImage> {
                 fifo: None,
             }
         } else if link.starts_with("socket:") {
-            if stdio {
-                FdKind::Inherited { was: link }
-            } else {
-                match crate::sockets::collect(pid, fd, info.flags & REOPEN_MASK & !libc::O_ACCMODE)?
-                {
-                    Ok(crate::sockets::Collected::Unix(end)) => FdKind::UnixPair(end),
-                    Ok(crate::sockets::Collected::TcpListen(l)) => FdKind::TcpListen(l),
-                    Ok(crate::sockets::Collected::TcpConn(c)) => FdKind::TcpConn(c),
-                    Ok(crate::sockets::Collected::Udp(u)) => FdKind::Udp(u),
-                    Ok(crate::sockets::Collected::UnixListen(l)) => FdKind::UnixListen(l),
-                    Err(what) => return refuse(what),
-                }
+            // stdio on a socket is collected too (a launcher hands its
+            // children socket pairs as stdin); one whose peer turns out to be
+            // outside the dump is rebound by `rebind_outside_stdio`.
+            use crate::sockets::Collected;
+            match crate::sockets::collect(pid, fd, info.flags & REOPEN_MASK & !libc::O_ACCMODE)? {
+                Ok(Collected::Unix(end)) => FdKind::UnixPair(end),
+                Ok(Collected::TcpConn(c)) => FdKind::TcpConn(c),
+                _ if stdio => FdKind::Inherited { was: link },
+                Ok(Collected::TcpListen(l)) => FdKind::TcpListen(l),
+                Ok(Collected::Udp(u)) => FdKind::Udp(u),
+                Ok(Collected::UnixListen(l)) => FdKind::UnixListen(l),
+                Err(what) => return refuse(what),
             }
         } else if let Some(name) = link.strip_prefix("anon_inode:") {
             let text = proc::read(pid, &format!("fdinfo/{fd}"))?;

@@ -626,6 +626,13 @@ fn restore_tree(
     let deadline = Instant::now() + opts.pid_wait;
     // Open files shared between processes once, here: every restore child
     // inherits them, so they keep sharing one open file description.
+    // Reserve every shared slot first, so that the pipes, sockets and
+    // connections created below never get a slot's number: placing a shared
+    // file there would close one of them under its owner (a job with many
+    // shared files, like an MPI tree, reaches that far).
+    for sf in &image.inventory.shared_files {
+        reserve_slot(plans[0].shared_base + sf.id as i32)?;
+    }
     let pipes = crate::pipes::create(&image.inventory.pipes)?;
     let unix_ends: Vec<crate::sockets::UnixEnd> = image
         .inventory
@@ -801,6 +808,43 @@ fn mount_own_proc() -> Result<()> {
         None::<&str>,
     )
     .map_err(|e| Error::sys(0, "mounting /proc for the namespace", e))
+}
+
+/// Holds fd `at` with a close-on-exec /dev/null until [`open_shared`] puts
+/// the shared file there (dup3 replaces it atomically).
+fn reserve_slot(at: i32) -> Result<()> {
+    raise_nofile_for(at);
+    // SAFETY: open of a constant path; dup3 and close on fds we own.
+    unsafe {
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+        if null < 0 || libc::dup3(null, at, libc::O_CLOEXEC) < 0 {
+            let e = std::io::Error::last_os_error();
+            if null >= 0 {
+                libc::close(null);
+            }
+            return Err(Error::Restore(format!(
+                "cannot reserve fd {at} for a shared file: {e}"
+            )));
+        }
+        libc::close(null);
+    }
+    Ok(())
+}
+
+/// Raises our own soft fd limit when `at` is beyond it (the hard limit allowing).
+fn raise_nofile_for(at: i32) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on ourselves with a struct we own.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        if lim.rlim_cur <= at as u64 && lim.rlim_max > at as u64 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 /// Opens (or, for a pipe end, duplicates) a shared file at exactly `at`,
@@ -1624,23 +1668,13 @@ fn child_setup(plan: &ChildPlan) -> std::result::Result<(), String> {
                 libc::close(fd);
             }
         }
+        // Every epoll instance first, then the watches: an epoll may watch
+        // another (libevent and UCX nest them), which must be in place.
         for f in &plan.fds {
-            if let FdKind::Epoll { flags, watches } = &f.kind {
+            if let FdKind::Epoll { flags, .. } = &f.kind {
                 let ep = libc::epoll_create1(libc::EPOLL_CLOEXEC);
                 if ep < 0 {
                     return Err(errno_msg(&format!("fd {}: epoll_create1", f.fd)));
-                }
-                for w in watches {
-                    let mut ev = libc::epoll_event {
-                        events: w.events,
-                        u64: w.data,
-                    };
-                    if libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, w.fd, &mut ev) < 0 {
-                        return Err(errno_msg(&format!(
-                            "fd {}: epoll watch of fd {}",
-                            f.fd, w.fd
-                        )));
-                    }
                 }
                 libc::dup2(ep, f.fd);
                 libc::close(ep);
@@ -1650,6 +1684,22 @@ fn child_setup(plan: &ChildPlan) -> std::result::Result<(), String> {
                     libc::F_SETFD,
                     if f.cloexec { libc::FD_CLOEXEC } else { 0 },
                 );
+            }
+        }
+        for f in &plan.fds {
+            if let FdKind::Epoll { watches, .. } = &f.kind {
+                for w in watches {
+                    let mut ev = libc::epoll_event {
+                        events: w.events,
+                        u64: w.data,
+                    };
+                    if libc::epoll_ctl(f.fd, libc::EPOLL_CTL_ADD, w.fd, &mut ev) < 0 {
+                        return Err(errno_msg(&format!(
+                            "fd {}: epoll watch of fd {}",
+                            f.fd, w.fd
+                        )));
+                    }
+                }
             }
         }
 

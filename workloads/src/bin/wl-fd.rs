@@ -2,7 +2,7 @@
 //! files, directories, devices, eventfd, epoll, signalfd, ptys.
 //!
 //! `wl-fd --ctl DIR MODE`, MODE one of: regfile, dup, cloexec, unlinked, dir,
-//! dev, eventfd, epoll, signalfd, pty, lock, inotify, tty.
+//! dev, eventfd, epoll, epoll-nested, signalfd, pty, lock, inotify, tty.
 
 use crest_workloads::support::{
     fd_flags, mode, pattern, pattern_diff, read_available, setup_failed, sys, write_all,
@@ -242,6 +242,7 @@ fn main() {
             c.eq("semaphore reads before EAGAIN", reads, 3);
         }
         "epoll" => epoll(&ctl, &mut c),
+        "epoll-nested" => epoll_nested(&ctl, &mut c),
         "signalfd" => signalfd(&ctl, &mut c),
         "pty" => pty(&ctl, &mut c),
         "lock" => lock(&ctl, &mut c),
@@ -382,6 +383,41 @@ fn epoll(ctl: &Ctl, c: &mut Checks) {
         info.lines().filter(|l| l.starts_with("tfd:")).count(),
         2,
     );
+}
+
+/// An epoll instance watching another one created after it (a lower fd
+/// watching a higher one, as UCX and libevent nest them), the inner one
+/// watching a pipe with data.
+fn epoll_nested(ctl: &Ctl, c: &mut Checks) {
+    let mut p = [0; 2];
+    // SAFETY: plain syscalls; p is valid for two ints.
+    let (outer, inner) = unsafe {
+        let outer = sys(libc::epoll_create1(libc::EPOLL_CLOEXEC), "epoll_create1");
+        let inner = sys(libc::epoll_create1(libc::EPOLL_CLOEXEC), "epoll_create1");
+        sys(libc::pipe(p.as_mut_ptr()), "pipe");
+        (outer, inner)
+    };
+    write_all(p[1], b"x");
+    for (ep, fd, tag) in [(inner, p[0], 0x33u64), (outer, inner, 0x44u64)] {
+        let mut e = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: tag,
+        };
+        // SAFETY: e is a valid epoll_event.
+        sys(
+            unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut e) },
+            "epoll_ctl",
+        );
+    }
+    ctl.ready();
+    ctl.wait_for_go();
+    for (ep, what, tag) in [(outer, "outer", 0x44u64), (inner, "inner", 0x33u64)] {
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 4];
+        // SAFETY: evs is valid for 4 events.
+        let n = unsafe { libc::epoll_wait(ep, evs.as_mut_ptr(), 4, 200) };
+        let tags: Vec<u64> = evs[..n.max(0) as usize].iter().map(|e| e.u64).collect();
+        c.eq(&format!("ready tags of the {what} epoll"), tags, vec![tag]);
+    }
 }
 
 fn signalfd(ctl: &Ctl, c: &mut Checks) {

@@ -2,9 +2,11 @@
 //! 127.0.0.1 (listening and established with queued data), UDP.
 //!
 //! `wl-sock --ctl DIR MODE [KIND]`, MODE one of: pair stream|dgram|seqpacket,
-//! listen path|abstract, tcp-listen, tcp-established, udp, scm.
+//! listen path|abstract, tcp-listen, tcp-established, udp, scm, pair-stdin.
 
-use crest_workloads::support::{mode, pattern, pattern_diff, read_available, sys, write_all};
+use crest_workloads::support::{
+    fork_child, mode, pattern, pattern_diff, read_available, sys, wait_ok, write_all,
+};
 use crest_workloads::{Checks, Ctl};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -36,6 +38,7 @@ fn main() {
         }
         "tcp-established" => tcp_established(&ctl, &mut c),
         "scm" => scm(&ctl, &mut c),
+        "pair-stdin" => pair_stdin(&ctl, &mut c),
         "udp" => {
             let a = UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| fail(&format!("bind: {e}")));
             let b = UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| fail(&format!("bind: {e}")));
@@ -398,4 +401,48 @@ fn tcp_established(ctl: &Ctl, c: &mut Checks) {
     c.check(connect_and_accept(&l, addr).is_ok(), || {
         "the listener no longer accepts".into()
     });
+}
+
+/// A child whose stdin is one end of a socketpair its parent holds (how
+/// MPICH's hydra proxy hands each rank its stdin), with a line queued on it.
+fn pair_stdin(ctl: &Ctl, c: &mut Checks) {
+    let mut sv = [0; 2];
+    // SAFETY: sv is valid for two ints.
+    sys(
+        unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, sv.as_mut_ptr()) },
+        "socketpair",
+    );
+    let child = fork_child(|| {
+        // SAFETY: fds of ours; the child's stdin becomes its end of the pair.
+        unsafe {
+            libc::dup2(sv[1], 0);
+            libc::close(sv[1]);
+            libc::close(sv[0]);
+        }
+        ctl.wait_for_go();
+        let mut got = [0u8; 6];
+        // SAFETY: got is valid for 6 bytes; fd 0 is blocking.
+        let n = unsafe { libc::read(0, got.as_mut_ptr().cast(), got.len()) };
+        if n != 6 || &got != b"hello\n" {
+            return 1;
+        }
+        write_all(0, b"back\n");
+        0
+    });
+    // SAFETY: the child has its own copy.
+    unsafe { libc::close(sv[1]) };
+    write_all(sv[0], b"hello\n");
+    ctl.ready();
+    ctl.wait_for_go();
+    let mut got = [0u8; 5];
+    // SAFETY: got is valid for 5 bytes; sv[0] is blocking.
+    let n = unsafe { libc::read(sv[0], got.as_mut_ptr().cast(), got.len()) };
+    c.eq(
+        "the child's answer on its stdin socket",
+        String::from_utf8_lossy(&got[..n.max(0) as usize]).to_string(),
+        "back\n".to_string(),
+    );
+    if let Err(e) = wait_ok(child, "child (read hello from its stdin socket)") {
+        c.fail(e);
+    }
 }
