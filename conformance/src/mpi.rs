@@ -102,11 +102,19 @@ pub fn toolchain(
             if !launcher.is_file() {
                 return Err(format!("--mpi {}: no such file", launcher.display()));
             }
-            // The vendor's compiler wrapper beside its launcher, else on PATH.
-            let mpicc = launcher
-                .parent()
-                .map(|d| d.join("mpicc"))
-                .filter(|p| p.is_file())
+            // The vendor's compiler wrapper beside its launcher (Debian's
+            // `mpiexec.mpich` goes with `mpicc.mpich`), else on PATH.
+            let suffix = launcher
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.split_once('.'))
+                .map(|(_, s)| format!("mpicc.{s}"));
+            let dir = launcher.parent().unwrap_or(Path::new("/"));
+            let mpicc = suffix
+                .into_iter()
+                .chain(["mpicc".to_string()])
+                .map(|n| dir.join(n))
+                .find(|p| p.is_file())
                 .or_else(|| find_on_path("mpicc"))
                 .ok_or_else(|| {
                     format!(
@@ -255,6 +263,13 @@ mod tests {
         std::fs::write(&cc, "").unwrap();
         let t = toolchain(Flavor::Vendor, Some(&run), &["--x".into()]).unwrap();
         assert_eq!((t.mpicc, t.launcher_args), (cc, vec!["--x".to_string()]));
+        let (run2, cc2) = (d.path().join("mpiexec.v2"), d.path().join("mpicc.v2"));
+        std::fs::write(&run2, "").unwrap();
+        std::fs::write(&cc2, "").unwrap();
+        assert_eq!(
+            toolchain(Flavor::Vendor, Some(&run2), &[]).unwrap().mpicc,
+            cc2
+        );
         let c = t.launcher.clone();
         let line = Toolchain {
             mpicc: PathBuf::new(),
