@@ -419,6 +419,8 @@ fn pair_stdin(ctl: &Ctl, c: &mut Checks) {
             libc::close(sv[1]);
             libc::close(sv[0]);
         }
+        // Tell the parent the pair is in place before it says ready.
+        write_all(0, b"!");
         ctl.wait_for_go();
         let mut got = [0u8; 6];
         // SAFETY: got is valid for 6 bytes; fd 0 is blocking.
@@ -429,8 +431,12 @@ fn pair_stdin(ctl: &Ctl, c: &mut Checks) {
         write_all(0, b"back\n");
         0
     });
-    // SAFETY: the child has its own copy.
-    unsafe { libc::close(sv[1]) };
+    let mut bang = [0u8; 1];
+    // SAFETY: the child has its own copy; one byte into a valid buffer.
+    unsafe {
+        libc::close(sv[1]);
+        libc::read(sv[0], bang.as_mut_ptr().cast(), 1);
+    }
     write_all(sv[0], b"hello\n");
     ctl.ready();
     ctl.wait_for_go();
