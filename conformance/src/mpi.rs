@@ -87,6 +87,14 @@ pub fn toolchain(
                 "--mca",
                 "pml",
                 "ob1",
+                // Loopback only: its btl leaves lo out by default, and a
+                // QEMU guest has no other interface.
+                "--mca",
+                "btl_tcp_if_include",
+                "lo",
+                "--mca",
+                "oob_tcp_if_include",
+                "lo",
             ]
             .map(String::from)
             .to_vec(),
