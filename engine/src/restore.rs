@@ -624,6 +624,16 @@ fn restore_tree(
         )
     };
     let deadline = Instant::now() + opts.pid_wait;
+    if !new_pidns {
+        // The processes a dump just killed may still be exiting, holding their
+        // ports and files; recreating sockets before they are gone fails
+        // (EADDRINUSE). Wait for them as clone3 would for their PIDs.
+        for p in &image.processes {
+            while Instant::now() < deadline && still_exiting(p) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
     // Open files shared between processes once, here: every restore child
     // inherits them, so they keep sharing one open file description.
     // Reserve every shared slot first, so that the pipes, sockets and
@@ -784,6 +794,19 @@ fn restore_tree(
         }
     }
     Ok(())
+}
+
+/// Whether the image's process still runs under its PID with its name (the
+/// original, killed by the dump, not yet past exit): a zombie holds nothing.
+fn still_exiting(p: &ProcessImage) -> bool {
+    let Ok(stat) = proc::read(p.pid, "stat") else {
+        return false;
+    };
+    let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+        return false;
+    };
+    let state = stat[close + 1..].split_whitespace().next().unwrap_or("");
+    stat[open + 1..close] == p.state.comm && state != "Z" && state != "X"
 }
 
 /// Mounts a procfs of our PID namespace on /proc, in a private mount

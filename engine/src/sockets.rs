@@ -811,6 +811,17 @@ pub fn restore_listen(l: &TcpListen) -> Result<i32> {
         if (l.listening || port != 0)
             && libc::bind(s, l.addr.as_ptr().cast(), l.addr.len() as libc::socklen_t) < 0
         {
+            if nix::errno::Errno::last() == nix::errno::Errno::EADDRINUSE {
+                // A connection the process had closed lingers in TIME_WAIT on
+                // this port without SO_REUSEADDR: the kernel refuses even a
+                // reusing bind until it expires (60 s). Name the port.
+                return Err(Error::Restore(format!(
+                    "listening TCP socket {} ({}): port {} is in use (by another socket, or by a connection the process had closed, in TIME_WAIT for up to 60 s: retry then)",
+                    l.inode,
+                    crate::tcp::addr_text(&l.addr),
+                    u16::from_be(port)
+                )));
+            }
             return Err(err("bind"));
         }
         if l.listening && libc::listen(s, l.backlog) < 0 {
