@@ -45,6 +45,7 @@ fn bench_restore(c: &mut Criterion) {
             pidns: false,
             restore_files: None,
             relocate: vec![],
+            port_wait: Duration::from_secs(5),
         };
         group.throughput(Throughput::Bytes(w.bytes()));
         group.bench_function(BenchmarkId::from_parameter(w.label()), |b| {

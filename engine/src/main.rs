@@ -127,6 +127,11 @@ enum Command {
         /// (repeatable).
         #[arg(long, value_name = "OLD=NEW", value_parser = parse_relocation)]
         relocate: Vec<(String, String)>,
+        /// How long to wait for a listening port the process held to become
+        /// free, in seconds (a connection it had closed keeps the port in
+        /// TIME_WAIT for up to 60 s after the dump).
+        #[arg(long, default_value_t = 65.0, value_name = "SECS")]
+        port_wait: f64,
     },
     /// Print an image: processes, memory, registers, files, signals.
     Show {
@@ -220,6 +225,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
             pidns,
             restore_files,
             relocate,
+            port_wait,
         } => {
             let bar = progress_bar();
             let opts = RestoreOptions {
@@ -230,6 +236,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 allow_changed_files,
                 pidns,
                 relocate,
+                port_wait: Duration::from_secs_f64(port_wait.max(0.0)),
                 restore_files: restore_files.map(|r| match r {
                     RestoreFilesArg::Clobber => crest_engine::savefiles::RestoreFiles::Clobber,
                     RestoreFilesArg::Anonymous => crest_engine::savefiles::RestoreFiles::Anonymous,

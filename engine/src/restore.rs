@@ -51,6 +51,9 @@ pub struct RestoreOptions {
     pub restore_files: Option<crate::savefiles::RestoreFiles>,
     /// `--relocate OLD=NEW`: paths under OLD are opened under NEW.
     pub relocate: Vec<(String, String)>,
+    /// How long to wait for a listening port to become free: connections the
+    /// process had closed may hold it in TIME_WAIT for up to 60 s.
+    pub port_wait: Duration,
 }
 
 /// What `restore` leaves behind.
@@ -624,6 +627,7 @@ fn restore_tree(
         )
     };
     let deadline = Instant::now() + opts.pid_wait;
+    let port_deadline = Instant::now() + opts.port_wait;
     if !new_pidns {
         // The processes a dump just killed may still be exiting, holding their
         // ports and files; recreating sockets before they are gone fails
@@ -673,7 +677,15 @@ fn restore_tree(
         .filter(|sf| !is_conn(sf))
     {
         let at = plans[0].shared_base + sf.id as i32;
-        shared_fds.push(open_shared(&image.dir, sf, at, &pipes, &sockets, &ptys)?);
+        shared_fds.push(open_shared(
+            &image.dir,
+            sf,
+            at,
+            &pipes,
+            &sockets,
+            &ptys,
+            port_deadline,
+        )?);
     }
     // TCP connections after the listeners: a listener binds its port normally,
     // an accepted connection on the same port then binds it in repair mode.
@@ -701,7 +713,15 @@ fn restore_tree(
     conns.extend(crate::udp::create(&udp)?);
     for sf in image.inventory.shared_files.iter().filter(is_conn) {
         let at = plans[0].shared_base + sf.id as i32;
-        shared_fds.push(open_shared(&image.dir, sf, at, &pipes, &conns, &ptys)?);
+        shared_fds.push(open_shared(
+            &image.dir,
+            sf,
+            at,
+            &pipes,
+            &conns,
+            &ptys,
+            port_deadline,
+        )?);
     }
     drop(conns);
     drop(ptys);
@@ -879,6 +899,7 @@ fn open_shared(
     pipes: &[(u64, OwnedFd, OwnedFd)],
     sockets: &[(u64, OwnedFd)],
     ptys: &[(u32, OwnedFd)],
+    port_deadline: Instant,
 ) -> Result<OwnedFd> {
     let (fd, status_flags) = match &sf.file {
         FdKind::Pty(end) if end.master => {
@@ -909,7 +930,10 @@ fn open_shared(
             create_shmem(dir, *inode, *size, *crc32c, path.as_deref())?,
             None,
         ),
-        FdKind::TcpListen(l) => (crate::sockets::restore_listen(l)?, Some(l.flags)),
+        FdKind::TcpListen(l) => (
+            crate::sockets::restore_listen(l, port_deadline)?,
+            Some(l.flags),
+        ),
         FdKind::UnixListen(l) => (crate::sockets::restore_unix_listen(l)?, Some(l.flags)),
         FdKind::Memfd(m) => (
             crate::memfd::create(dir, m)?.into_raw_fd(),

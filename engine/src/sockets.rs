@@ -777,7 +777,9 @@ fn collect_listen(
 }
 
 /// Recreates a listening socket in the restorer.
-pub fn restore_listen(l: &TcpListen) -> Result<i32> {
+/// Recreates listening (or bound) socket `l`, waiting until `port_deadline`
+/// for its port to become free.
+pub fn restore_listen(l: &TcpListen, port_deadline: std::time::Instant) -> Result<i32> {
     let set = |s: i32, level: i32, name: i32, on: bool| {
         let v: libc::c_int = on.into();
         // SAFETY: setsockopt reads one int.
@@ -808,21 +810,49 @@ pub fn restore_listen(l: &TcpListen) -> Result<i32> {
             .addr
             .get(2..4)
             .map_or(0, |p| u16::from_ne_bytes([p[0], p[1]]));
-        if (l.listening || port != 0)
-            && libc::bind(s, l.addr.as_ptr().cast(), l.addr.len() as libc::socklen_t) < 0
-        {
-            if nix::errno::Errno::last() == nix::errno::Errno::EADDRINUSE {
-                // A connection the process had closed lingers in TIME_WAIT on
-                // this port without SO_REUSEADDR: the kernel refuses even a
-                // reusing bind until it expires (60 s). Name the port.
+        let bind = || {
+            if libc::bind(s, l.addr.as_ptr().cast(), l.addr.len() as libc::socklen_t) == 0 {
+                None
+            } else {
+                Some(nix::errno::Errno::last())
+            }
+        };
+        let mut failed = if l.listening || port != 0 {
+            bind()
+        } else {
+            None
+        };
+        if failed == Some(nix::errno::Errno::EADDRINUSE) {
+            tracing::warn!(
+                port = u16::from_be(port),
+                "port in use (TIME_WAIT?): waiting for it to become free"
+            );
+            while failed == Some(nix::errno::Errno::EADDRINUSE)
+                && std::time::Instant::now() < port_deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                failed = bind();
+            }
+        }
+        match failed {
+            None => {}
+            // A connection the process had closed lingers in TIME_WAIT on
+            // this port without SO_REUSEADDR: the kernel refuses even a
+            // reusing bind until it expires (60 s). Name the port.
+            Some(nix::errno::Errno::EADDRINUSE) => {
                 return Err(Error::Restore(format!(
-                    "listening TCP socket {} ({}): port {} is in use (by another socket, or by a connection the process had closed, in TIME_WAIT for up to 60 s: retry then)",
+                    "listening TCP socket {} ({}): port {} is in use (by another socket, or by a connection the process had closed, in TIME_WAIT for up to 60 s: --port-wait)",
                     l.inode,
                     crate::tcp::addr_text(&l.addr),
                     u16::from_be(port)
-                )));
+                )))
             }
-            return Err(err("bind"));
+            Some(e) => {
+                return Err(Error::Restore(format!(
+                    "listening TCP socket {}: bind: {e}",
+                    l.inode
+                )))
+            }
         }
         if l.listening && libc::listen(s, l.backlog) < 0 {
             return Err(err("listen"));
