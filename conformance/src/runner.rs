@@ -1648,7 +1648,10 @@ impl Run<'_> {
         rpid: i32,
         cycle: u32,
     ) -> R<()> {
-        let until = (Instant::now() + self.view_wait()).min(self.deadline);
+        // Not view_wait: a restore may wait up to a minute for a port a
+        // closed connection holds in TIME_WAIT (crest restore --port-wait);
+        // a crest restore that gives up is caught below.
+        let until = self.deadline;
         loop {
             if let Some(r) = self.restore.as_mut() {
                 if let Ok(Some(st)) = r.try_wait() {
