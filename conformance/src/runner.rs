@@ -242,6 +242,10 @@ pub fn run_case_noted(
     if let Err(e) = fs::create_dir_all(&ctl) {
         return CaseOutcome::Failed(format!("cannot create {}: {e}", ctl.display()));
     }
+    // MPI jobs one at a time: each launcher takes TCP ports from a common
+    // range (Open MPI from 1024 up), so a job started while another is
+    // dumped takes the ports that one's restore needs back.
+    let _mpi_turn = (spec.mode == Mode::MpiJob).then(mpi_turn);
     let timeout = spec
         .timeout_secs
         .map(Duration::from_secs)
@@ -1948,6 +1952,15 @@ enum JobEnd {
 
 /// Waits for `child` (the launcher, or the restorer that passes its status
 /// on) to exit; `None` at `deadline`.
+/// Waits for this process's turn to run an MPI job (an exclusive flock on a
+/// file in the temp dir, released when the returned file is dropped).
+fn mpi_turn() -> Option<File> {
+    let f = File::create(std::env::temp_dir().join("crest-conformance-mpi.lock")).ok()?;
+    // SAFETY: flock on a file we own; it blocks until the lock is ours.
+    unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) };
+    Some(f)
+}
+
 fn wait_job(child: &mut Child, out: &Path, deadline: Instant) -> Option<JobEnd> {
     let mut printed: Option<Instant> = None;
     loop {
