@@ -256,6 +256,14 @@ pub fn stage_bins(bin: &Path) -> Result<PathBuf> {
             })?;
         }
     }
+    // The C ABI case links the libcrest.so cargo keeps fresh in deps/.
+    let lib = bin.join("deps").join("libcrest.so");
+    if lib.is_file() {
+        let deps = dest.join("deps");
+        std::fs::create_dir_all(&deps).with_context(|| format!("create {}", deps.display()))?;
+        std::fs::copy(&lib, deps.join("libcrest.so"))
+            .with_context(|| format!("copy {} to {}", lib.display(), deps.display()))?;
+    }
     eprintln!(
         "{} is hidden in the guest (tmpfs there): running from a copy in {}",
         bin.display(),
