@@ -547,15 +547,9 @@ fn restore_in_pidns(
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .find(|&pid| {
             let status = proc::read(pid, "status").unwrap_or_default();
-            let field = |name: &str| {
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix(name))
-                    .map(|v| v.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
-                    .unwrap_or_default()
-            };
-            field("PPid:") == [init.to_string()]
-                && field("NSpid:").last() == Some(&root.to_string())
+            proc::status_field(&status, "PPid") == Some(init.to_string().as_str())
+                && proc::status_field(&status, "NSpid").and_then(|v| v.split_whitespace().last())
+                    == Some(root.to_string().as_str())
         })
         .ok_or_else(|| {
             Error::Restore(format!(
@@ -819,14 +813,7 @@ fn restore_tree(
 /// Whether the image's process still runs under its PID with its name (the
 /// original, killed by the dump, not yet past exit): a zombie holds nothing.
 fn still_exiting(p: &ProcessImage) -> bool {
-    let Ok(stat) = proc::read(p.pid, "stat") else {
-        return false;
-    };
-    let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-        return false;
-    };
-    let state = stat[close + 1..].split_whitespace().next().unwrap_or("");
-    stat[open + 1..close] == p.state.comm && state != "Z" && state != "X"
+    !proc::is_gone(p.pid) && proc::read(p.pid, "comm").is_ok_and(|c| c.trim_end() == p.state.comm)
 }
 
 /// Mounts a procfs of our PID namespace on /proc, in a private mount
@@ -998,18 +985,9 @@ fn open_shared(
             (fd, None)
         }
     };
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit on ourselves with a struct we own; dup3,
-    // fcntl and close on fds we own.
+    raise_nofile_for(at);
+    // SAFETY: dup3, fcntl and close on fds we own.
     unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        if lim.rlim_cur <= at as u64 && lim.rlim_max > at as u64 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
         if libc::dup3(fd, at, libc::O_CLOEXEC) < 0 {
             let e = std::io::Error::last_os_error();
             libc::close(fd);
@@ -1184,6 +1162,16 @@ enum CloneError {
     Other(Error),
 }
 
+impl CloneError {
+    /// The line restore child `me` reports on the report pipe.
+    fn report_line(&self, me: i32) -> String {
+        match self {
+            CloneError::Taken(pid) => format!("err {me} taken {pid}\n"),
+            CloneError::Other(e) => format!("err {me} {e}\n"),
+        }
+    }
+}
+
 /// Forks a child with PID `pid`, retrying while the PID is taken (a process
 /// killed by the dump may wait 1-3 s for init to reap it) until `deadline`.
 /// The child runs `child` and never returns.
@@ -1290,10 +1278,7 @@ fn process_main(
         if let Err(e) = clone_with_pid(plans[c].pid, deadline, || {
             process_main(c, plans, err_fd, deadline)
         }) {
-            report(match e {
-                CloneError::Taken(pid) => format!("err {} taken {pid}\n", plan.pid),
-                CloneError::Other(e) => format!("err {} {e}\n", plan.pid),
-            });
+            report(e.report_line(plan.pid));
             // SAFETY: leaving without unwinding.
             unsafe { libc::_exit(1) };
         }
@@ -1308,10 +1293,7 @@ fn process_main(
             }) {
                 Ok(_) => 0,
                 Err(e) => {
-                    report(match e {
-                        CloneError::Taken(pid) => format!("err {} taken {pid}\n", plan.pid),
-                        CloneError::Other(e) => format!("err {} {e}\n", plan.pid),
-                    });
+                    report(e.report_line(plan.pid));
                     1
                 }
             };
@@ -1346,10 +1328,7 @@ fn process_main(
                 if let Err(e) = clone_with_pid(plans[m].pid, deadline, || {
                     process_main(m, plans, err_fd, deadline)
                 }) {
-                    report(match e {
-                        CloneError::Taken(pid) => format!("err {} taken {pid}\n", plan.pid),
-                        CloneError::Other(e) => format!("err {} {e}\n", plan.pid),
-                    });
+                    report(e.report_line(plan.pid));
                     // SAFETY: leaving the helper without unwinding.
                     unsafe { libc::_exit(1) };
                 }
@@ -1364,10 +1343,7 @@ fn process_main(
                 drop_pending_sigchld();
             },
             Err(e) => {
-                report(match e {
-                    CloneError::Taken(pid) => format!("err {} taken {pid}\n", plan.pid),
-                    CloneError::Other(e) => format!("err {} {e}\n", plan.pid),
-                });
+                report(e.report_line(plan.pid));
                 // SAFETY: leaving without unwinding.
                 unsafe { libc::_exit(1) };
             }
@@ -1413,10 +1389,7 @@ fn process_main(
                 drop_pending_sigchld();
             },
             Err(e) => {
-                report(match e {
-                    CloneError::Taken(pid) => format!("err {} taken {pid}\n", plan.pid),
-                    CloneError::Other(e) => format!("err {} {e}\n", plan.pid),
-                });
+                report(e.report_line(plan.pid));
                 // SAFETY: leaving without unwinding.
                 unsafe { libc::_exit(1) };
             }
@@ -1476,10 +1449,7 @@ fn hold_lost_group(pgid: i32, me: i32, err_fd: i32, deadline: Instant) {
                 0
             }
             Err(e) => {
-                report(match e {
-                    CloneError::Taken(pid) => format!("err {me} taken {pid}\n"),
-                    CloneError::Other(e) => format!("err {me} {e}\n"),
-                });
+                report(e.report_line(me));
                 1
             }
         };

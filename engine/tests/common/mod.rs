@@ -47,6 +47,15 @@ pub struct Running {
     pub dir: PathBuf,
 }
 
+/// A test that fails half-way must not leave its workload behind (stopped by
+/// `dump --stop`, say): the original child is killed and reaped on drop.
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 pub fn start(dir: &Path, program: &Path, args: &[&str], protocol: bool) -> Running {
     fs::create_dir_all(dir).unwrap();
     let mut cmd = Command::new(program);
