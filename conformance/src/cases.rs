@@ -86,6 +86,16 @@ pub enum Mode {
     /// launcher's tree is dumped mid-run, restored (`cycles` times) and must
     /// finish with the checksum of an uninterrupted run.
     MpiJob,
+    /// The workload holds an established TCP connection to a `wl-sock
+    /// tcp-peer` the harness started outside the dump, which streams numbered
+    /// bytes and checks their echo throughout. A dump without
+    /// `--tcp-established` must be refused naming the connection (the
+    /// workload left running); then dump (with `dump_args`), a hold of 1.5 s
+    /// while the peer keeps sending and retransmitting, restore: the peer must
+    /// see no reset and get every byte's echo, and the dump's nftables table
+    /// (named in the image) must be in the ruleset while it is dumped and gone
+    /// after the restore (`crest unlock --list`).
+    TcpExternal,
 }
 
 impl Mode {

@@ -310,6 +310,7 @@ impl Run<'_> {
             Mode::ContinueRestart => self.leave_running_with(true),
             Mode::SelfCheckpoint => self.self_checkpoint(),
             Mode::MpiJob => self.mpi_job(),
+            Mode::TcpExternal => self.tcp_external(),
         }
     }
 
@@ -1451,6 +1452,150 @@ impl Run<'_> {
     }
 
     // ---- the MPI job -------------------------------------------------------
+
+    /// See [`Mode::TcpExternal`].
+    fn tcp_external(&mut self) -> R<()> {
+        let me = std::process::id() as i32;
+        let pctl = self.dir.join("peer");
+        fs::create_dir_all(&pctl).map_err(|e| Stop::Failed(format!("{e}")))?;
+        // Its own session, not a descendant of the workload: outside the dump.
+        let mut cmd = command(&self.cfg.workload_dir.join("wl-sock"));
+        cmd.arg("--ctl")
+            .arg(&pctl)
+            .arg("tcp-peer")
+            .stdin(Stdio::null())
+            .stdout(self.file("peer.out")?)
+            .stderr(self.file("peer.err")?);
+        // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let peer = cmd
+            .spawn()
+            .map_err(|e| Stop::Failed(format!("cannot start the peer (wl-sock tcp-peer): {e}")))?;
+        let peer_pid = peer.id() as i32;
+        self.helpers.push(peer);
+        let port = loop {
+            if let Some(p) = fs::read_to_string(pctl.join("port"))
+                .ok()
+                .filter(|t| t.ends_with('\n'))
+            {
+                break p;
+            }
+            self.time_left()?;
+            std::thread::sleep(POLL);
+        };
+        fs::write(self.ctl.join("peer-port"), port)
+            .map_err(|e| Stop::Failed(format!("writing ctl/peer-port: {e}")))?;
+        let pid = self.start_workload()?;
+        self.wait_ready(&pctl, "the peer")?;
+        self.mask_session = self.spec.scope == Scope::Pid;
+        let before = self.view_now(pid, Parent::Expect(me))?;
+        let peer_alive = |run: &mut Self, when: &str| -> R<()> {
+            if let Some(Ok(Some(st))) = run.helpers.first_mut().map(|c| c.try_wait()) {
+                fail!(
+                    "the peer (pid {peer_pid}) exited {when} ({}): {}",
+                    describe_status(st),
+                    fs::read_to_string(pctl.join(RESULT))
+                        .unwrap_or_default()
+                        .trim_end()
+                );
+            }
+            Ok(())
+        };
+
+        // Without --tcp-established: refused, naming the connection; left running.
+        let mut args = self.dump_args(pid, &self.dir.join("img-refused"));
+        args.extend(
+            self.spec
+                .dump_args
+                .iter()
+                .filter(|a| *a != "--tcp-established")
+                .map(OsString::from),
+        );
+        let e = self.crest("dump-refused", &args)?;
+        let line = self.expect_clear_error("dump without --tcp-established", &e)?;
+        if !(line.contains("TCP connection 127.0.0.1:") && line.contains("outside the dump")) {
+            fail!("the refusal does not name the connection to the peer outside the dump: {line}");
+        }
+        self.wait_unchanged(pid, &before, Parent::Expect(me), "after the refused dump")?;
+        peer_alive(self, "after the refused dump")?;
+
+        std::thread::sleep(Duration::from_millis(300));
+        let img = self.dump(pid, 1, &[])?;
+        let dumped = Instant::now();
+        self.reap_workload(pid)?;
+        // The image names its lock (a table of its own: other dumps on the
+        // machine may hold theirs meanwhile).
+        let show = self.crest(
+            "show",
+            &["show".into(), img.clone().into(), "--json".into()],
+        )?;
+        self.expect_success("show", &show)?;
+        let table = serde_json::from_str::<serde_json::Value>(&show.stdout)
+            .ok()
+            .and_then(|v| {
+                v["inventory"]["net_lock"]["table"]
+                    .as_str()
+                    .map(String::from)
+            })
+            .ok_or_else(|| Stop::Failed("the image records no network lock".into()))?;
+        let listed = |run: &mut Self, name: &str| -> R<bool> {
+            let e = run.crest(name, &["unlock".into(), "--list".into()])?;
+            run.expect_success("unlock --list", &e)?;
+            Ok(e.stdout.lines().any(|l| l == format!("inet {table}")))
+        };
+        if !listed(self, "unlock-list-held")? {
+            fail!("while the workload is dumped, its nftables table {table} is not in the ruleset");
+        }
+        // Long enough for the peer to send into the void and retransmit.
+        while dumped.elapsed() < Duration::from_millis(1500) {
+            std::thread::sleep(POLL);
+        }
+        peer_alive(self, "while the workload was dumped")?;
+        let rpid = self.spawn_restore(&img)?;
+        self.wait_view(pid, &before, Parent::Expect(rpid), "after restore")?;
+        let restored = Instant::now();
+        // Traffic flows again: the peer's count of echoed bytes is checked at the end.
+        std::thread::sleep(Duration::from_millis(500));
+        peer_alive(self, "after the restore")?;
+        self.go(&pctl)?;
+        self.go(&self.ctl.clone())?;
+        let st = self.wait_restore(None)?;
+        if shell_status(st) != self.spec.expect_exit {
+            fail!(
+                "crest restore exited with {}; the workload's result:\n{}",
+                describe_status(st),
+                self.result(&self.ctl.clone()).trim_end()
+            );
+        }
+        self.expect_ok(&self.ctl.clone(), "the restored workload")?;
+        let peer_st = loop {
+            if let Some(Ok(Some(st))) = self.helpers.first_mut().map(|c| c.try_wait()) {
+                break st;
+            }
+            self.time_left()?;
+            std::thread::sleep(POLL);
+        };
+        self.expect_ok(&pctl, "the peer")?;
+        if peer_st.code() != Some(0) {
+            fail!("the peer ended with {}", describe_status(peer_st));
+        }
+        if listed(self, "unlock-list")? {
+            fail!("the nftables table {table} remains after the restore");
+        }
+        self.notes.push(format!(
+            "held {} ms; peer: {}",
+            restored.duration_since(dumped).as_millis(),
+            fs::read_to_string(self.dir.join("peer.err"))
+                .unwrap_or_default()
+                .trim_end()
+        ));
+        Ok(())
+    }
 
     /// An MPI job (see [`Mode::MpiJob`]): built with the flavour's mpicc, run
     /// once without pauses for the reference checksum, then started in a

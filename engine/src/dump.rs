@@ -140,7 +140,10 @@ struct FrozenSet {
 impl FrozenSet {
     fn release_all(&mut self, sig: Option<Signal>) -> Result<()> {
         self.released = true;
-        // Their TCP connections first, so no program runs with one still in repair mode.
+        // The network lock first, so the window probe a socket sends when it
+        // leaves repair mode reaches its peer; then their TCP connections, so
+        // no program runs with one still in repair mode.
+        crate::netlock::release();
         crate::tcp::leave_repair_all();
         let mut first_err = None;
         for p in &mut self.procs {
@@ -472,6 +475,15 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
     let mut zombie_pids = Vec::new();
     progress.set_message(format!("pid {root}: freezing"));
     freeze(opts.pid, root, opts.scope, &mut set, &mut zombie_pids)?;
+    if opts.tcp_established {
+        // Connections to peers outside the dump are locked as they are
+        // collected: find them before any socket is put in repair mode.
+        let mut ends = Vec::new();
+        for p in &set.procs {
+            ends.extend(crate::tcp::established_of(p.pid)?);
+        }
+        crate::netlock::plan(crate::netlock::outside(&ends));
+    }
 
     let staging = Staging::new(&opts.dir)?;
     let mut stats = DumpStats::default();
@@ -599,6 +611,7 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
             lost_group_leaders,
             sysv_shm,
             saved_files,
+            net_lock: crate::netlock::current(),
             stats: stats.clone(),
         },
     );
@@ -622,8 +635,10 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
                     let _ = waitpid(t.tracee.nix_pid(), Some(WaitPidFlag::__WALL));
                 }
             }
-            // Their connections closed in repair mode, without a FIN or RST.
+            // Their connections closed in repair mode, without a FIN or RST;
+            // those to peers outside stay locked until the restore.
             crate::tcp::forget_repaired();
+            crate::netlock::keep();
         }
         // Written while still frozen: the callbacks' waits restart and see it.
         AfterDump::LeaveRunning => {

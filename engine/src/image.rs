@@ -88,6 +88,10 @@ pub struct Inventory {
     /// Open files whose contents were saved (`crest dump --save-files`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub saved_files: Vec<crate::savefiles::SavedFile>,
+    /// The nftables table holding the traffic of connections to peers
+    /// outside the dump (`--tcp-established`): restore removes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_lock: Option<crate::netlock::NetLock>,
     pub stats: DumpStats,
 }
 
@@ -402,6 +406,7 @@ mod tests {
                 lost_group_leaders: vec![],
                 sysv_shm: vec![],
                 saved_files: vec![],
+                net_lock: None,
                 stats: DumpStats::default(),
             },
         );

@@ -15,6 +15,7 @@ pub mod image;
 pub mod locks;
 pub mod memfd;
 pub mod mm;
+pub mod netlock;
 pub mod pipes;
 pub mod proc;
 pub mod ptrace;

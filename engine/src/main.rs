@@ -140,6 +140,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Remove the network lock of a `dump --tcp-established` whose image will
+    /// not be restored (restore removes it itself): the nftables table that
+    /// drops its connections' packets. `--list` prints every crest table.
+    Unlock {
+        #[arg(required_unless_present = "list")]
+        dir: Option<PathBuf>,
+        #[arg(long, conflicts_with = "dir")]
+        list: bool,
+    },
     /// Which kernel features this kernel offers, and which crest needs.
     Check {
         #[arg(long)]
@@ -298,6 +307,29 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 ));
             } else {
                 emit(&show::render(&img));
+            }
+            Ok(0)
+        }
+        Command::Unlock { dir, list } => {
+            let nft = |e: crest_engine::netlock::NftError| Error::Restore(e.to_string());
+            if list {
+                let tables = crest_engine::netlock::tables().map_err(nft)?;
+                emit(
+                    &tables
+                        .iter()
+                        .map(|t| format!("inet {t}\n"))
+                        .collect::<String>(),
+                );
+                return Ok(0);
+            }
+            let dir = dir.expect("clap requires DIR without --list");
+            let img = image::Image::read(&dir)?;
+            match &img.inventory.net_lock {
+                Some(lock) => {
+                    crest_engine::netlock::unlock(lock).map_err(nft)?;
+                    tracing::info!(table = lock.table, "removed");
+                }
+                None => tracing::info!("the image holds no network lock"),
             }
             Ok(0)
         }

@@ -807,6 +807,16 @@ fn restore_tree(
             t.detach(sig)?;
         }
     }
+    // Connections to peers outside the dump are back: let their traffic through.
+    if let Some(lock) = &image.inventory.net_lock {
+        if let Err(e) = crate::netlock::unlock(lock) {
+            tracing::error!(
+                "{e}: connections {} stay blocked; remove it with `crest unlock {}`",
+                lock.connections.join(", "),
+                image.dir.display()
+            );
+        }
+    }
     Ok(())
 }
 

@@ -89,6 +89,14 @@ pub fn render(image: &Image) -> String {
         s.pages_written,
         s.pages_skipped
     );
+    if let Some(l) = &image.inventory.net_lock {
+        let _ = writeln!(
+            o,
+            "  network lock: nftables table inet {} drops the packets of {} (restore removes it)",
+            l.table,
+            l.connections.join(", ")
+        );
+    }
     for s in &image.inventory.saved_files {
         let how = if s.included { "included" } else { "saved" };
         let _ = writeln!(o, "  {how} file {} ({} bytes)", s.path, s.size);

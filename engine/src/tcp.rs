@@ -407,6 +407,39 @@ pub fn never_connected(s: i32) -> bool {
     r == 0 && ti.tcpi_state == 7 && ti.tcpi_segs_out == 0 && ti.tcpi_segs_in == 0
 }
 
+/// The (local, peer) addresses of every established TCP connection `pid`
+/// holds, read before anything is put in repair mode (see [`crate::netlock`]).
+pub fn established_of(pid: i32) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let dir = format!("/proc/{pid}/fd");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
+        let Some(fd) = e
+            .ok()
+            .and_then(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let is_socket = crate::proc::readlink(pid, &format!("fd/{fd}"))
+            .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"));
+        if !is_socket {
+            continue;
+        }
+        let sock = crate::files::pidfd_getfd(pid, fd)?;
+        let s = sock.as_raw_fd();
+        let domain = get_int(s, libc::SOL_SOCKET, libc::SO_DOMAIN).unwrap_or(0);
+        let ty = get_int(s, libc::SOL_SOCKET, libc::SO_TYPE).unwrap_or(0);
+        if !matches!(domain, libc::AF_INET | libc::AF_INET6) || ty != libc::SOCK_STREAM {
+            continue;
+        }
+        if tcp_info(s).is_ok_and(|ti| ti.state == TCP_ESTABLISHED) {
+            if let (Ok(l), Ok(p)) = (sock_name(s, false), sock_name(s, true)) {
+                out.push((l, p));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Describes connected TCP socket `fd` of `pid` (`sock` is crest's copy), or
 /// says why it cannot be carried. Leaves the socket in repair mode (see the
 /// module comment).
@@ -449,6 +482,20 @@ pub fn collect(
         }
         st.st_ino
     };
+    // Its peer outside the dump must not see a closed port while it is gone:
+    // hold its traffic first, before its state is frozen.
+    if crate::netlock::must_lock(&local, &peer) {
+        let ends = format!("{} → {}", addr_text(&local), addr_text(&peer));
+        crate::netlock::lock(&local, &peer, &ends).map_err(|e| {
+            Error::unsupported(
+                pid,
+                format!(
+                    "fd {fd}: {what} to a peer outside the dump: holding its traffic \
+                     while it is dumped needs nf_tables ({e})"
+                ),
+            )
+        })?;
+    }
     let copy = sock
         .try_clone()
         .map_err(|e| sys("duplicating the socket".into(), e))?;

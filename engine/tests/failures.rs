@@ -361,6 +361,7 @@ fn a_tcp_connection_to_a_peer_outside_the_dump_is_refused_unless_asked() {
     assert_unharmed(pid);
     // Out of repair mode again: what the peer sends is acknowledged and queued.
     server.write_all(b"still connected").unwrap();
+    assert_acknowledged(&server);
     let out = dump(
         pid,
         &tmp.path().join("img2"),
@@ -368,6 +369,9 @@ fn a_tcp_connection_to_a_peer_outside_the_dump_is_refused_unless_asked() {
     );
     assert!(out.status.success(), "{}", stderr_of(&out));
     assert_unharmed(pid);
+    // Its network lock is gone with the dump: traffic passes again.
+    server.write_all(b"after the dump").unwrap();
+    assert_acknowledged(&server);
     child.kill().unwrap();
     child.wait().unwrap();
     // Out of repair mode, its end closes with a FIN or RST (in repair mode it
@@ -381,4 +385,78 @@ fn a_tcp_connection_to_a_peer_outside_the_dump_is_refused_unless_asked() {
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
         other => panic!("the connection did not close: {other:?}"),
     }
+}
+
+/// Everything `s` sent was acknowledged by its peer within 3 s (SIOCOUTQ
+/// drains): no repair mode, no network lock holds the connection.
+fn assert_acknowledged(s: &std::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (TIOCOUTQ's number) writes one int.
+        let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+        assert_eq!(r, 0);
+        if queued == 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "{queued} bytes still unacknowledged after 3 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_dump_refused_after_locking_a_connection_removes_the_lock() {
+    require_root!();
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    // `sleep` holds one end of a loopback connection on fd 5 (locked when it
+    // is collected) and a netlink socket on fd 6 (refused after it).
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (mut server, _) = l.accept().unwrap();
+    let cfd = client.as_raw_fd();
+    let mut cmd = std::process::Command::new("sleep");
+    cmd.arg("30");
+    // SAFETY: only async-signal-safe syscalls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(cfd, 5) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let s = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE);
+            if s < 0 || libc::dup2(s, 6) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::syscall(libc::SYS_close_range, 7u32, u32::MAX, 0u32);
+            libc::syscall(libc::SYS_close_range, 3u32, 4u32, 0u32);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(client);
+    let pid = child.id() as i32;
+    wait_for_file(format!("/proc/{pid}/fd/6").as_ref(), TIMEOUT);
+    std::thread::sleep(Duration::from_millis(50));
+    let tmp = tempfile::tempdir().unwrap();
+    let out = dump(pid, &tmp.path().join("img"), &["--tcp-established", "-v"]);
+    assert_eq!(out.status.code(), Some(crest_engine::EXIT_UNSUPPORTED));
+    let err = stderr_of(&out);
+    assert!(
+        err.ends_with(&format!(
+            "crest: error: pid {pid}: fd 6 is a netlink socket: not supported yet\n"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("network lock removed"), "{err}");
+    assert!(!tmp.path().join("img").exists());
+    assert_unharmed(pid);
+    server.write_all(b"not held").unwrap();
+    assert_acknowledged(&server);
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

@@ -40,6 +40,10 @@ fn fixture_image(dir: &std::path::Path) {
                 image: "file-0.img".into(),
                 included: false,
             }],
+            net_lock: Some(crest_engine::netlock::NetLock {
+                table: "crest-77-1700000000-0".into(),
+                connections: vec!["10.0.0.2:40000 → 10.0.0.1:5432".into()],
+            }),
             stats,
         },
     );

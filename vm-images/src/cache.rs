@@ -29,7 +29,8 @@ use crate::Error;
 pub const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 const MANIFEST: &str = "manifest.json";
 // 2: the socket diagnostics modules joined the guest modules.
-const MANIFEST_SCHEMA: &str = "crest-kernel-cache/2";
+// 3: nf_tables (and nfnetlink) joined them, for `dump --tcp-established`.
+const MANIFEST_SCHEMA: &str = "crest-kernel-cache/3";
 
 /// A fetched package.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

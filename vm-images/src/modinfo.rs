@@ -16,10 +16,13 @@ pub const MODULE_INIT_COMPRESSED_FILE: u32 = 4;
 pub const GUEST_LEAF_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p"];
 
 /// Loaded too when the kernel has them as modules: the socket diagnostics
-/// crest uses to find a unix socket's peer and a listening socket's queue.
+/// crest uses to find a unix socket's peer and a listening socket's queue,
+/// and nf_tables (with nfnetlink), which holds the traffic of connections
+/// `dump --tcp-established` carries to peers outside the dump.
 /// Debian builds them as modules, and the guest has no modprobe to load them
-/// on demand; a kernel without them still boots (crest then refuses those sockets).
-pub const GUEST_OPTIONAL_MODULES: &[&str] = &["unix_diag", "inet_diag", "tcp_diag"];
+/// on demand; a kernel without them still boots (crest then refuses those
+/// sockets, or `--tcp-established` for them).
+pub const GUEST_OPTIONAL_MODULES: &[&str] = &["unix_diag", "inet_diag", "tcp_diag", "nf_tables"];
 
 /// The `CONFIG_` symbol of modules the guest needs, to tell a built-in one
 /// (`=y`) from a missing one when the package ships no `modules.builtin`.

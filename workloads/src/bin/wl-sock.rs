@@ -2,7 +2,9 @@
 //! 127.0.0.1 (listening and established with queued data), UDP.
 //!
 //! `wl-sock --ctl DIR MODE [KIND]`, MODE one of: pair stream|dgram|seqpacket,
-//! listen path|abstract, tcp-listen, tcp-established, udp, scm, pair-stdin.
+//! listen path|abstract, tcp-listen, tcp-established, udp, scm, pair-stdin,
+//! tcp-external (the dumped end of a connection to a `tcp-peer` outside the
+//! dump, started by the harness: see [`tcp_peer`]).
 
 use crest_workloads::support::{
     fork_child, mode, pattern, pattern_diff, read_available, sys, wait_ok, write_all,
@@ -37,6 +39,8 @@ fn main() {
             }
         }
         "tcp-established" => tcp_established(&ctl, &mut c),
+        "tcp-external" => tcp_external(&ctl, &mut c),
+        "tcp-peer" => tcp_peer(&ctl, &mut c),
         "scm" => scm(&ctl, &mut c),
         "pair-stdin" => pair_stdin(&ctl, &mut c),
         "udp" => {
@@ -401,6 +405,160 @@ fn tcp_established(ctl: &Ctl, c: &mut Checks) {
     c.check(connect_and_accept(&l, addr).is_ok(), || {
         "the listener no longer accepts".into()
     });
+}
+
+/// Byte `i` of the numbered stream a `tcp-peer` sends: u64 counters, little-endian.
+fn stream_byte(i: u64) -> u8 {
+    (i / 8).to_le_bytes()[(i % 8) as usize]
+}
+
+/// The offset of the first byte of `data` (stream offset `at`) that is not
+/// the numbered stream's.
+fn stream_mismatch(data: &[u8], at: u64) -> Option<u64> {
+    data.iter()
+        .enumerate()
+        .find(|(i, &b)| b != stream_byte(at + *i as u64))
+        .map(|(i, _)| at + i as u64)
+}
+
+/// The dumped end: connects to the `tcp-peer` whose port the harness wrote
+/// to `peer-port`, then echoes the numbered stream back until the peer shuts
+/// its side down, checking that no byte was lost, duplicated or reordered.
+fn tcp_external(ctl: &Ctl, c: &mut Checks) {
+    let port: u16 = std::fs::read_to_string(ctl.path("peer-port"))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or_else(|| fail("no peer port in ctl/peer-port"));
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .unwrap_or_else(|e| fail(&format!("connect to the peer: {e}")));
+    let _ = s.set_nodelay(true);
+    let ends = (s.local_addr().ok(), s.peer_addr().ok());
+    ctl.ready();
+    let mut got: u64 = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if let Some(at) = stream_mismatch(&buf[..n], got) {
+                    c.fail(format!("peer→us: byte {at} is not the stream's"));
+                    break;
+                }
+                got += n as u64;
+                if let Err(e) = s.write_all(&buf[..n]) {
+                    c.fail(format!("echoing at byte {got}: {e}"));
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                c.fail(format!("reading from the peer at byte {got}: {e}"));
+                break;
+            }
+        }
+    }
+    ctl.wait_for_go();
+    c.eq(
+        "connection addresses",
+        (s.local_addr().ok(), s.peer_addr().ok()),
+        ends,
+    );
+    c.check(got > 0, || "nothing came from the peer".into());
+    eprintln!("tcp-external: echoed {got} bytes");
+}
+
+/// The peer outside the dump: listens on 127.0.0.1 (port in `port`), takes
+/// one connection, sends the numbered stream in 4 KiB pieces and checks the
+/// echo, until `go` appears; then it waits for the echo of every byte it
+/// sent, shuts down its side and waits for the other's. A reset, EPIPE,
+/// a wrong or missing byte, or 20 s without progress is a difference.
+fn tcp_peer(ctl: &Ctl, c: &mut Checks) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| fail(&format!("bind: {e}")));
+    let port = l
+        .local_addr()
+        .unwrap_or_else(|e| fail(&format!("{e}")))
+        .port();
+    let tmp = ctl.path("port.tmp");
+    std::fs::write(&tmp, format!("{port}\n"))
+        .and_then(|()| std::fs::rename(&tmp, ctl.path("port")))
+        .unwrap_or_else(|e| fail(&format!("writing the port: {e}")));
+    let (s, _) = l.accept().unwrap_or_else(|e| fail(&format!("accept: {e}")));
+    drop(l);
+    let _ = s.set_nodelay(true);
+    ctl.ready();
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut w = s.try_clone().unwrap_or_else(|e| fail(&format!("dup: {e}")));
+    let writer = {
+        let sent = sent.clone();
+        let go = ctl.path("go");
+        std::thread::spawn(move || -> Result<(), String> {
+            let mut at: u64 = 0;
+            let mut piece = vec![0u8; 4096];
+            while !go.exists() {
+                for (i, b) in piece.iter_mut().enumerate() {
+                    *b = stream_byte(at + i as u64);
+                }
+                w.write_all(&piece)
+                    .map_err(|e| format!("sending at byte {at}: {e}"))?;
+                at += piece.len() as u64;
+                sent.store(at, std::sync::atomic::Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Ok(())
+        })
+    };
+    let mut r = s;
+    let _ = r.set_read_timeout(Some(Duration::from_secs(20)));
+    let mut echoed: u64 = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut writer = Some(writer);
+    loop {
+        if let Some(h) = writer.take_if(|h| h.is_finished()) {
+            match h.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    c.fail(e);
+                    break;
+                }
+                Err(_) => {
+                    c.fail("the sending thread panicked");
+                    break;
+                }
+            }
+        }
+        let total = sent.load(std::sync::atomic::Ordering::SeqCst);
+        if writer.is_none() && echoed == total {
+            break;
+        }
+        match r.read(&mut buf) {
+            Ok(0) => {
+                c.fail(format!("the connection closed after {echoed} echoed bytes"));
+                break;
+            }
+            Ok(n) => {
+                if let Some(at) = stream_mismatch(&buf[..n], echoed) {
+                    c.fail(format!("echo: byte {at} is not the one sent"));
+                    break;
+                }
+                echoed += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                c.fail(format!("reading the echo after {echoed} bytes: {e}"));
+                break;
+            }
+        }
+    }
+    let total = sent.load(std::sync::atomic::Ordering::SeqCst);
+    c.eq("bytes echoed of those sent", echoed, total);
+    if r.shutdown(std::net::Shutdown::Write).is_ok() {
+        match r.read(&mut buf) {
+            Ok(0) => {}
+            Ok(n) => c.fail(format!("{n} bytes after the echo")),
+            Err(e) => c.fail(format!("waiting for the other side to close: {e}")),
+        }
+    }
+    eprintln!("tcp-peer: sent {total} bytes, {echoed} echoed");
 }
 
 /// A child whose stdin is one end of a socketpair its parent holds (how
