@@ -31,6 +31,7 @@ fn bench_dump(c: &mut Criterion) {
                 save_files: None,
                 verify_files_hash: false,
                 include_files: vec![],
+                pre_copy: None,
             };
             let t = Instant::now();
             let stats = dump(&opts, &bar).expect("dump");

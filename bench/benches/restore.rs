@@ -29,6 +29,7 @@ fn bench_restore(c: &mut Criterion) {
                     save_files: None,
                     verify_files_hash: false,
                     include_files: vec![],
+                    pre_copy: None,
                 },
                 &bar,
             )

@@ -190,7 +190,7 @@ fn probe_userfaultfd() -> (bool, String) {
     (true, "available".into())
 }
 
-fn probe_soft_dirty() -> (bool, String) {
+pub(crate) fn probe_soft_dirty() -> (bool, String) {
     // Writing 4 to clear_refs succeeds even without CONFIG_MEM_SOFT_DIRTY, so
     // look for the bit itself on a page written after clearing.
     if let Err(e) = std::fs::write("/proc/self/clear_refs", "4") {
@@ -218,7 +218,7 @@ fn probe_soft_dirty() -> (bool, String) {
     }
 }
 
-fn probe_pagemap_scan() -> (bool, String) {
+pub(crate) fn probe_pagemap_scan() -> (bool, String) {
     const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
     let Ok(f) = std::fs::File::open("/proc/self/pagemap") else {
         return (false, "no /proc/self/pagemap".into());

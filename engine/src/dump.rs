@@ -67,6 +67,9 @@ pub struct DumpOptions {
     /// Files to make part of the image even if no process has them open
     /// (`--include-file`); restore puts them back.
     pub include_files: Vec<PathBuf>,
+    /// Copy memory while the processes run first, and freeze them only to
+    /// copy what they wrote since (`--pre-copy`).
+    pub pre_copy: Option<crate::precopy::PreCopyOptions>,
 }
 
 /// One seized thread, its registers and signal mask at the freeze. While
@@ -176,7 +179,7 @@ impl Drop for FrozenSet {
 }
 
 /// Finds a `syscall` instruction (0f 05) in the target's vDSO.
-fn find_syscall_insn(pid: i32, maps: &[proc::MapsEntry]) -> Result<u64> {
+pub(crate) fn find_syscall_insn(pid: i32, maps: &[proc::MapsEntry]) -> Result<u64> {
     let vdso = maps
         .iter()
         .find(|m| m.name == "[vdso]")
@@ -468,6 +471,20 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
         Scope::Session => members(6, opts.pid)?,
         Scope::Pgid => members(5, opts.pid)?,
     };
+    let staging = Staging::new(&opts.dir)?;
+    let mut stats = DumpStats::default();
+    // Dropped after `set` (declared later): a failed dump releases the
+    // processes, then closes the userfaultfds, which drops their protections.
+    let mut pre_copy = match &opts.pre_copy {
+        Some(o) => Some(crate::precopy::PreCopy::run(
+            &in_scope,
+            staging.path(),
+            o,
+            &mut stats,
+            progress,
+        )?),
+        None => None,
+    };
     progress.set_message(format!("pid {root}: checkpoint callbacks"));
     let mut callbacks = crate::api::Handshake::run(&in_scope, opts.callback_timeout)?;
     let started = Instant::now();
@@ -485,14 +502,20 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
         crate::netlock::plan(crate::netlock::outside(&ends));
     }
 
-    let staging = Staging::new(&opts.dir)?;
-    let mut stats = DumpStats::default();
+    if let Some(p) = stats.pre_copy.as_mut() {
+        p.rounds.push(crate::image::PreCopyRound {
+            frozen: true,
+            ..Default::default()
+        });
+    }
     let mut images = Vec::new();
     for fp in &mut set.procs {
-        let mut image = collect_process(fp, staging.path(), &mut stats, progress)?;
+        let tracked = pre_copy.as_mut().and_then(|p| p.take(fp.pid));
+        let mut image = collect_process(fp, staging.path(), &mut stats, progress, tracked)?;
         image.api = callbacks.image_of(fp.pid);
         images.push(image);
     }
+    drop(pre_copy.take());
     crate::tty::resolve(&mut images)?;
     let mut shared_files = Vec::new();
     let pipes = {
@@ -905,12 +928,14 @@ fn collect_process(
     dir: &std::path::Path,
     stats: &mut DumpStats,
     progress: &indicatif::ProgressBar,
+    pre_copied: Option<crate::precopy::Tracked>,
 ) -> Result<ProcessImage> {
     let pid = fp.pid;
     let status = proc::read(pid, "status")?;
     let maps = proc::maps(pid)?;
     let smaps = proc::read(pid, "smaps")?;
-    let vmas = mm::collect_vmas(pid, &maps, &proc::parse_smaps_vmflags(&smaps))?;
+    let vmflags = proc::parse_smaps_vmflags(&smaps);
+    let vmas = mm::collect_vmas(pid, &maps, &vmflags)?;
     let files = files::collect(pid)?;
     let mut locks = Vec::new();
     for f in &files.fds {
@@ -997,7 +1022,10 @@ fn collect_process(
 
     let mem_started = Instant::now();
     progress.set_message(format!("pid {pid}: memory"));
-    let chunks = mm::collect_pages(pid, &vmas, &Image::pages_path(dir, pid), stats)?;
+    let chunks = match pre_copied {
+        Some(t) => t.final_round(&vmas, &vmflags, stats)?,
+        None => mm::collect_pages(pid, &vmas, &Image::pages_path(dir, pid), stats)?,
+    };
     stats.memory_us += mem_started.elapsed().as_micros() as u64;
 
     Ok(ProcessImage {

@@ -128,6 +128,31 @@ pub struct DumpStats {
     pub memory_us: u64,
     pub pages_written: u64,
     pub pages_skipped: u64,
+    /// `dump --pre-copy`: the rounds that copied memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_copy: Option<PreCopyStats>,
+}
+
+/// How a pre-copy dump went: the rounds run while the processes ran, then
+/// the one while they were frozen.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreCopyStats {
+    /// What found the written pages: `uffd-wp` or `soft-dirty`.
+    pub tracker: String,
+    pub rounds: Vec<PreCopyRound>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreCopyRound {
+    /// Pages copied (written or found dirty) in this round.
+    pub pages: u64,
+    /// How long the round took, in microseconds.
+    pub us: u64,
+    /// The last round, copied with every process frozen.
+    #[serde(default)]
+    pub frozen: bool,
 }
 
 /// The record kinds of `meta.crest`.

@@ -17,6 +17,7 @@ pub mod memfd;
 pub mod mm;
 pub mod netlock;
 pub mod pipes;
+pub mod precopy;
 pub mod proc;
 pub mod ptrace;
 pub mod restore;

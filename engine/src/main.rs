@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use crest_engine::dump::{AfterDump, DumpOptions, Scope};
+use crest_engine::precopy::{PreCopyOptions, Tracker};
 use crest_engine::restore::{RestoreOptions, Restored};
 use crest_engine::{check, image, show, Error};
 
@@ -33,6 +34,12 @@ fn parse_relocation(s: &str) -> Result<(String, String), String> {
 enum VerifyFilesArg {
     Identity,
     Hash,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum TrackerArg {
+    UffdWp,
+    SoftDirty,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -91,6 +98,20 @@ enum Command {
         /// restore puts it back (repeatable).
         #[arg(long = "include-file", value_name = "PATH")]
         include_files: Vec<PathBuf>,
+        /// Copy memory while the process runs, again for what it wrote
+        /// meanwhile, and freeze it only to copy what changed since the last
+        /// round (written pages found with userfaultfd write-protection and
+        /// PAGEMAP_SCAN, or soft-dirty bits).
+        #[arg(long)]
+        pre_copy: bool,
+        /// At most this many rounds while the process runs (fewer when the
+        /// set of written pages stops shrinking).
+        #[arg(long, default_value_t = 3, value_name = "N", requires = "pre_copy")]
+        pre_copy_rounds: u32,
+        /// How written pages are found (default: uffd-wp where the kernel
+        /// has it, else soft-dirty).
+        #[arg(long, value_name = "HOW", requires = "pre_copy")]
+        pre_copy_tracker: Option<TrackerArg>,
     },
     /// Restore a process from an image directory, with its original PID.
     /// Without --detach crest stays its parent and exits with its exit status
@@ -187,6 +208,9 @@ fn run(cli: Cli) -> Result<u8, Error> {
             save_files,
             verify_files,
             include_files,
+            pre_copy,
+            pre_copy_rounds,
+            pre_copy_tracker,
         } => {
             let (pid, scope) = match (pid, session, pgid) {
                 (Some(pid), _, _) => (pid, Scope::Tree),
@@ -213,6 +237,13 @@ fn run(cli: Cli) -> Result<u8, Error> {
                     save_files,
                     verify_files_hash: matches!(verify_files, VerifyFilesArg::Hash),
                     include_files,
+                    pre_copy: pre_copy.then_some(PreCopyOptions {
+                        rounds: pre_copy_rounds.max(1),
+                        tracker: pre_copy_tracker.map(|t| match t {
+                            TrackerArg::UffdWp => Tracker::UffdWp,
+                            TrackerArg::SoftDirty => Tracker::SoftDirty,
+                        }),
+                    }),
                 },
                 &bar,
             )?;

@@ -182,7 +182,7 @@ impl<'a> VmaLookup<'a> {
 }
 
 /// Largest chunk: a chunk is checksummed and copied as one piece.
-const MAX_CHUNK: u64 = 4 << 20;
+pub(crate) const MAX_CHUNK: u64 = 4 << 20;
 
 /// Classifies the maps of `pid`, refusing what the engine cannot restore yet.
 pub fn collect_vmas(
@@ -322,13 +322,28 @@ fn is_unlinked_file(name: &str) -> bool {
 
 /// A run of touched pages to copy, inside one VMA.
 #[derive(Debug, Clone, Copy)]
-struct Run {
-    vaddr: u64,
-    len: u64,
+pub(crate) struct Run {
+    pub vaddr: u64,
+    pub len: u64,
     /// Private file mapping: pages are kept even when all zeros (they differ
     /// from the file).
-    file_backed: bool,
-    readable: bool,
+    pub file_backed: bool,
+    pub readable: bool,
+}
+
+/// Whether the pages of `vma` go into the page file (private memory), and if
+/// so whether it maps a file (only its copy-on-write pages differ from the
+/// file, and they are kept even when all zeros).
+pub(crate) fn saved_pages_kind(vma: &Vma) -> Option<bool> {
+    match &vma.backing {
+        Backing::Special { .. }
+        | Backing::File { shared: true, .. }
+        | Backing::Memfd { shared: true, .. }
+        | Backing::SysvShm { .. }
+        | Backing::SharedAnon { .. } => None,
+        Backing::File { .. } | Backing::Memfd { .. } => Some(true),
+        Backing::Anon => Some(false),
+    }
 }
 
 /// Bytes read from the target per batch (one process_vm_readv), and how
@@ -509,7 +524,11 @@ fn preallocate(
 
 /// The runs of touched pages of `vmas` (at most [`MAX_CHUNK`] each), counting
 /// the untouched ones in `stats`.
-fn touched_runs(pid: i32, vmas: &[Vma], stats: &mut crate::image::DumpStats) -> Result<Vec<Run>> {
+pub(crate) fn touched_runs(
+    pid: i32,
+    vmas: &[Vma],
+    stats: &mut crate::image::DumpStats,
+) -> Result<Vec<Run>> {
     use proc::pagemap_scan as ps;
     let pm_path = format!("/proc/{pid}/pagemap");
     let pagemap_file = File::open(&pm_path).map_err(|e| Error::io(&pm_path, e))?;
@@ -518,14 +537,8 @@ fn touched_runs(pid: i32, vmas: &[Vma], stats: &mut crate::image::DumpStats) -> 
     let mut regions = Vec::new();
     let mut entries = Vec::new();
     for vma in vmas {
-        let file_backed = match &vma.backing {
-            Backing::Special { .. }
-            | Backing::File { shared: true, .. }
-            | Backing::Memfd { shared: true, .. }
-            | Backing::SysvShm { .. }
-            | Backing::SharedAnon { .. } => continue,
-            Backing::File { .. } | Backing::Memfd { .. } => true,
-            Backing::Anon => false,
+        let Some(file_backed) = saved_pages_kind(vma) else {
+            continue;
         };
         let readable = vma.prot & libc::PROT_READ != 0;
         let mut push = |from: u64, to: u64| {
@@ -610,7 +623,7 @@ fn touched_runs(pid: i32, vmas: &[Vma], stats: &mut crate::image::DumpStats) -> 
 /// Reads `runs` of target memory into `buf`, back to back: one
 /// process_vm_readv for the readable ones, the rest (and whatever that
 /// could not read) through /proc/PID/mem.
-fn read_batch(pid: i32, runs: &[Run], buf: &mut [u8]) -> Result<()> {
+pub(crate) fn read_batch(pid: i32, runs: &[Run], buf: &mut [u8]) -> Result<()> {
     let mut done = 0usize;
     if runs.iter().all(|r| r.readable) {
         let mut locals: Vec<std::io::IoSliceMut> = Vec::with_capacity(runs.len());
@@ -648,7 +661,7 @@ fn read_batch(pid: i32, runs: &[Run], buf: &mut [u8]) -> Result<()> {
 }
 
 /// The byte ranges of `data` covering its pages that are not all zeros.
-fn nonzero_runs(data: &[u8]) -> Vec<(usize, usize)> {
+pub(crate) fn nonzero_runs(data: &[u8]) -> Vec<(usize, usize)> {
     let page = PAGE_SIZE as usize;
     let mut runs: Vec<(usize, usize)> = Vec::new();
     for (i, p) in data.chunks(page).enumerate() {

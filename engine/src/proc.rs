@@ -202,6 +202,8 @@ pub mod pagemap {
     /// Page is a file page or shared anonymous memory.
     pub const FILE_OR_SHARED: u64 = 1 << 61;
     pub const PFN_MASK: u64 = (1 << 55) - 1;
+    /// Written since `clear_refs` 4 (CONFIG_MEM_SOFT_DIRTY).
+    pub const SOFT_DIRTY: u64 = 1 << 55;
 }
 
 /// Reads pagemap entries for `[start, end)` of `pid` into `out` (one u64 per page).
@@ -234,6 +236,9 @@ pub fn read_pagemap(
 /// ranges by category, walking only populated page tables, so a huge sparse
 /// reservation costs nothing.
 pub mod pagemap_scan {
+    /// Not write-protected by an async userfaultfd since the last
+    /// `WP_MATCHING` scan: written (or faulted in) since.
+    pub const IS_WRITTEN: u64 = 1 << 1;
     pub const IS_FILE: u64 = 1 << 2;
     pub const IS_PRESENT: u64 = 1 << 3;
     pub const IS_SWAPPED: u64 = 1 << 4;
@@ -268,6 +273,13 @@ pub mod pagemap_scan {
     const PAGEMAP_SCAN: u64 =
         (3 << 30) | ((std::mem::size_of::<ScanArg>() as u64) << 16) | (0x66 << 8) | 16;
 
+    /// `PM_SCAN_WP_MATCHING`: write-protect the pages reported, atomically
+    /// with reading their categories.
+    pub const WP_MATCHING: u64 = 1 << 0;
+    /// `PM_SCAN_CHECK_WPASYNC`: fail with EPERM where a VMA of the range is
+    /// not registered with an async write-protecting userfaultfd.
+    pub const CHECK_WPASYNC: u64 = 1 << 1;
+
     /// Appends to `out` the ranges of `[start, end)` having any category in
     /// `anyof`, each with its categories among `ret`. Err(ENOTTY/EINVAL) when
     /// the kernel has no PAGEMAP_SCAN.
@@ -279,16 +291,34 @@ pub mod pagemap_scan {
         ret: u64,
         out: &mut Vec<PageRegion>,
     ) -> std::io::Result<()> {
+        scan_with(pagemap, start, end, 0, 0, anyof, ret, out)
+    }
+
+    /// [`scan`] with `flags` (`WP_MATCHING`, `CHECK_WPASYNC`) and categories
+    /// every reported page must have (`all`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn scan_with(
+        pagemap: &std::fs::File,
+        start: u64,
+        end: u64,
+        flags: u64,
+        all: u64,
+        anyof: u64,
+        ret: u64,
+        out: &mut Vec<PageRegion>,
+    ) -> std::io::Result<()> {
         use std::os::fd::AsRawFd;
         let mut buf = [PageRegion::default(); 512];
         let mut at = start;
         while at < end {
             let mut arg = ScanArg {
                 size: std::mem::size_of::<ScanArg>() as u64,
+                flags,
                 start: at,
                 end,
                 vec: buf.as_mut_ptr() as u64,
                 vec_len: buf.len() as u64,
+                category_mask: all,
                 category_anyof_mask: anyof,
                 return_mask: ret,
                 ..Default::default()

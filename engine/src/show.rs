@@ -89,6 +89,21 @@ pub fn render(image: &Image) -> String {
         s.pages_written,
         s.pages_skipped
     );
+    if let Some(pc) = &s.pre_copy {
+        let rounds: Vec<String> = pc
+            .rounds
+            .iter()
+            .map(|r| {
+                format!(
+                    "{}{} pages in {:.1} ms",
+                    if r.frozen { "frozen: " } else { "" },
+                    r.pages,
+                    r.us as f64 / 1000.0
+                )
+            })
+            .collect();
+        let _ = writeln!(o, "  pre-copy ({}): {}", pc.tracker, rounds.join(", "));
+    }
     if let Some(l) = &image.inventory.net_lock {
         let _ = writeln!(
             o,

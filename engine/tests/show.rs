@@ -20,6 +20,21 @@ fn fixture_image(dir: &std::path::Path) {
         memory_us: 6_789,
         pages_written: 3,
         pages_skipped: 40,
+        pre_copy: Some(crest_engine::image::PreCopyStats {
+            tracker: "uffd-wp".into(),
+            rounds: vec![
+                crest_engine::image::PreCopyRound {
+                    pages: 262_144,
+                    us: 812_000,
+                    frozen: false,
+                },
+                crest_engine::image::PreCopyRound {
+                    pages: 4_096,
+                    us: 9_500,
+                    frozen: true,
+                },
+            ],
+        }),
     };
     meta.record(
         RecordKind::Inventory,

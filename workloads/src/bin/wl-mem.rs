@@ -1,6 +1,6 @@
 //! Address-space state.
 //!
-//! `wl-mem --ctl DIR MODE [ARGS]`, MODE one of: anon MIB, sparse GIB,
+//! `wl-mem --ctl DIR MODE [ARGS]`, MODE one of: anon MIB, anon-writing MIB, sparse GIB,
 //! file-private, file-shared, shared-anon, shared-anon-fork, prot, brk, vdso,
 //! memfd, posix-shm, unlinked-shm-fork, sysv-shm, madvise, growsdown.
 
@@ -34,6 +34,134 @@ unsafe fn slice<'a>(p: *mut u8, len: usize) -> &'a mut [u8] {
 }
 
 const RW: i32 = libc::PROT_READ | libc::PROT_WRITE;
+
+/// The page written by write number `i` (0-based) of `anon-writing`.
+fn written_page(i: u64, pages: usize) -> usize {
+    let mut x = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((x ^ (x >> 31)) % pages as u64) as usize
+}
+
+/// Page contents for version `v` of page `p`: `v`, `p`, then a pattern of both.
+fn fill_version(page: &mut [u8], p: usize, v: u64) {
+    page[..8].copy_from_slice(&v.to_ne_bytes());
+    page[8..16].copy_from_slice(&(p as u64).to_ne_bytes());
+    fill_pattern(&mut page[16..], v.wrapping_mul(1 << 32) ^ p as u64);
+}
+
+/// Writes `anon-writing` makes between two replacements of its scratch mapping.
+const REMAP_EVERY: u64 = 1000;
+const SCRATCH: usize = 16 * PAGE;
+
+/// Replaces the scratch mapping at `at` by a new one (MAP_FIXED: a new VMA,
+/// which a write tracker has never seen) holding generation `g`.
+fn remap_scratch(at: *mut u8, g: u64) {
+    // SAFETY: `at` is the scratch range between two PROT_NONE guards; the
+    // new mapping replaces exactly it.
+    let p = unsafe {
+        libc::mmap(
+            at.cast(),
+            SCRATCH,
+            RW,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    if p != at.cast() {
+        setup_failed("mmap MAP_FIXED of the scratch mapping");
+    }
+    // SAFETY: the mapping just made.
+    let s = unsafe { slice(at, SCRATCH) };
+    s[..8].copy_from_slice(&g.to_ne_bytes());
+    fill_pattern(&mut s[8..], g);
+}
+
+/// `anon-writing MIB`: a thread keeps writing whole pages of a MIB MiB heap
+/// (write `i` puts version `i + 1` into page `written_page(i)`), and every
+/// [`REMAP_EVERY`] writes replaces a scratch mapping, while it is dumped;
+/// after `go` it stops and replays the writes it counted: every page must
+/// hold the version of the last write to it. A page the dump copied before
+/// its last write (a page a pre-copy's final round missed) holds an older one.
+fn anon_writing(ctl: &Ctl, c: &mut Checks, mib: usize) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let len = mib << 20;
+    let pages = len / PAGE;
+    let heap = mmap(len, RW, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1) as usize;
+    let guarded = mmap(
+        SCRATCH + 2 * PAGE,
+        libc::PROT_NONE,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+        -1,
+    );
+    // SAFETY: one page into the guarded range, SCRATCH bytes before its last page.
+    let scratch = unsafe { guarded.add(PAGE) } as usize;
+    remap_scratch(scratch as *mut u8, 0);
+    // SAFETY: heap is a fresh RW mapping of len bytes.
+    let mem = unsafe { slice(heap as *mut u8, len) };
+    for (p, page) in mem.chunks_mut(PAGE).enumerate() {
+        fill_version(page, p, 0);
+    }
+    static STOP: AtomicBool = AtomicBool::new(false);
+    static DONE: AtomicU64 = AtomicU64::new(0);
+    let writer = std::thread::Builder::new()
+        .name("writer".into())
+        .spawn(move || {
+            let mut i = 0u64;
+            while !STOP.load(Ordering::Acquire) {
+                let p = written_page(i, pages);
+                // SAFETY: page p of the heap mapping, written by this thread only.
+                let page = unsafe { slice((heap + p * PAGE) as *mut u8, PAGE) };
+                fill_version(page, p, i + 1);
+                if (i + 1) % REMAP_EVERY == 0 {
+                    remap_scratch(scratch as *mut u8, (i + 1) / REMAP_EVERY);
+                }
+                i += 1;
+                DONE.store(i, Ordering::Release);
+                if i % 64 == 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+        })
+        .unwrap_or_else(|_| setup_failed("spawn the writer thread"));
+    ctl.ready();
+    ctl.wait_for_go();
+    STOP.store(true, Ordering::Release);
+    if writer.join().is_err() {
+        c.fail("the writer thread panicked");
+    }
+    let n = DONE.load(Ordering::Acquire);
+    let mut last = vec![0u64; pages];
+    for i in 0..n {
+        last[written_page(i, pages)] = i + 1;
+    }
+    let mut wrong = 0usize;
+    for (p, page) in mem.chunks(PAGE).enumerate() {
+        let mut want = vec![0u8; PAGE];
+        fill_version(&mut want, p, last[p]);
+        if page != want.as_slice() {
+            if wrong < 5 {
+                let v = u64::from_ne_bytes(page[..8].try_into().expect("8 bytes"));
+                c.fail(format!(
+                    "page {p} holds version {v} (or is torn), expected {} after {n} writes",
+                    last[p]
+                ));
+            }
+            wrong += 1;
+        }
+    }
+    c.check(wrong == 0, || format!("{wrong} of {pages} pages differ"));
+    // SAFETY: the scratch mapping.
+    let s = unsafe { slice(scratch as *mut u8, SCRATCH) };
+    let g = n / REMAP_EVERY;
+    let got = u64::from_ne_bytes(s[..8].try_into().expect("8 bytes"));
+    c.check(
+        got == g && first_pattern_mismatch(&s[8..], g).is_none(),
+        || format!("the scratch mapping holds generation {got} (or is torn), expected {g}"),
+    );
+    c.check(n > 0, || "the writer thread never wrote".into());
+}
 
 fn main() {
     let (ctl, args) = Ctl::from_args();
@@ -98,6 +226,7 @@ fn main() {
                 });
             }
         }
+        "anon-writing" => anon_writing(&ctl, &mut c, num_arg(&args, 0, "MiB")),
         "file-private" | "file-shared" => file_map(&ctl, &mut c, mode == "file-shared"),
         "shared-anon" => {
             let len = 1 << 20;

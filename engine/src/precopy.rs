@@ -1,0 +1,1144 @@
+//! Iterative pre-copy (`crest dump --pre-copy`): memory is copied while the
+//! processes run, the pages they write meanwhile are found and copied again,
+//! and they are frozen only for a last round that copies what changed since.
+//!
+//! Two ways to find the written pages:
+//! - `uffd-wp` (Linux 6.7+): an asynchronous write-protecting userfaultfd
+//!   (`UFFD_FEATURE_WP_ASYNC`: a write to a protected page only clears the
+//!   protection, the writer never blocks) registered on the private mappings,
+//!   and `PAGEMAP_SCAN`, which lists the pages written since it last
+//!   protected them and protects them again in the same walk. A userfaultfd
+//!   belongs to the mm of the process that creates it, so crest creates it
+//!   inside the target with a remote syscall, takes it with pidfd_getfd and
+//!   closes the target's descriptor: the target's fd table is unchanged, and
+//!   when crest closes it (or dies) the kernel unregisters it and drops every
+//!   protection.
+//! - `soft-dirty` (CONFIG_MEM_SOFT_DIRTY, CRIU's way): `clear_refs` 4 clears
+//!   the bits, pagemap bit 55 shows the pages written since. Reading the bits
+//!   and clearing them is not atomic, so the threads are paused (seized, no
+//!   code run) for that moment only, not for the copy.
+//!
+//! A mapping that appeared or changed between rounds (no longer registered,
+//! or soft-dirty as a whole) is copied whole again. The pages go into the page
+//! file as a plain dump writes it ([`PageChunk`]s, never overlapping): a later
+//! round writes a page some chunk already holds in place and appends the
+//! others, and the frozen round drops what is no longer mapped or touched.
+//! Each file page's crc32c is kept, so a chunk's checksum is recomputed from
+//! its pages' without reading it back (the crc32c of a concatenation is a
+//! linear function of the parts').
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::image::{DumpStats, PreCopyRound, PreCopyStats};
+use crate::mm::{self, PageChunk, Run, Vma};
+use crate::proc::{self, pagemap, pagemap_scan as ps};
+use crate::ptrace::{Regs, Tracee};
+use crate::PAGE_SIZE;
+
+/// What finds the pages written between rounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tracker {
+    UffdWp,
+    SoftDirty,
+}
+
+impl Tracker {
+    pub fn name(self) -> &'static str {
+        match self {
+            Tracker::UffdWp => "uffd-wp",
+            Tracker::SoftDirty => "soft-dirty",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PreCopyOptions {
+    /// Rounds copied while the processes run (at least 1); fewer when the
+    /// set of written pages stops shrinking.
+    pub rounds: u32,
+    /// The tracker to use; `None`: uffd-wp where the kernel has it, else
+    /// soft-dirty.
+    pub tracker: Option<Tracker>,
+}
+
+impl Default for PreCopyOptions {
+    fn default() -> Self {
+        PreCopyOptions {
+            rounds: 3,
+            tracker: None,
+        }
+    }
+}
+
+// userfaultfd ABI (include/uapi/linux/userfaultfd.h).
+const UFFD_API: u64 = 0xaa;
+const UFFD_USER_MODE_ONLY: u64 = 1;
+const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+/// `_IOWR(0xAA, 0x3F, struct uffdio_api)`.
+const UFFDIO_API: u64 = 0xc018_aa3f;
+/// `_IOWR(0xAA, 0x00, struct uffdio_register)`.
+const UFFDIO_REGISTER: u64 = 0xc020_aa00;
+
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioRegister {
+    start: u64,
+    len: u64,
+    mode: u64,
+    ioctls: u64,
+}
+
+/// `UFFDIO_API` asking for async write-protection. WP_UNPOPULATED too:
+/// without it the kernel does not write-protect anonymous memory for
+/// PAGEMAP_SCAN at all (`userfaultfd_wp_use_markers`); crest never protects
+/// unpopulated ranges itself, so no page tables are allocated for holes.
+fn uffd_api(fd: &OwnedFd) -> std::io::Result<()> {
+    let mut api = UffdioApi {
+        api: UFFD_API,
+        features: UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API reads and writes a struct uffdio_api, which `api` is.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, &mut api) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `UFFDIO_REGISTER` of `[start, end)` for write-protection. It acts on the
+/// mm the userfaultfd was created in, whoever calls it.
+fn uffd_register(fd: &OwnedFd, start: u64, end: u64) -> std::io::Result<()> {
+    let mut reg = UffdioRegister {
+        start,
+        len: end - start,
+        mode: UFFDIO_REGISTER_MODE_WP,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_REGISTER reads and writes a struct uffdio_register, which `reg` is.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_REGISTER as _, &mut reg) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether crest can track writes with an async write-protecting
+/// userfaultfd and PAGEMAP_SCAN here; else why not.
+fn uffd_wp_available() -> std::result::Result<(), String> {
+    let (scan, why) = crate::check::probe_pagemap_scan();
+    if !scan {
+        return Err(format!("PAGEMAP_SCAN: {why}"));
+    }
+    // SAFETY: userfaultfd takes flags and returns a new fd, owned below.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_userfaultfd,
+            libc::O_CLOEXEC as u64 | UFFD_USER_MODE_ONLY,
+        )
+    };
+    if fd < 0 {
+        return Err(format!("userfaultfd: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: the fd userfaultfd just returned, owned by nobody else.
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    uffd_api(&fd).map_err(|e| format!("userfaultfd write-protect (async, Linux 6.7+): {e}"))
+}
+
+/// Picks the tracker: the one asked for, or the best the kernel has.
+pub fn choose_tracker(pid: i32, wanted: Option<Tracker>) -> Result<Tracker> {
+    let uffd = || uffd_wp_available();
+    let soft = || match crate::check::probe_soft_dirty() {
+        (true, _) => Ok(()),
+        (false, why) => Err(why),
+    };
+    let refuse = |why: String| Error::unsupported(pid, format!("--pre-copy: {why}"));
+    match wanted {
+        Some(Tracker::UffdWp) => uffd().map(|()| Tracker::UffdWp).map_err(refuse),
+        Some(Tracker::SoftDirty) => soft().map(|()| Tracker::SoftDirty).map_err(refuse),
+        None => match uffd() {
+            Ok(()) => Ok(Tracker::UffdWp),
+            Err(u) => soft().map(|()| Tracker::SoftDirty).map_err(|s| {
+                refuse(format!(
+                    "this kernel cannot track written pages (no soft-dirty: {s}; {u})"
+                ))
+            }),
+        },
+    }
+}
+
+/// The pre-copy state of every process being tracked, between the running
+/// rounds and the frozen one. Dropping it closes the userfaultfds: the
+/// kernel then unregisters them and drops their protections.
+pub struct PreCopy {
+    tracker: Tracker,
+    procs: Vec<Tracked>,
+}
+
+impl PreCopy {
+    /// Runs the rounds copied while the processes run; `dir` gets their page
+    /// files. Processes stopped or exiting are left to the frozen dump.
+    pub fn run(
+        pids: &[i32],
+        dir: &Path,
+        opts: &PreCopyOptions,
+        stats: &mut DumpStats,
+        progress: &indicatif::ProgressBar,
+    ) -> Result<PreCopy> {
+        let root = pids.first().copied().unwrap_or(0);
+        let tracker = choose_tracker(root, opts.tracker)?;
+        let mut pc = PreCopy {
+            tracker,
+            procs: Vec::new(),
+        };
+        for &pid in pids {
+            let Ok(st) = stat_fields(pid) else { continue };
+            // Stopped or dying: nothing to gain from copying it early.
+            if st.first().is_none_or(|s| s != "S" && s != "R" && s != "D") {
+                continue;
+            }
+            pc.procs.push(Tracked::start(pid, &st, tracker, dir)?);
+        }
+        let mut rounds = Vec::new();
+        let mut previous = u64::MAX;
+        for round in 1..=opts.rounds.max(1) {
+            progress.set_message(format!("pre-copy round {round}"));
+            let t = Instant::now();
+            let mut pages = 0;
+            for p in &mut pc.procs {
+                pages += p.running_round(tracker)?;
+            }
+            rounds.push(PreCopyRound {
+                pages,
+                us: t.elapsed().as_micros() as u64,
+                frozen: false,
+            });
+            tracing::info!(round, pages, "pre-copy round");
+            // Another round is worth it only while the written set shrinks.
+            if pages >= previous || pages == 0 {
+                break;
+            }
+            previous = pages;
+        }
+        stats.pre_copy = Some(PreCopyStats {
+            tracker: tracker.name().into(),
+            rounds,
+        });
+        Ok(pc)
+    }
+
+    pub fn tracker(&self) -> Tracker {
+        self.tracker
+    }
+
+    /// The state of `pid` for its frozen round, if it was tracked (and is
+    /// still the same process). A process that is not gets a plain dump, so
+    /// its page file is removed.
+    pub fn take(&mut self, pid: i32) -> Option<Tracked> {
+        let i = self.procs.iter().position(|p| p.pid == pid)?;
+        let t = self.procs.remove(i);
+        if stat_fields(pid).is_ok_and(|f| start_time(&f) == t.start_time) {
+            return Some(t);
+        }
+        let _ = std::fs::remove_file(&t.store.path);
+        None
+    }
+}
+
+fn open_pagemap(pid: i32) -> Result<File> {
+    let path = format!("/proc/{pid}/pagemap");
+    File::open(&path).map_err(|e| Error::io(&path, e))
+}
+
+/// `/proc/PID/stat` after the command name (field 3 first).
+fn stat_fields(pid: i32) -> Result<Vec<String>> {
+    let s = proc::read(pid, "stat")?;
+    let rest = s.rfind(')').map(|i| &s[i + 2..]).unwrap_or("");
+    Ok(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// Field 22 (starttime): tells a reused PID apart.
+fn start_time(f: &[String]) -> u64 {
+    f.get(22 - 3).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// `/proc/PID/smaps` VmFlags by mapping start.
+type VmFlags = Vec<(u64, Vec<String>)>;
+
+/// One tracked process.
+pub struct Tracked {
+    pid: i32,
+    start_time: u64,
+    /// uffd-wp: crest's copy of the userfaultfd made in the process.
+    uffd: Option<OwnedFd>,
+    /// uffd-wp: the ranges registered; soft-dirty: the private mappings at
+    /// the last clear. A mapping inside one of them (and still registered,
+    /// or not soft-dirty as a whole) is tracked; any other is copied whole.
+    ranges: Vec<(u64, u64)>,
+    rounds: u32,
+    store: PageStore,
+}
+
+/// A private mapping whose pages go into the page file.
+struct Private<'a> {
+    vma: &'a Vma,
+    file_backed: bool,
+    tracked: bool,
+}
+
+impl Tracked {
+    fn start(pid: i32, stat: &[String], tracker: Tracker, dir: &Path) -> Result<Tracked> {
+        let uffd = match tracker {
+            Tracker::UffdWp => Some(make_uffd(pid)?),
+            Tracker::SoftDirty => None,
+        };
+        Ok(Tracked {
+            pid,
+            start_time: start_time(stat),
+            uffd,
+            ranges: Vec::new(),
+            rounds: 0,
+            store: PageStore::create(crate::image::Image::pages_path(dir, pid))?,
+        })
+    }
+
+    /// The private mappings of `vmas`, each marked tracked or not.
+    fn privates<'a>(&self, vmas: &'a [Vma], vmflags: &[(u64, Vec<String>)]) -> Vec<Private<'a>> {
+        let flags: std::collections::HashMap<u64, &Vec<String>> =
+            vmflags.iter().map(|(s, f)| (*s, f)).collect();
+        let has = |v: &Vma, f: &str| {
+            flags
+                .get(&v.start)
+                .is_some_and(|x| x.iter().any(|y| y == f))
+        };
+        vmas.iter()
+            .filter_map(|vma| {
+                let file_backed = mm::saved_pages_kind(vma)?;
+                let inside = self
+                    .ranges
+                    .iter()
+                    .any(|&(s, e)| s <= vma.start && vma.end <= e);
+                let tracked = inside
+                    && self.rounds > 0
+                    && if self.uffd.is_some() {
+                        has(vma, "uw")
+                    } else {
+                        !has(vma, "sd")
+                    };
+                Some(Private {
+                    vma,
+                    file_backed,
+                    tracked,
+                })
+            })
+            .collect()
+    }
+
+    fn current_vmas(&self) -> Result<(Vec<Vma>, VmFlags)> {
+        let maps = proc::maps(self.pid)?;
+        let vmflags = proc::parse_smaps_vmflags(&proc::read(self.pid, "smaps")?);
+        let vmas = mm::collect_vmas(self.pid, &maps, &vmflags)?;
+        Ok((vmas, vmflags))
+    }
+
+    /// One round while the process runs; returns the pages copied.
+    fn running_round(&mut self, tracker: Tracker) -> Result<u64> {
+        let pid = self.pid;
+        let (vmas, vmflags) = self.current_vmas()?;
+        let mut runs = Vec::new();
+        let mut scratch = DumpStats::default();
+        match tracker {
+            Tracker::UffdWp => {
+                let privates = self.privates(&vmas, &vmflags);
+                let pm = open_pagemap(pid)?;
+                let uffd = self.uffd.as_ref().expect("uffd-wp tracking has a uffd");
+                for p in &privates {
+                    if !p.tracked {
+                        // New (or first round): register it; the scan below
+                        // then finds all its pages written.
+                        match uffd_register(uffd, p.vma.start, p.vma.end) {
+                            Ok(()) => self.ranges.push((p.vma.start, p.vma.end)),
+                            Err(e) => {
+                                // Copied whole, frozen, at the end.
+                                tracing::debug!(
+                                    pid,
+                                    "cannot register {:#x}-{:#x}: {e}",
+                                    p.vma.start,
+                                    p.vma.end
+                                );
+                                continue;
+                            }
+                        }
+                    }
+                    match written_regions(&pm, p, &mut runs) {
+                        Ok(_) => {}
+                        // Unregistered or unmapped meanwhile: the next round sees it.
+                        Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM)) => {}
+                        Err(e) => return Err(Error::io(format!("/proc/{pid}/pagemap"), e)),
+                    }
+                }
+            }
+            Tracker::SoftDirty => {
+                let clear = |pid: i32| {
+                    let path = format!("/proc/{pid}/clear_refs");
+                    std::fs::write(&path, "4").map_err(|e| Error::io(&path, e))
+                };
+                if self.rounds == 0 {
+                    // Everything is copied after the clear: later writes show.
+                    self.ranges = vmas.iter().map(|v| (v.start, v.end)).collect();
+                    clear(pid)?;
+                    runs = mm::touched_runs(pid, &vmas, &mut scratch)?;
+                } else {
+                    // Reading the bits and clearing them must see no write in
+                    // between: pause the threads for that moment.
+                    let paused = Paused::pause(pid)?;
+                    let (vmas, vmflags) = self.current_vmas()?;
+                    let privates = self.privates(&vmas, &vmflags);
+                    let pm = open_pagemap(pid)?;
+                    let mut entries = Vec::new();
+                    for p in &privates {
+                        if p.tracked {
+                            soft_dirty_runs(&pm, p, &mut entries, &mut runs)
+                                .map_err(|e| Error::io(format!("/proc/{pid}/pagemap"), e))?;
+                        } else {
+                            runs.extend(mm::touched_runs(
+                                pid,
+                                std::slice::from_ref(p.vma),
+                                &mut scratch,
+                            )?);
+                        }
+                    }
+                    self.ranges = vmas.iter().map(|v| (v.start, v.end)).collect();
+                    clear(pid)?;
+                    paused.release()?;
+                }
+            }
+        }
+        self.rounds += 1;
+        self.store.write_runs(pid, &runs, false)
+    }
+
+    /// The frozen round: `vmas` are the process's mappings now. Copies what
+    /// was written since the last round and every page of a mapping not
+    /// tracked, drops what is no longer there, and returns the chunks.
+    pub fn final_round(
+        mut self,
+        vmas: &[Vma],
+        vmflags: &[(u64, Vec<String>)],
+        stats: &mut DumpStats,
+    ) -> Result<Vec<PageChunk>> {
+        let pid = self.pid;
+        let t = Instant::now();
+        let privates = self.privates(vmas, vmflags);
+        // Every page the image must hold, and those that changed.
+        let mut keep: Vec<Run> = Vec::new();
+        let mut dirty: Vec<Run> = Vec::new();
+        let mut entries = Vec::new();
+        let pm = open_pagemap(pid)?;
+        for p in &privates {
+            let (k, d) = (keep.len(), dirty.len());
+            let r = match (p.tracked, self.uffd.is_some()) {
+                (false, _) => Err(std::io::Error::from_raw_os_error(libc::EPERM)),
+                (true, true) => written_regions_final(&pm, p, &mut keep, &mut dirty),
+                (true, false) => soft_dirty_final(&pm, p, &mut entries, &mut keep, &mut dirty),
+            };
+            match r {
+                Ok(()) => {
+                    let kept: u64 = keep[k..].iter().map(|r| r.len / PAGE_SIZE).sum();
+                    stats.pages_skipped += p.vma.len() / PAGE_SIZE - kept;
+                }
+                // Not tracked (new, changed, or not registered after all): whole.
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                    keep.truncate(k);
+                    dirty.truncate(d);
+                    let runs = mm::touched_runs(pid, std::slice::from_ref(p.vma), stats)?;
+                    keep.extend_from_slice(&runs);
+                    dirty.extend_from_slice(&runs);
+                }
+                Err(e) => return Err(Error::io(format!("/proc/{pid}/pagemap"), e)),
+            }
+        }
+        // Protections go with the userfaultfd, while the process is frozen.
+        self.uffd = None;
+        self.store.retain(&keep);
+        // Pages to keep that no chunk holds yet (zero pages skipped before)
+        // are read again too: the image must never miss a page.
+        dirty.extend(self.store.uncovered(&keep));
+        dirty.sort_by_key(|r| r.vaddr);
+        let pages = self.store.write_runs(pid, &dirty, true)?;
+        stats.pages_written += pages;
+        if let Some(round) = stats
+            .pre_copy
+            .as_mut()
+            .and_then(|s| s.rounds.last_mut())
+            .filter(|r| r.frozen)
+        {
+            round.pages += pages;
+            round.us += t.elapsed().as_micros() as u64;
+        }
+        self.store.finish()
+    }
+}
+
+/// Registers-and-all of one seized thread.
+struct PausedThread {
+    tracee: Tracee,
+    regs: Regs,
+    sigmask: u64,
+}
+
+/// Every thread of a process seized (ptrace stop), for a moment. Dropping
+/// it lets them all go, as they were.
+struct Paused {
+    threads: Vec<PausedThread>,
+    /// Remote syscalls ran in the first thread: it left its syscall-exit
+    /// stop, so its interrupted call must be restarted by hand.
+    remote: bool,
+    released: bool,
+}
+
+impl Paused {
+    fn pause(pid: i32) -> Result<Paused> {
+        let mut p = Paused {
+            threads: Vec::new(),
+            remote: false,
+            released: false,
+        };
+        // Threads may appear while we seize: again until none is new.
+        loop {
+            let mut tids: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+                .map_err(|e| Error::io(format!("/proc/{pid}/task"), e))?
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect();
+            tids.sort_unstable_by_key(|&t| (t != pid, t));
+            let mut new = false;
+            for tid in tids {
+                if p.threads.iter().any(|t| t.tracee.pid == tid) {
+                    continue;
+                }
+                match Tracee::seize(tid) {
+                    Ok(tracee) => {
+                        let regs = tracee.regs()?;
+                        let sigmask = tracee.sigmask()?;
+                        p.threads.push(PausedThread {
+                            tracee,
+                            regs,
+                            sigmask,
+                        });
+                        // Signals wait until we are done, rather than stop a remote call.
+                        tracee.set_sigmask(!0)?;
+                        new = true;
+                    }
+                    Err(Error::Gone { .. }) if tid != pid => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if !new {
+                return Ok(p);
+            }
+        }
+    }
+
+    fn release(mut self) -> Result<()> {
+        self.release_all()
+    }
+
+    fn release_all(&mut self) -> Result<()> {
+        self.released = true;
+        let mut first_err = None;
+        for (i, t) in self.threads.iter().enumerate() {
+            let mut regs = crate::task::Registers::from(&t.regs);
+            if i == 0 && self.remote {
+                crate::task::resume_interrupted_syscall(&mut regs, true);
+            }
+            let r = t
+                .tracee
+                .set_regs(&regs.to_user_regs())
+                .and_then(|()| t.tracee.set_sigmask(t.sigmask))
+                .and_then(|()| t.tracee.detach(None));
+            match r {
+                Ok(()) | Err(Error::Gone { .. }) => {}
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        if !self.released {
+            if let Err(e) = self.release_all() {
+                tracing::error!("could not resume every thread after pre-copy: {e}");
+            }
+        }
+    }
+}
+
+/// Creates a userfaultfd in `pid` (whose mm it then tracks), takes it into
+/// crest and closes the process's descriptor, and enables async
+/// write-protection on it.
+fn make_uffd(pid: i32) -> Result<OwnedFd> {
+    let mut paused = Paused::pause(pid)?;
+    let maps = proc::maps(pid)?;
+    let insn = crate::dump::find_syscall_insn(pid, &maps)?;
+    let main = paused.threads[0].tracee;
+    paused.remote = true;
+    let flags = libc::O_CLOEXEC as u64 | libc::O_NONBLOCK as u64;
+    let mut r = main.remote_syscall(
+        insn,
+        libc::SYS_userfaultfd,
+        [flags | UFFD_USER_MODE_ONLY, 0, 0, 0, 0, 0],
+    )?;
+    if r == -(libc::EINVAL as i64) {
+        // Before 5.11: no user-mode-only flag (root may create one anyway).
+        r = main.remote_syscall(insn, libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0])?;
+    }
+    if r < 0 {
+        return Err(Error::unsupported(
+            pid,
+            format!(
+                "--pre-copy: userfaultfd() in the process failed ({})",
+                nix::errno::Errno::from_raw(-r as i32)
+            ),
+        ));
+    }
+    let taken = crate::files::pidfd_getfd(pid, r as i32);
+    let closed = main.remote_ok(
+        insn,
+        libc::SYS_close,
+        [r as u64, 0, 0, 0, 0, 0],
+        "close of the userfaultfd crest made",
+    );
+    let fd = taken?;
+    closed?;
+    paused.release()?;
+    uffd_api(&fd).map_err(|e| {
+        Error::unsupported(
+            pid,
+            format!("--pre-copy: async write-protection on its userfaultfd: {e}"),
+        )
+    })?;
+    Ok(fd)
+}
+
+/// Whether a page with these PAGEMAP_SCAN categories goes into the image
+/// (the rule of [`mm::touched_runs`]).
+fn keep_page(c: u64, file_backed: bool) -> bool {
+    c & ps::IS_SWAPPED != 0
+        || (c & ps::IS_PRESENT != 0
+            && c & ps::IS_PFNZERO == 0
+            && (!file_backed || c & ps::IS_FILE == 0))
+}
+
+fn push_run(out: &mut Vec<Run>, p: &Private, from: u64, to: u64) {
+    let readable = p.vma.prot & libc::PROT_READ != 0;
+    let mut a = from;
+    while a < to {
+        let len = (to - a).min(mm::MAX_CHUNK);
+        out.push(Run {
+            vaddr: a,
+            len,
+            file_backed: p.file_backed,
+            readable,
+        });
+        a += len;
+    }
+}
+
+/// uffd-wp, running: the pages of `p` written since the last scan (all of
+/// them the first time), protected again in the same walk.
+fn written_regions(pm: &File, p: &Private, out: &mut Vec<Run>) -> std::io::Result<()> {
+    let mut regions = Vec::new();
+    ps::scan_with(
+        pm,
+        p.vma.start,
+        p.vma.end,
+        ps::CHECK_WPASYNC | ps::WP_MATCHING,
+        ps::IS_WRITTEN,
+        ps::IS_PRESENT | ps::IS_SWAPPED,
+        ps::IS_PRESENT | ps::IS_SWAPPED | ps::IS_FILE | ps::IS_PFNZERO,
+        &mut regions,
+    )?;
+    for r in &regions {
+        if keep_page(r.categories, p.file_backed) {
+            push_run(out, p, r.start, r.end);
+        }
+    }
+    Ok(())
+}
+
+/// uffd-wp, frozen: every page of `p` to keep, and those written since.
+fn written_regions_final(
+    pm: &File,
+    p: &Private,
+    keep: &mut Vec<Run>,
+    dirty: &mut Vec<Run>,
+) -> std::io::Result<()> {
+    let mut regions = Vec::new();
+    ps::scan_with(
+        pm,
+        p.vma.start,
+        p.vma.end,
+        ps::CHECK_WPASYNC,
+        0,
+        ps::IS_PRESENT | ps::IS_SWAPPED,
+        ps::IS_WRITTEN | ps::IS_PRESENT | ps::IS_SWAPPED | ps::IS_FILE | ps::IS_PFNZERO,
+        &mut regions,
+    )?;
+    for r in &regions {
+        if keep_page(r.categories, p.file_backed) {
+            push_run(keep, p, r.start, r.end);
+            if r.categories & ps::IS_WRITTEN != 0 {
+                push_run(dirty, p, r.start, r.end);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether a pagemap entry is a page the image holds (as [`mm::touched_runs`]).
+fn keep_entry(e: u64, file_backed: bool) -> bool {
+    if file_backed {
+        (e & pagemap::PRESENT != 0 && e & pagemap::FILE_OR_SHARED == 0) || e & pagemap::SWAPPED != 0
+    } else {
+        e & (pagemap::PRESENT | pagemap::SWAPPED) != 0
+    }
+}
+
+/// Appends the runs of consecutive pages of `p` for which `want` holds.
+fn entry_runs(entries: &[u64], p: &Private, out: &mut Vec<Run>, want: impl Fn(u64) -> bool) {
+    let mut i = 0;
+    while i < entries.len() {
+        if !want(entries[i]) {
+            i += 1;
+            continue;
+        }
+        let first = i;
+        while i < entries.len() && want(entries[i]) {
+            i += 1;
+        }
+        push_run(
+            out,
+            p,
+            p.vma.start + first as u64 * PAGE_SIZE,
+            p.vma.start + i as u64 * PAGE_SIZE,
+        );
+    }
+}
+
+/// soft-dirty, paused: the pages of `p` written since the last clear.
+fn soft_dirty_runs(
+    pm: &File,
+    p: &Private,
+    entries: &mut Vec<u64>,
+    out: &mut Vec<Run>,
+) -> std::io::Result<()> {
+    proc::read_pagemap(pm, p.vma.start, p.vma.end, entries)?;
+    let fb = p.file_backed;
+    entry_runs(entries, p, out, |e| {
+        keep_entry(e, fb) && e & pagemap::SOFT_DIRTY != 0
+    });
+    Ok(())
+}
+
+/// soft-dirty, frozen: every page of `p` to keep, and those written since.
+fn soft_dirty_final(
+    pm: &File,
+    p: &Private,
+    entries: &mut Vec<u64>,
+    keep: &mut Vec<Run>,
+    dirty: &mut Vec<Run>,
+) -> std::io::Result<()> {
+    proc::read_pagemap(pm, p.vma.start, p.vma.end, entries)?;
+    let fb = p.file_backed;
+    entry_runs(entries, p, keep, |e| keep_entry(e, fb));
+    entry_runs(entries, p, dirty, |e| {
+        keep_entry(e, fb) && e & pagemap::SOFT_DIRTY != 0
+    });
+    Ok(())
+}
+
+/// A saved run of pages: `len` bytes at `offset` in the page file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    len: u64,
+    offset: u64,
+}
+
+/// The page file being built over the rounds.
+struct PageStore {
+    path: PathBuf,
+    file: File,
+    /// By address; never overlapping.
+    chunks: BTreeMap<u64, Slot>,
+    /// crc32c of each page of the file, by file page.
+    page_crc: Vec<u32>,
+    /// The file's length.
+    end: u64,
+}
+
+/// Bytes read from the target per process_vm_readv.
+const BATCH: usize = 1 << 20;
+
+impl PageStore {
+    fn create(path: PathBuf) -> Result<PageStore> {
+        let file = crate::image::create_private(&path)?;
+        Ok(PageStore {
+            path,
+            file,
+            chunks: BTreeMap::new(),
+            page_crc: Vec::new(),
+            end: 0,
+        })
+    }
+
+    /// Copies `runs` (sorted, not overlapping) from `pid` into the file;
+    /// returns the pages written. While the process runs (`!frozen`) a run
+    /// that cannot be read (unmapped meanwhile) is skipped: the mapping has
+    /// changed, and is copied whole later.
+    fn write_runs(&mut self, pid: i32, runs: &[Run], frozen: bool) -> Result<u64> {
+        let mut buf = vec![0u8; BATCH];
+        let mut pages = 0;
+        let mut i = 0;
+        while i < runs.len() {
+            let first = i;
+            let mut bytes = 0usize;
+            while i < runs.len() && i - first < 1024 && bytes + runs[i].len as usize <= BATCH {
+                bytes += runs[i].len as usize;
+                i += 1;
+            }
+            if i == first {
+                bytes = runs[i].len as usize;
+                i += 1;
+            }
+            if buf.len() < bytes {
+                buf.resize(bytes, 0);
+            }
+            let batch = &runs[first..i];
+            match mm::read_batch(pid, batch, &mut buf[..bytes]) {
+                Ok(()) => {
+                    let mut at = 0;
+                    for r in batch {
+                        pages += self.put(r, &buf[at..at + r.len as usize])?;
+                        at += r.len as usize;
+                    }
+                }
+                Err(e) if frozen || matches!(e, Error::Gone { .. }) => return Err(e),
+                Err(_) => {
+                    // One by one: keep what still reads.
+                    for r in batch {
+                        let data = &mut buf[..r.len as usize];
+                        if mm::read_batch(pid, std::slice::from_ref(r), data).is_ok() {
+                            pages += self.put(r, &buf[..r.len as usize])?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(pages)
+    }
+
+    /// Stores the contents of run `r`: in place where chunks hold its pages,
+    /// appended elsewhere (anonymous pages of zeros are left out: a fresh
+    /// mapping reads as zeros). Returns the pages written.
+    fn put(&mut self, r: &Run, data: &[u8]) -> Result<u64> {
+        let (start, end) = (r.vaddr, r.vaddr + r.len);
+        // The chunks overlapping [start, end), in address order.
+        let mut over: Vec<(u64, Slot)> = Vec::new();
+        if let Some((&a, &s)) = self.chunks.range(..start).next_back() {
+            if a + s.len > start {
+                over.push((a, s));
+            }
+        }
+        over.extend(self.chunks.range(start..end).map(|(&a, &s)| (a, s)));
+        let mut written = 0;
+        let mut at = start;
+        for (a, s) in over {
+            if a > at {
+                written +=
+                    self.append(r, at, &data[(at - start) as usize..(a - start) as usize])?;
+            }
+            let from = at.max(a);
+            let to = end.min(a + s.len);
+            let off = s.offset + (from - a);
+            let part = &data[(from - start) as usize..(to - start) as usize];
+            self.file
+                .write_all_at(part, off)
+                .map_err(|e| Error::io(&self.path, e))?;
+            self.set_crcs(off, part);
+            written += part.len() as u64 / PAGE_SIZE;
+            at = to;
+        }
+        if at < end {
+            written += self.append(r, at, &data[(at - start) as usize..])?;
+        }
+        Ok(written)
+    }
+
+    /// Appends the pages of `data` (at address `vaddr`, part of run `r`) as
+    /// new chunks, growing the previous chunk where it ends right there.
+    fn append(&mut self, r: &Run, vaddr: u64, data: &[u8]) -> Result<u64> {
+        let parts = if r.file_backed {
+            vec![(0, data.len())]
+        } else {
+            mm::nonzero_runs(data)
+        };
+        let mut written = 0;
+        for (from, to) in parts {
+            let part = &data[from..to];
+            let addr = vaddr + from as u64;
+            self.file
+                .write_all_at(part, self.end)
+                .map_err(|e| Error::io(&self.path, e))?;
+            let off = self.end;
+            self.end += part.len() as u64;
+            self.set_crcs(off, part);
+            written += part.len() as u64 / PAGE_SIZE;
+            // One chunk per contiguous run in memory and in the file.
+            let grow = self.chunks.range(..addr).next_back().and_then(|(&a, &s)| {
+                (a + s.len == addr
+                    && s.offset + s.len == off
+                    && s.len + part.len() as u64 <= mm::MAX_CHUNK)
+                    .then_some(a)
+            });
+            match grow {
+                Some(a) => self.chunks.get_mut(&a).expect("found above").len += part.len() as u64,
+                None => {
+                    self.chunks.insert(
+                        addr,
+                        Slot {
+                            len: part.len() as u64,
+                            offset: off,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(written)
+    }
+
+    fn set_crcs(&mut self, offset: u64, data: &[u8]) {
+        let first = (offset / PAGE_SIZE) as usize;
+        let n = data.len() / PAGE_SIZE as usize;
+        if self.page_crc.len() < first + n {
+            self.page_crc.resize(first + n, 0);
+        }
+        for (i, page) in data.chunks(PAGE_SIZE as usize).enumerate() {
+            self.page_crc[first + i] = crc32c::crc32c(page);
+        }
+    }
+
+    /// Keeps only the parts of chunks inside `keep` (runs of pages, each
+    /// inside one mapping): a chunk never spans two mappings, nor holds a
+    /// page that is no longer mapped, touched or private.
+    fn retain(&mut self, keep: &[Run]) {
+        let mut keep: Vec<(u64, u64)> = keep.iter().map(|r| (r.vaddr, r.vaddr + r.len)).collect();
+        keep.sort_unstable();
+        let old = std::mem::take(&mut self.chunks);
+        let mut k = 0;
+        for (a, s) in old {
+            let end = a + s.len;
+            while k < keep.len() && keep[k].1 <= a {
+                k += 1;
+            }
+            let mut j = k;
+            while j < keep.len() && keep[j].0 < end {
+                let from = keep[j].0.max(a);
+                let to = keep[j].1.min(end);
+                self.chunks.insert(
+                    from,
+                    Slot {
+                        len: to - from,
+                        offset: s.offset + (from - a),
+                    },
+                );
+                j += 1;
+            }
+        }
+    }
+
+    /// The parts of `keep` no chunk holds.
+    fn uncovered(&self, keep: &[Run]) -> Vec<Run> {
+        let mut out = Vec::new();
+        for r in keep {
+            let (start, end) = (r.vaddr, r.vaddr + r.len);
+            let mut at = start;
+            let before = self
+                .chunks
+                .range(..start)
+                .next_back()
+                .map(|(&a, &s)| (a, s));
+            let chunks = before
+                .into_iter()
+                .chain(self.chunks.range(start..end).map(|(&a, &s)| (a, s)));
+            for (a, s) in chunks {
+                if a + s.len <= at {
+                    continue;
+                }
+                if a > at {
+                    out.push(Run {
+                        vaddr: at,
+                        len: a - at,
+                        ..*r
+                    });
+                }
+                at = end.min(a + s.len);
+            }
+            if at < end {
+                out.push(Run {
+                    vaddr: at,
+                    len: end - at,
+                    ..*r
+                });
+            }
+        }
+        out
+    }
+
+    /// The chunks, each with its checksum.
+    fn finish(self) -> Result<Vec<PageChunk>> {
+        Ok(self
+            .chunks
+            .iter()
+            .map(|(&vaddr, s)| {
+                let first = (s.offset / PAGE_SIZE) as usize;
+                let n = (s.len / PAGE_SIZE) as usize;
+                PageChunk {
+                    vaddr,
+                    len: s.len,
+                    offset: s.offset,
+                    crc32c: crc_of_pages(&self.page_crc[first..first + n]),
+                }
+            })
+            .collect())
+    }
+}
+
+/// The crc32c of consecutive pages from each page's crc32c:
+/// `crc(A ‖ B) = Z(crc(A)) ^ crc(B)` where `Z` runs the CRC register through
+/// a page of zero bytes (linear over GF(2), so four byte-wise tables).
+fn crc_of_pages(crcs: &[u32]) -> u32 {
+    static TABLES: std::sync::OnceLock<[[u32; 256]; 4]> = std::sync::OnceLock::new();
+    let t = TABLES.get_or_init(|| {
+        let zeros = vec![0u8; PAGE_SIZE as usize];
+        // crc32c_append inverts the register on the way in and out.
+        let shift = |x: u32| !crc32c::crc32c_append(!x, &zeros);
+        let basis: Vec<u32> = (0..32).map(|i| shift(1 << i)).collect();
+        let mut t = [[0u32; 256]; 4];
+        for (k, table) in t.iter_mut().enumerate() {
+            for (b, v) in table.iter_mut().enumerate() {
+                *v = (0..8)
+                    .filter(|i| b & (1 << i) != 0)
+                    .fold(0, |acc, i| acc ^ basis[8 * k + i]);
+            }
+        }
+        t
+    });
+    let mut iter = crcs.iter();
+    let Some(&first) = iter.next() else {
+        return crc32c::crc32c(&[]);
+    };
+    iter.fold(first, |acc, &c| {
+        let z = t[0][(acc & 0xff) as usize]
+            ^ t[1][((acc >> 8) & 0xff) as usize]
+            ^ t[2][((acc >> 16) & 0xff) as usize]
+            ^ t[3][(acc >> 24) as usize];
+        z ^ c
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[rstest::rstest]
+    #[case(1)]
+    #[case(2)]
+    #[case(7)]
+    fn chunk_crc_from_page_crcs_equals_the_direct_one(#[case] pages: usize) {
+        let data: Vec<u8> = (0..pages * PAGE_SIZE as usize)
+            .map(|i| (i * 7 + i / 4096) as u8)
+            .collect();
+        let crcs: Vec<u32> = data
+            .chunks(PAGE_SIZE as usize)
+            .map(crc32c::crc32c)
+            .collect();
+        assert_eq!(crc_of_pages(&crcs), crc32c::crc32c(&data));
+    }
+
+    fn run(vaddr: u64, pages: u64) -> Run {
+        Run {
+            vaddr,
+            len: pages * PAGE_SIZE,
+            file_backed: false,
+            readable: true,
+        }
+    }
+
+    fn page_of(b: u8) -> Vec<u8> {
+        vec![b; PAGE_SIZE as usize]
+    }
+
+    #[test]
+    fn later_rounds_overwrite_in_place_append_and_trim() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut st = PageStore::create(dir.path().join("pages.img")).unwrap();
+        let p = PAGE_SIZE;
+        // Round 1: pages 0-3 (page 2 all zeros: not stored).
+        let mut d = [page_of(1), page_of(2), page_of(0), page_of(4)].concat();
+        assert_eq!(st.put(&run(0x10000, 4), &d).unwrap(), 3);
+        assert_eq!(st.chunks.len(), 2);
+        // Round 2: page 1 changed (in place), page 2 now written (appended).
+        d = [page_of(9), page_of(8)].concat();
+        assert_eq!(st.put(&run(0x10000 + p, 2), &d).unwrap(), 2);
+        assert_eq!(st.end, 4 * p);
+        assert_eq!(st.uncovered(&[run(0x10000, 4)]).len(), 0);
+        // Page 3 is no longer touched: dropped.
+        st.retain(&[run(0x10000, 3)]);
+        let chunks = st.finish().unwrap();
+        let file = std::fs::read(dir.path().join("pages.img")).unwrap();
+        let mut mem = vec![0u8; 4 * p as usize];
+        for c in &chunks {
+            let data = &file[c.offset as usize..(c.offset + c.len) as usize];
+            assert_eq!(crc32c::crc32c(data), c.crc32c);
+            let at = (c.vaddr - 0x10000) as usize;
+            mem[at..at + c.len as usize].copy_from_slice(data);
+        }
+        assert_eq!(
+            mem,
+            [page_of(1), page_of(9), page_of(8), page_of(0)].concat()
+        );
+    }
+
+    #[test]
+    fn uncovered_finds_the_gaps_between_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut st = PageStore::create(dir.path().join("pages.img")).unwrap();
+        let p = PAGE_SIZE;
+        st.put(&run(0x20000 + p, 1), &page_of(1)).unwrap();
+        st.put(&run(0x20000 + 3 * p, 1), &page_of(1)).unwrap();
+        let gaps: Vec<(u64, u64)> = st
+            .uncovered(&[run(0x20000, 5)])
+            .iter()
+            .map(|r| ((r.vaddr - 0x20000) / p, r.len / p))
+            .collect();
+        assert_eq!(gaps, vec![(0, 1), (2, 1), (4, 1)]);
+    }
+}
