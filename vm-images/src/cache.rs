@@ -30,7 +30,8 @@ pub const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 const MANIFEST: &str = "manifest.json";
 // 2: the socket diagnostics modules joined the guest modules.
 // 3: nf_tables (and nfnetlink) joined them, for `dump --tcp-established`.
-const MANIFEST_SCHEMA: &str = "crest-kernel-cache/3";
+// 4: with crc32c_generic, which libcrc32c (nf_tables' dependency) needs loaded first.
+const MANIFEST_SCHEMA: &str = "crest-kernel-cache/4";
 
 /// A fetched package.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -21,8 +21,16 @@ pub const GUEST_LEAF_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p"];
 /// `dump --tcp-established` carries to peers outside the dump.
 /// Debian builds them as modules, and the guest has no modprobe to load them
 /// on demand; a kernel without them still boots (crest then refuses those
-/// sockets, or `--tcp-established` for them).
-pub const GUEST_OPTIONAL_MODULES: &[&str] = &["unix_diag", "inet_diag", "tcp_diag", "nf_tables"];
+/// sockets, or `--tcp-established` for them). `crc32c_generic` comes before
+/// nf_tables: up to 6.12 nf_tables needs libcrc32c, whose init fails (ENOENT)
+/// without a crc32c crypto driver, a soft dependency `depends=` does not list.
+pub const GUEST_OPTIONAL_MODULES: &[&str] = &[
+    "unix_diag",
+    "inet_diag",
+    "tcp_diag",
+    "crc32c_generic",
+    "nf_tables",
+];
 
 /// The `CONFIG_` symbol of modules the guest needs, to tell a built-in one
 /// (`=y`) from a missing one when the package ships no `modules.builtin`.

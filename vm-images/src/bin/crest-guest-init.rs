@@ -178,10 +178,20 @@ fn uname_release() -> String {
 
 /// Everything up to (and including) the switch into the new root.
 fn setup(spec: &GuestSpec) -> Result<(), String> {
+    // A module that does not load is reported, not fatal: the optional ones
+    // (socket diagnostics, nf_tables) only cost their features, and a missing
+    // 9p or virtio module makes the mount below fail with its own error.
+    let mut failed = 0;
     for m in &spec.modules {
-        load_module(m)?;
+        if let Err(e) = load_module(m) {
+            log(&format!("warning: {e}"));
+            failed += 1;
+        }
     }
-    log(&format!("loaded {} modules", spec.modules.len()));
+    log(&format!(
+        "loaded {} modules ({failed} failed)",
+        spec.modules.len() - failed
+    ));
     let ro = libc::MS_RDONLY;
     mount_9p(
         HOSTROOT_TAG,
