@@ -471,7 +471,9 @@ fn tcp_external(ctl: &Ctl, c: &mut Checks) {
 /// one connection, sends the numbered stream in 4 KiB pieces and checks the
 /// echo, until `go` appears; then it waits for the echo of every byte it
 /// sent, shuts down its side and waits for the other's. A reset, EPIPE,
-/// a wrong or missing byte, or 20 s without progress is a difference.
+/// a wrong or missing byte, or 90 s without progress is a difference (the
+/// connection was silent while dumped, so both ends' retransmission timers
+/// backed off: under emulation the echo can take many seconds to resume).
 fn tcp_peer(ctl: &Ctl, c: &mut Checks) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| fail(&format!("bind: {e}")));
     let port = l
@@ -508,8 +510,10 @@ fn tcp_peer(ctl: &Ctl, c: &mut Checks) {
         })
     };
     let mut r = s;
-    let _ = r.set_read_timeout(Some(Duration::from_secs(20)));
+    let _ = r.set_read_timeout(Some(Duration::from_secs(90)));
     let mut echoed: u64 = 0;
+    let mut last = std::time::Instant::now();
+    let mut silence = Duration::ZERO;
     let mut buf = vec![0u8; 64 * 1024];
     let mut writer = Some(writer);
     loop {
@@ -541,6 +545,8 @@ fn tcp_peer(ctl: &Ctl, c: &mut Checks) {
                     break;
                 }
                 echoed += n as u64;
+                silence = silence.max(last.elapsed());
+                last = std::time::Instant::now();
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => {
@@ -558,7 +564,10 @@ fn tcp_peer(ctl: &Ctl, c: &mut Checks) {
             Err(e) => c.fail(format!("waiting for the other side to close: {e}")),
         }
     }
-    eprintln!("tcp-peer: sent {total} bytes, {echoed} echoed");
+    eprintln!(
+        "tcp-peer: sent {total} bytes, {echoed} echoed, longest silence {} ms",
+        silence.as_millis()
+    );
 }
 
 /// A child whose stdin is one end of a socketpair its parent holds (how
