@@ -139,6 +139,10 @@ fn mpi_toolchain(cfg: &Config, spec: &CaseSpec) -> Result<mpi::Toolchain, String
     mpi::toolchain(flavor, cfg.mpi.as_deref(), &cfg.mpi_args)
 }
 
+/// A case note saying what the case ran against (the `--mpi` launcher);
+/// `update-requirements` adds it to the requirement's status.
+pub const RUN_WITH: &str = "run with ";
+
 /// The state of one running case.
 struct Run<'a> {
     cfg: &'a Config,
@@ -1617,6 +1621,12 @@ impl Run<'_> {
         };
         let (iterations, pause) = (num(1, "iterations")?, num(2, "pause")?);
         let cycles = self.spec.cycles.unwrap_or(self.cfg.cycles).max(1);
+        if self.cfg.mpi.is_some() && self.spec.args.first().is_some_and(|f| f == "vendor") {
+            // Which launcher a vendor result is about (REQUIREMENTS.md's status says it).
+            let mut how = vec![tc.launcher.display().to_string()];
+            how.extend(tc.launcher_args.iter().cloned());
+            self.notes.push(format!("{RUN_WITH}{}", how.join(" ")));
+        }
         let exe = self.dir.join("ring");
         tc.compile(&exe).map_err(Stop::Failed)?;
         let reference = self.mpi_reference(&tc, &exe, iterations)?;

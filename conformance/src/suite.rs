@@ -258,11 +258,29 @@ fn update_requirements(args: &[OsString]) -> anyhow::Result<()> {
             .iter()
             .filter(|c| c.requirement == id)
             .collect();
-        report::requirement_status(&cases).to_string()
+        status_cell(&cases)
     })
     .map_err(|e| anyhow::anyhow!("{}: {e}", md.to_string_lossy()))?;
     std::fs::write(md, out).with_context(|| format!("writing {}", md.to_string_lossy()))?;
     Ok(())
+}
+
+/// A requirement's status, with what its cases that ran were run against
+/// ("pass (run with /opt/vendor/bin/mpirun --mca btl tcp,self)").
+fn status_cell(cases: &[&CaseRecord]) -> String {
+    let status = report::requirement_status(cases);
+    let mut how: Vec<&str> = cases
+        .iter()
+        .filter(|c| c.outcome != report::Outcome::Ignored)
+        .flat_map(|c| c.notes.split("; "))
+        .filter(|n| n.starts_with(runner::RUN_WITH))
+        .collect();
+    how.dedup();
+    if how.is_empty() {
+        status.to_string()
+    } else {
+        format!("{status} ({})", how.join("; ").replace('|', "\\|"))
+    }
 }
 
 fn run_suite(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
@@ -454,6 +472,30 @@ mod tests {
 
     fn os(v: &[&str]) -> Vec<OsString> {
         v.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn a_status_says_what_its_cases_ran_against() {
+        let case = |outcome, notes: &str| CaseRecord {
+            id: "MPI-VENDOR::vendor-mpirun".into(),
+            requirement: "MPI-VENDOR".into(),
+            priority: "must".into(),
+            outcome,
+            duration_ms: 1,
+            message: String::new(),
+            notes: notes.into(),
+        };
+        let ran = case(
+            Outcome::Passed,
+            "run with /usr/bin/mpiexec.mpich -genv UCX_TLS tcp,self; cycle 1: dump 0.49 s",
+        );
+        assert_eq!(
+            status_cell(&[&ran]),
+            "pass (run with /usr/bin/mpiexec.mpich -genv UCX_TLS tcp,self)"
+        );
+        let ignored = case(Outcome::Ignored, "run with /x");
+        assert_eq!(status_cell(&[&ignored]), "ignored");
+        assert_eq!(status_cell(&[&case(Outcome::Passed, "")]), "pass");
     }
 
     #[test]
