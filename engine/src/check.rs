@@ -310,6 +310,15 @@ pub fn check() -> Report {
             "established TCP connections",
         ),
         f(
+            "nf_tables",
+            match crate::netlock::tables() {
+                Ok(_) => (true, "available".into()),
+                Err(e) => (false, e.to_string()),
+            },
+            false,
+            "holding the traffic of connections to peers outside the dump (--tcp-established)",
+        ),
+        f(
             "userfaultfd",
             probe_userfaultfd(),
             false,

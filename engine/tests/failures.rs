@@ -460,3 +460,75 @@ fn a_dump_refused_after_locking_a_connection_removes_the_lock() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[test]
+fn an_image_never_restored_has_its_network_lock_removed_by_unlock() {
+    require_root!();
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (mut server, _) = l.accept().unwrap();
+    let cfd = client.as_raw_fd();
+    let mut cmd = std::process::Command::new("sleep");
+    cmd.arg("30");
+    // SAFETY: only async-signal-safe syscalls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(cfd, 5) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::syscall(libc::SYS_close_range, 6u32, u32::MAX, 0u32);
+            libc::syscall(libc::SYS_close_range, 3u32, 4u32, 0u32);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(client);
+    let pid = child.id() as i32;
+    wait_for_file(format!("/proc/{pid}/fd/5").as_ref(), TIMEOUT);
+    std::thread::sleep(Duration::from_millis(50));
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("img");
+    let out = dump(pid, &img, &["--tcp-established"]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    child.wait().unwrap();
+    let image = crest_engine::image::Image::read(&img).unwrap();
+    let table = image.inventory.net_lock.expect("a network lock").table;
+    let listed = || {
+        let out = run_crest(&["unlock", "--list"]);
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l == format!("inet {table}"))
+    };
+    assert!(listed(), "the dump's table is not in the ruleset");
+    // Held: the dumped end closed in repair mode, silently, and what the peer
+    // sends now is dropped, not answered with a reset.
+    server.write_all(b"into the void").unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    let r = server.read(&mut b);
+    assert!(
+        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "{r:?}"
+    );
+    let out = run_crest(&["unlock", img.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(!listed(), "crest unlock left the table");
+    // Unheld, the peer's retransmission meets a closed port: reset.
+    server
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let r = server.read(&mut b);
+    assert!(
+        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{r:?}"
+    );
+    // Removing it again is not an error.
+    let out = run_crest(&["unlock", img.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+}
