@@ -27,7 +27,14 @@ pub enum Workload {
     /// `count` one-page private anonymous mappings, each dirty (alternate
     /// pages read-only so that the kernel keeps them apart).
     ManyVmas { count: usize },
+    /// `mib` MiB dirty, of which the first `writing_mib` MiB are written
+    /// again and again while the hog runs (a pass every [`WRITE_PERIOD_MS`]):
+    /// what a pre-copy dump must copy again while it is frozen.
+    Writing { mib: usize, writing_mib: usize },
 }
+
+/// How often a [`Workload::Writing`] hog rewrites its working set.
+pub const WRITE_PERIOD_MS: u64 = 10;
 
 impl Workload {
     /// The bytes a dump copies: the benchmark's throughput unit.
@@ -36,6 +43,7 @@ impl Workload {
             Workload::Dirty { mib } => (mib as u64) << 20,
             Workload::Sparse { touched_mib, .. } => (touched_mib as u64) << 20,
             Workload::ManyVmas { count } => count as u64 * 4096,
+            Workload::Writing { mib, .. } => (mib as u64) << 20,
         }
     }
 
@@ -47,6 +55,7 @@ impl Workload {
                 touched_mib,
             } => format!("sparse-{reserve_gib}GiB-{touched_mib}MiB"),
             Workload::ManyVmas { count } => format!("{count}-vmas"),
+            Workload::Writing { mib, writing_mib } => format!("{mib}MiB-writing-{writing_mib}MiB"),
         }
     }
 
@@ -58,6 +67,7 @@ impl Workload {
                 touched_mib,
             } => format!("sparse:{reserve_gib}:{touched_mib}"),
             Workload::ManyVmas { count } => format!("vmas:{count}"),
+            Workload::Writing { mib, writing_mib } => format!("writing:{mib}:{writing_mib}"),
         }
     }
 
@@ -72,6 +82,10 @@ impl Workload {
                 touched_mib: n()?,
             },
             "vmas" => Workload::ManyVmas { count: n()? },
+            "writing" => Workload::Writing {
+                mib: n()?,
+                writing_mib: n()?,
+            },
             _ => return None,
         })
     }
@@ -139,6 +153,20 @@ pub fn hog_main_if_requested() {
                 // SAFETY: a page of the mapping made above.
                 let r = unsafe { libc::mprotect(p.add(i * 4096).cast(), 4096, libc::PROT_READ) };
                 assert_eq!(r, 0, "hog mprotect");
+            }
+        }
+        Workload::Writing { mib, writing_mib } => {
+            let p = map(mib << 20, 0);
+            dirty(p, mib << 20);
+            println!("ready");
+            let len = writing_mib.min(mib) << 20;
+            for pass in 0u64.. {
+                // SAFETY: the first `len` bytes of the mapping made above.
+                let mem = unsafe { std::slice::from_raw_parts_mut(p, len) };
+                for page in mem.chunks_mut(4096) {
+                    page[8..16].copy_from_slice(&pass.to_ne_bytes());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(WRITE_PERIOD_MS));
             }
         }
     }
