@@ -368,8 +368,7 @@ impl Tracked {
                 let uffd = self.uffd.as_ref().expect("uffd-wp tracking has a uffd");
                 for p in &privates {
                     if !p.tracked {
-                        // New (or first round): register it; the scan below
-                        // then finds all its pages written.
+                        // New (or the first round): register it.
                         match uffd_register(uffd, p.vma.start, p.vma.end) {
                             Ok(()) => self.ranges.push((p.vma.start, p.vma.end)),
                             Err(e) => {
@@ -384,10 +383,22 @@ impl Tracked {
                             }
                         }
                     }
-                    match written_regions(&pm, p, &mut runs) {
-                        Ok(_) => {}
+                    // An untracked mapping is protected, then every touched
+                    // page copied, not only those the scan reports: pages
+                    // moved here by mremap may still carry protections from
+                    // their old place (kernels before the mremap uffd-wp
+                    // fix), which the scan takes as unwritten.
+                    let mut protected = Vec::new();
+                    let out = if p.tracked { &mut runs } else { &mut protected };
+                    match written_regions(&pm, p, out) {
+                        Ok(()) if !p.tracked => runs.extend(mm::touched_runs(
+                            pid,
+                            std::slice::from_ref(p.vma),
+                            &mut scratch,
+                        )?),
+                        Ok(()) => {}
                         // Unregistered or unmapped meanwhile: the next round sees it.
-                        Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM)) => {}
+                        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
                         Err(e) => return Err(Error::io(format!("/proc/{pid}/pagemap"), e)),
                     }
                 }
