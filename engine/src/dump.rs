@@ -473,8 +473,9 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
     };
     let staging = Staging::new(&opts.dir)?;
     let mut stats = DumpStats::default();
-    // Dropped after `set` (declared later): a failed dump releases the
-    // processes, then closes the userfaultfds, which drops their protections.
+    // Dropped after `set` (declared later), at the very end: the processes
+    // are released (or killed) first, then the userfaultfds closed, which
+    // drops their protections without holding the processes frozen for it.
     let mut pre_copy = match &opts.pre_copy {
         Some(o) => Some(crate::precopy::PreCopy::run(
             &in_scope,
@@ -510,12 +511,11 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
     }
     let mut images = Vec::new();
     for fp in &mut set.procs {
-        let tracked = pre_copy.as_mut().and_then(|p| p.take(fp.pid));
-        let mut image = collect_process(fp, staging.path(), &mut stats, progress, tracked)?;
+        let mut image =
+            collect_process(fp, staging.path(), &mut stats, progress, pre_copy.as_mut())?;
         image.api = callbacks.image_of(fp.pid);
         images.push(image);
     }
-    drop(pre_copy.take());
     crate::tty::resolve(&mut images)?;
     let mut shared_files = Vec::new();
     let pipes = {
@@ -928,7 +928,7 @@ fn collect_process(
     dir: &std::path::Path,
     stats: &mut DumpStats,
     progress: &indicatif::ProgressBar,
-    pre_copied: Option<crate::precopy::Tracked>,
+    pre_copy: Option<&mut crate::precopy::PreCopy>,
 ) -> Result<ProcessImage> {
     let pid = fp.pid;
     let status = proc::read(pid, "status")?;
@@ -1022,8 +1022,12 @@ fn collect_process(
 
     let mem_started = Instant::now();
     progress.set_message(format!("pid {pid}: memory"));
+    let pre_copied = match pre_copy {
+        Some(p) => p.final_round(pid, &vmas, &vmflags, stats)?,
+        None => None,
+    };
     let chunks = match pre_copied {
-        Some(t) => t.final_round(&vmas, &vmflags, stats)?,
+        Some(chunks) => chunks,
         None => mm::collect_pages(pid, &vmas, &Image::pages_path(dir, pid), stats)?,
     };
     stats.memory_us += mem_started.elapsed().as_micros() as u64;

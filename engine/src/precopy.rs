@@ -187,6 +187,11 @@ pub fn choose_tracker(pid: i32, wanted: Option<Tracker>) -> Result<Tracker> {
 pub struct PreCopy {
     tracker: Tracker,
     procs: Vec<Tracked>,
+    /// The userfaultfds of the processes already copied frozen. Closing one
+    /// walks the whole address space to drop its protections (40 ms for
+    /// 1 GiB), so it waits until they are killed (then there is nothing to
+    /// walk) or running again.
+    done: Vec<OwnedFd>,
 }
 
 impl PreCopy {
@@ -204,6 +209,7 @@ impl PreCopy {
         let mut pc = PreCopy {
             tracker,
             procs: Vec::new(),
+            done: Vec::new(),
         };
         for &pid in pids {
             let Ok(st) = stat_fields(pid) else { continue };
@@ -245,17 +251,26 @@ impl PreCopy {
         self.tracker
     }
 
-    /// The state of `pid` for its frozen round, if it was tracked (and is
-    /// still the same process). A process that is not gets a plain dump, so
-    /// its page file is removed.
-    pub fn take(&mut self, pid: i32) -> Option<Tracked> {
-        let i = self.procs.iter().position(|p| p.pid == pid)?;
-        let t = self.procs.remove(i);
-        if stat_fields(pid).is_ok_and(|f| start_time(&f) == t.start_time) {
-            return Some(t);
+    /// The frozen round of `pid` (see [`Tracked::final_round`]): its
+    /// chunks, or `None` when it was not tracked (or is no longer the same
+    /// process), and then needs a plain dump (its page file is removed).
+    pub fn final_round(
+        &mut self,
+        pid: i32,
+        vmas: &[Vma],
+        vmflags: &[(u64, Vec<String>)],
+        stats: &mut DumpStats,
+    ) -> Result<Option<Vec<PageChunk>>> {
+        let Some(i) = self.procs.iter().position(|p| p.pid == pid) else {
+            return Ok(None);
+        };
+        let mut t = self.procs.remove(i);
+        if !stat_fields(pid).is_ok_and(|f| start_time(&f) == t.start_time) {
+            let _ = std::fs::remove_file(&t.store.path);
+            return Ok(None);
         }
-        let _ = std::fs::remove_file(&t.store.path);
-        None
+        self.done.extend(t.uffd.take());
+        t.final_round(vmas, vmflags, stats).map(Some)
     }
 }
 
@@ -282,6 +297,7 @@ type VmFlags = Vec<(u64, Vec<String>)>;
 /// One tracked process.
 pub struct Tracked {
     pid: i32,
+    tracker: Tracker,
     start_time: u64,
     /// uffd-wp: crest's copy of the userfaultfd made in the process.
     uffd: Option<OwnedFd>,
@@ -308,6 +324,7 @@ impl Tracked {
         };
         Ok(Tracked {
             pid,
+            tracker,
             start_time: start_time(stat),
             uffd,
             ranges: Vec::new(),
@@ -334,7 +351,7 @@ impl Tracked {
                     .any(|&(s, e)| s <= vma.start && vma.end <= e);
                 let tracked = inside
                     && self.rounds > 0
-                    && if self.uffd.is_some() {
+                    && if self.tracker == Tracker::UffdWp {
                         has(vma, "uw")
                     } else {
                         !has(vma, "sd")
@@ -443,10 +460,11 @@ impl Tracked {
         self.store.write_runs(pid, &runs, false)
     }
 
-    /// The frozen round: `vmas` are the process's mappings now. Copies what
+    /// The frozen round: `vmas` are the process's mappings now (`uffd` was
+    /// taken by the caller). Copies what
     /// was written since the last round and every page of a mapping not
     /// tracked, drops what is no longer there, and returns the chunks.
-    pub fn final_round(
+    fn final_round(
         mut self,
         vmas: &[Vma],
         vmflags: &[(u64, Vec<String>)],
@@ -462,7 +480,7 @@ impl Tracked {
         let pm = open_pagemap(pid)?;
         for p in &privates {
             let (k, d) = (keep.len(), dirty.len());
-            let r = match (p.tracked, self.uffd.is_some()) {
+            let r = match (p.tracked, self.tracker == Tracker::UffdWp) {
                 (false, _) => Err(std::io::Error::from_raw_os_error(libc::EPERM)),
                 (true, true) => written_regions_final(&pm, p, &mut keep, &mut dirty),
                 (true, false) => soft_dirty_final(&pm, p, &mut entries, &mut keep, &mut dirty),
@@ -483,14 +501,15 @@ impl Tracked {
                 Err(e) => return Err(Error::io(format!("/proc/{pid}/pagemap"), e)),
             }
         }
-        // Protections go with the userfaultfd, while the process is frozen.
-        self.uffd = None;
+        let scanned = t.elapsed();
         self.store.retain(&keep);
         // Pages to keep that no chunk holds yet (zero pages skipped before)
         // are read again too: the image must never miss a page.
         dirty.extend(self.store.uncovered(&keep));
         dirty.sort_by_key(|r| r.vaddr);
+        let trimmed = t.elapsed();
         let pages = self.store.write_runs(pid, &dirty, true)?;
+        let written = t.elapsed();
         stats.pages_written += pages;
         if let Some(round) = stats
             .pre_copy
@@ -501,7 +520,16 @@ impl Tracked {
             round.pages += pages;
             round.us += t.elapsed().as_micros() as u64;
         }
-        self.store.finish()
+        let chunks = self.store.finish();
+        tracing::debug!(
+            pid,
+            ?scanned,
+            ?trimmed,
+            ?written,
+            finished = ?t.elapsed(),
+            "frozen pre-copy round"
+        );
+        chunks
     }
 }
 
