@@ -125,6 +125,11 @@ fn anon_writing(ctl: &Ctl, c: &mut Checks, mib: usize) {
             }
         })
         .unwrap_or_else(|_| setup_failed("spawn the writer thread"));
+    // Ready once the writer runs (named, its start-up allocations made), so
+    // the harness's view before the dump is the one the dump sees.
+    while DONE.load(Ordering::Acquire) == 0 {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     ctl.ready();
     ctl.wait_for_go();
     STOP.store(true, Ordering::Release);
