@@ -493,6 +493,7 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
     let mut zombie_pids = Vec::new();
     progress.set_message(format!("pid {root}: freezing"));
     freeze(opts.pid, root, opts.scope, &mut set, &mut zombie_pids)?;
+    crate::sockets::set_dump_pids(set.procs.iter().map(|p| p.pid).collect());
     if opts.tcp_established {
         // Connections to peers outside the dump are locked as they are
         // collected: find them before any socket is put in repair mode.

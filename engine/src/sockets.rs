@@ -4,8 +4,14 @@
 //! Collect duplicates the socket into crest (`pidfd_getfd`), finds its peer
 //! with sock_diag (UNIX_DIAG_PEER), and reads each receive queue without
 //! consuming it: `MSG_PEEK` stepping `SO_PEEK_OFF` (restored afterwards).
+//! Regular files in flight (SCM_RIGHTS, as CRIU carries them) arrive in
+//! crest with the peek: each is described (path, flags, offset) unless a
+//! process of the dump also holds it (reopened apart, they would no longer
+//! share it: refused). On a stream, the bytes a peek returns with the files
+//! (those queued before them are glued on, as a read does) stay one message.
 //! Restore creates each pair once in the restorer, sends every queued message
-//! from the peer end again, and every process inherits its ends.
+//! from the peer end again (with its files reopened), and every process
+//! inherits its ends.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
@@ -33,6 +39,90 @@ pub struct UnixEnd {
         with = "crate::image::hex_bytes"
     )]
     pub name: Vec<u8>,
+    /// Files in flight (SCM_RIGHTS) on queued messages, not yet received.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub passed: Vec<InFlight>,
+}
+
+/// The files one queued message carries (SCM_RIGHTS), in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InFlight {
+    /// Index into the end's `queue`.
+    pub message: usize,
+    pub files: Vec<PassedFile>,
+}
+
+/// A regular file in flight: reopened at restore and sent again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PassedFile {
+    pub path: String,
+    /// Open flags (access mode and status flags; not close-on-exec).
+    pub flags: i32,
+    pub pos: u64,
+}
+
+/// The processes of the dump being taken: a file in flight that one of them
+/// also holds cannot be reopened apart (they would no longer share it).
+static DUMP_PIDS: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+
+/// Sets the processes [`DUMP_PIDS`] holds (at each dump's freeze).
+pub fn set_dump_pids(pids: Vec<i32>) {
+    *DUMP_PIDS.lock().unwrap_or_else(|e| e.into_inner()) = pids;
+}
+
+/// Describes the file crest received as `own` (from a peek of `pid`'s fd
+/// `fd`), or says why it cannot be carried. `earlier`: files already in flight.
+fn passed_file(pid: i32, fd: i32, own: i32, earlier: &[i32]) -> Result<PassedFile> {
+    let me = std::process::id() as i32;
+    let refuse = |what: String| {
+        Err(Error::unsupported(
+            pid,
+            format!("fd {fd} has {what} in flight (SCM_RIGHTS)"),
+        ))
+    };
+    let link = std::fs::read_link(format!("/proc/self/fd/{own}"))
+        .map(|l| l.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // SAFETY: fstat writes into a stat we own.
+    let st = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        (libc::fstat(own, &mut st) == 0).then_some(st)
+    };
+    let regular = st.is_some_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG);
+    if !regular || !link.starts_with('/') || link.ends_with(" (deleted)") {
+        return refuse(format!("a file descriptor of {link}"));
+    }
+    const KCMP_FILE: libc::c_long = 0;
+    // SAFETY: kcmp takes only integers.
+    let same = |p: i32, theirs: i32| unsafe {
+        libc::syscall(libc::SYS_kcmp, me, p, KCMP_FILE, own, theirs) == 0
+    };
+    if earlier.iter().any(|&e| same(me, e)) {
+        return refuse(format!("{link} twice"));
+    }
+    for &p in DUMP_PIDS.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        let fds = std::fs::read_dir(format!("/proc/{p}/fd"))
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        if let Some(theirs) = fds.into_iter().find(|&t| same(p, t)) {
+            return refuse(format!(
+                "{link}, which pid {p} also holds open as fd {theirs} (this sharing)"
+            ));
+        }
+    }
+    let info = crate::proc::parse_fdinfo(
+        &std::fs::read_to_string(format!("/proc/self/fdinfo/{own}")).unwrap_or_default(),
+    );
+    Ok(PassedFile {
+        path: link,
+        flags: info.flags & !libc::O_CLOEXEC,
+        pos: info.pos,
+    })
 }
 
 /// A listening unix socket (stream or seqpacket) bound to a path or an
@@ -354,9 +444,16 @@ fn diag(pid: i32, inode: u64) -> Result<Diag> {
     Ok(parse_diag_attrs(&buf[32..total.max(32)]))
 }
 
-/// Reads a receive queue without consuming it. Refuses file descriptors or
-/// credentials in flight (SCM_RIGHTS), which are not carried yet.
-fn peek_queue(pid: i32, fd: i32, sock: &OwnedFd, stream: bool) -> Result<Vec<Message>> {
+/// Reads a receive queue without consuming it, with the regular files in
+/// flight on its messages (SCM_RIGHTS, which the peek installs in crest: each
+/// is described, then closed). Other descriptors or credentials in flight
+/// are refused.
+fn peek_queue(
+    pid: i32,
+    fd: i32,
+    sock: &OwnedFd,
+    stream: bool,
+) -> Result<(Vec<Message>, Vec<InFlight>)> {
     let s = sock.as_raw_fd();
     let old_off = sockopt(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF);
     let set_off = |v: libc::c_int| {
@@ -375,6 +472,8 @@ fn peek_queue(pid: i32, fd: i32, sock: &OwnedFd, stream: bool) -> Result<Vec<Mes
         return Err(sys_err(pid, "SO_PEEK_OFF"));
     }
     let mut out: Vec<Message> = Vec::new();
+    let mut passed: Vec<InFlight> = Vec::new();
+    let mut held: Vec<OwnedFd> = Vec::new();
     let mut buf = vec![0u8; 256 * 1024];
     let mut control = [0u8; 256];
     let result = loop {
@@ -404,30 +503,57 @@ fn peek_queue(pid: i32, fd: i32, sock: &OwnedFd, stream: bool) -> Result<Vec<Mes
                 Err(Error::sys(pid, format!("fd {fd}: peeking its queue"), e))
             };
         }
+        let mut received: Vec<OwnedFd> = Vec::new();
+        let mut other_cmsg = false;
         if clen > 0 {
-            // Close whatever SCM_RIGHTS the peek installed in crest, then refuse.
-            // SAFETY: walking the control buffer the kernel filled, clen bytes.
+            // SAFETY: walking the control buffer the kernel filled, clen bytes;
+            // the SCM_RIGHTS fds are crest's own from here on.
             unsafe {
                 let mut msg: libc::msghdr = std::mem::zeroed();
                 msg.msg_control = control.as_mut_ptr().cast();
                 msg.msg_controllen = clen;
                 let mut c = libc::CMSG_FIRSTHDR(&msg);
                 while !c.is_null() {
-                    if (*c).cmsg_type == libc::SCM_RIGHTS {
+                    if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
                         let data = libc::CMSG_DATA(c).cast::<i32>();
                         let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
                         for i in 0..count {
-                            libc::close(*data.add(i));
+                            received.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
                         }
+                    } else {
+                        other_cmsg = true;
                     }
                     c = libc::CMSG_NXTHDR(&msg, c);
                 }
             }
+        }
+        if other_cmsg || flags & libc::MSG_CTRUNC != 0 {
             break Err(Error::unsupported(
                 pid,
-                format!("fd {fd} has file descriptors or credentials in flight (SCM_RIGHTS)"),
+                format!("fd {fd} has credentials or too many file descriptors in flight"),
             ));
         }
+        let mut files = Vec::new();
+        let mut failed = None;
+        for (i, r) in received.iter().enumerate() {
+            let earlier: Vec<i32> = received[..i]
+                .iter()
+                .map(|o| o.as_raw_fd())
+                .chain(held.iter().map(|o| o.as_raw_fd()))
+                .collect();
+            match passed_file(pid, fd, r.as_raw_fd(), &earlier) {
+                Ok(f) => files.push(f),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failed {
+            break Err(e);
+        }
+        // Kept open until the whole queue is read, to tell the same file apart.
+        held.extend(received);
         if flags & libc::MSG_TRUNC != 0 {
             break Err(Error::unsupported(
                 pid,
@@ -440,17 +566,29 @@ fn peek_queue(pid: i32, fd: i32, sock: &OwnedFd, stream: bool) -> Result<Vec<Mes
         if n == 0 && stream {
             break Ok(());
         }
-        if stream {
-            match out.first_mut() {
-                Some(blob) => blob.0.extend_from_slice(&buf[..n as usize]),
-                None => out.push(Message(buf[..n as usize].to_vec())),
+        // A stream's bytes are one blob, except where files ride on them: the
+        // kernel attaches those to the bytes of one send, so they stay a message.
+        let last = out.len().wrapping_sub(1);
+        let merge = stream
+            && files.is_empty()
+            && !out.is_empty()
+            && !passed.iter().any(|p| p.message == last);
+        match out.last_mut() {
+            Some(blob) if merge => blob.0.extend_from_slice(&buf[..n as usize]),
+            _ => {
+                out.push(Message(buf[..n as usize].to_vec()));
+                if !files.is_empty() {
+                    passed.push(InFlight {
+                        message: out.len() - 1,
+                        files,
+                    });
+                }
             }
-        } else {
-            out.push(Message(buf[..n as usize].to_vec()));
         }
     };
     set_off(old_off);
-    result.map(|()| out)
+    drop(held);
+    result.map(|()| (out, passed))
 }
 
 /// Describes socket `fd` of `pid` as a unix pair end, or says why it is not one
@@ -550,7 +688,7 @@ pub fn collect(pid: i32, fd: i32, flags: i32) -> Result<std::result::Result<Coll
             "a connected unix datagram socket bound to {shown}"
         )));
     }
-    let queue = peek_queue(pid, fd, &sock, ty == libc::SOCK_STREAM)?;
+    let (queue, passed) = peek_queue(pid, fd, &sock, ty == libc::SOCK_STREAM)?;
     Ok(Ok(Collected::Unix(UnixEnd {
         inode,
         peer: d.peer,
@@ -558,6 +696,7 @@ pub fn collect(pid: i32, fd: i32, flags: i32) -> Result<std::result::Result<Coll
         flags,
         queue,
         name: d.name,
+        passed,
     })))
 }
 
@@ -619,16 +758,12 @@ pub fn create(ends: &[UnixEnd]) -> Result<Vec<(u64, OwnedFd)>> {
         };
         // What waited in a's queue was sent by b, and the other way round.
         for (receiver, sender) in [(a, &fb), (b, &fa)] {
-            for m in &receiver.queue {
-                // SAFETY: send of our buffer on a socket we own.
-                let n = unsafe {
-                    libc::send(
-                        sender.as_raw_fd(),
-                        m.0.as_ptr().cast(),
-                        m.0.len(),
-                        libc::MSG_DONTWAIT,
-                    )
+            for (i, m) in receiver.queue.iter().enumerate() {
+                let files = match receiver.passed.iter().find(|p| p.message == i) {
+                    Some(p) => reopen_passed(receiver.inode, &p.files)?,
+                    None => Vec::new(),
                 };
+                let n = send_with_files(sender.as_raw_fd(), &m.0, &files);
                 if n != m.0.len() as isize {
                     return Err(Error::Restore(format!(
                         "unix socket {}: requeueing {} bytes: {}",
@@ -643,6 +778,72 @@ pub fn create(ends: &[UnixEnd]) -> Result<Vec<(u64, OwnedFd)>> {
         out.push((b.inode, fb));
     }
     Ok(out)
+}
+
+/// Opens the files in flight on one message again, at their offsets.
+fn reopen_passed(inode: u64, files: &[PassedFile]) -> Result<Vec<OwnedFd>> {
+    let mut out = Vec::new();
+    for f in files {
+        let err = |what: &str, e: std::io::Error| {
+            Error::Restore(format!(
+                "unix socket {inode}: {} in flight: {what}: {e}",
+                f.path
+            ))
+        };
+        let path = std::ffi::CString::new(f.path.as_str())
+            .map_err(|e| err("path", std::io::Error::other(e)))?;
+        let flags = f.flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY);
+        // SAFETY: open reads a NUL-terminated path; the fd is ours from here on.
+        let fd = unsafe {
+            let fd = libc::open(path.as_ptr(), flags | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(err("open", std::io::Error::last_os_error()));
+            }
+            OwnedFd::from_raw_fd(fd)
+        };
+        // SAFETY: lseek takes integers.
+        if unsafe { libc::lseek(fd.as_raw_fd(), f.pos as libc::off_t, libc::SEEK_SET) } < 0 {
+            return Err(err("lseek", std::io::Error::last_os_error()));
+        }
+        out.push(fd);
+    }
+    Ok(out)
+}
+
+/// Sends `data` on `s` with `files` attached (SCM_RIGHTS); returns what send returns.
+fn send_with_files(s: i32, data: &[u8], files: &[OwnedFd]) -> isize {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    let bytes = std::mem::size_of_val(files) as u32;
+    let space = if files.is_empty() {
+        0
+    } else {
+        // SAFETY: CMSG_SPACE is a pure computation.
+        unsafe { libc::CMSG_SPACE(bytes) as usize }
+    };
+    let mut control = vec![0u8; space];
+    // SAFETY: msghdr points at our iovec and control buffer, both live; the
+    // cmsg header and its fds are written inside `control`.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        if !files.is_empty() {
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = space;
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(bytes) as usize;
+            let data = libc::CMSG_DATA(c).cast::<i32>();
+            for (i, f) in files.iter().enumerate() {
+                data.add(i).write_unaligned(f.as_raw_fd());
+            }
+        }
+        libc::sendmsg(s, &msg, libc::MSG_DONTWAIT)
+    }
 }
 
 /// A listening TCP socket: address, backlog and the options that matter for

@@ -2,7 +2,7 @@
 //! 127.0.0.1 (listening and established with queued data), UDP.
 //!
 //! `wl-sock --ctl DIR MODE [KIND]`, MODE one of: pair stream|dgram|seqpacket,
-//! listen path|abstract, tcp-listen, tcp-established, udp, scm, pair-stdin,
+//! listen path|abstract, tcp-listen, tcp-established, udp, scm [keep], pair-stdin,
 //! tcp-external (the dumped end of a connection to a `tcp-peer` outside the
 //! dump, started by the harness: see [`tcp_peer`]).
 
@@ -41,7 +41,7 @@ fn main() {
         "tcp-established" => tcp_established(&ctl, &mut c),
         "tcp-external" => tcp_external(&ctl, &mut c),
         "tcp-peer" => tcp_peer(&ctl, &mut c),
-        "scm" => scm(&ctl, &mut c),
+        "scm" => scm(&ctl, &mut c, kind == "keep"),
         "pair-stdin" => pair_stdin(&ctl, &mut c),
         "udp" => {
             let a = UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| fail(&format!("bind: {e}")));
@@ -186,7 +186,11 @@ fn pair(ctl: &Ctl, c: &mut Checks, kind: &str) {
 }
 
 /// An fd in flight: sent with SCM_RIGHTS, not yet received, its own copy closed.
-fn scm(ctl: &Ctl, c: &mut Checks) {
+/// An fd in flight: a regular file (read up to offset 9, then closed by the
+/// sender, or kept open with `keep`) sent with SCM_RIGHTS on a stream pair,
+/// between plain bytes queued before and after it; none of it received
+/// before the dump.
+fn scm(ctl: &Ctl, c: &mut Checks, keep: bool) {
     let mut sv = [0; 2];
     // SAFETY: sv is valid for two ints.
     sys(
@@ -195,8 +199,11 @@ fn scm(ctl: &Ctl, c: &mut Checks) {
     );
     let path = ctl.path("passed");
     std::fs::write(&path, b"contents of the passed file").unwrap_or_else(|_| fail("write"));
-    let f = std::fs::File::open(&path).unwrap_or_else(|_| fail("open"));
+    let mut f = std::fs::File::open(&path).unwrap_or_else(|_| fail("open"));
+    let mut skip = [0u8; 9];
+    f.read_exact(&mut skip).unwrap_or_else(|_| fail("read"));
     let fd = f.as_raw_fd();
+    write_all(sv[0], b"before");
     let mut data = *b"x";
     let mut iov = libc::iovec {
         iov_base: data.as_mut_ptr().cast(),
@@ -219,32 +226,43 @@ fn scm(ctl: &Ctl, c: &mut Checks) {
         std::ptr::write_unaligned(libc::CMSG_DATA(cm).cast::<i32>(), fd);
         sys(libc::sendmsg(sv[0], &msg, 0), "sendmsg");
     }
-    drop(f);
+    write_all(sv[0], b"after");
+    let _kept = keep.then_some(f);
     ctl.ready();
     ctl.wait_for_go();
+    // A stream read glues the bytes before the file's message to it and stops
+    // there: "beforex" with the fd, then "after".
+    let mut buf = [0u8; 64];
     let mut cbuf = vec![0u8; space];
     // SAFETY: as above, receiving into live buffers.
-    let got = unsafe {
+    let (n, got) = unsafe {
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
         let mut msg: libc::msghdr = std::mem::zeroed();
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;
         msg.msg_control = cbuf.as_mut_ptr().cast();
         msg.msg_controllen = space;
-        if libc::recvmsg(sv[1], &mut msg, libc::MSG_DONTWAIT) != 1 {
-            None
-        } else {
-            let cm = libc::CMSG_FIRSTHDR(&msg);
-            (!cm.is_null() && (*cm).cmsg_type == libc::SCM_RIGHTS)
-                .then(|| std::ptr::read_unaligned(libc::CMSG_DATA(cm).cast::<i32>()))
-        }
+        let n = libc::recvmsg(sv[1], &mut msg, libc::MSG_DONTWAIT);
+        let cm = libc::CMSG_FIRSTHDR(&msg);
+        let fd = (n > 0 && !cm.is_null() && (*cm).cmsg_type == libc::SCM_RIGHTS)
+            .then(|| std::ptr::read_unaligned(libc::CMSG_DATA(cm).cast::<i32>()));
+        (n, fd)
     };
+    c.eq(
+        "bytes read with the fd",
+        String::from_utf8_lossy(&buf[..n.max(0) as usize]).to_string(),
+        "beforex".to_string(),
+    );
     match got {
         Some(nfd) => {
             let (b, _) = crest_workloads::support::read_available(nfd);
             c.eq(
-                "contents read through the received fd",
+                "the rest of the passed file, from its offset",
                 String::from_utf8_lossy(&b).to_string(),
-                "contents of the passed file".to_string(),
+                "of the passed file".to_string(),
             );
         }
         None => c.fail(format!(
@@ -252,6 +270,12 @@ fn scm(ctl: &Ctl, c: &mut Checks) {
             std::io::Error::last_os_error()
         )),
     }
+    let (rest, _) = read_available(sv[1]);
+    c.eq(
+        "bytes after the fd's message",
+        String::from_utf8_lossy(&rest).to_string(),
+        "after".to_string(),
+    );
 }
 
 fn listen(ctl: &Ctl, c: &mut Checks, kind: &str) {
