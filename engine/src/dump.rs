@@ -996,6 +996,23 @@ fn collect_process(
     };
     let state = task::collect_process(&remote, &status)?;
     let brk = remote.call(libc::SYS_brk, [0; 6], "brk(0)")?;
+    let mem_started = Instant::now();
+    progress.set_message(format!("pid {pid}: memory"));
+    let pre_copied = match pre_copy {
+        Some(p) => p.final_round(pid, &vmas, &vmflags, stats)?,
+        None => None,
+    };
+    let chunks = match pre_copied {
+        Some(chunks) => chunks,
+        None => mm::collect_pages(
+            pid,
+            &vmas,
+            &Image::pages_path(dir, pid),
+            stats,
+            Some(&remote),
+        )?,
+    };
+    stats.memory_us += mem_started.elapsed().as_micros() as u64;
     main.remote_ok(
         insn,
         libc::SYS_munmap,
@@ -1020,18 +1037,6 @@ fn collect_process(
             format!("its executable {exe} was deleted"),
         ));
     }
-
-    let mem_started = Instant::now();
-    progress.set_message(format!("pid {pid}: memory"));
-    let pre_copied = match pre_copy {
-        Some(p) => p.final_round(pid, &vmas, &vmflags, stats)?,
-        None => None,
-    };
-    let chunks = match pre_copied {
-        Some(chunks) => chunks,
-        None => mm::collect_pages(pid, &vmas, &Image::pages_path(dir, pid), stats)?,
-    };
-    stats.memory_us += mem_started.elapsed().as_micros() as u64;
 
     Ok(ProcessImage {
         pid,

@@ -315,8 +315,11 @@ impl MetaWriter {
 }
 
 /// Creates a new file readable by its owner only (images hold process memory).
+/// Opened for reading too, so that it can be mapped shared and written
+/// through the mapping.
 pub fn create_private(path: &Path) -> Result<fs::File> {
     fs::OpenOptions::new()
+        .read(true)
         .write(true)
         .create_new(true)
         .mode(0o600)

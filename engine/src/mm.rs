@@ -355,18 +355,30 @@ const BUFFERS: usize = 4;
 ///
 /// The touched pages are found with PAGEMAP_SCAN where the kernel has it
 /// (cost follows the populated page tables, not the size of the mappings),
-/// else by reading `pagemap`. This thread reads them from the target in big
-/// batches while a second one writes the previous batch, and a third
-/// allocates the file's pages ahead of the writer: on tmpfs, allocation is
-/// most of the cost of a write.
+/// else by reading `pagemap`.
+///
+/// With `frozen` (the target seized and stopped, crest's scratch page mapped
+/// in it) the pages move through pipes with one copy ([`crate::pagepipe`]).
+/// Otherwise, or where the target cannot make a pipe, this thread reads them
+/// with process_vm_readv in big batches while a second one writes the
+/// previous batch, and a third allocates the file's pages ahead of the
+/// writer: on tmpfs, allocation is most of the cost of a write.
 pub fn collect_pages(
     pid: i32,
     vmas: &[Vma],
     pages_path: &Path,
     stats: &mut crate::image::DumpStats,
+    frozen: Option<&crate::task::Remote>,
 ) -> Result<Vec<PageChunk>> {
     let runs = touched_runs(pid, vmas, stats)?;
     let out = crate::image::create_private(pages_path)?;
+    if let Some(remote) = frozen {
+        if let Some(copied) = crate::pagepipe::copy_pages(remote, &runs, &out, pages_path)? {
+            stats.pages_written += copied.written_pages;
+            stats.pages_skipped += copied.zero_pages;
+            return Ok(copied.chunks);
+        }
+    }
     let upper: u64 = runs.iter().map(|r| r.len).sum();
     let mut chunks = Vec::new();
     let written = std::sync::atomic::AtomicU64::new(0);
@@ -679,7 +691,7 @@ pub(crate) fn nonzero_runs(data: &[u8]) -> Vec<(usize, usize)> {
 
 /// Reads target memory: `process_vm_readv` where readable, else `/proc/PID/mem`
 /// (which a tracer may read through PROT_NONE).
-fn read_target(pid: i32, addr: u64, buf: &mut [u8], readable: bool) -> Result<()> {
+pub(crate) fn read_target(pid: i32, addr: u64, buf: &mut [u8], readable: bool) -> Result<()> {
     if readable {
         let len = buf.len();
         let local = [std::io::IoSliceMut::new(buf)];

@@ -106,9 +106,10 @@ impl Pages {
                 std::ptr::null_mut(),
                 len as usize,
                 libc::PROT_READ,
-                // Checksummed right below, then copied: map it all at once
-                // rather than fault it in.
-                libc::MAP_PRIVATE | libc::MAP_POPULATE,
+                // Not MAP_POPULATE: the file may have holes between the
+                // dump's copy streams, and faulting a tmpfs hole allocates a
+                // page. The chunks are populated below instead.
+                libc::MAP_PRIVATE,
                 f.as_raw_fd(),
                 0,
             )
@@ -119,14 +120,44 @@ impl Pages {
         let pages = Pages {
             map: Some((addr, len as usize)),
         };
-        for c in &p.mm.chunks {
-            if crc32c::crc32c(pages.slice(c.offset, c.len)) != c.crc32c {
-                return Err(bad(format!(
-                    "checksum mismatch in the chunk at offset {} (memory {:#x})",
-                    c.offset, c.vaddr
-                )));
+        // Checksummed here, then copied: map each chunk in one call rather
+        // than fault it in page by page. Two threads share the work.
+        let check = |items: &[(&[u8], &mm::PageChunk)]| -> Result<()> {
+            for &(data, c) in items {
+                // SAFETY: madvise on our own read-only mapping; it only
+                // faults pages in. Best effort: older kernels lack it.
+                unsafe {
+                    libc::madvise(
+                        data.as_ptr() as *mut libc::c_void,
+                        data.len(),
+                        libc::MADV_POPULATE_READ,
+                    )
+                };
+                if crc32c::crc32c(data) != c.crc32c {
+                    return Err(bad(format!(
+                        "checksum mismatch in the chunk at offset {} (memory {:#x})",
+                        c.offset, c.vaddr
+                    )));
+                }
             }
+            Ok(())
+        };
+        let items: Vec<(&[u8], &mm::PageChunk)> =
+            p.mm.chunks
+                .iter()
+                .map(|c| (pages.slice(c.offset, c.len), c))
+                .collect();
+        if len >= 32 << 20 && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1) {
+            let (a, b) = items.split_at(items.len() / 2);
+            std::thread::scope(|s| {
+                let other = s.spawn(|| check(b));
+                let one = check(a);
+                one.and(other.join().expect("checksum thread panicked"))
+            })?;
+        } else {
+            check(&items)?;
         }
+        drop(items);
         Ok(pages)
     }
 
