@@ -195,6 +195,9 @@ struct Sample {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tool {
     Crest,
+    /// `crest dump --pre-copy`: frozen only for what changed since the
+    /// copy made while it ran (the hog writes nothing meanwhile).
+    CrestPreCopy,
     Criu,
 }
 
@@ -217,6 +220,7 @@ fn resident_kib(pid: i32) -> u64 {
 fn sample(tool: Tool, tools: &Tools, a: &VsCriuArgs) -> Result<Sample> {
     let dir = a.store.join(match tool {
         Tool::Crest => "crest",
+        Tool::CrestPreCopy => "crest-pre-copy",
         Tool::Criu => "criu",
     });
     let _ = std::fs::remove_dir_all(&dir);
@@ -226,9 +230,12 @@ fn sample(tool: Tool, tools: &Tools, a: &VsCriuArgs) -> Result<Sample> {
     warm(a.warm_gib);
     let log = dir.join("dump.log");
     let cmd = match tool {
-        Tool::Crest => {
+        Tool::Crest | Tool::CrestPreCopy => {
             let mut c = Command::new(&tools.crest);
             c.args(["dump", "-t", &pid.to_string(), "-D"]).arg(&dir);
+            if tool == Tool::CrestPreCopy {
+                c.arg("--pre-copy");
+            }
             c
         }
         Tool::Criu => {
@@ -245,7 +252,7 @@ fn sample(tool: Tool, tools: &Tools, a: &VsCriuArgs) -> Result<Sample> {
     let _ = hog.wait();
     let (dump, dump_cpu) = dump?;
     let frozen = match tool {
-        Tool::Crest => crest_frozen(&tools.crest, &dir)?,
+        Tool::Crest | Tool::CrestPreCopy => crest_frozen(&tools.crest, &dir)?,
         Tool::Criu => {
             let st = criu_dump_stats(&dir.join("stats-dump"))?;
             Duration::from_micros(st.frozen_us)
@@ -255,7 +262,7 @@ fn sample(tool: Tool, tools: &Tools, a: &VsCriuArgs) -> Result<Sample> {
     warm(a.warm_gib);
     let log = dir.join("restore.log");
     let cmd = match tool {
-        Tool::Crest => {
+        Tool::Crest | Tool::CrestPreCopy => {
             let mut c = Command::new(&tools.crest);
             c.args(["restore", "-d", "-D"]).arg(&dir);
             c
@@ -438,11 +445,12 @@ pub fn main(a: VsCriuArgs) -> Result<i32> {
     );
     let mut crest = Vec::new();
     let mut criu = Vec::new();
+    let mut pre_copy = Vec::new();
     let mut dds = Vec::new();
     for i in 0..a.samples {
         warm(a.warm_gib);
         dds.push(dd(&a.store, a.mib)?);
-        for tool in [Tool::Crest, Tool::Criu] {
+        for tool in [Tool::Crest, Tool::Criu, Tool::CrestPreCopy] {
             let s = sample(tool, &tools, &a)?;
             eprintln!(
                 "sample {}/{} {tool:?}: dump {:.0} ms (CPU {:.0}), restore {:.0} ms (CPU {:.0}), frozen {:.0} ms",
@@ -456,6 +464,7 @@ pub fn main(a: VsCriuArgs) -> Result<i32> {
             );
             match tool {
                 Tool::Crest => crest.push(s),
+                Tool::CrestPreCopy => pre_copy.push(s),
                 Tool::Criu => criu.push(s),
             }
         }
@@ -500,6 +509,14 @@ pub fn main(a: VsCriuArgs) -> Result<i32> {
             r.as_secs_f64() / c.as_secs_f64()
         );
     }
+    let p = median(pre_copy.iter().map(|s| s.frozen).collect());
+    let r = median(criu.iter().map(|s| s.frozen).collect());
+    println!(
+        "| frozen, crest dump --pre-copy (CRIU cannot pre-dump without soft-dirty) | {:.0} ms | {:.0} ms | {:.2}× |",
+        ms(p),
+        ms(r),
+        r.as_secs_f64() / p.as_secs_f64()
+    );
     println!(
         "| dd to the store (1 MiB blocks) | {:.0} ms ({:.2} GiB/s) | | |",
         ms(dd_med),
