@@ -31,6 +31,7 @@ pub mod tcp;
 pub mod timers;
 pub mod tty;
 pub mod udp;
+pub mod uffd;
 
 use serde::{Deserialize, Serialize};
 

@@ -2037,7 +2037,7 @@ fn rebuild(
         }
     }
 
-    write_pages(pid, p, pages)?;
+    write_pages(t, insn, p, pages)?;
 
     for v in
         p.mm.vmas
@@ -2487,8 +2487,12 @@ fn move_specials(
     Ok(())
 }
 
-/// Copies every saved chunk into the child, in batches of up to 1024 iovecs.
-fn write_pages(pid: i32, p: &ProcessImage, pages: &Pages) -> Result<()> {
+/// Copies every saved chunk into the child: writable anonymous memory with
+/// UFFDIO_COPY where the kernel lets crest (no zeroing, no fault per page),
+/// the rest of the writable memory with process_vm_writev in batches of up
+/// to 1024 iovecs, each on two threads.
+fn write_pages(t: Tracee, insn: u64, p: &ProcessImage, pages: &Pages) -> Result<()> {
+    let pid = t.pid;
     let lookup = mm::VmaLookup::new(&p.mm.vmas);
     let writable = |addr: u64| {
         lookup
@@ -2497,44 +2501,111 @@ fn write_pages(pid: i32, p: &ProcessImage, pages: &Pages) -> Result<()> {
     };
     let (direct, forced): (Vec<&mm::PageChunk>, Vec<&mm::PageChunk>) =
         p.mm.chunks.iter().partition(|c| writable(c.vaddr));
-    // Two halves by bytes, copied by two threads: most of the cost is the
-    // target's page faults, which run in parallel.
-    let total: u64 = direct.iter().map(|c| c.len).sum();
-    let mut acc = 0;
-    let split = direct
-        .iter()
-        .position(|c| {
-            acc += c.len;
-            acc * 2 >= total
-        })
-        .map_or(direct.len(), |i| i + 1);
-    let halves: Vec<Vec<(&[u8], u64)>> = [&direct[..split], &direct[split..]]
-        .iter()
-        .map(|h| {
-            h.iter()
-                .map(|c| (pages.slice(c.offset, c.len), c.vaddr))
-                .collect()
-        })
-        .collect();
-    let parallel =
-        total >= 32 << 20 && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
-    if parallel {
-        std::thread::scope(|s| {
-            let second = s.spawn(|| write_direct(pid, &halves[1]));
-            let first = write_direct(pid, &halves[0]);
-            let second = second.join().expect("page writer panicked");
-            first.and(second)
-        })?;
+    let anon_vma = |addr: u64| {
+        lookup
+            .containing(addr, 1)
+            .filter(|v| matches!(v.backing, Backing::Anon) && v.prot & libc::PROT_WRITE != 0)
+    };
+    let piece = |c: &&mm::PageChunk| (pages.slice(c.offset, c.len), c.vaddr);
+    let (anon, other): (Vec<&mm::PageChunk>, Vec<&mm::PageChunk>) = direct
+        .into_iter()
+        .partition(|c| anon_vma(c.vaddr).is_some());
+    let anon_bytes: u64 = anon.iter().map(|c| c.len).sum();
+    let mut direct: Vec<(&[u8], u64)> = other.iter().map(piece).collect();
+    let anon: Vec<(&[u8], u64)> = anon.iter().map(piece).collect();
+    if anon_bytes >= UFFD_COPY_FROM {
+        let mut vmas: Vec<(u64, u64)> = anon
+            .iter()
+            .filter_map(|(_, a)| anon_vma(*a).map(|v| (v.start, v.end)))
+            .collect();
+        vmas.dedup();
+        direct.extend(copy_by_uffd(t, insn, &vmas, anon)?);
     } else {
-        for h in &halves {
-            write_direct(pid, h)?;
-        }
+        direct.extend(anon);
     }
+    in_two(&direct, |h| write_direct(pid, h))?;
     // Read-only and PROT_NONE mappings: a tracer may write them through /proc/PID/mem.
     for c in forced {
         crate::ptrace::write_mem(pid, c.vaddr, pages.slice(c.offset, c.len))?;
     }
     Ok(())
+}
+
+/// Below this much anonymous memory, making a userfaultfd costs more than
+/// it saves.
+const UFFD_COPY_FROM: u64 = 8 << 20;
+
+/// Fills `pieces` (in the anonymous mappings `vmas`, fresh and unpopulated)
+/// with UFFDIO_COPY on two threads. Returns what it did not copy: all of it
+/// when the kernel does not give crest a userfaultfd, the rest of a piece
+/// the copy stopped in. The userfaultfd is closed (every range
+/// unregistered) before this returns, so what is left can be written
+/// normally.
+fn copy_by_uffd<'a>(
+    t: Tracee,
+    insn: u64,
+    vmas: &[(u64, u64)],
+    pieces: Vec<(&'a [u8], u64)>,
+) -> Result<Vec<(&'a [u8], u64)>> {
+    let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+    let Some(fd) = crate::uffd::make_in(t, insn, flags)? else {
+        return Ok(pieces);
+    };
+    if let Err(e) = crate::uffd::api(&fd, 0) {
+        tracing::debug!(pid = t.pid, "UFFDIO_API: {e}");
+        return Ok(pieces);
+    }
+    for &(start, end) in vmas {
+        if let Err(e) = crate::uffd::register(&fd, start, end, crate::uffd::REGISTER_MODE_MISSING) {
+            tracing::debug!(pid = t.pid, "UFFDIO_REGISTER {start:#x}-{end:#x}: {e}");
+            return Ok(pieces);
+        }
+    }
+    let left = std::sync::Mutex::new(Vec::new());
+    in_two(&pieces, |half| {
+        for &(data, addr) in half {
+            if let Err((done, e)) = crate::uffd::copy(&fd, addr, data) {
+                tracing::debug!(pid = t.pid, "UFFDIO_COPY at {:#x}: {e}", addr + done);
+                left.lock()
+                    .expect("not poisoned")
+                    .push((&data[done as usize..], addr + done));
+            }
+        }
+        Ok(())
+    })?;
+    drop(fd);
+    Ok(left.into_inner().expect("not poisoned"))
+}
+
+/// Runs `work` over two halves of `pieces` (by bytes) on two threads when
+/// there is enough to share and a second CPU: most of the cost is the
+/// kernel's per-page work in the target, which runs in parallel.
+fn in_two<'a, F>(pieces: &[(&'a [u8], u64)], work: F) -> Result<()>
+where
+    F: Fn(&[(&'a [u8], u64)]) -> Result<()> + Sync,
+{
+    let total: usize = pieces.iter().map(|(d, _)| d.len()).sum();
+    let mut acc = 0;
+    let split = pieces
+        .iter()
+        .position(|(d, _)| {
+            acc += d.len();
+            acc * 2 >= total
+        })
+        .map_or(pieces.len(), |i| i + 1);
+    let (a, b) = pieces.split_at(split);
+    let parallel =
+        total >= 32 << 20 && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
+    if parallel && !b.is_empty() {
+        std::thread::scope(|s| {
+            let second = s.spawn(|| work(b));
+            let first = work(a);
+            first.and(second.join().expect("page writer panicked"))
+        })
+    } else {
+        work(a)?;
+        work(b)
+    }
 }
 
 /// Copies `(data, address)` pieces into writable memory of `pid`, up to 1024
