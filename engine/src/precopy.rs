@@ -29,7 +29,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -76,65 +76,24 @@ impl Default for PreCopyOptions {
     }
 }
 
-// userfaultfd ABI (include/uapi/linux/userfaultfd.h).
-const UFFD_API: u64 = 0xaa;
+// userfaultfd features and mode (include/uapi/linux/userfaultfd.h); the
+// ioctls are in `crate::uffd`.
 const UFFD_USER_MODE_ONLY: u64 = 1;
 const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
-/// `_IOWR(0xAA, 0x3F, struct uffdio_api)`.
-const UFFDIO_API: u64 = 0xc018_aa3f;
-/// `_IOWR(0xAA, 0x00, struct uffdio_register)`.
-const UFFDIO_REGISTER: u64 = 0xc020_aa00;
-
-#[repr(C)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-struct UffdioRegister {
-    start: u64,
-    len: u64,
-    mode: u64,
-    ioctls: u64,
-}
 
 /// `UFFDIO_API` asking for async write-protection. WP_UNPOPULATED too:
 /// without it the kernel does not write-protect anonymous memory for
 /// PAGEMAP_SCAN at all (`userfaultfd_wp_use_markers`); crest never protects
 /// unpopulated ranges itself, so no page tables are allocated for holes.
 fn uffd_api(fd: &OwnedFd) -> std::io::Result<()> {
-    let mut api = UffdioApi {
-        api: UFFD_API,
-        features: UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED,
-        ioctls: 0,
-    };
-    // SAFETY: UFFDIO_API reads and writes a struct uffdio_api, which `api` is.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, &mut api) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    crate::uffd::api(fd, UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED)
 }
 
-/// `UFFDIO_REGISTER` of `[start, end)` for write-protection. It acts on the
-/// mm the userfaultfd was created in, whoever calls it.
+/// `UFFDIO_REGISTER` of `[start, end)` for write-protection.
 fn uffd_register(fd: &OwnedFd, start: u64, end: u64) -> std::io::Result<()> {
-    let mut reg = UffdioRegister {
-        start,
-        len: end - start,
-        mode: UFFDIO_REGISTER_MODE_WP,
-        ioctls: 0,
-    };
-    // SAFETY: UFFDIO_REGISTER reads and writes a struct uffdio_register, which `reg` is.
-    let r = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_REGISTER as _, &mut reg) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    crate::uffd::register(fd, start, end, UFFDIO_REGISTER_MODE_WP)
 }
 
 /// Whether crest can track writes with an async write-protecting
@@ -640,33 +599,17 @@ fn make_uffd(pid: i32) -> Result<OwnedFd> {
     let main = paused.threads[0].tracee;
     paused.remote = true;
     let flags = libc::O_CLOEXEC as u64 | libc::O_NONBLOCK as u64;
-    let mut r = main.remote_syscall(
-        insn,
-        libc::SYS_userfaultfd,
-        [flags | UFFD_USER_MODE_ONLY, 0, 0, 0, 0, 0],
-    )?;
-    if r == -(libc::EINVAL as i64) {
+    let fd = match crate::uffd::make_in(main, insn, flags | UFFD_USER_MODE_ONLY)? {
+        Some(fd) => fd,
         // Before 5.11: no user-mode-only flag (root may create one anyway).
-        r = main.remote_syscall(insn, libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0])?;
-    }
-    if r < 0 {
-        return Err(Error::unsupported(
-            pid,
-            format!(
-                "--pre-copy: userfaultfd() in the process failed ({})",
-                nix::errno::Errno::from_raw(-r as i32)
-            ),
-        ));
-    }
-    let taken = crate::files::pidfd_getfd(pid, r as i32);
-    let closed = main.remote_ok(
-        insn,
-        libc::SYS_close,
-        [r as u64, 0, 0, 0, 0, 0],
-        "close of the userfaultfd crest made",
-    );
-    let fd = taken?;
-    closed?;
+        None => crate::uffd::make_in(main, insn, flags)?.ok_or_else(|| {
+            Error::unsupported(
+                pid,
+                "--pre-copy: userfaultfd() in the process failed (CONFIG_USERFAULTFD, \
+                 vm.unprivileged_userfaultfd or a seccomp filter)",
+            )
+        })?,
+    };
     paused.release()?;
     uffd_api(&fd).map_err(|e| {
         Error::unsupported(
