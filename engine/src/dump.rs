@@ -15,7 +15,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag};
 
 use crate::error::{Error, Result};
 use crate::image::{
-    DumpStats, Header, Image, Inventory, LostGroup, MetaWriter, RecordKind, Staging, Zombie,
+    DumpStats, Header, Inventory, LostGroup, MetaWriter, RecordKind, Staging, Zombie,
 };
 use crate::ptrace::{Regs, Tracee};
 use crate::task::{self, Registers, Remote};
@@ -1004,13 +1004,7 @@ fn collect_process(
     };
     let chunks = match pre_copied {
         Some(chunks) => chunks,
-        None => mm::collect_pages(
-            pid,
-            &vmas,
-            &Image::pages_path(dir, pid),
-            stats,
-            Some(&remote),
-        )?,
+        None => mm::collect_pages(pid, &vmas, dir, stats, Some(&remote))?,
     };
     stats.memory_us += mem_started.elapsed().as_micros() as u64;
     main.remote_ok(

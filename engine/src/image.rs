@@ -177,6 +177,15 @@ impl Image {
         dir.join(format!("pages-{pid}.img"))
     }
 
+    /// Page file `file` of `pid` (a dump may write a process's pages as
+    /// several files in parallel); file 0 is [`Image::pages_path`].
+    pub fn pages_file_path(dir: &Path, pid: i32, file: u8) -> PathBuf {
+        match file {
+            0 => Image::pages_path(dir, pid),
+            n => dir.join(format!("pages-{pid}.{n}.img")),
+        }
+    }
+
     /// Reads and validates `dir/meta.crest`: magic, version, arch, checksums.
     pub fn read(dir: &Path) -> Result<Image> {
         let path = dir.join(META_FILE);

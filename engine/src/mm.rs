@@ -116,7 +116,7 @@ impl Vma {
 }
 
 /// A run of saved pages: `len` bytes for `[vaddr, vaddr+len)` at `offset` in
-/// the page file.
+/// page file `file` ([`crate::image::Image::pages_file_path`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PageChunk {
@@ -124,6 +124,12 @@ pub struct PageChunk {
     pub len: u64,
     pub offset: u64,
     pub crc32c: u32,
+    #[serde(default, skip_serializing_if = "is_first_file")]
+    pub file: u8,
+}
+
+fn is_first_file(file: &u8) -> bool {
+    *file == 0
 }
 
 /// The mm fields PR_SET_MM_MAP restores (from `/proc/PID/stat` and `brk(0)`).
@@ -351,7 +357,7 @@ pub(crate) fn saved_pages_kind(vma: &Vma) -> Option<bool> {
 const BATCH: usize = 1 << 20;
 const BUFFERS: usize = 4;
 
-/// Copies the touched pages of `vmas` from `pid` into `pages_path`.
+/// Copies the touched pages of `vmas` from `pid` into its page files in `dir`.
 ///
 /// The touched pages are found with PAGEMAP_SCAN where the kernel has it
 /// (cost follows the populated page tables, not the size of the mappings),
@@ -366,19 +372,20 @@ const BUFFERS: usize = 4;
 pub fn collect_pages(
     pid: i32,
     vmas: &[Vma],
-    pages_path: &Path,
+    dir: &Path,
     stats: &mut crate::image::DumpStats,
     frozen: Option<&crate::task::Remote>,
 ) -> Result<Vec<PageChunk>> {
     let runs = touched_runs(pid, vmas, stats)?;
-    let out = crate::image::create_private(pages_path)?;
     if let Some(remote) = frozen {
-        if let Some(copied) = crate::pagepipe::copy_pages(remote, &runs, &out, pages_path)? {
+        if let Some(copied) = crate::pagepipe::copy_pages(remote, &runs, dir)? {
             stats.pages_written += copied.written_pages;
             stats.pages_skipped += copied.zero_pages;
             return Ok(copied.chunks);
         }
     }
+    let pages_path = &crate::image::Image::pages_path(dir, pid);
+    let out = crate::image::create_private(pages_path)?;
     let upper: u64 = runs.iter().map(|r| r.len).sum();
     let mut chunks = Vec::new();
     let written = std::sync::atomic::AtomicU64::new(0);
@@ -456,6 +463,7 @@ pub fn collect_pages(
                         len: part.len() as u64,
                         offset,
                         crc32c: crc32c::crc32c(part),
+                        file: 0,
                     });
                     offset += part.len() as u64;
                     stats.pages_written += part.len() as u64 / PAGE_SIZE;

@@ -11,10 +11,11 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
 use crate::error::{Error, Result};
+use crate::image::Image;
 use crate::mm::{nonzero_runs, read_target, PageChunk, Run};
 use crate::task::Remote;
 use crate::PAGE_SIZE;
@@ -24,7 +25,10 @@ const IOVS_PER_CALL: usize = PAGE_SIZE as usize / 16;
 /// The pipe size asked for: the default limit for a process without
 /// CAP_SYS_RESOURCE (/proc/sys/fs/pipe-max-size).
 const PIPE_BYTES: usize = 1 << 20;
-const PIPES: usize = 2;
+/// Pipes per stream: the target fills one while crest drains the other.
+const PIPES_PER_STREAM: usize = 2;
+/// From this much memory on, a process's pages are written as two files.
+const TWO_STREAMS_FROM: u64 = 32 << 20;
 
 /// Pipes made in the target: crest holds each read end, the target each
 /// write end, which is closed in the target when this is dropped (also on
@@ -41,7 +45,7 @@ struct TargetPipes<'a> {
 impl<'a> TargetPipes<'a> {
     /// `None` when the target cannot make a pipe (e.g. out of descriptors):
     /// the caller then copies another way.
-    fn open(remote: &'a Remote) -> Result<Option<TargetPipes<'a>>> {
+    fn open(remote: &'a Remote, count: usize) -> Result<Option<TargetPipes<'a>>> {
         let mut p = TargetPipes {
             remote,
             read_ends: Vec::new(),
@@ -50,7 +54,7 @@ impl<'a> TargetPipes<'a> {
             capacity: usize::MAX,
         };
         let pid = remote.tracee.pid;
-        for _ in 0..PIPES {
+        for _ in 0..count {
             let r = remote.tracee.remote_syscall(
                 remote.insn,
                 libc::SYS_pipe2,
@@ -161,10 +165,11 @@ impl Drop for TargetPipes<'_> {
     }
 }
 
-/// A piece of the page file: `run` lands at `offset`.
+/// A piece of the image: `run` lands at `offset` in page file `file`.
 #[derive(Clone, Copy)]
 struct Piece {
     run: Run,
+    file: u8,
     offset: u64,
 }
 
@@ -176,24 +181,46 @@ pub(crate) struct Copied {
     pub zero_pages: u64,
 }
 
-/// Copies `runs` of the frozen target behind `remote` into `out` (a new,
-/// empty file at `path`). `None` when the target cannot make pipes.
-pub(crate) fn copy_pages(
-    remote: &Remote,
-    runs: &[Run],
-    out: &File,
-    path: &Path,
-) -> Result<Option<Copied>> {
-    let Some(pipes) = TargetPipes::open(remote)? else {
+/// A page file being written by one stream.
+struct Stream {
+    file: File,
+    path: PathBuf,
+    view: FileView,
+}
+
+/// Copies `runs` of the frozen target behind `remote` into its page files
+/// in `dir`: with enough to copy and a second CPU, two streams each splice
+/// half into a file of its own (on tmpfs a file's writes serialize on its
+/// inode lock, so one file cannot take two writers). `None` when the target
+/// cannot make pipes.
+pub(crate) fn copy_pages(remote: &Remote, runs: &[Run], dir: &Path) -> Result<Option<Copied>> {
+    let pid = remote.tracee.pid;
+    let total: u64 = runs.iter().map(|r| r.len).sum();
+    let streams_wanted = if total >= TWO_STREAMS_FROM
+        && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1)
+    {
+        2
+    } else {
+        1
+    };
+    let Some(pipes) = TargetPipes::open(remote, streams_wanted * PIPES_PER_STREAM)? else {
         return Ok(None);
     };
-    let pid = remote.tracee.pid;
-    // Pieces no bigger than a pipe, laid out back to back in the file.
+    // Pieces no bigger than a pipe, laid out back to back in each file.
     let mut pieces = Vec::new();
+    let mut file = 0u8;
     let mut offset = 0u64;
+    let mut sizes = vec![0u64; streams_wanted];
+    let mut starts = vec![0usize];
     for r in runs {
         let mut at = 0;
         while at < r.len {
+            if streams_wanted == 2 && file == 0 && offset * 2 >= total {
+                sizes[0] = offset;
+                file = 1;
+                offset = 0;
+                starts.push(pieces.len());
+            }
             let len = (r.len - at).min(pipes.capacity as u64);
             pieces.push(Piece {
                 run: Run {
@@ -201,63 +228,93 @@ pub(crate) fn copy_pages(
                     len,
                     ..*r
                 },
+                file,
                 offset,
             });
             offset += len;
             at += len;
         }
     }
-    let upper = offset;
-    if upper == 0 {
+    sizes[file as usize] = offset;
+    starts.push(pieces.len());
+    let nstreams = file as usize + 1;
+    let mut streams = Vec::new();
+    for (n, &size) in sizes.iter().enumerate().take(nstreams) {
+        let path = Image::pages_file_path(dir, pid, n as u8);
+        let file = crate::image::create_private(&path)?;
+        file.set_len(size).map_err(|e| Error::io(&path, e))?;
+        let view = FileView::new(&file, size).map_err(|e| Error::io(&path, e))?;
+        streams.push(Stream { file, path, view });
+    }
+    if total == 0 {
         return Ok(Some(Copied::default()));
     }
-    out.set_len(upper).map_err(|e| Error::io(path, e))?;
-    let view = FileView::new(out, upper).map_err(|e| Error::io(path, e))?;
-    let view = &view;
 
-    let (job_tx, job_rx) = mpsc::sync_channel::<(usize, std::ops::Range<usize>)>(PIPES);
     let (free_tx, free_rx) = mpsc::channel::<usize>();
+    let (check_tx, check_rx) = mpsc::channel::<std::ops::Range<usize>>();
     let pieces = &pieces;
+    let streams = &streams;
     let read_ends = &pipes.read_ends;
     let result = std::thread::scope(|s| -> Result<Copied> {
-        // The checker reads what landed while the drainer splices the next
-        // batch: splicing (page allocation and the copy) is the long pole.
-        let (check_tx, check_rx) = mpsc::channel::<std::ops::Range<usize>>();
+        // The checker reads what landed while the drainers splice the next
+        // batches: splicing (page allocation and the copy) is the long pole.
         let checker = s.spawn(move || -> Result<Copied> {
             let mut copied = Copied::default();
             for range in check_rx {
                 for p in &pieces[range] {
-                    account(view, p, out, path, &mut copied)?;
+                    account(&streams[p.file as usize], p, &mut copied)?;
                 }
             }
             Ok(copied)
         });
-        let drainer = s.spawn(move || -> Result<()> {
-            for (i, range) in job_rx {
-                let from = pieces[range.start].offset;
-                let last = &pieces[range.end - 1];
-                let bytes = (last.offset + last.run.len - from) as usize;
-                splice_into(&read_ends[i], out, from, bytes, path)?;
-                if free_tx.send(i).is_err() || check_tx.send(range).is_err() {
-                    break;
+        let mut job_txs = Vec::new();
+        let mut drainers = Vec::new();
+        for stream in streams.iter() {
+            let (job_tx, job_rx) =
+                mpsc::sync_channel::<(usize, std::ops::Range<usize>)>(PIPES_PER_STREAM);
+            job_txs.push(job_tx);
+            let free_tx = free_tx.clone();
+            let check_tx = check_tx.clone();
+            drainers.push(s.spawn(move || -> Result<()> {
+                for (i, range) in job_rx {
+                    let from = pieces[range.start].offset;
+                    let last = &pieces[range.end - 1];
+                    let bytes = (last.offset + last.run.len - from) as usize;
+                    splice_into(&read_ends[i], &stream.file, from, bytes, &stream.path)?;
+                    if free_tx.send(i).is_err() || check_tx.send(range).is_err() {
+                        break;
+                    }
                 }
-            }
-            Ok(())
-        });
+                Ok(())
+            }));
+        }
+        drop(free_tx);
+        drop(check_tx);
+        // The tracer (this thread) fills whichever pipe is free with the next
+        // batch of that pipe's stream.
         let fill = || -> Result<Vec<Piece>> {
             let mut unreadable = Vec::new();
-            let mut free: Vec<usize> = (0..PIPES).collect();
-            let mut i = 0;
-            while i < pieces.len() {
-                if !pieces[i].run.readable {
+            let mut next: Vec<usize> = starts[..nstreams].to_vec();
+            let mut free: Vec<usize> = (0..nstreams * PIPES_PER_STREAM).collect();
+            while (0..nstreams).any(|st| next[st] < starts[st + 1]) {
+                let pipe = match free.pop() {
+                    Some(p) => p,
+                    None => match free_rx.recv() {
+                        Ok(p) => p,
+                        Err(_) => break, // a drainer failed: its error is reported
+                    },
+                };
+                let st = pipe / PIPES_PER_STREAM;
+                let end = starts[st + 1];
+                let mut i = next[st];
+                while i < end && !pieces[i].run.readable {
                     // vmsplice needs read access; /proc/PID/mem does not.
                     unreadable.push(pieces[i]);
                     i += 1;
-                    continue;
                 }
                 let first = i;
                 let mut bytes = 0;
-                while i < pieces.len()
+                while i < end
                     && pieces[i].run.readable
                     && i - first < IOVS_PER_CALL
                     && bytes + pieces[i].run.len <= pipes.capacity as u64
@@ -265,40 +322,41 @@ pub(crate) fn copy_pages(
                     bytes += pieces[i].run.len;
                     i += 1;
                 }
-                let pipe = match free.pop() {
-                    Some(p) => p,
-                    None => match free_rx.recv() {
-                        Ok(p) => p,
-                        Err(_) => break, // the drainer failed: its error is reported
-                    },
-                };
+                next[st] = i;
+                if i == first {
+                    continue; // this stream is done: its pipe rests
+                }
                 let runs: Vec<Run> = pieces[first..i].iter().map(|p| p.run).collect();
                 pipes.fill(pipe, &runs)?;
-                if job_tx.send((pipe, first..i)).is_err() {
+                if job_txs[st].send((pipe, first..i)).is_err() {
                     break;
                 }
             }
             Ok(unreadable)
         };
         let filled = fill();
-        drop(job_tx);
-        let drained = drainer.join().expect("page drainer panicked");
+        drop(job_txs);
+        let drained: Vec<Result<()>> = drainers
+            .into_iter()
+            .map(|d| d.join().expect("page drainer panicked"))
+            .collect();
         let checked = checker.join().expect("page checker panicked");
         let unreadable = filled?;
-        drained?;
+        drained.into_iter().collect::<Result<Vec<()>>>()?;
         let mut copied = checked?;
         for p in &unreadable {
+            let stream = &streams[p.file as usize];
             let mut buf = vec![0u8; p.run.len as usize];
             read_target(pid, p.run.vaddr, &mut buf, false)?;
-            std::os::unix::fs::FileExt::write_all_at(out, &buf, p.offset)
-                .map_err(|e| Error::io(path, e))?;
-            account(view, p, out, path, &mut copied)?;
+            std::os::unix::fs::FileExt::write_all_at(&stream.file, &buf, p.offset)
+                .map_err(|e| Error::io(&stream.path, e))?;
+            account(stream, p, &mut copied)?;
         }
         Ok(copied)
     });
     drop(pipes);
     let mut copied = result?;
-    copied.chunks.sort_by_key(|c| c.offset);
+    copied.chunks.sort_by_key(|c| (c.file, c.offset));
     Ok(Some(copied))
 }
 
@@ -338,8 +396,9 @@ fn splice_into(pipe: &OwnedFd, out: &File, offset: u64, bytes: usize, path: &Pat
 
 /// Checksums piece `p` where it landed in the file, and leaves its zero
 /// anonymous pages out (as holes: they come back as zeros anyway).
-fn account(view: &FileView, p: &Piece, out: &File, path: &Path, copied: &mut Copied) -> Result<()> {
-    let data = view.slice(p.offset, p.run.len);
+fn account(stream: &Stream, p: &Piece, copied: &mut Copied) -> Result<()> {
+    let (out, path) = (&stream.file, stream.path.as_path());
+    let data = stream.view.slice(p.offset, p.run.len);
     let parts = if p.run.file_backed {
         vec![(0, data.len())]
     } else {
@@ -356,6 +415,7 @@ fn account(view: &FileView, p: &Piece, out: &File, path: &Path, copied: &mut Cop
             len: (to - from) as u64,
             offset: p.offset + from as u64,
             crc32c: crc32c::crc32c(&data[from..to]),
+            file: p.file,
         });
         copied.written_pages += (to - from) as u64 / PAGE_SIZE;
         at = to;

@@ -1007,6 +1007,7 @@ impl PageStore {
                     len: s.len,
                     offset: s.offset,
                     crc32c: crc_of_pages(&self.page_crc[first..first + n]),
+                    file: 0,
                 }
             })
             .collect())

@@ -72,54 +72,74 @@ pub enum Restored {
 
 /// The page file, mapped read-only, with every chunk checked against its checksum.
 struct Pages {
-    map: Option<(*mut libc::c_void, usize)>,
+    /// One mapping per page file (`PageChunk::file`); `None` for an empty one.
+    maps: Vec<Option<(*mut libc::c_void, usize)>>,
 }
 
 impl Pages {
     fn open(dir: &Path, p: &ProcessImage) -> Result<Pages> {
-        let path = Image::pages_path(dir, p.pid);
-        let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
-        let len = f.metadata().map_err(|e| Error::io(&path, e))?.len();
-        let bad = |reason: String| Error::bad_image(&path, reason);
+        let files =
+            p.mm.chunks
+                .iter()
+                .map(|c| c.file as usize + 1)
+                .max()
+                .unwrap_or(1);
+        let mut pages = Pages { maps: Vec::new() };
+        let mut lens = Vec::new();
+        for file in 0..files {
+            let path = Image::pages_file_path(dir, p.pid, file as u8);
+            let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
+            let len = f.metadata().map_err(|e| Error::io(&path, e))?.len();
+            lens.push(len);
+            if len == 0 {
+                pages.maps.push(None);
+                continue;
+            }
+            // SAFETY: a private read-only mapping of a file we opened; unmapped in Drop.
+            let addr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len as usize,
+                    libc::PROT_READ,
+                    // Not MAP_POPULATE: zero pages are holes in the file, and
+                    // faulting a tmpfs hole allocates a page. The chunks are
+                    // populated below instead.
+                    libc::MAP_PRIVATE,
+                    f.as_raw_fd(),
+                    0,
+                )
+            };
+            if addr == libc::MAP_FAILED {
+                return Err(Error::io(&path, std::io::Error::last_os_error()));
+            }
+            pages.maps.push(Some((addr, len as usize)));
+        }
+        let bad = |c: &mm::PageChunk, reason: String| {
+            Error::bad_image(Image::pages_file_path(dir, p.pid, c.file), reason)
+        };
         let lookup = mm::VmaLookup::new(&p.mm.vmas);
         for c in &p.mm.chunks {
+            let len = lens[c.file as usize];
             if c.offset.checked_add(c.len).is_none_or(|end| end > len) {
-                return Err(bad(format!(
-                    "truncated: chunk at offset {} ({} bytes) runs past the end ({len} bytes)",
-                    c.offset, c.len
-                )));
+                return Err(bad(
+                    c,
+                    format!(
+                        "truncated: chunk at offset {} ({} bytes) runs past the end ({len} bytes)",
+                        c.offset, c.len
+                    ),
+                ));
             }
             let inside = lookup.containing(c.vaddr, c.len).is_some();
             if !inside || c.len % PAGE_SIZE != 0 || c.vaddr % PAGE_SIZE != 0 {
-                return Err(bad(format!(
-                    "chunk {:#x}+{:#x} does not lie inside one mapping",
-                    c.vaddr, c.len
-                )));
+                return Err(bad(
+                    c,
+                    format!(
+                        "chunk {:#x}+{:#x} does not lie inside one mapping",
+                        c.vaddr, c.len
+                    ),
+                ));
             }
         }
-        if len == 0 {
-            return Ok(Pages { map: None });
-        }
-        // SAFETY: a private read-only mapping of a file we opened; unmapped in Drop.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_READ,
-                // Not MAP_POPULATE: the file may have holes between the
-                // dump's copy streams, and faulting a tmpfs hole allocates a
-                // page. The chunks are populated below instead.
-                libc::MAP_PRIVATE,
-                f.as_raw_fd(),
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(Error::io(&path, std::io::Error::last_os_error()));
-        }
-        let pages = Pages {
-            map: Some((addr, len as usize)),
-        };
         // Checksummed here, then copied: map each chunk in one call rather
         // than fault it in page by page. Two threads share the work.
         let check = |items: &[(&[u8], &mm::PageChunk)]| -> Result<()> {
@@ -134,20 +154,21 @@ impl Pages {
                     )
                 };
                 if crc32c::crc32c(data) != c.crc32c {
-                    return Err(bad(format!(
-                        "checksum mismatch in the chunk at offset {} (memory {:#x})",
-                        c.offset, c.vaddr
-                    )));
+                    return Err(bad(
+                        c,
+                        format!(
+                            "checksum mismatch in the chunk at offset {} (memory {:#x})",
+                            c.offset, c.vaddr
+                        ),
+                    ));
                 }
             }
             Ok(())
         };
         let items: Vec<(&[u8], &mm::PageChunk)> =
-            p.mm.chunks
-                .iter()
-                .map(|c| (pages.slice(c.offset, c.len), c))
-                .collect();
-        if len >= 32 << 20 && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1) {
+            p.mm.chunks.iter().map(|c| (pages.slice(c), c)).collect();
+        let total: u64 = lens.iter().sum();
+        if total >= 32 << 20 && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1) {
             let (a, b) = items.split_at(items.len() / 2);
             std::thread::scope(|s| {
                 let other = s.spawn(|| check(b));
@@ -161,11 +182,12 @@ impl Pages {
         Ok(pages)
     }
 
-    fn slice(&self, offset: u64, len: u64) -> &[u8] {
-        match self.map {
+    /// The saved bytes of chunk `c`.
+    fn slice(&self, c: &mm::PageChunk) -> &[u8] {
+        match self.maps.get(c.file as usize).copied().flatten() {
             // SAFETY: bounds were checked against the file length in `open`.
             Some((addr, _)) => unsafe {
-                std::slice::from_raw_parts(addr.cast::<u8>().add(offset as usize), len as usize)
+                std::slice::from_raw_parts(addr.cast::<u8>().add(c.offset as usize), c.len as usize)
             },
             None => &[],
         }
@@ -174,9 +196,9 @@ impl Pages {
 
 impl Drop for Pages {
     fn drop(&mut self) {
-        if let Some((addr, len)) = self.map {
-            // SAFETY: unmapping exactly the mapping made in `open`.
-            unsafe { libc::munmap(addr, len) };
+        for (addr, len) in self.maps.iter().flatten() {
+            // SAFETY: unmapping exactly the mappings made in `open`.
+            unsafe { libc::munmap(*addr, *len) };
         }
     }
 }
@@ -2506,7 +2528,7 @@ fn write_pages(t: Tracee, insn: u64, p: &ProcessImage, pages: &Pages) -> Result<
             .containing(addr, 1)
             .filter(|v| matches!(v.backing, Backing::Anon) && v.prot & libc::PROT_WRITE != 0)
     };
-    let piece = |c: &&mm::PageChunk| (pages.slice(c.offset, c.len), c.vaddr);
+    let piece = |c: &&mm::PageChunk| (pages.slice(c), c.vaddr);
     let (anon, other): (Vec<&mm::PageChunk>, Vec<&mm::PageChunk>) = direct
         .into_iter()
         .partition(|c| anon_vma(c.vaddr).is_some());
@@ -2526,7 +2548,7 @@ fn write_pages(t: Tracee, insn: u64, p: &ProcessImage, pages: &Pages) -> Result<
     in_two(&direct, |h| write_direct(pid, h))?;
     // Read-only and PROT_NONE mappings: a tracer may write them through /proc/PID/mem.
     for c in forced {
-        crate::ptrace::write_mem(pid, c.vaddr, pages.slice(c.offset, c.len))?;
+        crate::ptrace::write_mem(pid, c.vaddr, pages.slice(c))?;
     }
     Ok(())
 }
