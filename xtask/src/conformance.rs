@@ -287,15 +287,17 @@ pub fn main(args: ConformanceArgs) -> Result<i32> {
     if !harness.is_file() {
         bail!("{} was not built", harness.display());
     }
-    // A checkout under /tmp (a CI clone, say) is hidden in the guest, which
-    // mounts a fresh tmpfs there: run the guests from a copy in the cache.
-    let bin = if any_vm && support::check_guest_visible(&bin).is_err() {
-        support::stage_bins(&bin)?
+    // Guests run a copy in the cache: a checkout under /tmp (a CI clone,
+    // say) is hidden in the guest, which mounts a fresh tmpfs there, and a
+    // rebuild during the run must not change binaries under a guest.
+    let staged = if any_vm {
+        Some(support::stage_bins(&bin)?)
     } else {
-        bin
+        None
     };
+    let guest_bin = staged.as_ref().map_or(bin.clone(), |s| s.dir.clone());
     if any_vm {
-        support::check_guest_visible(&bin)?;
+        support::check_guest_visible(&guest_bin)?;
     }
     let tcg = args.vm.config(Duration::ZERO).accel == crest_vm::qemu::Accel::Tcg;
     let jobs = args
@@ -360,7 +362,15 @@ pub fn main(args: ConformanceArgs) -> Result<i32> {
                     .or((k != KernelChoice::Host && tcg).then_some(TCG_CASE_TIMEOUT));
                 let spec = RunSpec {
                     kernel: &k,
-                    argv: harness_argv(&bin, &args, case_timeout),
+                    argv: harness_argv(
+                        if k == KernelChoice::Host {
+                            &bin
+                        } else {
+                            &guest_bin
+                        },
+                        &args,
+                        case_timeout,
+                    ),
                     env: vec![
                         ("RUST_BACKTRACE".into(), "1".into()),
                         ("CREST_KERNEL_LABEL".into(), label.clone()),

@@ -240,13 +240,30 @@ impl VmOpts {
     }
 }
 
+/// Binaries copied for the guests of one run; removed when dropped.
+pub struct StagedBins {
+    pub dir: PathBuf,
+}
+
+impl Drop for StagedBins {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Copies the executables of `bin` (crest, the harness, the workloads) into
-/// the crest cache, where a guest can see them, and returns that directory.
-pub fn stage_bins(bin: &Path) -> Result<PathBuf> {
+/// a directory of this run's own in the crest cache, where a guest can see
+/// them. Guests read their binaries over 9p page by page: run from the
+/// checkout, a rebuild during the run swaps the file under a running guest
+/// process (seen as a SIGSEGV in crest), and two runs would share one copy.
+pub fn stage_bins(bin: &Path) -> Result<StagedBins> {
     use std::os::unix::fs::PermissionsExt;
-    let dest = crest_vm::cache::Cache::default_root()?.join("staged-bins");
+    let dest = crest_vm::cache::Cache::default_root()?
+        .join("staged-bins")
+        .join(format!("run-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dest);
     std::fs::create_dir_all(&dest).with_context(|| format!("create {}", dest.display()))?;
+    let staged = StagedBins { dir: dest.clone() };
     for entry in std::fs::read_dir(bin).with_context(|| format!("read {}", bin.display()))? {
         let entry = entry?;
         let meta = entry.metadata()?;
@@ -265,11 +282,11 @@ pub fn stage_bins(bin: &Path) -> Result<PathBuf> {
             .with_context(|| format!("copy {} to {}", lib.display(), deps.display()))?;
     }
     eprintln!(
-        "{} is hidden in the guest (tmpfs there): running from a copy in {}",
+        "guests run a copy of {} in {}",
         bin.display(),
         dest.display()
     );
-    Ok(dest)
+    Ok(staged)
 }
 
 /// Paths the guest cannot see (they are fresh tmpfs there).
