@@ -494,14 +494,35 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
     progress.set_message(format!("pid {root}: freezing"));
     freeze(opts.pid, root, opts.scope, &mut set, &mut zombie_pids)?;
     crate::sockets::set_dump_pids(set.procs.iter().map(|p| p.pid).collect());
-    if opts.tcp_established {
-        // Connections to peers outside the dump are locked as they are
-        // collected: find them before any socket is put in repair mode.
-        let mut ends = Vec::new();
-        for p in &set.procs {
-            ends.extend(crate::tcp::established_of(p.pid)?);
+    // Connections to peers outside the dump are found before any socket is
+    // put in repair mode: without --tcp-established they are refused here,
+    // untouched (reading a queue in repair mode can fail and reset the
+    // peer); with it they are locked as they are collected.
+    let mut ends = Vec::new();
+    let mut owner = Vec::new();
+    for p in &set.procs {
+        for (fd, l, r) in crate::tcp::established_fds_of(p.pid)? {
+            owner.push((p.pid, fd));
+            ends.push((l, r));
         }
-        crate::netlock::plan(crate::netlock::outside(&ends));
+    }
+    let outside = crate::netlock::outside(&ends);
+    if opts.tcp_established {
+        crate::netlock::plan(outside);
+    } else if let Some((local, peer)) = outside.first() {
+        let (pid, fd) = ends
+            .iter()
+            .position(|e| e.0 == *local && e.1 == *peer)
+            .map_or((root, -1), |i| owner[i]);
+        return Err(Error::unsupported(
+            pid,
+            format!(
+                "fd {fd} is a TCP connection {} → {} to a peer outside the dump \
+                 (--tcp-established carries it)",
+                crate::tcp::addr_text(local),
+                crate::tcp::addr_text(peer)
+            ),
+        ));
     }
 
     if let Some(p) = stats.pre_copy.as_mut() {

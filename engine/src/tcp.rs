@@ -410,6 +410,17 @@ pub fn never_connected(s: i32) -> bool {
 /// The (local, peer) addresses of every established TCP connection `pid`
 /// holds, read before anything is put in repair mode (see [`crate::netlock`]).
 pub fn established_of(pid: i32) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    Ok(established_fds_of(pid)?
+        .into_iter()
+        .map(|(_, l, p)| (l, p))
+        .collect())
+}
+
+/// An established connection: its descriptor, local and peer addresses.
+pub type Established = (i32, Vec<u8>, Vec<u8>);
+
+/// [`established_of`] with the descriptor of each connection.
+pub fn established_fds_of(pid: i32) -> Result<Vec<Established>> {
     let dir = format!("/proc/{pid}/fd");
     let mut out = Vec::new();
     for e in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
@@ -433,7 +444,7 @@ pub fn established_of(pid: i32) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         }
         if tcp_info(s).is_ok_and(|ti| ti.state == TCP_ESTABLISHED) {
             if let (Ok(l), Ok(p)) = (sock_name(s, false), sock_name(s, true)) {
-                out.push((l, p));
+                out.push((fd, l, p));
             }
         }
     }
