@@ -619,25 +619,35 @@ pub(crate) fn touched_runs(
                 e & (pagemap::PRESENT | pagemap::SWAPPED) != 0
             }
         };
-        let mut i = 0;
-        while i < entries.len() {
-            if !keep(entries[i]) {
-                i += 1;
-                continue;
-            }
-            let first = i;
-            while i < entries.len() && keep(entries[i]) {
-                i += 1;
-            }
+        for (first, end) in entry_runs(&entries, keep) {
             push(
                 vma.start + first as u64 * PAGE_SIZE,
-                vma.start + i as u64 * PAGE_SIZE,
+                vma.start + end as u64 * PAGE_SIZE,
             );
-            kept += (i - first) as u64;
+            kept += (end - first) as u64;
         }
         stats.pages_skipped += entries.len() as u64 - kept;
     }
     Ok(runs)
+}
+
+/// The index ranges `[first, end)` of consecutive pagemap `entries` for
+/// which `want` holds.
+pub(crate) fn entry_runs(entries: &[u64], want: impl Fn(u64) -> bool) -> Vec<(usize, usize)> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < entries.len() {
+        if !want(entries[i]) {
+            i += 1;
+            continue;
+        }
+        let first = i;
+        while i < entries.len() && want(entries[i]) {
+            i += 1;
+        }
+        runs.push((first, i));
+    }
+    runs
 }
 
 /// Reads `runs` of target memory into `buf`, back to back: one

@@ -706,21 +706,12 @@ fn keep_entry(e: u64, file_backed: bool) -> bool {
 
 /// Appends the runs of consecutive pages of `p` for which `want` holds.
 fn entry_runs(entries: &[u64], p: &Private, out: &mut Vec<Run>, want: impl Fn(u64) -> bool) {
-    let mut i = 0;
-    while i < entries.len() {
-        if !want(entries[i]) {
-            i += 1;
-            continue;
-        }
-        let first = i;
-        while i < entries.len() && want(entries[i]) {
-            i += 1;
-        }
+    for (first, end) in mm::entry_runs(entries, want) {
         push_run(
             out,
             p,
             p.vma.start + first as u64 * PAGE_SIZE,
-            p.vma.start + i as u64 * PAGE_SIZE,
+            p.vma.start + end as u64 * PAGE_SIZE,
         );
     }
 }
