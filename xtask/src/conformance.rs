@@ -425,6 +425,10 @@ pub fn main(args: ConformanceArgs) -> Result<i32> {
             eprintln!("\n[{}] run failed:\n{e}", r.label);
         }
     }
+    let details = matrix::failure_details(&runs);
+    if !details.is_empty() {
+        println!("\n{details}");
+    }
     let mut m = matrix::build(&runs);
     if let Some(b) = &baseline {
         matrix::compare(&mut m, b, args.filter.as_deref());

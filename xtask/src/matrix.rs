@@ -20,6 +20,36 @@ pub struct KernelRun {
     pub seconds: f64,
 }
 
+/// Lines of a failed case's message printed with the matrix; the report,
+/// JUnit file and case directory keep all of it.
+const DETAIL_LINES: usize = 40;
+
+/// Every failed case with its message (the first [`DETAIL_LINES`] lines),
+/// kernel by kernel, so a log that holds only the terminal output (CI) says
+/// why a cell is red. Empty when nothing failed.
+pub fn failure_details(runs: &[KernelRun]) -> String {
+    let mut s = String::new();
+    for run in runs {
+        let Some(report) = &run.report else { continue };
+        for c in report.cases.iter().filter(|c| c.outcome == Outcome::Failed) {
+            let _ = writeln!(s, "--- [{}] {} failed ---", run.label, c.id);
+            let lines: Vec<&str> = c.message.lines().collect();
+            for l in lines.iter().take(DETAIL_LINES) {
+                let _ = writeln!(s, "{l}");
+            }
+            if lines.len() > DETAIL_LINES {
+                let _ = writeln!(
+                    s,
+                    "[{} more lines in report-{}.json]",
+                    lines.len() - DETAIL_LINES,
+                    run.label
+                );
+            }
+        }
+    }
+    s
+}
+
 /// Case counts of one requirement on one kernel.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counts {
@@ -515,6 +545,10 @@ mod tests {
         );
         let t = m.terminal();
         assert!(t.contains("PROC-PID"), "{t}");
+        assert_eq!(
+            failure_details(&runs()),
+            "--- [6.1] PIPE-CONTENTS::full failed ---\ncontents differ\nmore\n"
+        );
         let gate = m.gate_failures();
         assert_eq!(gate.len(), 2, "{gate:?}");
         assert!(gate[0].contains("5.10"));
