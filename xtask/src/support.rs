@@ -258,9 +258,9 @@ impl Drop for StagedBins {
 /// process (seen as a SIGSEGV in crest), and two runs would share one copy.
 pub fn stage_bins(bin: &Path) -> Result<StagedBins> {
     use std::os::unix::fs::PermissionsExt;
-    let dest = crest_vm::cache::Cache::default_root()?
-        .join("staged-bins")
-        .join(format!("run-{}", std::process::id()));
+    let root = crest_vm::cache::Cache::default_root()?.join("staged-bins");
+    sweep_dead_runs(&root);
+    let dest = root.join(format!("run-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dest);
     std::fs::create_dir_all(&dest).with_context(|| format!("create {}", dest.display()))?;
     let staged = StagedBins { dir: dest.clone() };
@@ -287,6 +287,29 @@ pub fn stage_bins(bin: &Path) -> Result<StagedBins> {
         dest.display()
     );
     Ok(staged)
+}
+
+/// Removes the staged copies of runs that were killed before they could
+/// clean up (`run-PID` whose process is gone).
+fn sweep_dead_runs(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("run-"))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let gone = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+            == Err(nix::errno::Errno::ESRCH);
+        if gone {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// Paths the guest cannot see (they are fresh tmpfs there).
