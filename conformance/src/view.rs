@@ -157,6 +157,26 @@ pub const STATUS_KEYS: &[&str] = &[
     "CapBnd",
 ];
 
+/// The pending signals (hex, as in `/proc/PID/status`) that stay pending: a
+/// signal that is not blocked is on its way to its handler (a SIGCHLD caught
+/// between a child's exit and the shell's next instruction), so a view shows
+/// it only when `blocked` holds it, or when the task is stopped.
+pub fn settled_pending(pending: &str, blocked: &str, stopped: bool) -> String {
+    if stopped {
+        pending.to_string()
+    } else {
+        hex_and(pending, blocked)
+    }
+}
+
+/// Bitwise AND of two hex masks, printed in the width of the first.
+fn hex_and(a: &str, b: &str) -> String {
+    match (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+        (Ok(x), Ok(y)) => format!("{:0w$x}", x & y, w = a.len()),
+        _ => a.to_string(),
+    }
+}
+
 /// Picks [`STATUS_KEYS`] out of `/proc/PID/status`.
 pub fn parse_status(text: &str) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
@@ -272,7 +292,30 @@ pub fn capture_with(
         }
         let status = fs::read_to_string(format!("/proc/{pid}/status"))
             .map_err(|e| format!("{p} status: {e}"))?;
-        for (k, v) in parse_status(&status) {
+        let mut status = parse_status(&status);
+        let stopped = matches!(stat.state, 'T' | 't');
+        // Shared pending signals go to any thread not blocking them.
+        let blocked_by_all = fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter_map(|e| {
+                        let st = fs::read_to_string(e.path().join("status")).ok()?;
+                        parse_status(&st).get("SigBlk").cloned()
+                    })
+                    .fold(None::<String>, |acc, b| {
+                        Some(acc.map_or(b.clone(), |a| hex_and(&a, &b)))
+                    })
+            })
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let blocked = status.get("SigBlk").cloned().unwrap_or_default();
+        for (key, mask) in [("ShdPnd", &blocked_by_all), ("SigPnd", &blocked)] {
+            if let Some(v) = status.get_mut(key) {
+                *v = settled_pending(v, mask, stopped);
+            }
+        }
+        for (k, v) in status {
             lines.push(format!("{p} {k} {v}"));
         }
         if let Ok(pers) = fs::read_to_string(format!("/proc/{pid}/personality")) {
@@ -350,7 +393,11 @@ pub fn capture_with(
                 ts.comm,
                 state_class(ts.state),
                 get("SigBlk"),
-                get("SigPnd")
+                settled_pending(
+                    &get("SigPnd"),
+                    &get("SigBlk"),
+                    matches!(ts.state, 'T' | 't')
+                )
             ));
             if tree {
                 if let Ok(children) = fs::read_to_string(format!("{t}/children")) {
@@ -403,6 +450,26 @@ pub fn diff(before: &[String], after: &[String]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_blocked_or_stopped_pending_signals_settle() {
+        // SIGCHLD (bit 16) pending, nothing blocked: in flight, not shown.
+        assert_eq!(
+            settled_pending("0000000000010000", "0000000000000000", false),
+            "0000000000000000"
+        );
+        // Blocked: it stays.
+        assert_eq!(
+            settled_pending("0000000000010002", "0000000000010000", false),
+            "0000000000010000"
+        );
+        // A stopped task keeps everything pending.
+        assert_eq!(
+            settled_pending("0000000000010002", "0000000000000000", true),
+            "0000000000010002"
+        );
+        assert_eq!(settled_pending("junk", "0", false), "junk");
+    }
 
     #[test]
     fn stat_with_parens_and_spaces_in_comm() {

@@ -358,8 +358,43 @@ fn freeze(
     }
 }
 
+/// Task flags (`/proc/PID/stat` field 9) from include/linux/sched.h.
+const PF_EXITING: i64 = 0x4;
+const PF_KTHREAD: i64 = 0x0020_0000;
+
+/// How long a process on its way out may take to become a zombie.
+const EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Seizes every thread of `pid` not seized yet; returns whether it seized any.
 fn freeze_process(pid: i32, set: &mut FrozenSet, zombies: &mut Vec<i32>) -> Result<bool> {
+    let flags = stat_fields(pid).map(|f| stat_field(&f, 9))?;
+    if flags & PF_KTHREAD != 0 {
+        return Err(Error::Refused {
+            pid,
+            reason: "is a kernel thread".into(),
+        });
+    }
+    if flags & PF_EXITING != 0 && !is_zombie(pid) {
+        // On its way out (a shell's `sleep` finishing as the dump starts):
+        // its memory may already be gone, and it cannot be stopped. In a
+        // moment it is a zombie, which the dump records as such.
+        let until = Instant::now() + EXIT_WAIT;
+        while !is_zombie(pid) && !proc::is_gone(pid) {
+            if Instant::now() > until {
+                return Err(Error::Refused {
+                    pid,
+                    reason: format!("is exiting and did not finish within {EXIT_WAIT:?}"),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        if proc::is_gone(pid) && !is_zombie(pid) {
+            return Err(Error::Gone {
+                pid,
+                during: "dump",
+            });
+        }
+    }
     if is_zombie(pid) {
         if threads_of(pid).len() > 1 {
             return Err(Error::unsupported(
@@ -377,12 +412,6 @@ fn freeze_process(pid: i32, set: &mut FrozenSet, zombies: &mut Vec<i32>) -> Resu
     let idx = match set.procs.iter().position(|p| p.pid == pid) {
         Some(i) => i,
         None => {
-            if proc::read(pid, "maps")?.is_empty() {
-                return Err(Error::Refused {
-                    pid,
-                    reason: "is a kernel thread".into(),
-                });
-            }
             set.procs.push(FrozenProcess {
                 pid,
                 threads: Vec::new(),

@@ -306,6 +306,74 @@ pub fn pidfd_getfd(pid: i32, fd: i32) -> Result<std::os::fd::OwnedFd> {
     }
 }
 
+/// Whether eventfd `fd` of the frozen `pid` is in semaphore mode, for
+/// kernels whose fdinfo does not say (before 6.6): see [`probe_eventfd_mode`].
+/// The descriptor probed is crest's duplicate of the target's open file, so
+/// the target's fd table does not change.
+fn eventfd_is_semaphore(pid: i32, fd: i32) -> std::result::Result<bool, String> {
+    let count = || -> std::result::Result<u64, String> {
+        let info = proc::read(pid, &format!("fdinfo/{fd}")).map_err(|e| e.to_string())?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("eventfd-count:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .ok_or_else(|| "an eventfd without a readable count".to_string())
+    };
+    let efd = pidfd_getfd(pid, fd)
+        .map_err(|e| format!("an eventfd whose mode could not be probed ({e})"))?;
+    let before = count()?;
+    let semaphore = probe_eventfd_mode(&efd, before)
+        .map_err(|(what, e)| format!("an eventfd whose mode could not be probed ({what}: {e})"))?;
+    let after = count()?;
+    if after != before {
+        return Err(format!(
+            "an eventfd whose counter changed while its mode was probed ({before} before, {after} after: is it shared with a process outside the dump?)"
+        ));
+    }
+    Ok(semaphore)
+}
+
+/// Probes the mode of eventfd `efd` whose counter is `count`: a read returns
+/// 1 in semaphore mode and the whole counter otherwise. The counter is raised
+/// to at least 2 (so that the two answers differ), read once, and put back to
+/// `count`; no read ever waits. epoll reports nothing for the moment the
+/// counter was raised (it re-checks readiness before reporting), though a
+/// poll(2) waiter outside the dump may wake once.
+fn probe_eventfd_mode(
+    efd: &std::os::fd::OwnedFd,
+    count: u64,
+) -> std::result::Result<bool, (&'static str, std::io::Error)> {
+    use std::io::{Read, Write};
+    // Near the top of its range a write would wait (or fail).
+    if count > u64::MAX - 4 {
+        return Err((
+            "its counter is at its maximum",
+            std::io::Error::from_raw_os_error(libc::EOVERFLOW),
+        ));
+    }
+    let mut f = std::fs::File::from(efd.try_clone().map_err(|e| ("dup", e))?);
+    let add = 2u64.saturating_sub(count);
+    if add > 0 {
+        f.write_all(&add.to_ne_bytes()).map_err(|e| ("write", e))?;
+    }
+    let mut v = [0u8; 8];
+    f.read_exact(&mut v).map_err(|e| ("read", e))?;
+    let semaphore = u64::from_ne_bytes(v) == 1;
+    if semaphore {
+        // The counter is now count + add - 1.
+        if add == 0 {
+            f.write_all(&1u64.to_ne_bytes()).map_err(|e| ("write", e))?;
+        }
+        for _ in 1..add {
+            f.read_exact(&mut v).map_err(|e| ("read", e))?;
+        }
+    } else if count > 0 {
+        // The read emptied it.
+        f.write_all(&count.to_ne_bytes())
+            .map_err(|e| ("write", e))?;
+    }
+    Ok(semaphore)
+}
+
 fn kcmp_files(pid1: i32, fd1: i32, pid2: i32, fd2: i32) -> bool {
     const KCMP_FILE: libc::c_long = 0;
     // SAFETY: kcmp takes only integers and reads no memory of ours.
@@ -450,7 +518,8 @@ pub fn collect(pid: i32) -> Result<FilesImage> {
         } else if let Some(name) = link.strip_prefix("anon_inode:") {
             let text = proc::read(pid, &format!("fdinfo/{fd}"))?;
             let flags = info.flags & REOPEN_MASK & !libc::O_ACCMODE;
-            match anon_kind(name.trim_matches(['[', ']']), &text, flags) {
+            let probe = || eventfd_is_semaphore(pid, fd);
+            match anon_kind(name.trim_matches(['[', ']']), &text, flags, &probe) {
                 Ok(kind) => kind,
                 Err(what) => return refuse(what),
             }
@@ -570,8 +639,14 @@ pub struct EpollWatch {
     pub data: u64,
 }
 
-/// Classifies an `anon_inode:` descriptor from its fdinfo.
-fn anon_kind(name: &str, fdinfo: &str, flags: i32) -> std::result::Result<FdKind, String> {
+/// Classifies an `anon_inode:` descriptor from its fdinfo. `semaphore_probe`
+/// tells an eventfd's mode where fdinfo does not (before Linux 6.6).
+fn anon_kind(
+    name: &str,
+    fdinfo: &str,
+    flags: i32,
+    semaphore_probe: &dyn Fn() -> std::result::Result<bool, String>,
+) -> std::result::Result<FdKind, String> {
     let field = |key: &str| {
         fdinfo
             .lines()
@@ -583,11 +658,11 @@ fn anon_kind(name: &str, fdinfo: &str, flags: i32) -> std::result::Result<FdKind
             let count = field("eventfd-count:")
                 .and_then(|v| u64::from_str_radix(&v, 16).ok())
                 .ok_or("an eventfd without a readable count")?;
-            // Linux 6.6 added the semaphore flag to fdinfo; before that an
-            // eventfd's mode cannot be told, and guessing would change its reads.
+            // Linux 6.6 added the semaphore flag to fdinfo; before that the
+            // mode is found by reading the counter (and putting it back).
             let semaphore = match field("eventfd-semaphore:") {
                 Some(v) => v == "1",
-                None => return Err("an eventfd whose semaphore mode this kernel does not report (fdinfo has it from Linux 6.6)".into()),
+                None => semaphore_probe()?,
             };
             Ok(FdKind::Eventfd {
                 count,
@@ -843,4 +918,43 @@ pub fn open_for_restore(f: &FdImage) -> std::result::Result<Option<i32>, String>
         }
     }
     Ok(Some(fd))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rstest::rstest;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    fn eventfd(count: u32, semaphore: bool) -> OwnedFd {
+        let flags = libc::EFD_CLOEXEC | if semaphore { libc::EFD_SEMAPHORE } else { 0 };
+        // SAFETY: eventfd returns a new descriptor we then own.
+        let fd = unsafe { libc::eventfd(count, flags) };
+        assert!(fd >= 0, "eventfd: {}", std::io::Error::last_os_error());
+        // SAFETY: fd is a fresh descriptor nothing else owns.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    }
+
+    fn count_of(fd: &OwnedFd) -> u64 {
+        let info =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).unwrap();
+        let v = info
+            .lines()
+            .find_map(|l| l.strip_prefix("eventfd-count:"))
+            .unwrap();
+        u64::from_str_radix(v.trim(), 16).unwrap()
+    }
+
+    #[rstest]
+    fn eventfd_mode_probe_keeps_the_counter(
+        #[values(0, 1, 2, 3, 1000)] count: u32,
+        #[values(false, true)] semaphore: bool,
+    ) {
+        let fd = eventfd(count, semaphore);
+        assert_eq!(probe_eventfd_mode(&fd, count.into()).unwrap(), semaphore);
+        assert_eq!(count_of(&fd), u64::from(count));
+        // Probing twice answers the same.
+        assert_eq!(probe_eventfd_mode(&fd, count.into()).unwrap(), semaphore);
+        assert_eq!(count_of(&fd), u64::from(count));
+    }
 }

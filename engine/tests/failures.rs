@@ -58,6 +58,38 @@ fn dumping_a_pid_that_does_not_exist_is_a_clear_error() {
 }
 
 #[test]
+fn a_kernel_thread_is_refused_by_name() {
+    require_root!();
+    // A kernel thread's maps are empty like those of a process on its way
+    // out, which the dump waits for instead: the flag tells them apart.
+    let Some(kthread) = fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .find(|p| {
+            let stat = fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            let after = stat.rsplit(')').next().unwrap_or("");
+            // Field 9 (flags) is the 7th after the comm; PF_KTHREAD = 0x200000.
+            after
+                .split_whitespace()
+                .nth(6)
+                .and_then(|f| f.parse::<u64>().ok())
+                .is_some_and(|f| f & 0x0020_0000 != 0)
+        })
+    else {
+        eprintln!("no kernel thread visible in this PID namespace: skipped");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = dump(kthread, &tmp.path().join("img"), &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    assert_eq!(
+        stderr_of(&out),
+        format!("crest: error: pid {kthread}: is a kernel thread\n")
+    );
+    assert!(!tmp.path().join("img").exists());
+}
+
+#[test]
 fn unsupported_resource_is_refused_and_the_target_keeps_running() {
     require_root!();
     use std::os::unix::process::CommandExt;
