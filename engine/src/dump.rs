@@ -467,6 +467,9 @@ pub fn dump(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Dum
 }
 
 fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<DumpStats> {
+    // Where a dump's time goes, for `crest -vv dump`.
+    let t0 = Instant::now();
+    let phase = |done: &str| tracing::debug!(ms = t0.elapsed().as_millis() as u64, "dump: {done}");
     // A group whose leader is gone is rooted at its first member.
     let root = match opts.scope {
         Scope::Pgid => *members(5, opts.pid)?.first().ok_or(Error::Refused {
@@ -521,7 +524,9 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
     let mut set = FrozenSet::default();
     let mut zombie_pids = Vec::new();
     progress.set_message(format!("pid {root}: freezing"));
+    phase("callbacks run, freezing");
     freeze(opts.pid, root, opts.scope, &mut set, &mut zombie_pids)?;
+    phase("frozen");
     crate::sockets::set_dump_pids(set.procs.iter().map(|p| p.pid).collect());
     // Connections to peers outside the dump are found before any socket is
     // put in repair mode: without --tcp-established they are refused here,
@@ -567,6 +572,7 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
         image.api = callbacks.image_of(fp.pid);
         images.push(image);
     }
+    phase("processes collected");
     crate::tty::resolve(&mut images)?;
     let mut shared_files = Vec::new();
     let pipes = {
@@ -692,8 +698,10 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
     for image in &images {
         meta.record(RecordKind::Process, image);
     }
+    phase("shared resources collected");
     meta.write_to(staging.path())?;
     staging.commit()?;
+    phase("image written");
 
     match opts.after {
         AfterDump::Kill => {
@@ -713,6 +721,7 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
             // those to peers outside stay locked until the restore.
             crate::tcp::forget_repaired();
             crate::netlock::keep();
+            phase("processes killed and gone");
         }
         // Written while still frozen: the callbacks' waits restart and see it.
         AfterDump::LeaveRunning => {

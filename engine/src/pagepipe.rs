@@ -185,7 +185,7 @@ pub(crate) struct Copied {
 struct Stream {
     file: File,
     path: PathBuf,
-    view: FileView,
+    size: u64,
 }
 
 /// Copies `runs` of the frozen target behind `remote` into its page files
@@ -243,8 +243,7 @@ pub(crate) fn copy_pages(remote: &Remote, runs: &[Run], dir: &Path) -> Result<Op
         let path = Image::pages_file_path(dir, pid, n as u8);
         let file = crate::image::create_private(&path)?;
         file.set_len(size).map_err(|e| Error::io(&path, e))?;
-        let view = FileView::new(&file, size).map_err(|e| Error::io(&path, e))?;
-        streams.push(Stream { file, path, view });
+        streams.push(Stream { file, path, size });
     }
     if total == 0 {
         return Ok(Some(Copied::default()));
@@ -260,9 +259,17 @@ pub(crate) fn copy_pages(remote: &Remote, runs: &[Run], dir: &Path) -> Result<Op
         // batches: splicing (page allocation and the copy) is the long pole.
         let checker = s.spawn(move || -> Result<Copied> {
             let mut copied = Copied::default();
+            let mut windows: Vec<Option<FileView>> = streams.iter().map(|_| None).collect();
             for range in check_rx {
                 for p in &pieces[range] {
-                    account(&streams[p.file as usize], p, &mut copied)?;
+                    let stream = &streams[p.file as usize];
+                    let data = FileView::slice_of(
+                        &mut windows[p.file as usize],
+                        stream,
+                        p.offset,
+                        p.run.len,
+                    )?;
+                    account(stream, p, data, &mut copied)?;
                 }
             }
             Ok(copied)
@@ -350,7 +357,7 @@ pub(crate) fn copy_pages(remote: &Remote, runs: &[Run], dir: &Path) -> Result<Op
             read_target(pid, p.run.vaddr, &mut buf, false)?;
             std::os::unix::fs::FileExt::write_all_at(&stream.file, &buf, p.offset)
                 .map_err(|e| Error::io(&stream.path, e))?;
-            account(stream, p, &mut copied)?;
+            account(stream, p, &buf, &mut copied)?;
         }
         Ok(copied)
     });
@@ -394,11 +401,11 @@ fn splice_into(pipe: &OwnedFd, out: &File, offset: u64, bytes: usize, path: &Pat
     Ok(())
 }
 
-/// Checksums piece `p` where it landed in the file, and leaves its zero
-/// anonymous pages out (as holes: they come back as zeros anyway).
-fn account(stream: &Stream, p: &Piece, copied: &mut Copied) -> Result<()> {
+/// Checksums piece `p` (`data`: its bytes where they landed in the file),
+/// and leaves its zero anonymous pages out (as holes: they come back as
+/// zeros anyway).
+fn account(stream: &Stream, p: &Piece, data: &[u8], copied: &mut Copied) -> Result<()> {
     let (out, path) = (&stream.file, stream.path.as_path());
-    let data = stream.view.slice(p.offset, p.run.len);
     let parts = if p.run.file_backed {
         vec![(0, data.len())]
     } else {
@@ -444,17 +451,21 @@ fn punch_hole(out: &File, offset: u64, len: u64, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The page file mapped read-only, to checksum what the splices wrote.
+/// How much of a page file the checker maps at a time.
+const WINDOW_BYTES: u64 = 32 << 20;
+
+/// A window of a page file mapped read-only, to checksum what the splices
+/// wrote. Reading the pages through a mapping costs less than reading them
+/// into a buffer; mapping a window at a time spreads the unmapping (which
+/// walks every page) over the copy instead of leaving it all for the end.
 struct FileView {
     addr: *mut libc::c_void,
+    offset: u64,
     len: usize,
 }
 
-// SAFETY: a read-only mapping; only read through shared references.
-unsafe impl Sync for FileView {}
-
 impl FileView {
-    fn new(file: &File, len: u64) -> std::io::Result<FileView> {
+    fn new(file: &File, offset: u64, len: u64) -> std::io::Result<FileView> {
         // SAFETY: a shared read-only mapping of a file we hold, unmapped in Drop.
         let addr = unsafe {
             libc::mmap(
@@ -463,7 +474,7 @@ impl FileView {
                 libc::PROT_READ,
                 libc::MAP_SHARED,
                 file.as_raw_fd(),
-                0,
+                offset as libc::off_t,
             )
         };
         if addr == libc::MAP_FAILED {
@@ -471,19 +482,39 @@ impl FileView {
         }
         Ok(FileView {
             addr,
+            offset,
             len: len as usize,
         })
     }
 
-    fn slice(&self, offset: u64, len: u64) -> &[u8] {
-        assert!(
-            offset + len <= self.len as u64,
-            "piece inside the page file"
-        );
-        // SAFETY: in bounds (checked above) of a mapping alive as long as self.
-        unsafe {
-            std::slice::from_raw_parts(self.addr.cast::<u8>().add(offset as usize), len as usize)
+    /// `len` bytes at `offset` of `stream`'s file, through `window`, which is
+    /// moved forward (unmapped and mapped again) when it does not hold them.
+    fn slice_of<'w>(
+        window: &'w mut Option<FileView>,
+        stream: &Stream,
+        offset: u64,
+        len: u64,
+    ) -> Result<&'w [u8]> {
+        let holds = |w: &FileView| offset >= w.offset && offset + len <= w.offset + w.len as u64;
+        if !window.as_ref().is_some_and(holds) {
+            *window = None;
+            let start = offset - offset % PAGE_SIZE;
+            let end = (start + WINDOW_BYTES).max(offset + len).min(stream.size);
+            *window = Some(
+                FileView::new(&stream.file, start, end - start)
+                    .map_err(|e| Error::io(&stream.path, e))?,
+            );
         }
+        let w = window.as_ref().expect("window mapped above");
+        assert!(holds(w), "piece inside the mapped window");
+        // SAFETY: in bounds (checked above) of a mapping alive as long as the
+        // window, which the returned borrow keeps in place.
+        Ok(unsafe {
+            std::slice::from_raw_parts(
+                w.addr.cast::<u8>().add((offset - w.offset) as usize),
+                len as usize,
+            )
+        })
     }
 }
 
