@@ -293,21 +293,30 @@ pub fn capture_with(
         let status = fs::read_to_string(format!("/proc/{pid}/status"))
             .map_err(|e| format!("{p} status: {e}"))?;
         let mut status = parse_status(&status);
+        // Each thread's stat and status, read once: for the shared pending
+        // signals here and for the thread lines below.
+        let mut tids: Vec<i32> = fs::read_dir(format!("/proc/{pid}/task"))
+            .map_err(|e| format!("{p} task: {e}"))?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        tids.sort_unstable();
+        let threads: Vec<(i32, Stat, BTreeMap<String, String>)> = tids
+            .into_iter()
+            .filter_map(|tid| {
+                let t = format!("/proc/{pid}/task/{tid}");
+                let ts = parse_stat(&fs::read_to_string(format!("{t}/stat")).ok()?)?;
+                let st = fs::read_to_string(format!("{t}/status")).unwrap_or_default();
+                Some((tid, ts, parse_status(&st)))
+            })
+            .collect();
         let stopped = matches!(stat.state, 'T' | 't');
         // Shared pending signals go to any thread not blocking them.
-        let blocked_by_all = fs::read_dir(format!("/proc/{pid}/task"))
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .filter_map(|e| {
-                        let st = fs::read_to_string(e.path().join("status")).ok()?;
-                        parse_status(&st).get("SigBlk").cloned()
-                    })
-                    .fold(None::<String>, |acc, b| {
-                        Some(acc.map_or(b.clone(), |a| hex_and(&a, &b)))
-                    })
+        let blocked_by_all = threads
+            .iter()
+            .filter_map(|(_, _, st)| st.get("SigBlk"))
+            .fold(None::<String>, |acc, b| {
+                Some(acc.map_or_else(|| b.clone(), |a| hex_and(&a, b)))
             })
-            .ok()
-            .flatten()
             .unwrap_or_default();
         let blocked = status.get("SigBlk").cloned().unwrap_or_default();
         for (key, mask) in [("ShdPnd", &blocked_by_all), ("SigPnd", &blocked)] {
@@ -373,20 +382,8 @@ pub fn capture_with(
                 pos.map(|p| p.to_string()).unwrap_or_default()
             ));
         }
-        let mut tids: Vec<i32> = fs::read_dir(format!("/proc/{pid}/task"))
-            .map_err(|e| format!("{p} task: {e}"))?
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-            .collect();
-        tids.sort_unstable();
-        for tid in &tids {
+        for (tid, ts, st) in &threads {
             let t = format!("/proc/{pid}/task/{tid}");
-            let Some(ts) = fs::read_to_string(format!("{t}/stat"))
-                .ok()
-                .and_then(|s| parse_stat(&s))
-            else {
-                continue;
-            };
-            let st = parse_status(&fs::read_to_string(format!("{t}/status")).unwrap_or_default());
             let get = |k: &str| st.get(k).cloned().unwrap_or_default();
             lines.push(format!(
                 "{p} thread {tid} comm {:?} {} SigBlk {} SigPnd {}",

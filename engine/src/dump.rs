@@ -379,7 +379,8 @@ fn freeze_process(pid: i32, set: &mut FrozenSet, zombies: &mut Vec<i32>) -> Resu
         // its memory may already be gone, and it cannot be stopped. In a
         // moment it is a zombie, which the dump records as such.
         let until = Instant::now() + EXIT_WAIT;
-        while !is_zombie(pid) && !proc::is_gone(pid) {
+        // is_gone: a zombie, or reaped already.
+        while !proc::is_gone(pid) {
             if Instant::now() > until {
                 return Err(Error::Refused {
                     pid,

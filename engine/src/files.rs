@@ -310,26 +310,29 @@ pub fn pidfd_getfd(pid: i32, fd: i32) -> Result<std::os::fd::OwnedFd> {
 /// kernels whose fdinfo does not say (before 6.6): see [`probe_eventfd_mode`].
 /// The descriptor probed is crest's duplicate of the target's open file, so
 /// the target's fd table does not change.
-fn eventfd_is_semaphore(pid: i32, fd: i32) -> std::result::Result<bool, String> {
-    let count = || -> std::result::Result<u64, String> {
-        let info = proc::read(pid, &format!("fdinfo/{fd}")).map_err(|e| e.to_string())?;
-        info.lines()
-            .find_map(|l| l.strip_prefix("eventfd-count:"))
-            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-            .ok_or_else(|| "an eventfd without a readable count".to_string())
-    };
+fn eventfd_is_semaphore(pid: i32, fd: i32, before: u64) -> std::result::Result<bool, String> {
     let efd = pidfd_getfd(pid, fd)
         .map_err(|e| format!("an eventfd whose mode could not be probed ({e})"))?;
-    let before = count()?;
     let semaphore = probe_eventfd_mode(&efd, before)
         .map_err(|(what, e)| format!("an eventfd whose mode could not be probed ({what}: {e})"))?;
-    let after = count()?;
+    let info = proc::read(pid, &format!("fdinfo/{fd}")).map_err(|e| e.to_string())?;
+    let after = eventfd_count(&info)?;
     if after != before {
         return Err(format!(
             "an eventfd whose counter changed while its mode was probed ({before} before, {after} after: is it shared with a process outside the dump?)"
         ));
     }
     Ok(semaphore)
+}
+
+/// The counter of an eventfd, from its fdinfo (the kernel prints it in hex,
+/// "%16llx").
+fn eventfd_count(fdinfo: &str) -> std::result::Result<u64, String> {
+    fdinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("eventfd-count:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .ok_or_else(|| "an eventfd without a readable count".to_string())
 }
 
 /// Probes the mode of eventfd `efd` whose counter is `count`: a read returns
@@ -518,7 +521,7 @@ pub fn collect(pid: i32) -> Result<FilesImage> {
         } else if let Some(name) = link.strip_prefix("anon_inode:") {
             let text = proc::read(pid, &format!("fdinfo/{fd}"))?;
             let flags = info.flags & REOPEN_MASK & !libc::O_ACCMODE;
-            let probe = || eventfd_is_semaphore(pid, fd);
+            let probe = |count| eventfd_is_semaphore(pid, fd, count);
             match anon_kind(name.trim_matches(['[', ']']), &text, flags, &probe) {
                 Ok(kind) => kind,
                 Err(what) => return refuse(what),
@@ -640,12 +643,13 @@ pub struct EpollWatch {
 }
 
 /// Classifies an `anon_inode:` descriptor from its fdinfo. `semaphore_probe`
-/// tells an eventfd's mode where fdinfo does not (before Linux 6.6).
+/// tells an eventfd's mode, given its counter, where fdinfo does not (before
+/// Linux 6.6).
 fn anon_kind(
     name: &str,
     fdinfo: &str,
     flags: i32,
-    semaphore_probe: &dyn Fn() -> std::result::Result<bool, String>,
+    semaphore_probe: &dyn Fn(u64) -> std::result::Result<bool, String>,
 ) -> std::result::Result<FdKind, String> {
     let field = |key: &str| {
         fdinfo
@@ -654,15 +658,12 @@ fn anon_kind(
     };
     match name {
         "eventfd" => {
-            // The kernel prints the counter in hex ("%16llx").
-            let count = field("eventfd-count:")
-                .and_then(|v| u64::from_str_radix(&v, 16).ok())
-                .ok_or("an eventfd without a readable count")?;
+            let count = eventfd_count(fdinfo)?;
             // Linux 6.6 added the semaphore flag to fdinfo; before that the
             // mode is found by reading the counter (and putting it back).
             let semaphore = match field("eventfd-semaphore:") {
                 Some(v) => v == "1",
-                None => semaphore_probe()?,
+                None => semaphore_probe(count)?,
             };
             Ok(FdKind::Eventfd {
                 count,
@@ -938,11 +939,7 @@ mod tests {
     fn count_of(fd: &OwnedFd) -> u64 {
         let info =
             std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).unwrap();
-        let v = info
-            .lines()
-            .find_map(|l| l.strip_prefix("eventfd-count:"))
-            .unwrap();
-        u64::from_str_radix(v.trim(), 16).unwrap()
+        eventfd_count(&info).unwrap()
     }
 
     #[rstest]

@@ -407,19 +407,11 @@ pub fn never_connected(s: i32) -> bool {
     r == 0 && ti.tcpi_state == 7 && ti.tcpi_segs_out == 0 && ti.tcpi_segs_in == 0
 }
 
-/// The (local, peer) addresses of every established TCP connection `pid`
-/// holds, read before anything is put in repair mode (see [`crate::netlock`]).
-pub fn established_of(pid: i32) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    Ok(established_fds_of(pid)?
-        .into_iter()
-        .map(|(_, l, p)| (l, p))
-        .collect())
-}
-
 /// An established connection: its descriptor, local and peer addresses.
 pub type Established = (i32, Vec<u8>, Vec<u8>);
 
-/// [`established_of`] with the descriptor of each connection.
+/// Every established TCP connection `pid` holds, read before anything is put
+/// in repair mode (see [`crate::netlock`]).
 pub fn established_fds_of(pid: i32) -> Result<Vec<Established>> {
     let dir = format!("/proc/{pid}/fd");
     let mut out = Vec::new();
