@@ -649,8 +649,13 @@ mod tests {
 
     #[test]
     fn a_refusal_that_leaves_the_target_stopped_fails() {
-        let f =
-            Fake::new("kill -STOP $4; echo 'crest: error: nope: not supported yet' >&2; exit 3");
+        // kill only queues SIGSTOP; the target stops when it next runs. A
+        // real engine stops its target before returning, so the fake waits
+        // for the stop too (else the check may see it still running).
+        let f = Fake::new(
+            "kill -STOP $4; while [ \"$(cut -d' ' -f3 /proc/$4/stat)\" != T ]; do sleep 0.01; done\n\
+             echo 'crest: error: nope: not supported yet' >&2; exit 3",
+        );
         match runner::run_case(&f.cfg(true), &spec(Mode::Cycle), 0) {
             CaseOutcome::Failed(m) => {
                 assert!(m.contains("did not leave the target as it was"), "{m}");
