@@ -528,6 +528,9 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
     phase("callbacks run, freezing");
     freeze(opts.pid, root, opts.scope, &mut set, &mut zombie_pids)?;
     phase("frozen");
+    // Reading /proc/locks waits for an RCU grace period (10–20 ms here), so
+    // it is read once per dump, beside the collection.
+    let proc_locks = std::thread::spawn(|| std::fs::read_to_string("/proc/locks"));
     crate::sockets::set_dump_pids(set.procs.iter().map(|p| p.pid).collect());
     // Connections to peers outside the dump are found before any socket is
     // put in repair mode: without --tcp-established they are refused here,
@@ -572,6 +575,24 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
             collect_process(fp, staging.path(), &mut stats, progress, pre_copy.as_mut())?;
         image.api = callbacks.image_of(fp.pid);
         images.push(image);
+    }
+    let proc_locks = match proc_locks.join() {
+        Ok(Ok(text)) => text,
+        Ok(Err(e)) => {
+            tracing::warn!(
+                "cannot read /proc/locks ({e}): locks held without a descriptor are not checked"
+            );
+            String::new()
+        }
+        Err(_) => panic!("the reader of /proc/locks panicked"),
+    };
+    for p in &images {
+        if let Some(lock) = unreachable_lock(p.pid, &p.files, &p.locks, &proc_locks) {
+            return Err(Error::unsupported(
+                p.pid,
+                format!("holds a file lock ({lock}) not reachable through an open descriptor"),
+            ));
+        }
     }
     phase("processes collected");
     crate::tty::resolve(&mut images)?;
@@ -863,8 +884,8 @@ fn unreachable_lock(
     pid: i32,
     files: &files::FilesImage,
     collected: &[crate::locks::FileLock],
+    locks: &str,
 ) -> Option<String> {
-    let locks = std::fs::read_to_string("/proc/locks").ok()?;
     let inodes: Vec<u64> = files
         .fds
         .iter()
@@ -992,24 +1013,19 @@ fn collect_process(
     pre_copy: Option<&mut crate::precopy::PreCopy>,
 ) -> Result<ProcessImage> {
     let pid = fp.pid;
+    let t0 = Instant::now();
+    let step =
+        |done: &str| tracing::debug!(pid, us = t0.elapsed().as_micros() as u64, "collect: {done}");
     let status = proc::read(pid, "status")?;
     let maps = proc::maps(pid)?;
-    let smaps = proc::read(pid, "smaps")?;
-    let vmflags = proc::parse_smaps_vmflags(&smaps);
-    let vmas = mm::collect_vmas(pid, &maps, &vmflags)?;
     let files = files::collect(pid)?;
+    step("maps and files");
     let mut locks = Vec::new();
     for f in &files.fds {
         let info = proc::read(pid, &format!("fdinfo/{}", f.fd)).unwrap_or_default();
         locks.extend(
             crate::locks::parse_fdinfo(f.fd, &info).map_err(|why| Error::unsupported(pid, why))?,
         );
-    }
-    if let Some(lock) = unreachable_lock(pid, &files, &locks) {
-        return Err(Error::unsupported(
-            pid,
-            format!("holds a file lock ({lock}) not reachable through an open descriptor"),
-        ));
     }
     if files.root != "/" {
         return Err(Error::unsupported(
@@ -1028,13 +1044,19 @@ fn collect_process(
             0,
             PAGE_SIZE,
             (libc::PROT_READ | libc::PROT_WRITE) as u64,
-            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+            (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64,
             u64::MAX,
             0,
         ],
         "mmap of a scratch page",
     )?;
     fp.scratch = Some(scratch);
+    // smaps (for VmFlags) walks every page table entry: 30 ms per GiB. It is
+    // read beside the remote calls below, which leave the mappings as they
+    // are. It is started after the scratch page is mapped (a mapping waits
+    // for the walk), and it lists that page as a mapping of its own (a
+    // shared mapping never merges with a neighbour), which is not in `maps`.
+    let smaps_reader = std::thread::spawn(move || proc::read(pid, "smaps"));
     let mut threads = Vec::new();
     for t in &fp.threads {
         let name = proc::read(pid, &format!("task/{}/comm", t.tracee.pid))?
@@ -1054,8 +1076,16 @@ fn collect_process(
         insn,
         scratch,
     };
+    step("threads");
     let state = task::collect_process(&remote, &status)?;
+    step("process state");
     let brk = remote.call(libc::SYS_brk, [0; 6], "brk(0)")?;
+    let smaps = smaps_reader
+        .join()
+        .unwrap_or_else(|_| panic!("the reader of /proc/{pid}/smaps panicked"))?;
+    let vmflags = proc::parse_smaps_vmflags(&smaps);
+    let vmas = mm::collect_vmas(pid, &maps, &vmflags)?;
+    step("vmas");
     let mem_started = Instant::now();
     progress.set_message(format!("pid {pid}: memory"));
     let pre_copied = match pre_copy {
@@ -1067,6 +1097,7 @@ fn collect_process(
         None => mm::collect_pages(pid, &vmas, dir, stats, Some(&remote))?,
     };
     stats.memory_us += mem_started.elapsed().as_micros() as u64;
+    step("memory");
     main.remote_ok(
         insn,
         libc::SYS_munmap,
@@ -1074,6 +1105,7 @@ fn collect_process(
         "munmap of crest's scratch page",
     )?;
     fp.scratch = None;
+    step("scratch unmapped");
 
     let f = stat_fields(pid)?;
     let mut fields =
@@ -1091,6 +1123,7 @@ fn collect_process(
             format!("its executable {exe} was deleted"),
         ));
     }
+    step("done");
 
     Ok(ProcessImage {
         pid,

@@ -260,7 +260,9 @@ pub(crate) fn copy_pages(remote: &Remote, runs: &[Run], dir: &Path) -> Result<Op
         let checker = s.spawn(move || -> Result<Copied> {
             let mut copied = Copied::default();
             let mut windows: Vec<Option<FileView>> = streams.iter().map(|_| None).collect();
+            let mut busy = Busy::default();
             for range in check_rx {
+                busy.waited();
                 for p in &pieces[range] {
                     let stream = &streams[p.file as usize];
                     let data = FileView::slice_of(
@@ -271,7 +273,9 @@ pub(crate) fn copy_pages(remote: &Remote, runs: &[Run], dir: &Path) -> Result<Op
                     )?;
                     account(stream, p, data, &mut copied)?;
                 }
+                busy.worked();
             }
+            busy.log("page checker");
             Ok(copied)
         });
         let mut job_txs = Vec::new();
@@ -283,15 +287,19 @@ pub(crate) fn copy_pages(remote: &Remote, runs: &[Run], dir: &Path) -> Result<Op
             let free_tx = free_tx.clone();
             let check_tx = check_tx.clone();
             drainers.push(s.spawn(move || -> Result<()> {
+                let mut busy = Busy::default();
                 for (i, range) in job_rx {
+                    busy.waited();
                     let from = pieces[range.start].offset;
                     let last = &pieces[range.end - 1];
                     let bytes = (last.offset + last.run.len - from) as usize;
                     splice_into(&read_ends[i], &stream.file, from, bytes, &stream.path)?;
+                    busy.worked();
                     if free_tx.send(i).is_err() || check_tx.send(range).is_err() {
                         break;
                     }
                 }
+                busy.log("page drainer");
                 Ok(())
             }));
         }
@@ -300,10 +308,12 @@ pub(crate) fn copy_pages(remote: &Remote, runs: &[Run], dir: &Path) -> Result<Op
         // The tracer (this thread) fills whichever pipe is free with the next
         // batch of that pipe's stream.
         let fill = || -> Result<Vec<Piece>> {
+            let mut busy = Busy::default();
             let mut unreadable = Vec::new();
             let mut next: Vec<usize> = starts[..nstreams].to_vec();
             let mut free: Vec<usize> = (0..nstreams * PIPES_PER_STREAM).collect();
             while (0..nstreams).any(|st| next[st] < starts[st + 1]) {
+                busy.worked();
                 let pipe = match free.pop() {
                     Some(p) => p,
                     None => match free_rx.recv() {
@@ -311,6 +321,7 @@ pub(crate) fn copy_pages(remote: &Remote, runs: &[Run], dir: &Path) -> Result<Op
                         Err(_) => break, // a drainer failed: its error is reported
                     },
                 };
+                busy.waited();
                 let st = pipe / PIPES_PER_STREAM;
                 let end = starts[st + 1];
                 let mut i = next[st];
@@ -339,6 +350,8 @@ pub(crate) fn copy_pages(remote: &Remote, runs: &[Run], dir: &Path) -> Result<Op
                     break;
                 }
             }
+            busy.worked();
+            busy.log("page filler (vmsplice in the target)");
             Ok(unreadable)
         };
         let filled = fill();
@@ -522,5 +535,50 @@ impl Drop for FileView {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly what `new` mapped.
         unsafe { libc::munmap(self.addr, self.len) };
+    }
+}
+
+/// Where a copy thread's time went, for `-vv`: working, or waiting for the
+/// next piece of work (which says which thread holds the others up).
+struct Busy {
+    since: std::time::Instant,
+    work: std::time::Duration,
+    wait: std::time::Duration,
+}
+
+impl Default for Busy {
+    fn default() -> Busy {
+        Busy {
+            since: std::time::Instant::now(),
+            work: std::time::Duration::ZERO,
+            wait: std::time::Duration::ZERO,
+        }
+    }
+}
+
+impl Busy {
+    fn waited(&mut self) {
+        let now = std::time::Instant::now();
+        self.wait += now - self.since;
+        self.since = now;
+    }
+
+    fn worked(&mut self) {
+        let now = std::time::Instant::now();
+        self.work += now - self.since;
+        self.since = now;
+    }
+
+    fn log(&mut self, who: &str) {
+        self.waited();
+        let cpu = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+            .map(|t| std::time::Duration::from(t).as_millis() as u64)
+            .unwrap_or(0);
+        tracing::debug!(
+            work_ms = self.work.as_millis() as u64,
+            wait_ms = self.wait.as_millis() as u64,
+            cpu_ms = cpu,
+            "{who}"
+        );
     }
 }

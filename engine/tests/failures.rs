@@ -126,6 +126,53 @@ fn unsupported_resource_is_refused_and_the_target_keeps_running() {
 }
 
 #[test]
+fn a_lock_held_through_another_process_descriptor_is_refused() {
+    require_root!();
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    // `sleep` takes a flock through a descriptor it shares with this test,
+    // then closes its copy: the lock stays (this process keeps the open
+    // file), listed in /proc/locks under sleep's pid, but sleep can no
+    // longer reach it, so a restore could not take it again.
+    let tmp = tempfile::tempdir().unwrap();
+    let locked = fs::File::create(tmp.path().join("locked")).unwrap();
+    let fd = locked.as_raw_fd();
+    let mut cmd = std::process::Command::new("sleep");
+    cmd.arg("30");
+    // SAFETY: only async-signal-safe syscalls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::flock(fd, libc::LOCK_EX) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let pid = child.id() as i32;
+    std::thread::sleep(Duration::from_millis(100)); // let it reach its nanosleep
+    let out = dump(pid, &tmp.path().join("img"), &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(crest_engine::EXIT_UNSUPPORTED),
+        "{}",
+        stderr_of(&out)
+    );
+    assert_eq!(
+        stderr_of(&out),
+        format!(
+            "crest: error: pid {pid}: holds a file lock (FLOCK WRITE) not reachable \
+             through an open descriptor: not supported yet\n"
+        )
+    );
+    assert!(!tmp.path().join("img").exists());
+    assert_unharmed(pid);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
 fn leave_running_and_stop_leave_the_target_as_asked() {
     require_root!();
     let tmp = tempfile::tempdir().unwrap();
