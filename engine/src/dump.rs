@@ -1080,28 +1080,17 @@ fn collect_process(
     let state = task::collect_process(&remote, &status)?;
     step("process state");
     let brk = remote.call(libc::SYS_brk, [0; 6], "brk(0)")?;
-    let mut pre_copy = pre_copy;
-    let mem_started = Instant::now();
-    progress.set_message(format!("pid {pid}: memory"));
-    // The frozen uffd-wp round needs no VmFlags (a mapping the scan finds
-    // unregistered is copied whole), so it runs while smaps is still read.
-    let early = match pre_copy.as_deref_mut() {
-        Some(p) if p.tracker() == crate::precopy::Tracker::UffdWp => {
-            let vmas = mm::collect_vmas(pid, &maps, &[])?;
-            Some(p.final_round(pid, &vmas, None, stats)?)
-        }
-        _ => None,
-    };
     let smaps = smaps_reader
         .join()
         .unwrap_or_else(|_| panic!("the reader of /proc/{pid}/smaps panicked"))?;
     let vmflags = proc::parse_smaps_vmflags(&smaps);
     let vmas = mm::collect_vmas(pid, &maps, &vmflags)?;
     step("vmas");
-    let pre_copied = match (early, pre_copy) {
-        (Some(chunks), _) => chunks,
-        (None, Some(p)) => p.final_round(pid, &vmas, Some(&vmflags), stats)?,
-        (None, None) => None,
+    let mem_started = Instant::now();
+    progress.set_message(format!("pid {pid}: memory"));
+    let pre_copied = match pre_copy {
+        Some(p) => p.final_round(pid, &vmas, &vmflags, stats)?,
+        None => None,
     };
     let chunks = match pre_copied {
         Some(chunks) => chunks,

@@ -217,7 +217,7 @@ impl PreCopy {
         &mut self,
         pid: i32,
         vmas: &[Vma],
-        vmflags: Option<&VmFlags>,
+        vmflags: &[(u64, Vec<String>)],
         stats: &mut DumpStats,
     ) -> Result<Option<Vec<PageChunk>>> {
         let Some(i) = self.procs.iter().position(|p| p.pid == pid) else {
@@ -293,17 +293,9 @@ impl Tracked {
     }
 
     /// The private mappings of `vmas`, each marked tracked or not.
-    /// `vmflags` may be left out (not read yet) for uffd-wp's frozen round:
-    /// its scan refuses (EPERM) a mapping not registered with an async
-    /// write-protecting userfaultfd (new, or re-created), which is then
-    /// copied whole, so "uw" would only say the same. Without them,
-    /// soft-dirty tracks nothing.
-    fn privates<'a>(&self, vmas: &'a [Vma], vmflags: Option<&VmFlags>) -> Vec<Private<'a>> {
-        let flags: std::collections::HashMap<u64, &Vec<String>> = vmflags
-            .into_iter()
-            .flatten()
-            .map(|(s, f)| (*s, f))
-            .collect();
+    fn privates<'a>(&self, vmas: &'a [Vma], vmflags: &[(u64, Vec<String>)]) -> Vec<Private<'a>> {
+        let flags: std::collections::HashMap<u64, &Vec<String>> =
+            vmflags.iter().map(|(s, f)| (*s, f)).collect();
         let has = |v: &Vma, f: &str| {
             flags
                 .get(&v.start)
@@ -318,11 +310,10 @@ impl Tracked {
                     .any(|&(s, e)| s <= vma.start && vma.end <= e);
                 let tracked = inside
                     && self.rounds > 0
-                    && match (self.tracker, vmflags) {
-                        (Tracker::UffdWp, None) => true,
-                        (Tracker::UffdWp, Some(_)) => has(vma, "uw"),
-                        (Tracker::SoftDirty, None) => false,
-                        (Tracker::SoftDirty, Some(_)) => !has(vma, "sd"),
+                    && if self.tracker == Tracker::UffdWp {
+                        has(vma, "uw")
+                    } else {
+                        !has(vma, "sd")
                     };
                 Some(Private {
                     vma,
@@ -348,7 +339,7 @@ impl Tracked {
         let mut scratch = DumpStats::default();
         match tracker {
             Tracker::UffdWp => {
-                let privates = self.privates(&vmas, Some(&vmflags));
+                let privates = self.privates(&vmas, &vmflags);
                 let pm = open_pagemap(pid)?;
                 let uffd = self.uffd.as_ref().expect("uffd-wp tracking has a uffd");
                 for p in &privates {
@@ -403,7 +394,7 @@ impl Tracked {
                     // between: pause the threads for that moment.
                     let paused = Paused::pause(pid)?;
                     let (vmas, vmflags) = self.current_vmas()?;
-                    let privates = self.privates(&vmas, Some(&vmflags));
+                    let privates = self.privates(&vmas, &vmflags);
                     let pm = open_pagemap(pid)?;
                     let mut entries = Vec::new();
                     for p in &privates {
@@ -435,7 +426,7 @@ impl Tracked {
     fn final_round(
         mut self,
         vmas: &[Vma],
-        vmflags: Option<&VmFlags>,
+        vmflags: &[(u64, Vec<String>)],
         stats: &mut DumpStats,
     ) -> Result<Vec<PageChunk>> {
         let pid = self.pid;
