@@ -154,12 +154,16 @@ impl<'a> TargetPipes<'a> {
 impl Drop for TargetPipes<'_> {
     fn drop(&mut self) {
         for &fd in &self.theirs {
-            if let Err(e) = self.remote.call(
+            match self.remote.call(
                 libc::SYS_close,
                 [fd as u64, 0, 0, 0, 0, 0],
                 "close of crest's pipe",
             ) {
-                tracing::warn!("pid {}: {e}", self.remote.tracee.pid);
+                Ok(_) => {}
+                // A target that died has no descriptors left to close; the
+                // dump's own error says it died.
+                Err(Error::Gone { .. }) => return,
+                Err(e) => tracing::warn!("{e}"),
             }
         }
     }
