@@ -543,7 +543,10 @@ impl Drop for FileView {
 }
 
 /// Where a copy thread's time went, for `-vv`: working, or waiting for the
-/// next piece of work (which says which thread holds the others up).
+/// next piece of work (which says which thread holds the others up). Wall
+/// time, so a thread ready but waiting for a CPU counts as working or
+/// waiting as it was doing; `cpu_ms` is the thread's CPU time since it
+/// started (for the filler, the dump's main thread, everything so far).
 struct Busy {
     since: std::time::Instant,
     work: std::time::Duration,
