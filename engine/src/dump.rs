@@ -528,9 +528,7 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
     phase("callbacks run, freezing");
     freeze(opts.pid, root, opts.scope, &mut set, &mut zombie_pids)?;
     phase("frozen");
-    // Reading /proc/locks waits for an RCU grace period (10–20 ms here), so
-    // it is read once per dump, beside the collection.
-    let proc_locks = std::thread::spawn(|| std::fs::read_to_string("/proc/locks"));
+    let mut proc_locks = ProcLocks::start();
     crate::sockets::set_dump_pids(set.procs.iter().map(|p| p.pid).collect());
     // Connections to peers outside the dump are found before any socket is
     // put in repair mode: without --tcp-established they are refused here,
@@ -571,28 +569,17 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
     }
     let mut images = Vec::new();
     for fp in &mut set.procs {
-        let mut image =
-            collect_process(fp, staging.path(), &mut stats, progress, pre_copy.as_mut())?;
+        let mut image = collect_process(
+            fp,
+            staging.path(),
+            &mut stats,
+            progress,
+            pre_copy.as_mut(),
+            &mut proc_locks,
+        )
+        .map_err(|e| died_instead(fp.pid, e))?;
         image.api = callbacks.image_of(fp.pid);
         images.push(image);
-    }
-    let proc_locks = match proc_locks.join() {
-        Ok(Ok(text)) => text,
-        Ok(Err(e)) => {
-            tracing::warn!(
-                "cannot read /proc/locks ({e}): locks held without a descriptor are not checked"
-            );
-            String::new()
-        }
-        Err(_) => panic!("the reader of /proc/locks panicked"),
-    };
-    for p in &images {
-        if let Some(lock) = unreachable_lock(p.pid, &p.files, &p.locks, &proc_locks) {
-            return Err(Error::unsupported(
-                p.pid,
-                format!("holds a file lock ({lock}) not reachable through an open descriptor"),
-            ));
-        }
     }
     phase("processes collected");
     crate::tty::resolve(&mut images)?;
@@ -880,6 +867,57 @@ fn read_up_to(f: &std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
 /// owner pid, OFD locks (pid -1) by the inode of one of its open files.
 /// A lock in /proc/locks that this process owns but that no descriptor's
 /// fdinfo showed (a flock kept alive by a mapping after its fd was closed…).
+/// An error met while collecting `pid`. If `pid` died meanwhile (it can be
+/// killed while frozen), that is the cause to report, whichever call noticed
+/// it first: a /proc read, pagemap, ptrace or a remote vmsplice.
+fn died_instead(pid: i32, e: Error) -> Error {
+    if matches!(e, Error::Gone { .. } | Error::Unsupported { .. }) {
+        return e;
+    }
+    // PF_EXITING is set as the exit begins, before the memory goes.
+    let exiting = stat_fields(pid).map_or(true, |f| stat_field(&f, 9) & PF_EXITING != 0);
+    if exiting || proc::is_gone(pid) {
+        Error::Gone {
+            pid,
+            during: "dump",
+        }
+    } else {
+        e
+    }
+}
+
+/// `/proc/locks`, read once per dump by a thread started at the freeze:
+/// reading it waits for an RCU grace period (10–20 ms here), which then
+/// passes while the first process is collected.
+struct ProcLocks {
+    reader: Option<std::thread::JoinHandle<std::io::Result<String>>>,
+    text: String,
+}
+
+impl ProcLocks {
+    fn start() -> ProcLocks {
+        ProcLocks {
+            reader: Some(std::thread::spawn(|| {
+                std::fs::read_to_string("/proc/locks")
+            })),
+            text: String::new(),
+        }
+    }
+
+    fn text(&mut self) -> &str {
+        if let Some(reader) = self.reader.take() {
+            match reader.join() {
+                Ok(Ok(text)) => self.text = text,
+                Ok(Err(e)) => tracing::warn!(
+                    "cannot read /proc/locks ({e}): locks held without a descriptor are not checked"
+                ),
+                Err(_) => panic!("the reader of /proc/locks panicked"),
+            }
+        }
+        &self.text
+    }
+}
+
 fn unreachable_lock(
     pid: i32,
     files: &files::FilesImage,
@@ -1011,6 +1049,7 @@ fn collect_process(
     stats: &mut DumpStats,
     progress: &indicatif::ProgressBar,
     pre_copy: Option<&mut crate::precopy::PreCopy>,
+    proc_locks: &mut ProcLocks,
 ) -> Result<ProcessImage> {
     let pid = fp.pid;
     let t0 = Instant::now();
@@ -1080,6 +1119,13 @@ fn collect_process(
     let state = task::collect_process(&remote, &status)?;
     step("process state");
     let brk = remote.call(libc::SYS_brk, [0; 6], "brk(0)")?;
+    // Before the memory, the longest part: a refusal comes early.
+    if let Some(lock) = unreachable_lock(pid, &files, &locks, proc_locks.text()) {
+        return Err(Error::unsupported(
+            pid,
+            format!("holds a file lock ({lock}) not reachable through an open descriptor"),
+        ));
+    }
     let smaps = smaps_reader
         .join()
         .unwrap_or_else(|_| panic!("the reader of /proc/{pid}/smaps panicked"))?;
