@@ -863,10 +863,6 @@ fn read_up_to(f: &std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(done)
 }
 
-/// A line of `/proc/locks` for a lock `pid` holds: POSIX and flock locks by
-/// owner pid, OFD locks (pid -1) by the inode of one of its open files.
-/// A lock in /proc/locks that this process owns but that no descriptor's
-/// fdinfo showed (a flock kept alive by a mapping after its fd was closed…).
 /// An error met while collecting `pid`. If `pid` died meanwhile (it can be
 /// killed while frozen), that is the cause to report, whichever call noticed
 /// it first: a /proc read, pagemap, ptrace or a remote vmsplice.
@@ -918,6 +914,11 @@ impl ProcLocks {
     }
 }
 
+/// A line of `/proc/locks` for a lock `pid` holds: POSIX and flock locks by
+/// owner pid, OFD locks (pid -1) by the inode of one of its open files.
+/// A lock in /proc/locks that this process owns but that no descriptor's
+/// fdinfo showed (a flock kept alive by a mapping after its fd was closed…).
+/// `locks` is the text of /proc/locks ([`ProcLocks`]).
 fn unreachable_lock(
     pid: i32,
     files: &files::FilesImage,
