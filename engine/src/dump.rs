@@ -870,9 +870,10 @@ fn died_instead(pid: i32, e: Error) -> Error {
     if matches!(e, Error::Gone { .. } | Error::Unsupported { .. }) {
         return e;
     }
-    // PF_EXITING is set as the exit begins, before the memory goes.
+    // PF_EXITING is set as the exit begins, before the memory goes, and
+    // stays on a zombie; a reaped process has no stat at all.
     let exiting = stat_fields(pid).map_or(true, |f| stat_field(&f, 9) & PF_EXITING != 0);
-    if exiting || proc::is_gone(pid) {
+    if exiting {
         Error::Gone {
             pid,
             during: "dump",
