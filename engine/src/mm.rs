@@ -415,17 +415,9 @@ pub fn collect_pages(
         let mut read_err = None;
         let mut i = 0;
         while i < runs.len() {
-            // One batch: consecutive runs up to BATCH bytes and 1024 iovecs.
             let first = i;
-            let mut bytes = 0usize;
-            while i < runs.len() && i - first < 1024 && bytes + runs[i].len as usize <= BATCH {
-                bytes += runs[i].len as usize;
-                i += 1;
-            }
-            if i == first {
-                bytes = runs[i].len as usize; // a run larger than BATCH alone
-                i += 1;
-            }
+            let bytes;
+            (i, bytes) = next_batch(&runs, first, BATCH);
             let mut buf = if made < BUFFERS {
                 made += 1;
                 vec![0u8; BATCH.max(bytes)]
@@ -705,6 +697,22 @@ pub(crate) fn nonzero_runs(data: &[u8]) -> Vec<(usize, usize)> {
         }
     }
     runs
+}
+
+/// The batch of `runs` that starts at `first`, for one `process_vm_readv`:
+/// consecutive runs up to `max_bytes` and 1024 iovecs (the kernel's
+/// UIO_MAXIOV), or a larger run alone. Returns where it ends and its bytes.
+pub(crate) fn next_batch(runs: &[Run], first: usize, max_bytes: usize) -> (usize, usize) {
+    let mut end = first;
+    let mut bytes = 0usize;
+    while end < runs.len() && end - first < 1024 && bytes + runs[end].len as usize <= max_bytes {
+        bytes += runs[end].len as usize;
+        end += 1;
+    }
+    if end == first {
+        return (first + 1, runs[first].len as usize);
+    }
+    (end, bytes)
 }
 
 /// Reads target memory: `process_vm_readv` where readable, else `/proc/PID/mem`

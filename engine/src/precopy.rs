@@ -792,15 +792,8 @@ impl PageStore {
         let mut i = 0;
         while i < runs.len() {
             let first = i;
-            let mut bytes = 0usize;
-            while i < runs.len() && i - first < 1024 && bytes + runs[i].len as usize <= BATCH {
-                bytes += runs[i].len as usize;
-                i += 1;
-            }
-            if i == first {
-                bytes = runs[i].len as usize;
-                i += 1;
-            }
+            let bytes;
+            (i, bytes) = mm::next_batch(runs, first, BATCH);
             if buf.len() < bytes {
                 buf.resize(bytes, 0);
             }

@@ -695,15 +695,11 @@ fn restore_tree(
         reserve_slot(plans[0].shared_base + sf.id as i32)?;
     }
     let pipes = crate::pipes::create(&image.inventory.pipes)?;
-    let unix_ends: Vec<crate::sockets::UnixEnd> = image
-        .inventory
-        .shared_files
-        .iter()
-        .filter_map(|sf| match &sf.file {
+    let unix_ends: Vec<crate::sockets::UnixEnd> =
+        shared_of_kind(&image.inventory.shared_files, |k| match k {
             FdKind::UnixPair(e) => Some(e.clone()),
             _ => None,
-        })
-        .collect();
+        });
     let sockets = crate::sockets::create(&unix_ends)?;
     let mut sysv = crate::sysvshm::prepare(&image.dir, &image.inventory.sysv_shm)?;
     // Pty masters before any slave is opened (opening a slave needs its master).
@@ -738,25 +734,17 @@ fn restore_tree(
     // an accepted connection on the same port then binds it in repair mode.
     // UDP sockets after them all: their queues are refilled from the senders'
     // addresses, which may be another socket's.
-    let conns: Vec<crate::tcp::TcpConn> = image
-        .inventory
-        .shared_files
-        .iter()
-        .filter_map(|sf| match &sf.file {
+    let conns: Vec<crate::tcp::TcpConn> =
+        shared_of_kind(&image.inventory.shared_files, |k| match k {
             FdKind::TcpConn(c) => Some(c.clone()),
             _ => None,
-        })
-        .collect();
+        });
     let mut conns = crate::tcp::create(&conns)?;
-    let udp: Vec<crate::udp::UdpSock> = image
-        .inventory
-        .shared_files
-        .iter()
-        .filter_map(|sf| match &sf.file {
+    let udp: Vec<crate::udp::UdpSock> =
+        shared_of_kind(&image.inventory.shared_files, |k| match k {
             FdKind::Udp(u) => Some(u.clone()),
             _ => None,
-        })
-        .collect();
+        });
     conns.extend(crate::udp::create(&udp)?);
     for sf in image.inventory.shared_files.iter().filter(is_conn) {
         let at = plans[0].shared_base + sf.id as i32;
@@ -2289,30 +2277,15 @@ fn rebuild(
             [c.groups.len() as u64, scratch, 0, 0, 0, 0],
             "setgroups",
         )?;
-        tcall(
-            libc::SYS_setresgid,
-            [
-                c.gids[0] as u64,
-                c.gids[1] as u64,
-                c.gids[2] as u64,
-                0,
-                0,
-                0,
-            ],
-            "setresgid",
-        )?;
-        tcall(
-            libc::SYS_setresuid,
-            [
-                c.uids[0] as u64,
-                c.uids[1] as u64,
-                c.uids[2] as u64,
-                0,
-                0,
-                0,
-            ],
-            "setresuid",
-        )?;
+        // Groups first: once the uids drop, setting gids is no longer allowed.
+        // (Real, effective, saved; the filesystem id follows the effective one.)
+        for (nr, ids, what) in [
+            (libc::SYS_setresgid, c.gids, "setresgid"),
+            (libc::SYS_setresuid, c.uids, "setresuid"),
+        ] {
+            let [real, effective, saved, _fs] = ids.map(u64::from);
+            tcall(nr, [real, effective, saved, 0, 0, 0], what)?;
+        }
         // capset: header {version 3, pid 0}, then {effective, permitted, inheritable} x2.
         let mut caps: Vec<u8> = Vec::new();
         caps.extend_from_slice(&0x2008_0522u32.to_ne_bytes());
@@ -2657,4 +2630,10 @@ fn write_direct(pid: i32, pieces: &[(&[u8], u64)]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The shared files of one kind (`pick` says which, and takes its details),
+/// in image order.
+fn shared_of_kind<T>(shared: &[files::SharedFile], pick: impl Fn(&FdKind) -> Option<T>) -> Vec<T> {
+    shared.iter().filter_map(|sf| pick(&sf.file)).collect()
 }

@@ -395,17 +395,27 @@ fn a_pid_in_use_is_named_in_the_error() {
     finish(&mut w);
 }
 
-#[test]
-fn a_tcp_connection_to_a_peer_outside_the_dump_is_refused_unless_asked() {
-    require_root!();
-    use std::io::{Read, Write};
+/// A `sleep 30` holding one end of a loopback TCP connection on fd 5, the
+/// other end (`server`) held by the test.
+struct SleepOnConnection {
+    child: std::process::Child,
+    server: std::net::TcpStream,
+    /// The sleeping end's address.
+    local: std::net::SocketAddr,
+    /// The test's end's address.
+    peer: std::net::SocketAddr,
+}
+
+/// Starts [`SleepOnConnection`], with a netlink socket on fd 6 too when
+/// `netlink_on_6`, every other descriptor above 2 closed; returns once its
+/// descriptors are in place.
+fn sleep_on_loopback_connection(netlink_on_6: bool) -> SleepOnConnection {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
-    // `sleep` holds one end of a loopback connection on fd 5; this test holds the other.
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let client = std::net::TcpStream::connect(addr).unwrap();
-    let (mut server, _) = l.accept().unwrap();
+    let peer = l.local_addr().unwrap();
+    let client = std::net::TcpStream::connect(peer).unwrap();
+    let (server, _) = l.accept().unwrap();
     let local = client.local_addr().unwrap();
     let cfd = client.as_raw_fd();
     let mut cmd = std::process::Command::new("sleep");
@@ -416,16 +426,46 @@ fn a_tcp_connection_to_a_peer_outside_the_dump_is_refused_unless_asked() {
             if libc::dup2(cfd, 5) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            libc::syscall(libc::SYS_close_range, 6u32, u32::MAX, 0u32);
+            let mut first_closed = 6u32;
+            if netlink_on_6 {
+                let s = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE);
+                if s < 0 || libc::dup2(s, 6) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                first_closed = 7;
+            }
+            libc::syscall(libc::SYS_close_range, first_closed, u32::MAX, 0u32);
             libc::syscall(libc::SYS_close_range, 3u32, 4u32, 0u32);
             Ok(())
         });
     }
-    let mut child = cmd.spawn().unwrap();
+    let child = cmd.spawn().unwrap();
     drop(client);
-    let pid = child.id() as i32;
-    wait_for_file(format!("/proc/{pid}/fd/5").as_ref(), TIMEOUT);
+    let last_fd = if netlink_on_6 { 6 } else { 5 };
+    wait_for_file(
+        format!("/proc/{}/fd/{last_fd}", child.id()).as_ref(),
+        TIMEOUT,
+    );
     std::thread::sleep(Duration::from_millis(50));
+    SleepOnConnection {
+        child,
+        server,
+        local,
+        peer,
+    }
+}
+
+#[test]
+fn a_tcp_connection_to_a_peer_outside_the_dump_is_refused_unless_asked() {
+    require_root!();
+    use std::io::{Read, Write};
+    let SleepOnConnection {
+        mut child,
+        mut server,
+        local,
+        peer: addr,
+    } = sleep_on_loopback_connection(false);
+    let pid = child.id() as i32;
     let tmp = tempfile::tempdir().unwrap();
     let out = dump(pid, &tmp.path().join("img"), &[]);
     assert_eq!(out.status.code(), Some(crest_engine::EXIT_UNSUPPORTED));
@@ -491,36 +531,14 @@ fn assert_acknowledged(s: &std::net::TcpStream) {
 fn a_dump_refused_after_locking_a_connection_removes_the_lock() {
     require_root!();
     use std::io::Write;
-    use std::os::fd::AsRawFd;
-    use std::os::unix::process::CommandExt;
-    // `sleep` holds one end of a loopback connection on fd 5 (locked when it
-    // is collected) and a netlink socket on fd 6 (refused after it).
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-    let (mut server, _) = l.accept().unwrap();
-    let cfd = client.as_raw_fd();
-    let mut cmd = std::process::Command::new("sleep");
-    cmd.arg("30");
-    // SAFETY: only async-signal-safe syscalls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(cfd, 5) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let s = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE);
-            if s < 0 || libc::dup2(s, 6) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::syscall(libc::SYS_close_range, 7u32, u32::MAX, 0u32);
-            libc::syscall(libc::SYS_close_range, 3u32, 4u32, 0u32);
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().unwrap();
-    drop(client);
+    // The connection is locked when it is collected; the netlink socket on
+    // fd 6 is refused after it.
+    let SleepOnConnection {
+        mut child,
+        mut server,
+        ..
+    } = sleep_on_loopback_connection(true);
     let pid = child.id() as i32;
-    wait_for_file(format!("/proc/{pid}/fd/6").as_ref(), TIMEOUT);
-    std::thread::sleep(Duration::from_millis(50));
     let tmp = tempfile::tempdir().unwrap();
     let out = dump(pid, &tmp.path().join("img"), &["--tcp-established", "-v"]);
     assert_eq!(out.status.code(), Some(crest_engine::EXIT_UNSUPPORTED));
@@ -544,30 +562,12 @@ fn a_dump_refused_after_locking_a_connection_removes_the_lock() {
 fn an_image_never_restored_has_its_network_lock_removed_by_unlock() {
     require_root!();
     use std::io::{Read, Write};
-    use std::os::fd::AsRawFd;
-    use std::os::unix::process::CommandExt;
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-    let (mut server, _) = l.accept().unwrap();
-    let cfd = client.as_raw_fd();
-    let mut cmd = std::process::Command::new("sleep");
-    cmd.arg("30");
-    // SAFETY: only async-signal-safe syscalls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(cfd, 5) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::syscall(libc::SYS_close_range, 6u32, u32::MAX, 0u32);
-            libc::syscall(libc::SYS_close_range, 3u32, 4u32, 0u32);
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().unwrap();
-    drop(client);
+    let SleepOnConnection {
+        mut child,
+        mut server,
+        ..
+    } = sleep_on_loopback_connection(false);
     let pid = child.id() as i32;
-    wait_for_file(format!("/proc/{pid}/fd/5").as_ref(), TIMEOUT);
-    std::thread::sleep(Duration::from_millis(50));
     let tmp = tempfile::tempdir().unwrap();
     let img = tmp.path().join("img");
     let out = dump(pid, &img, &["--tcp-established"]);
