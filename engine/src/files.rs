@@ -289,21 +289,16 @@ fn intern(shared: &mut Vec<SharedFile>, kind: &FdKind, same: impl Fn(&FdKind) ->
 
 /// Duplicates fd `fd` of `pid` into crest (pidfd_getfd, Linux 5.6+).
 pub fn pidfd_getfd(pid: i32, fd: i32) -> Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: pidfd_open/pidfd_getfd take integers and return fds we then own.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
-        if pidfd < 0 {
-            return Err(Error::sys(pid, "pidfd_open", nix::errno::Errno::last()));
-        }
-        let ours = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let pidfd = crate::proc::pidfd_open(pid)?;
+    // SAFETY: pidfd_getfd takes integers and returns a descriptor we then own.
+    let ours = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) } as i32;
+    if ours < 0 {
         let e = nix::errno::Errno::last();
-        libc::close(pidfd);
-        if ours < 0 {
-            return Err(Error::sys(pid, format!("pidfd_getfd of fd {fd}"), e));
-        }
-        Ok(std::os::fd::OwnedFd::from_raw_fd(ours))
+        return Err(Error::sys(pid, format!("pidfd_getfd of fd {fd}"), e));
     }
+    // SAFETY: a descriptor just returned to us and owned by nothing else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(ours) })
 }
 
 /// Whether eventfd `fd` of the frozen `pid` is in semaphore mode, for

@@ -181,6 +181,33 @@ pub fn is_gone(pid: i32) -> bool {
     }
 }
 
+/// A pidfd for `pid` (pidfd_open, Linux 5.3+).
+pub fn pidfd_open(pid: i32) -> Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes integers and returns a descriptor we then own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if fd < 0 {
+        return Err(Error::sys(pid, "pidfd_open", nix::errno::Errno::last()));
+    }
+    // SAFETY: a descriptor just returned to us and owned by nothing else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Frees the memory of the killed process behind `pidfd` from the caller's
+/// side, while the process's own exit frees the rest (process_mrelease, Linux
+/// 5.15+, the call user-space OOM killers make). The kernel refuses it
+/// (EINVAL) for a process that is not dying, so it cannot take memory from
+/// one that lives on.
+pub fn release_memory(pidfd: &std::os::fd::OwnedFd) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: process_mrelease takes a descriptor and flags; no memory is passed.
+    let r = unsafe { libc::syscall(libc::SYS_process_mrelease, pidfd.as_raw_fd(), 0) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 pub fn maps(pid: i32) -> Result<Vec<MapsEntry>> {
     let text = read(pid, "maps")?;
     parse_maps(&text).map_err(|e| Error::Refused { pid, reason: e })
@@ -342,6 +369,30 @@ pub mod pagemap_scan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn release_memory_refuses_a_live_process_and_frees_a_killed_one() {
+        use nix::sys::signal::{kill, Signal};
+        use std::os::unix::process::ExitStatusExt;
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let pidfd = pidfd_open(pid.as_raw()).expect("pidfd_open");
+        let e = release_memory(&pidfd).expect_err("a live process's memory released");
+        kill(pid, Signal::SIGKILL).unwrap();
+        if e.raw_os_error() != Some(libc::ENOSYS) {
+            // (ENOSYS: before Linux 5.15.)
+            assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
+            // It may have exited already: then nothing is left to free.
+            if let Err(e) = release_memory(&pidfd) {
+                assert_eq!(e.raw_os_error(), Some(libc::ESRCH), "{e}");
+            }
+        }
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+    }
 
     #[test]
     fn pagemap_scan_finds_touched_pages_or_is_absent() {
