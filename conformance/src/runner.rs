@@ -125,11 +125,27 @@ fn shell_status(st: ExitStatus) -> i32 {
     st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0))
 }
 
+/// A background restore that ended "unsupported" with a `crest: error:` line
+/// (`msg`, its reason) refused honestly: the case is ignored, not failed.
+fn ignore_refused_restore(st: ExitStatus, msg: &str) -> R<()> {
+    if st.code() == Some(EXIT_UNSUPPORTED) && msg.contains("crest: error:") {
+        return Err(Stop::Ignored(format!("restore refused: {msg}")));
+    }
+    Ok(())
+}
+
 /// Whether `name` is an executable on PATH.
 pub fn on_path(name: &str) -> bool {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
         .unwrap_or(false)
+}
+
+/// How long `spec` may run: its own timeout, else `--case-timeout`.
+fn case_timeout(cfg: &Config, spec: &CaseSpec) -> Duration {
+    spec.timeout_secs
+        .map(Duration::from_secs)
+        .unwrap_or(cfg.case_timeout)
 }
 
 /// The toolchain an MPI case runs with (its first argument names the MPI),
@@ -250,16 +266,12 @@ pub fn run_case_noted(
     // range (Open MPI from 1024 up), so a job started while another is
     // dumped takes the ports that one's restore needs back.
     let _mpi_turn = (spec.mode == Mode::MpiJob).then(mpi_turn);
-    let timeout = spec
-        .timeout_secs
-        .map(Duration::from_secs)
-        .unwrap_or(cfg.case_timeout);
     let mut run = Run {
         cfg,
         spec,
         dir: dir.clone(),
         ctl,
-        deadline: Instant::now() + timeout,
+        deadline: Instant::now() + case_timeout(cfg, spec),
         workload: None,
         helpers: Vec::new(),
         restore: None,
@@ -319,10 +331,7 @@ impl Run<'_> {
     }
 
     fn timeout(&self) -> Duration {
-        self.spec
-            .timeout_secs
-            .map(Duration::from_secs)
-            .unwrap_or(self.cfg.case_timeout)
+        case_timeout(self.cfg, self.spec)
     }
 
     /// How long a restored view may take to appear: longer under slow (TCG) guests.
@@ -336,13 +345,7 @@ impl Run<'_> {
 
     fn time_left(&self) -> R<()> {
         if Instant::now() > self.deadline {
-            fail!(
-                "case timed out after {:?}",
-                self.spec
-                    .timeout_secs
-                    .map(Duration::from_secs)
-                    .unwrap_or(self.cfg.case_timeout)
-            );
+            fail!("case timed out after {:?}", self.timeout());
         }
         Ok(())
     }
@@ -370,17 +373,7 @@ impl Run<'_> {
         cmd.current_dir(&self.ctl);
         // Workloads that request their own checkpoint run this crest.
         cmd.env("CREST_BIN", &self.cfg.crest_bin);
-        // SAFETY: setsid and fcntl (in only_stdio) are async-signal-safe and
-        // touch no memory of the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                only_stdio();
-                Ok(())
-            });
-        }
+        in_own_session(&mut cmd);
         let child = cmd
             .spawn()
             .map_err(|e| Stop::Failed(format!("cannot start {}: {e}", bin.display())))?;
@@ -502,20 +495,14 @@ impl Run<'_> {
         let until = (Instant::now() + limit).min(self.deadline);
         let mut last;
         loop {
-            if let Some(r) = self.restore.as_mut() {
-                if let Ok(Some(st)) = r.try_wait() {
-                    self.restore = None;
-                    self.restore_status = Some(st);
-                    let stderr = fs::read_to_string(
-                        self.dir.join(format!("restore{}.log", self.crest_runs)),
-                    )
-                    .unwrap_or_default();
-                    let msg = engine_message(&stderr);
-                    if st.code() == Some(EXIT_UNSUPPORTED) && msg.contains("crest: error:") {
-                        return Err(Stop::Ignored(format!("restore refused: {msg}")));
-                    }
-                    fail!("crest restore ended ({}) before the restored process showed its view: {msg}", describe_status(st));
-                }
+            if let Some(st) = self.restore_exited() {
+                self.restore_status = Some(st);
+                let msg = engine_message(&self.restore_log());
+                ignore_refused_restore(st, &msg)?;
+                fail!(
+                    "crest restore ended ({}) before the restored process showed its view: {msg}",
+                    describe_status(st)
+                );
             }
             last = self.view(pid, parent);
             if let Ok(v) = &last {
@@ -669,6 +656,20 @@ impl Run<'_> {
         }
     }
 
+    /// Waits for what the dump of `cycle` killed: the workload at the first
+    /// cycle, later the restored `what` (process or job), whose parent, the
+    /// previous `crest restore`, then reports 128+SIGKILL.
+    fn reap_dumped(&mut self, pid: i32, cycle: u32, what: &str) -> R<()> {
+        if cycle == 1 {
+            return self.reap_workload(pid);
+        }
+        let st = self.wait_restore(Some(self.death_wait()))?;
+        if shell_status(st) != 128 + libc::SIGKILL {
+            fail!("cycle {cycle}: the previous crest restore ended with {} (expected 137: its {what} was killed by the dump)", describe_status(st));
+        }
+        Ok(())
+    }
+
     /// Waits for the background `crest restore` to exit and returns its status.
     fn wait_restore(&mut self, limit: Option<Duration>) -> R<ExitStatus> {
         let Some(mut r) = self.restore.take() else {
@@ -689,6 +690,29 @@ impl Run<'_> {
                 fail!("crest restore (the restored process's parent) did not exit in time");
             }
             std::thread::sleep(POLL);
+        }
+    }
+
+    /// The background `crest restore`'s status if it has exited, which also
+    /// forgets it (it is reaped).
+    fn restore_exited(&mut self) -> Option<ExitStatus> {
+        let st = self.restore.as_mut()?.try_wait().ok()??;
+        self.restore = None;
+        Some(st)
+    }
+
+    /// What the last background `crest restore` wrote to its stderr.
+    fn restore_log(&self) -> String {
+        fs::read_to_string(self.dir.join(format!("restore{}.log", self.crest_runs)))
+            .unwrap_or_default()
+    }
+
+    /// How the last background `crest restore` ended, as if run in the foreground.
+    fn restore_exit(&self, status: ExitStatus) -> Exit {
+        Exit {
+            status,
+            stdout: String::new(),
+            stderr: self.restore_log(),
         }
     }
 
@@ -759,6 +783,46 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// The end of a restored run: `go`, then the restorer, which passes its
+    /// process's exit status on, must exit with the case's `expect_exit` and
+    /// the restored workload must report ok.
+    fn finish_restored(&mut self) -> R<()> {
+        let expected = self.spec.expect_exit;
+        self.finish_restored_with(expected, |status, _| {
+            format!("crest restore exited with {status} (expected {expected})")
+        })
+    }
+
+    /// [`Self::finish_restored`] expecting exit status `expected`; a wrong one
+    /// fails with `complaint(status, the workload's result)`.
+    fn finish_restored_with(
+        &mut self,
+        expected: i32,
+        complaint: impl FnOnce(String, &str) -> String,
+    ) -> R<()> {
+        self.go(&self.ctl.clone())?;
+        let st = self.wait_restore(None)?;
+        if shell_status(st) != expected {
+            let result = self.result(&self.ctl.clone());
+            return Err(Stop::Failed(complaint(
+                describe_status(st),
+                result.trim_end(),
+            )));
+        }
+        self.expect_ok(&self.ctl.clone(), "the restored workload")
+    }
+
+    /// Starts the workload of a mode that restores it under a new parent and
+    /// compares its view (with a pid scope, session masked): its pid and its
+    /// view before the dump.
+    fn start_to_restore(&mut self) -> R<(i32, Vec<String>)> {
+        let me = std::process::id() as i32;
+        let pid = self.start_workload()?;
+        self.mask_session = self.spec.scope == Scope::Pid;
+        let before = self.view_now(pid, Parent::Expect(me))?;
+        Ok((pid, before))
+    }
+
     // ---- modes -------------------------------------------------------------
 
     fn cycle(&mut self) -> R<()> {
@@ -778,16 +842,7 @@ impl Run<'_> {
                 Err(stop) if cycle == 1 => return Err(self.check_rolled_back(pid, &before, stop)),
                 Err(stop) => return Err(stop),
             };
-            if cycle == 1 {
-                self.reap_workload(pid)?;
-            } else {
-                // The dump killed the restored process, so its parent, the
-                // previous `crest restore`, reports 128+SIGKILL.
-                let st = self.wait_restore(Some(self.death_wait()))?;
-                if shell_status(st) != 128 + libc::SIGKILL {
-                    fail!("cycle {cycle}: the previous crest restore ended with {} (expected 137: its process was killed by the dump)", describe_status(st));
-                }
-            }
+            self.reap_dumped(pid, cycle, "process")?;
             let rpid = self.spawn_restore(&img)?;
             if volatile {
                 self.wait_restored(pid, rpid, cycle)?;
@@ -800,18 +855,10 @@ impl Run<'_> {
                 )?;
             }
         }
-        self.go(&self.ctl.clone())?;
-        let st = self.wait_restore(None)?;
-        let result = self.result(&self.ctl.clone());
-        if shell_status(st) != self.spec.expect_exit {
-            fail!(
-                "crest restore exited with {} (expected {}); the workload's result:\n{}",
-                describe_status(st),
-                self.spec.expect_exit,
-                result.trim_end()
-            );
-        }
-        self.expect_ok(&self.ctl.clone(), "the restored workload")?;
+        let expected = self.spec.expect_exit;
+        self.finish_restored_with(expected, |status, result| {
+            format!("crest restore exited with {status} (expected {expected}); the workload's result:\n{result}")
+        })?;
         if self.spec.stdout_pipe {
             let before = fs::read_to_string(self.dir.join("wl.out")).unwrap_or_default();
             // Rebound at the first restore to that restorer's stdout (a file in
@@ -966,7 +1013,9 @@ impl Run<'_> {
         Ok(())
     }
 
-    fn pid_in_use(&mut self) -> R<()> {
+    /// Starts the workload and dumps it with `--leave-running`, after which
+    /// it must run on unchanged: its pid, its view before the dump, the image.
+    fn start_and_dump_leaving_running(&mut self) -> R<(i32, Vec<String>, PathBuf)> {
         let me = std::process::id() as i32;
         let pid = self.start_workload()?;
         let before = self.view_now(pid, Parent::Expect(me))?;
@@ -977,6 +1026,12 @@ impl Run<'_> {
             Parent::Expect(me),
             "after dump --leave-running",
         )?;
+        Ok((pid, before, img))
+    }
+
+    fn pid_in_use(&mut self) -> R<()> {
+        let me = std::process::id() as i32;
+        let (pid, before, img) = self.start_and_dump_leaving_running()?;
         let e = self.crest("restore1", &["restore".into(), "-D".into(), img.into()])?;
         if e.code() == Some(EXIT_UNSUPPORTED) {
             return Err(Stop::Ignored(format!("restore refused: {}", e.message())));
@@ -1036,43 +1091,21 @@ impl Run<'_> {
             if fs::read_to_string(&ready).is_ok_and(|t| t.trim() == pid.to_string()) {
                 break;
             }
-            if let Some(r) = self.restore.as_mut() {
-                if let Ok(Some(st)) = r.try_wait() {
-                    self.restore = None;
-                    let log = fs::read_to_string(
-                        self.dir.join(format!("restore{}.log", self.crest_runs)),
-                    )
-                    .unwrap_or_default();
-                    fail!("crest restore of the self-made image ended ({}) before the process was ready: {}", describe_status(st), engine_message(&log));
-                }
+            if let Some(st) = self.restore_exited() {
+                let msg = engine_message(&self.restore_log());
+                fail!("crest restore of the self-made image ended ({}) before the process was ready: {msg}", describe_status(st));
             }
             self.time_left()?;
             std::thread::sleep(POLL);
         }
-        self.go(&self.ctl.clone())?;
-        let st = self.wait_restore(None)?;
-        if shell_status(st) != 0 {
-            fail!(
-                "crest restore exited with {}: {}",
-                describe_status(st),
-                self.result(&self.ctl.clone()).trim_end()
-            );
-        }
-        self.expect_ok(&self.ctl.clone(), "the restored workload")?;
+        self.finish_restored_with(0, |status, result| {
+            format!("crest restore exited with {status}: {result}")
+        })?;
         self.expect_outcome("restarted", "the restored workload")
     }
 
     fn leave_running_with(&mut self, outcomes: bool) -> R<()> {
-        let me = std::process::id() as i32;
-        let pid = self.start_workload()?;
-        let before = self.view_now(pid, Parent::Expect(me))?;
-        let img = self.dump_or_rollback(pid, &["--leave-running"], &before)?;
-        self.wait_unchanged(
-            pid,
-            &before,
-            Parent::Expect(me),
-            "after dump --leave-running",
-        )?;
+        let (pid, before, img) = self.start_and_dump_leaving_running()?;
         // The original must still work...
         self.finish_original()?;
         if outcomes {
@@ -1095,16 +1128,9 @@ impl Run<'_> {
             Parent::Expect(rpid),
             "restored from a leave-running dump",
         )?;
-        self.go(&self.ctl.clone())?;
-        let st = self.wait_restore(None)?;
-        if shell_status(st) != 0 {
-            fail!(
-                "crest restore exited with {}: {}",
-                describe_status(st),
-                self.result(&self.ctl.clone()).trim_end()
-            );
-        }
-        self.expect_ok(&self.ctl.clone(), "the restored workload")?;
+        self.finish_restored_with(0, |status, result| {
+            format!("crest restore exited with {status}: {result}")
+        })?;
         if outcomes {
             self.expect_outcome("restarted", "the restored workload")?;
         }
@@ -1135,11 +1161,8 @@ impl Run<'_> {
     }
 
     fn detached(&mut self) -> R<()> {
-        let me = std::process::id() as i32;
-        let pid = self.start_workload()?;
-        self.mask_session = self.spec.scope == Scope::Pid;
-        let before: Vec<String> = self
-            .view_now(pid, Parent::Expect(me))?
+        let (pid, before) = self.start_to_restore()?;
+        let before: Vec<String> = before
             .into_iter()
             .map(|l| l.replace(" ppid <parent>", " ppid <any>"))
             .collect();
@@ -1151,13 +1174,19 @@ impl Run<'_> {
         )?;
         self.expect_success("restore --detach", &e)?;
         self.wait_view(pid, &before, Parent::Any, "restored detached")?;
+        self.finish_detached("the detached workload")
+    }
+
+    /// The end of a detached restore: `go`, then, with no restorer to wait
+    /// for, wait for the workload's result, which must be ok.
+    fn finish_detached(&mut self, who: &str) -> R<()> {
         self.go(&self.ctl.clone())?;
         let result = self.ctl.join(RESULT);
         while !result.exists() {
             self.time_left()?;
             std::thread::sleep(POLL);
         }
-        self.expect_ok(&self.ctl.clone(), "the detached workload")
+        self.expect_ok(&self.ctl.clone(), who)
     }
 
     /// Waits until crest restore reports the tree running (its --pidfile),
@@ -1235,16 +1264,7 @@ impl Run<'_> {
         if view::read_stat(pid).map(|s| s.state) != Some('T') {
             fail!("the original {pid} is no longer stopped (it holds the pid the restore could not take)");
         }
-        self.go(&self.ctl.clone())?;
-        let result = self.ctl.join(RESULT);
-        while !result.exists() {
-            self.time_left()?;
-            std::thread::sleep(POLL);
-        }
-        self.expect_ok(
-            &self.ctl.clone(),
-            "the workload restored in a new PID namespace",
-        )
+        self.finish_detached("the workload restored in a new PID namespace")
     }
 
     fn check_command(&mut self) -> R<()> {
@@ -1291,20 +1311,14 @@ impl Run<'_> {
         flip_middle_byte(&victim)
             .map_err(|e| Stop::Failed(format!("cannot corrupt {}: {e}", victim.display())))?;
         let rpid = self.spawn_restore(&img)?;
-        let st = self.wait_restore(Some(Duration::from_secs(30)));
-        let stderr = fs::read_to_string(self.dir.join("restore1.log")).unwrap_or_default();
-        let st = match st {
+        let st = match self.wait_restore(Some(Duration::from_secs(30))) {
             Ok(st) => st,
             Err(_) => fail!(
                 "crest restore of a corrupted image ({} changed) did not exit; restorer pid {rpid}",
                 victim.display()
             ),
         };
-        let e = Exit {
-            status: st,
-            stdout: String::new(),
-            stderr,
-        };
+        let e = self.restore_exit(st);
         self.expect_clear_error(
             &format!("restore of an image with {} corrupted", victim.display()),
             &e,
@@ -1341,12 +1355,7 @@ impl Run<'_> {
             Err(Stop::Failed(_)) => {}
         }
         let st = self.wait_restore(Some(Duration::from_secs(5)))?;
-        let stderr = fs::read_to_string(self.dir.join("restore1.log")).unwrap_or_default();
-        let e = Exit {
-            status: st,
-            stdout: String::new(),
-            stderr,
-        };
+        let e = self.restore_exit(st);
         let line = self.expect_clear_error("restore after a file changed", &e)?;
         if !line.contains("data") {
             fail!(
@@ -1358,10 +1367,7 @@ impl Run<'_> {
     }
 
     fn file_saved(&mut self) -> R<()> {
-        let me = std::process::id() as i32;
-        let pid = self.start_workload()?;
-        self.mask_session = self.spec.scope == Scope::Pid;
-        let before = self.view_now(pid, Parent::Expect(me))?;
+        let (pid, before) = self.start_to_restore()?;
         let img = self.dump_or_rollback(pid, &["--save-files"], &before)?;
         self.reap_workload(pid)?;
         let data = self.ctl.join("data");
@@ -1377,23 +1383,11 @@ impl Run<'_> {
                 data.display()
             );
         }
-        self.go(&self.ctl.clone())?;
-        let st = self.wait_restore(None)?;
-        if shell_status(st) != self.spec.expect_exit {
-            fail!(
-                "crest restore exited with {} (expected {})",
-                describe_status(st),
-                self.spec.expect_exit
-            );
-        }
-        self.expect_ok(&self.ctl.clone(), "the restored workload")
+        self.finish_restored()
     }
 
     fn relocate(&mut self) -> R<()> {
-        let me = std::process::id() as i32;
-        let pid = self.start_workload()?;
-        self.mask_session = self.spec.scope == Scope::Pid;
-        let before = self.view_now(pid, Parent::Expect(me))?;
+        let (pid, before) = self.start_to_restore()?;
         let img = self.dump_or_rollback(pid, &[], &before)?;
         self.reap_workload(pid)?;
         let old = self.ctl.join("data");
@@ -1412,23 +1406,11 @@ impl Run<'_> {
         let rule = format!("--relocate={o}={n}");
         let rpid = self.spawn_restore_with(&img, &[&rule])?;
         self.wait_view(pid, &expected, Parent::Expect(rpid), "restore")?;
-        self.go(&self.ctl.clone())?;
-        let st = self.wait_restore(None)?;
-        if shell_status(st) != self.spec.expect_exit {
-            fail!(
-                "crest restore exited with {} (expected {})",
-                describe_status(st),
-                self.spec.expect_exit
-            );
-        }
-        self.expect_ok(&self.ctl.clone(), "the restored workload")
+        self.finish_restored()
     }
 
     fn file_extra(&mut self) -> R<()> {
-        let me = std::process::id() as i32;
-        let pid = self.start_workload()?;
-        self.mask_session = self.spec.scope == Scope::Pid;
-        let before = self.view_now(pid, Parent::Expect(me))?;
+        let (pid, before) = self.start_to_restore()?;
         let extra = self.ctl.join("extra");
         let contents = format!("named at the dump of {pid}\n").repeat(100);
         fs::write(&extra, &contents)
@@ -1443,16 +1425,7 @@ impl Run<'_> {
         if fs::read_to_string(&extra).ok().as_deref() != Some(contents.as_str()) {
             fail!("{} was not put back as it was at the dump", extra.display());
         }
-        self.go(&self.ctl.clone())?;
-        let st = self.wait_restore(None)?;
-        if shell_status(st) != self.spec.expect_exit {
-            fail!(
-                "crest restore exited with {} (expected {})",
-                describe_status(st),
-                self.spec.expect_exit
-            );
-        }
-        self.expect_ok(&self.ctl.clone(), "the restored workload")
+        self.finish_restored()
     }
 
     // ---- the MPI job -------------------------------------------------------
@@ -1567,16 +1540,9 @@ impl Run<'_> {
         std::thread::sleep(Duration::from_millis(500));
         peer_alive(self, "after the restore")?;
         self.go(&pctl)?;
-        self.go(&self.ctl.clone())?;
-        let st = self.wait_restore(None)?;
-        if shell_status(st) != self.spec.expect_exit {
-            fail!(
-                "crest restore exited with {}; the workload's result:\n{}",
-                describe_status(st),
-                self.result(&self.ctl.clone()).trim_end()
-            );
-        }
-        self.expect_ok(&self.ctl.clone(), "the restored workload")?;
+        self.finish_restored_with(self.spec.expect_exit, |status, result| {
+            format!("crest restore exited with {status}; the workload's result:\n{result}")
+        })?;
         let peer_st = loop {
             if let Some(Ok(Some(st))) = self.helpers.first_mut().map(|c| c.try_wait()) {
                 break st;
@@ -1633,24 +1599,7 @@ impl Run<'_> {
 
         let args = vec![iterations.to_string(), pause.to_string()];
         let _ = fs::write(self.dir.join("job.cmd"), tc.describe(&exe, &args) + "\n");
-        let mut cmd = tc.command(&exe, &args);
-        cmd.stdin(Stdio::null())
-            .stdout(self.file("wl.out")?)
-            .stderr(self.file("wl.err")?)
-            .current_dir(&self.dir);
-        // SAFETY: setsid and fcntl (in only_stdio) are async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                only_stdio();
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
-            .map_err(|e| Stop::Failed(format!("cannot start {}: {e}", tc.launcher.display())))?;
+        let child = self.spawn_mpi(&tc, &exe, &args, "wl")?;
         let pid = child.id() as i32;
         self.sid = Some(pid);
         self.workload = Some(child);
@@ -1680,14 +1629,7 @@ impl Run<'_> {
             };
             let dump_time = t0.elapsed();
             seen = mpi::JobOutput::parse(&fs::read_to_string(&out).unwrap_or_default()).last();
-            if cycle == 1 {
-                self.reap_workload(pid)?;
-            } else {
-                let st = self.wait_restore(Some(self.death_wait()))?;
-                if shell_status(st) != 128 + libc::SIGKILL {
-                    fail!("cycle {cycle}: the previous crest restore ended with {} (expected 137: its job was killed by the dump)", describe_status(st));
-                }
-            }
+            self.reap_dumped(pid, cycle, "job")?;
             let t1 = Instant::now();
             let rpid = self.spawn_restore(&img)?;
             self.wait_tree(&tree, pid, rpid, cycle)?;
@@ -1719,29 +1661,25 @@ impl Run<'_> {
         self.check_job_output(&text, iterations, &reference)
     }
 
+    /// Starts `exe` under the MPI launcher in a session of its own, its output
+    /// in NAME.out and NAME.err in the case dir.
+    fn spawn_mpi(&self, tc: &mpi::Toolchain, exe: &Path, args: &[String], name: &str) -> R<Child> {
+        let mut cmd = tc.command(exe, args);
+        cmd.stdin(Stdio::null())
+            .stdout(self.file(&format!("{name}.out"))?)
+            .stderr(self.file(&format!("{name}.err"))?)
+            .current_dir(&self.dir);
+        in_own_session(&mut cmd);
+        cmd.spawn()
+            .map_err(|e| Stop::Failed(format!("cannot start {}: {e}", tc.launcher.display())))
+    }
+
     /// The checksum of an uninterrupted run without pauses (same iterations),
     /// in a session of its own so that a hung run can be killed whole.
     fn mpi_reference(&mut self, tc: &mpi::Toolchain, exe: &Path, iterations: u64) -> R<String> {
         let args = vec![iterations.to_string(), "0".to_string()];
         let out = self.dir.join("reference.out");
-        let mut cmd = tc.command(exe, &args);
-        cmd.stdin(Stdio::null())
-            .stdout(self.file("reference.out")?)
-            .stderr(self.file("reference.err")?)
-            .current_dir(&self.dir);
-        // SAFETY: setsid and fcntl (in only_stdio) are async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                only_stdio();
-                Ok(())
-            });
-        }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| Stop::Failed(format!("cannot start {}: {e}", tc.launcher.display())))?;
+        let mut child = self.spawn_mpi(tc, exe, &args, "reference")?;
         let sid = child.id() as i32;
         let end = wait_job(&mut child, &out, self.deadline);
         for pid in session_members(sid) {
@@ -1812,19 +1750,13 @@ impl Run<'_> {
         // a crest restore that gives up is caught below.
         let until = self.deadline;
         loop {
-            if let Some(r) = self.restore.as_mut() {
-                if let Ok(Some(st)) = r.try_wait() {
-                    self.restore = None;
-                    let log = self.dir.join(format!("restore{}.log", self.crest_runs));
-                    let msg = engine_message(&fs::read_to_string(log).unwrap_or_default());
-                    if st.code() == Some(EXIT_UNSUPPORTED) && msg.contains("crest: error:") {
-                        return Err(Stop::Ignored(format!("restore refused: {msg}")));
-                    }
-                    fail!(
-                        "cycle {cycle}: crest restore ended ({}) before the job ran again: {msg}",
-                        describe_status(st)
-                    );
-                }
+            if let Some(st) = self.restore_exited() {
+                let msg = engine_message(&self.restore_log());
+                ignore_refused_restore(st, &msg)?;
+                fail!(
+                    "cycle {cycle}: crest restore ended ({}) before the job ran again: {msg}",
+                    describe_status(st)
+                );
             }
             let missing: Vec<String> = tree
                 .iter()
@@ -2019,6 +1951,22 @@ fn command(program: &Path) -> Command {
         });
     }
     cmd
+}
+
+/// Makes `cmd`'s child the leader of a session of its own, started with only
+/// its stdio: the case can then find and kill whatever it leaves behind.
+fn in_own_session(cmd: &mut Command) {
+    // SAFETY: setsid and fcntl (in only_stdio) are async-signal-safe and
+    // touch no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            only_stdio();
+            Ok(())
+        });
+    }
 }
 
 /// Removes terminal colour sequences (`ESC [ … m`) from a log.

@@ -283,6 +283,14 @@ fn status_cell(cases: &[&CaseRecord]) -> String {
     }
 }
 
+/// Names `reqs` on stderr after `what`, when there are any.
+fn warn_requirements(what: &str, reqs: &[&Requirement]) {
+    if !reqs.is_empty() {
+        let ids: Vec<&str> = reqs.iter().map(|r| r.id.as_str()).collect();
+        eprintln!("{what}: {}", ids.join(", "));
+    }
+}
+
 fn run_suite(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
     let opts = parse_options(args)?;
     let reqs = requirements::parse(requirements::REQUIREMENTS_MD)
@@ -324,20 +332,14 @@ fn run_suite(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
         session_dump: runner::engine_has_session(&crest_bin),
     });
 
-    let untested = cases::untested(&specs, &reqs);
-    if !untested.is_empty() && !libtest.list {
-        let ids: Vec<&str> = untested.iter().map(|r| r.id.as_str()).collect();
-        eprintln!(
-            "must/should requirements without a test yet: {}",
-            ids.join(", ")
+    if !libtest.list {
+        warn_requirements(
+            "must/should requirements without a test yet",
+            &cases::untested(&specs, &reqs),
         );
-    }
-    let pending = cases::only_pending(&specs, &reqs);
-    if !pending.is_empty() && !libtest.list {
-        let ids: Vec<&str> = pending.iter().map(|r| r.id.as_str()).collect();
-        eprintln!(
-            "must/should requirements whose cases cannot run yet (reported as ignored): {}",
-            ids.join(", ")
+        warn_requirements(
+            "must/should requirements whose cases cannot run yet (reported as ignored)",
+            &cases::only_pending(&specs, &reqs),
         );
     }
 
