@@ -6,11 +6,7 @@
 //! group `precopy-dump` times the whole dump. Images on tmpfs, the target
 //! left running after each dump.
 
-use std::cell::RefCell;
-use std::time::{Duration, Instant};
-
 use crest_bench::{Hog, ImageDir, Workload};
-use crest_engine::dump::{dump, AfterDump, DumpOptions, Scope};
 use crest_engine::precopy::PreCopyOptions;
 use criterion::{BenchmarkId, Criterion};
 
@@ -27,25 +23,8 @@ fn bench_precopy(c: &mut Criterion) {
         ("pre-copy", Some(PreCopyOptions::default())),
     ] {
         let dir = ImageDir::new(&format!("precopy-{name}"));
-        let frozen = RefCell::new(Vec::new());
         let one_dump = || {
-            crest_bench::warm();
-            dir.clear();
-            let opts = DumpOptions {
-                pid: hog.pid,
-                dir: dir.0.clone(),
-                after: AfterDump::LeaveRunning,
-                scope: Scope::Tree,
-                tcp_established: false,
-                callback_timeout: crest_engine::api::DEFAULT_CALLBACK_TIMEOUT,
-                save_files: None,
-                verify_files_hash: false,
-                include_files: vec![],
-                pre_copy,
-            };
-            let t = Instant::now();
-            let stats = dump(&opts, &bar).expect("dump");
-            let took = t.elapsed();
+            let (took, stats) = crest_bench::timed_dump(hog.pid, &dir, pre_copy, &bar);
             if let Some(pc) = &stats.pre_copy {
                 let rounds: Vec<String> = pc
                     .rounds
@@ -59,33 +38,16 @@ fn bench_precopy(c: &mut Criterion) {
                     stats.frozen_us as f64 / 1e3
                 );
             }
-            frozen
-                .borrow_mut()
-                .push(Duration::from_micros(stats.frozen_us));
-            took
+            (took, stats)
         };
-        let id = BenchmarkId::new(name, WORKLOAD.label());
-        {
-            let mut group = crest_bench::group(c, "precopy-dump");
-            group.bench_function(id.clone(), |b| {
-                b.iter_custom(|iters| (0..iters).map(|_| one_dump()).sum())
-            });
-            group.finish();
-        }
-        let mut group = crest_bench::group(c, "precopy-frozen");
-        group.bench_function(id, |b| {
-            b.iter_custom(|iters| {
-                (0..iters)
-                    .map(|_| {
-                        if frozen.borrow().is_empty() {
-                            one_dump();
-                        }
-                        frozen.borrow_mut().pop().expect("a dump was timed")
-                    })
-                    .sum()
-            })
-        });
-        group.finish();
+        crest_bench::bench_dump_wall_and_frozen(
+            c,
+            "precopy-dump",
+            "precopy-frozen",
+            BenchmarkId::new(name, WORKLOAD.label()),
+            None,
+            one_dump,
+        );
     }
 }
 

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use crest_bench::{Hog, ImageDir, WORKLOADS};
-use crest_engine::dump::{dump, AfterDump, DumpOptions, Scope};
+use crest_engine::dump::{dump, AfterDump};
 use crest_engine::restore::{restore, RestoreOptions, Restored};
 use criterion::{BenchmarkId, Criterion, Throughput};
 use nix::sys::signal::{kill, Signal};
@@ -19,18 +19,7 @@ fn bench_restore(c: &mut Criterion) {
         let pid = {
             let mut hog = Hog::spawn(w).expect("hog");
             dump(
-                &DumpOptions {
-                    pid: hog.pid,
-                    dir: dir.0.clone(),
-                    after: AfterDump::Kill,
-                    scope: Scope::Tree,
-                    tcp_established: false,
-                    callback_timeout: crest_engine::api::DEFAULT_CALLBACK_TIMEOUT,
-                    save_files: None,
-                    verify_files_hash: false,
-                    include_files: vec![],
-                    pre_copy: None,
-                },
+                &crest_bench::dump_options(hog.pid, &dir, AfterDump::Kill, None),
                 &bar,
             )
             .expect("dump");

@@ -1,15 +1,21 @@
 //! Support for crest's benchmarks: a "memory hog" target process with a given
-//! amount of dirty anonymous memory, and image directories on tmpfs.
+//! amount of dirty anonymous memory, image directories on tmpfs, and the
+//! dump step and criterion groups the benchmarks share.
 //!
 //! The hog is the benchmark binary itself, re-executed with `CREST_BENCH_HOG`
 //! set: [`hog_main_if_requested`] must be the first thing a bench's `main` calls.
 
+use std::cell::RefCell;
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use crest_engine::dump::{dump, AfterDump, DumpOptions, Scope};
+use crest_engine::image::DumpStats;
+use crest_engine::precopy::PreCopyOptions;
 
 const HOG_ENV: &str = "CREST_BENCH_HOG";
 
@@ -295,4 +301,90 @@ pub fn warm() {
         std::ptr::write_bytes(p, 1, gib << 30);
         libc::munmap(p.cast(), gib << 30);
     }
+}
+
+/// The options every benchmark dumps a hog with: its whole tree, into `dir`,
+/// pre-copied or not as given, nothing else asked for.
+pub fn dump_options(
+    pid: i32,
+    dir: &ImageDir,
+    after: AfterDump,
+    pre_copy: Option<PreCopyOptions>,
+) -> DumpOptions {
+    DumpOptions {
+        pid,
+        dir: dir.0.clone(),
+        after,
+        scope: Scope::Tree,
+        tcp_established: false,
+        callback_timeout: crest_engine::api::DEFAULT_CALLBACK_TIMEOUT,
+        save_files: None,
+        verify_files_hash: false,
+        include_files: vec![],
+        pre_copy,
+    }
+}
+
+/// Dumps the running hog `pid` into `dir` and leaves it running, so that one
+/// hog serves every iteration: the dump's wall time and its stats. Memory is
+/// warmed and `dir` emptied first, outside the timed part.
+pub fn timed_dump(
+    pid: i32,
+    dir: &ImageDir,
+    pre_copy: Option<PreCopyOptions>,
+    bar: &indicatif::ProgressBar,
+) -> (Duration, DumpStats) {
+    warm();
+    dir.clear();
+    let opts = dump_options(pid, dir, AfterDump::LeaveRunning, pre_copy);
+    let t = Instant::now();
+    let stats = dump(&opts, bar).expect("dump");
+    (t.elapsed(), stats)
+}
+
+/// Benchmarks `one_dump` (a dump's wall time and stats) as `id` in two groups:
+/// the wall time in `wall_group`, then the target's frozen time, read from
+/// the stats, in `frozen_group`. The frozen group takes the frozen times of
+/// the dumps already timed before it dumps again, as each dump is costly.
+pub fn bench_dump_wall_and_frozen(
+    c: &mut criterion::Criterion,
+    wall_group: &str,
+    frozen_group: &str,
+    id: criterion::BenchmarkId,
+    throughput: Option<criterion::Throughput>,
+    one_dump: impl Fn() -> (Duration, DumpStats),
+) {
+    // Frozen times of the dumps timed so far, for `frozen_group`.
+    let frozen = RefCell::new(Vec::new());
+    let dump_keeping_frozen = || {
+        let (took, stats) = one_dump();
+        frozen
+            .borrow_mut()
+            .push(Duration::from_micros(stats.frozen_us));
+        took
+    };
+    {
+        let mut wall = group(c, wall_group);
+        if let Some(throughput) = throughput {
+            wall.throughput(throughput);
+        }
+        wall.bench_function(id.clone(), |b| {
+            b.iter_custom(|iters| (0..iters).map(|_| dump_keeping_frozen()).sum())
+        });
+        wall.finish();
+    }
+    let mut frozen_times = group(c, frozen_group);
+    frozen_times.bench_function(id, |b| {
+        b.iter_custom(|iters| {
+            (0..iters)
+                .map(|_| {
+                    if frozen.borrow().is_empty() {
+                        dump_keeping_frozen();
+                    }
+                    frozen.borrow_mut().pop().expect("a dump was timed")
+                })
+                .sum()
+        })
+    });
+    frozen_times.finish();
 }
