@@ -720,7 +720,7 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
             let pidfds: Vec<_> = set
                 .procs
                 .iter()
-                .map(|p| (p.pid, proc::pidfd_open(p.pid)))
+                .filter_map(|p| Some((p.pid, proc::pidfd_open(p.pid).ok()?)))
                 .collect();
             for p in &set.procs {
                 let _ = kill(nix::unistd::Pid::from_raw(p.pid), Signal::SIGKILL);
@@ -728,10 +728,8 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
             // Freeing a big process's memory takes the kernel about 0.1 s per
             // GiB; crest frees what it can beside the process's own exit.
             for (pid, pidfd) in &pidfds {
-                if let Ok(pidfd) = pidfd {
-                    if let Err(e) = proc::release_memory(pidfd) {
-                        tracing::debug!(pid, "process_mrelease: {e}");
-                    }
+                if let Err(e) = proc::release_memory(pidfd) {
+                    tracing::debug!(pid, "process_mrelease: {e}");
                 }
             }
             // As their tracer we see their deaths first; after this their parents can reap them.

@@ -371,7 +371,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn release_memory_refuses_a_live_process_and_frees_a_killed_one() {
+    fn release_memory_refuses_a_live_process_and_takes_a_killed_one() {
         use nix::sys::signal::{kill, Signal};
         use std::os::unix::process::ExitStatusExt;
         let mut child = std::process::Command::new("sleep")
