@@ -472,6 +472,7 @@ pub fn main(a: VsCriuArgs) -> Result<i32> {
     let bytes = (a.mib as f64) * 1048576.0;
     let gibs = |d: Duration| bytes / d.as_secs_f64() / (1u64 << 30) as f64;
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let dds_by_round = dds.clone();
     let dd_med = median(dds);
     println!(
         "\n{} MiB dirty anonymous memory, images on {}, medians of {} interleaved samples",
@@ -527,12 +528,77 @@ pub fn main(a: VsCriuArgs) -> Result<i32> {
         "\ncrest dump reaches {:.0}% of dd's rate to the store. crest's frozen time runs from the first freeze to the image being complete; CRIU's is its stats-dump frozen_time (freezing not included).",
         100.0 * dd_med.as_secs_f64() / c_dump.as_secs_f64()
     );
+    // This machine's memory speed changes between rounds; a ratio within one
+    // round compares like with like.
+    let round = |name: &str, num: &[Duration], den: &[Duration], percent: bool| {
+        let show = |x: f64| {
+            if percent {
+                format!("{:.0}%", x * 100.0)
+            } else {
+                format!("{x:.2}×")
+            }
+        };
+        let r = paired_ratios(num, den);
+        let (lo, hi) = r
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        println!(
+            "{name}, round by round: median {} (from {} to {})",
+            show(median_f64(&r)),
+            show(lo),
+            show(hi)
+        );
+    };
+    println!();
+    let pick = |v: &[Sample], f: fn(&Sample) -> Duration| v.iter().map(f).collect::<Vec<_>>();
+    let crest_dumps = pick(&crest, |s| s.dump);
+    round(
+        "crest/CRIU dump speed",
+        &pick(&criu, |s| s.dump),
+        &crest_dumps,
+        false,
+    );
+    round(
+        "crest/CRIU restore speed",
+        &pick(&criu, |s| s.restore),
+        &pick(&crest, |s| s.restore),
+        false,
+    );
+    round("crest dump rate / dd's", &dds_by_round, &crest_dumps, true);
     Ok(0)
+}
+
+/// `num[i] / den[i]` for each round `i`.
+fn paired_ratios(num: &[Duration], den: &[Duration]) -> Vec<f64> {
+    num.iter()
+        .zip(den)
+        .map(|(n, d)| n.as_secs_f64() / d.as_secs_f64())
+        .collect()
+}
+
+fn median_f64(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ratios_are_taken_round_by_round() {
+        let ms = Duration::from_millis;
+        let r = paired_ratios(&[ms(800), ms(1000), ms(600)], &[ms(400), ms(800), ms(600)]);
+        assert_eq!(r, vec![2.0, 1.25, 1.0]);
+        assert_eq!(median_f64(&r), 1.25);
+        assert_eq!(median_f64(&[1.0, 3.0, 2.0, 4.0]), 2.5);
+        assert!(median_f64(&[]).is_nan());
+    }
 
     #[test]
     fn criu_stats_decode() {
