@@ -472,8 +472,7 @@ pub fn main(a: VsCriuArgs) -> Result<i32> {
     let bytes = (a.mib as f64) * 1048576.0;
     let gibs = |d: Duration| bytes / d.as_secs_f64() / (1u64 << 30) as f64;
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let dds_by_round = dds.clone();
-    let dd_med = median(dds);
+    let dd_med = median(dds.clone());
     println!(
         "\n{} MiB dirty anonymous memory, images on {}, medians of {} interleaved samples",
         a.mib,
@@ -564,7 +563,7 @@ pub fn main(a: VsCriuArgs) -> Result<i32> {
         &pick(&crest, |s| s.restore),
         false,
     );
-    round("crest dump rate / dd's", &dds_by_round, &crest_dumps, true);
+    round("crest dump rate / dd's", &dds, &crest_dumps, true);
     Ok(0)
 }
 
