@@ -16,6 +16,7 @@ pub mod locks;
 pub mod memfd;
 pub mod mm;
 pub mod netlock;
+mod pagecrc;
 pub mod pagepipe;
 pub mod pipes;
 pub mod precopy;

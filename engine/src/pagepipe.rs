@@ -17,11 +17,12 @@ use std::sync::mpsc;
 use crate::error::{Error, Result};
 use crate::image::Image;
 use crate::mm::{nonzero_runs, read_target, PageChunk, Run};
+use crate::pagecrc::{PageRecord, TargetCrc};
 use crate::task::Remote;
 use crate::PAGE_SIZE;
 
 /// iovecs per vmsplice: as many as fit in crest's scratch page in the target.
-const IOVS_PER_CALL: usize = PAGE_SIZE as usize / 16;
+pub(crate) const IOVS_PER_CALL: usize = PAGE_SIZE as usize / 16;
 /// The pipe size asked for: the default limit for a process without
 /// CAP_SYS_RESOURCE (/proc/sys/fs/pipe-max-size).
 const PIPE_BYTES: usize = 1 << 20;
@@ -97,11 +98,25 @@ impl<'a> TargetPipes<'a> {
 
     /// Moves `pieces` (all readable, at most `capacity` bytes and
     /// [`IOVS_PER_CALL`] of them) into pipe `i` with vmsplice in the target.
-    fn fill(&self, i: usize, pieces: &[Run]) -> Result<()> {
+    /// With `crc`, the target first records each page's checksum into
+    /// `records` (the same call).
+    fn fill(
+        &self,
+        i: usize,
+        pieces: &[Run],
+        crc: Option<&TargetCrc>,
+        records: &mut Vec<PageRecord>,
+    ) -> Result<()> {
         let pid = self.remote.tracee.pid;
         let mut done = 0u64;
         let total: u64 = pieces.iter().map(|r| r.len).sum();
+        let mut first_call = crc.map(|c| (c, records));
         while done < total {
+            if let Some((crc, records)) = first_call.take() {
+                let n = crc.vmsplice(self.write_ends[i], pieces, records)?;
+                done += self.spliced(n, total - done, pieces)?;
+                continue;
+            }
             // The iovecs still to go, in the scratch page.
             let mut iov = Vec::with_capacity(pieces.len() * 16);
             let mut skip = done;
@@ -127,27 +142,29 @@ impl<'a> TargetPipes<'a> {
                     0,
                 ],
             )?;
-            if n <= 0 {
-                // The pipe is empty when we fill it, so even EAGAIN means
-                // something is wrong; say which pages.
-                let e = if n < 0 {
-                    nix::errno::Errno::from_raw(-n as i32)
-                } else {
-                    nix::errno::Errno::EIO
-                };
-                return Err(Error::sys(
-                    pid,
-                    format!(
-                        "remote vmsplice of {} bytes at {:#x}",
-                        total - done,
-                        pieces[0].vaddr
-                    ),
-                    e,
-                ));
-            }
-            done += n as u64;
+            done += self.spliced(n, total - done, pieces)?;
         }
         Ok(())
+    }
+
+    /// The bytes a remote vmsplice moved (`n`, its raw result), or an error
+    /// naming the `left` bytes of `pieces` still to go.
+    fn spliced(&self, n: i64, left: u64, pieces: &[Run]) -> Result<u64> {
+        if n > 0 {
+            return Ok(n as u64);
+        }
+        // The pipe is empty when we fill it, so even EAGAIN means something
+        // is wrong; say which pages.
+        let e = if n < 0 {
+            nix::errno::Errno::from_raw(-n as i32)
+        } else {
+            nix::errno::Errno::EIO
+        };
+        Err(Error::sys(
+            self.remote.tracee.pid,
+            format!("remote vmsplice of {left} bytes at {:#x}", pieces[0].vaddr),
+            e,
+        ))
     }
 }
 
@@ -252,9 +269,14 @@ pub(crate) fn copy_pages(remote: &Remote, runs: &[Run], dir: &Path) -> Result<Op
     if total == 0 {
         return Ok(Some(Copied::default()));
     }
+    let crc_code = TargetCrc::map(remote, pipes.capacity)?;
+    let target_crc = crc_code.as_ref();
 
     let (free_tx, free_rx) = mpsc::channel::<usize>();
-    let (check_tx, check_rx) = mpsc::channel::<std::ops::Range<usize>>();
+    // Pieces that landed, with the target's records of their pages if it
+    // made them.
+    type Landed = (std::ops::Range<usize>, Option<Vec<PageRecord>>);
+    let (check_tx, check_rx) = mpsc::channel::<Landed>();
     let pieces = &pieces;
     let streams = &streams;
     let read_ends = &pipes.read_ends;
@@ -265,10 +287,17 @@ pub(crate) fn copy_pages(remote: &Remote, runs: &[Run], dir: &Path) -> Result<Op
             let mut copied = Copied::default();
             let mut windows: Vec<Option<FileView>> = streams.iter().map(|_| None).collect();
             let mut busy = Busy::default();
-            for range in check_rx {
+            for (range, records) in check_rx {
                 busy.waited();
+                let mut page = 0;
                 for p in &pieces[range] {
                     let stream = &streams[p.file as usize];
+                    if let Some(records) = &records {
+                        let pages = (p.run.len / PAGE_SIZE) as usize;
+                        account_records(stream, p, &records[page..page + pages], &mut copied)?;
+                        page += pages;
+                        continue;
+                    }
                     let data = FileView::slice_of(
                         &mut windows[p.file as usize],
                         stream,
@@ -279,27 +308,30 @@ pub(crate) fn copy_pages(remote: &Remote, runs: &[Run], dir: &Path) -> Result<Op
                 }
                 busy.worked();
             }
-            busy.log("page checker");
+            busy.log(if target_crc.is_some() {
+                "page checker (checksums made in the target)"
+            } else {
+                "page checker"
+            });
             Ok(copied)
         });
         let mut job_txs = Vec::new();
         let mut drainers = Vec::new();
         for stream in streams.iter() {
-            let (job_tx, job_rx) =
-                mpsc::sync_channel::<(usize, std::ops::Range<usize>)>(PIPES_PER_STREAM);
+            let (job_tx, job_rx) = mpsc::sync_channel::<(usize, Landed)>(PIPES_PER_STREAM);
             job_txs.push(job_tx);
             let free_tx = free_tx.clone();
             let check_tx = check_tx.clone();
             drainers.push(s.spawn(move || -> Result<()> {
                 let mut busy = Busy::default();
-                for (i, range) in job_rx {
+                for (i, (range, records)) in job_rx {
                     busy.waited();
                     let from = pieces[range.start].offset;
                     let last = &pieces[range.end - 1];
                     let bytes = (last.offset + last.run.len - from) as usize;
                     splice_into(&read_ends[i], &stream.file, from, bytes, &stream.path)?;
                     busy.worked();
-                    if free_tx.send(i).is_err() || check_tx.send(range).is_err() {
+                    if free_tx.send(i).is_err() || check_tx.send((range, records)).is_err() {
                         break;
                     }
                 }
@@ -349,8 +381,10 @@ pub(crate) fn copy_pages(remote: &Remote, runs: &[Run], dir: &Path) -> Result<Op
                     continue; // this stream is done: its pipe rests
                 }
                 let runs: Vec<Run> = pieces[first..i].iter().map(|p| p.run).collect();
-                pipes.fill(pipe, &runs)?;
-                if job_txs[st].send((pipe, first..i)).is_err() {
+                let mut records = Vec::new();
+                pipes.fill(pipe, &runs, target_crc, &mut records)?;
+                let records = target_crc.map(|_| records);
+                if job_txs[st].send((pipe, (first..i, records))).is_err() {
                     break;
                 }
             }
@@ -378,6 +412,7 @@ pub(crate) fn copy_pages(remote: &Remote, runs: &[Run], dir: &Path) -> Result<Op
         }
         Ok(copied)
     });
+    drop(crc_code);
     drop(pipes);
     let mut copied = result?;
     copied.chunks.sort_by_key(|c| (c.file, c.offset));
@@ -422,15 +457,55 @@ fn splice_into(pipe: &OwnedFd, out: &File, offset: u64, bytes: usize, path: &Pat
 /// and leaves its zero anonymous pages out (as holes: they come back as
 /// zeros anyway).
 fn account(stream: &Stream, p: &Piece, data: &[u8], copied: &mut Copied) -> Result<()> {
-    let (out, path) = (&stream.file, stream.path.as_path());
     let parts = if p.run.file_backed {
         vec![(0, data.len())]
     } else {
         nonzero_runs(data)
     };
-    let parts_len: usize = parts.iter().map(|(f, t)| t - f).sum();
+    let parts = parts
+        .into_iter()
+        .map(|(from, to)| (from, to, crc32c::crc32c(&data[from..to])));
+    account_parts(stream, p, parts, copied)
+}
+
+/// [`account`] from the target's records of the piece's pages.
+fn account_records(
+    stream: &Stream,
+    p: &Piece,
+    records: &[PageRecord],
+    copied: &mut Copied,
+) -> Result<()> {
+    let page = PAGE_SIZE as usize;
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, r) in records.iter().enumerate() {
+        if !r.nonzero && !p.run.file_backed {
+            continue;
+        }
+        match runs.last_mut() {
+            Some(last) if last.1 == i => last.1 = i + 1,
+            _ => runs.push((i, i + 1)),
+        }
+    }
+    let parts = runs.into_iter().map(|(from, to)| {
+        let crc = crate::pagecrc::crc32c_of_pages(&records[from..to]);
+        (from * page, to * page, crc)
+    });
+    account_parts(stream, p, parts, copied)
+}
+
+/// Records piece `p`'s non-zero `parts` (`from`, `to` in the piece, and
+/// their CRC32C) as chunks, and punches the rest out of the file as holes.
+fn account_parts(
+    stream: &Stream,
+    p: &Piece,
+    parts: impl Iterator<Item = (usize, usize, u32)>,
+    copied: &mut Copied,
+) -> Result<()> {
+    let (out, path) = (&stream.file, stream.path.as_path());
+    let len = p.run.len as usize;
+    let mut kept = 0;
     let mut at = 0;
-    for (from, to) in parts {
+    for (from, to, crc32c) in parts {
         if from > at {
             punch_hole(out, p.offset + at as u64, (from - at) as u64, path)?;
         }
@@ -438,17 +513,17 @@ fn account(stream: &Stream, p: &Piece, data: &[u8], copied: &mut Copied) -> Resu
             vaddr: p.run.vaddr + from as u64,
             len: (to - from) as u64,
             offset: p.offset + from as u64,
-            crc32c: crc32c::crc32c(&data[from..to]),
+            crc32c,
             file: p.file,
         });
         copied.written_pages += (to - from) as u64 / PAGE_SIZE;
+        kept += to - from;
         at = to;
     }
-    if at < data.len() {
-        punch_hole(out, p.offset + at as u64, (data.len() - at) as u64, path)?;
+    if at < len {
+        punch_hole(out, p.offset + at as u64, (len - at) as u64, path)?;
     }
-    let kept: usize = parts_len;
-    copied.zero_pages += (data.len() - kept) as u64 / PAGE_SIZE;
+    copied.zero_pages += (len - kept) as u64 / PAGE_SIZE;
     Ok(())
 }
 
