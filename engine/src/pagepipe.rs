@@ -1,17 +1,23 @@
 //! Page transfer from a frozen target with one copy: the target vmsplices its
-//! own pages into a pipe (a remote system call; the pipe then holds
-//! references, not copies), and crest splices the pipe into the page file,
-//! where the kernel copies each page once, straight into the image. CRIU's
-//! parasite moves pages the same way. Two pipes let the target fill one while
-//! crest drains the other; crest checksums each piece from a read-only
-//! mapping of the file right after it lands, while it is still in cache.
+//! own pages into a pipe (the pipe then holds references, not copies), and
+//! crest splices the pipe into the page file, where the kernel copies each
+//! page once, straight into the image. CRIU's parasite moves pages the same
+//! way. Two pipes per file let the target fill one while crest drains the
+//! other.
+//!
+//! Where it can, the target runs crest's code for the whole copy and
+//! checksums each page before it vmsplices it ([`crate::pagecrc`]).
+//! Otherwise each vmsplice is a remote system call, and crest checksums each
+//! piece from a read-only mapping of the file right after it lands.
 //!
 //! Reading with process_vm_readv and then writing (the fallback in
 //! [`crate::mm`], and what a running target gets) copies every page twice.
 
 use std::fs::File;
+use std::ops::Range;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
 use crate::error::{Error, Result};
@@ -98,25 +104,17 @@ impl<'a> TargetPipes<'a> {
 
     /// Moves `pieces` (all readable, at most `capacity` bytes and
     /// [`IOVS_PER_CALL`] of them) into pipe `i` with vmsplice in the target.
-    /// With `crc`, the target first records each page's checksum into
-    /// `records` (the same call).
-    fn fill(
-        &self,
-        i: usize,
-        pieces: &[Run],
-        crc: Option<&TargetCrc>,
-        records: &mut Vec<PageRecord>,
-    ) -> Result<()> {
+    /// The target closed the write ends itself.
+    fn forget_write_ends(&mut self) {
+        let closed = std::mem::take(&mut self.write_ends);
+        self.theirs.retain(|fd| !closed.contains(fd));
+    }
+
+    fn fill(&self, i: usize, pieces: &[Run]) -> Result<()> {
         let pid = self.remote.tracee.pid;
         let mut done = 0u64;
         let total: u64 = pieces.iter().map(|r| r.len).sum();
-        let mut first_call = crc.map(|c| (c, records));
         while done < total {
-            if let Some((crc, records)) = first_call.take() {
-                let n = crc.vmsplice(self.write_ends[i], pieces, records)?;
-                done += self.spliced(n, total - done, pieces)?;
-                continue;
-            }
             // The iovecs still to go, in the scratch page.
             let mut iov = Vec::with_capacity(pieces.len() * 16);
             let mut skip = done;
@@ -224,7 +222,7 @@ pub(crate) fn copy_pages(remote: &Remote, runs: &[Run], dir: &Path) -> Result<Op
     } else {
         1
     };
-    let Some(pipes) = TargetPipes::open(remote, streams_wanted * PIPES_PER_STREAM)? else {
+    let Some(mut pipes) = TargetPipes::open(remote, streams_wanted * PIPES_PER_STREAM)? else {
         return Ok(None);
     };
     // Pieces no bigger than a pipe, laid out back to back in each file.
@@ -269,35 +267,327 @@ pub(crate) fn copy_pages(remote: &Remote, runs: &[Run], dir: &Path) -> Result<Op
     if total == 0 {
         return Ok(Some(Copied::default()));
     }
-    let crc_code = TargetCrc::map(remote, pipes.capacity)?;
-    let target_crc = crc_code.as_ref();
+    let mut closed_by_target = false;
+    let copy = match copy_with_target_crc(
+        remote,
+        &pipes,
+        &pieces,
+        &streams,
+        &starts,
+        &mut closed_by_target,
+    ) {
+        Ok(Some(copy)) => Ok(copy),
+        Ok(None) => copy_with_crest_crc(&pipes, &pieces, &streams, &starts),
+        Err(e) => Err(e),
+    };
+    if closed_by_target {
+        pipes.forget_write_ends();
+    }
+    // The pieces set aside: crest reads them (process_vm_readv, or
+    // /proc/PID/mem where they are not readable) and writes them.
+    let (mut copied, set_aside) = copy?;
+    for p in &set_aside {
+        let stream = &streams[p.file as usize];
+        let mut buf = vec![0u8; p.run.len as usize];
+        read_target(pid, p.run.vaddr, &mut buf, false)?;
+        std::os::unix::fs::FileExt::write_all_at(&stream.file, &buf, p.offset)
+            .map_err(|e| Error::io(&stream.path, e))?;
+        account(stream, p, &buf, &mut copied)?;
+    }
+    drop(pipes);
+    copied.chunks.sort_by_key(|c| (c.file, c.offset));
+    Ok(Some(copied))
+}
 
+/// The next batch of a stream's pieces from `i` (its pieces end at `end`):
+/// the pieces there that crest copies itself (`aside`), then up to a pipeful
+/// of the others for one vmsplice.
+fn next_batch(
+    pieces: &[Piece],
+    mut i: usize,
+    end: usize,
+    capacity: usize,
+    aside: &dyn Fn(&Piece) -> bool,
+) -> (Range<usize>, Range<usize>) {
+    let set_aside = i;
+    while i < end && aside(&pieces[i]) {
+        i += 1;
+    }
+    let first = i;
+    let mut bytes = 0;
+    while i < end
+        && !aside(&pieces[i])
+        && i - first < IOVS_PER_CALL
+        && bytes + pieces[i].run.len <= capacity as u64
+    {
+        bytes += pieces[i].run.len;
+        i += 1;
+    }
+    (set_aside..first, first..i)
+}
+
+/// vmsplice needs read access; /proc/PID/mem does not.
+fn unreadable_piece(p: &Piece) -> bool {
+    !p.run.readable
+}
+
+/// One vmsplice of the copy: the pieces into pipe `pipe`.
+struct Job {
+    pipe: usize,
+    pieces: Range<usize>,
+}
+
+/// Pages per run of the target's code: its records take 8 bytes a page in
+/// the target (2 MiB for 1 GiB).
+const PAGES_PER_RUN: usize = 1 << 18;
+
+/// The copy with the target checksumming its pages ([`crate::pagecrc`]):
+/// the copied chunks and the pieces set aside for crest to copy. `None` when
+/// the target cannot run crest's code. Sets `closed_by_target` when the code
+/// failed and closed the pipes' write ends.
+fn copy_with_target_crc(
+    remote: &Remote,
+    pipes: &TargetPipes,
+    pieces: &[Piece],
+    streams: &[Stream],
+    starts: &[usize],
+    closed_by_target: &mut bool,
+) -> Result<Option<(Copied, Vec<Piece>)>> {
+    if pipes.write_ends.len() > TargetCrc::MAX_PIPES {
+        return Ok(None);
+    }
+    // While the target runs, the kernel updates its thread's rseq area each
+    // time the thread comes back to user mode on another CPU: a page the
+    // code checksummed could change before crest splices it. crest copies
+    // that piece itself; and where it cannot know of such an area, it
+    // checksums the page files instead.
+    let tracee = remote.tracee;
+    let rseq = crate::task::rseq_of(tracee, tracee.regs()?.fs_base)?;
+    if rseq.is_none() && crate::ptrace::Tracee::rseq_unknown() {
+        return Ok(None);
+    }
+    let aside = |p: &Piece| {
+        unreadable_piece(p)
+            || rseq.as_ref().is_some_and(|r| {
+                r.pointer < p.run.vaddr + p.run.len && p.run.vaddr < r.pointer + r.size as u64
+            })
+    };
+    let mut set_aside = Vec::new();
+    let mut batches: Vec<Vec<Range<usize>>> = vec![Vec::new(); streams.len()];
+    for (st, batches) in batches.iter_mut().enumerate() {
+        let mut i = starts[st];
+        while i < starts[st + 1] {
+            let (skipped, batch) = next_batch(pieces, i, starts[st + 1], pipes.capacity, &aside);
+            set_aside.extend_from_slice(&pieces[skipped]);
+            i = batch.end;
+            if !batch.is_empty() {
+                batches.push(batch);
+            }
+        }
+    }
+    // The streams take turns, and each stream's pipes take turns: while the
+    // target fills one pipe, crest drains the others.
+    let mut jobs = Vec::new();
+    for k in 0..batches.iter().map(Vec::len).max().unwrap_or(0) {
+        for (st, batches) in batches.iter().enumerate() {
+            if let Some(b) = batches.get(k) {
+                jobs.push(Job {
+                    pipe: st * PIPES_PER_STREAM + k % PIPES_PER_STREAM,
+                    pieces: b.clone(),
+                });
+            }
+        }
+    }
+    let pages_of = |j: &Job| -> usize {
+        pieces[j.pieces.clone()]
+            .iter()
+            .map(|p| (p.run.len / PAGE_SIZE) as usize)
+            .sum()
+    };
+    let mut runs_of_code = Vec::new();
+    let (mut from, mut pages) = (0, 0);
+    for (j, job) in jobs.iter().enumerate() {
+        if pages + pages_of(job) > PAGES_PER_RUN && j > from {
+            runs_of_code.push(from..j);
+            (from, pages) = (j, 0);
+        }
+        pages += pages_of(job);
+    }
+    if from < jobs.len() {
+        runs_of_code.push(from..jobs.len());
+    }
+    let most = |f: &dyn Fn(&[Job]) -> usize| {
+        runs_of_code
+            .iter()
+            .map(|r| f(&jobs[r.clone()]))
+            .max()
+            .unwrap_or(0)
+    };
+    let Some(crc) = TargetCrc::map(
+        remote,
+        most(&|js| js.len()),
+        most(&|js| js.iter().map(|j| j.pieces.len()).sum()),
+        most(&|js| js.iter().map(pages_of).sum()),
+    )?
+    else {
+        return Ok(None);
+    };
+    let mut copied = Copied::default();
+    for r in runs_of_code {
+        copy_jobs(
+            &crc,
+            pipes,
+            pieces,
+            streams,
+            &jobs[r],
+            closed_by_target,
+            &mut copied,
+        )?;
+    }
+    Ok(Some((copied, set_aside)))
+}
+
+/// Runs the target's code for `jobs` while one thread per stream splices
+/// its pipes into its page file, then records the chunks from the target's
+/// page records.
+fn copy_jobs(
+    crc: &TargetCrc,
+    pipes: &TargetPipes,
+    pieces: &[Piece],
+    streams: &[Stream],
+    jobs: &[Job],
+    closed_by_target: &mut bool,
+    copied: &mut Copied,
+) -> Result<()> {
+    let runs: Vec<Vec<Run>> = jobs
+        .iter()
+        .map(|j| pieces[j.pieces.clone()].iter().map(|p| p.run).collect())
+        .collect();
+    let specs: Vec<(i32, &[Run])> = jobs
+        .iter()
+        .zip(&runs)
+        .map(|(j, r)| (pipes.write_ends[j.pipe], r.as_slice()))
+        .collect();
+    let stop = AtomicBool::new(false);
+    let (done_tx, done_rx) = mpsc::channel::<Result<()>>();
+    let started = std::time::Instant::now();
+    let (ran, drain_err) = std::thread::scope(|s| -> Result<_> {
+        let mut running = crc.start(&specs, &pipes.write_ends)?;
+        for (st, stream) in streams.iter().enumerate() {
+            let mine: Vec<&Job> = jobs
+                .iter()
+                .filter(|j| j.pipe / PIPES_PER_STREAM == st)
+                .collect();
+            let (done_tx, stop) = (done_tx.clone(), &stop);
+            let read_ends = &pipes.read_ends;
+            s.spawn(move || {
+                let mut busy = Busy::default();
+                let drained = mine.iter().try_for_each(|j| {
+                    let from = pieces[j.pieces.start].offset;
+                    let last = &pieces[j.pieces.end - 1];
+                    let bytes = (last.offset + last.run.len - from) as usize;
+                    splice_into(
+                        &read_ends[j.pipe],
+                        &stream.file,
+                        from,
+                        bytes,
+                        &stream.path,
+                        Some(stop),
+                    )
+                });
+                busy.worked();
+                busy.log("page drainer (checksums made in the target)");
+                let _ = done_tx.send(drained);
+            });
+        }
+        drop(done_tx);
+        let mut drain_err = None;
+        let mut left = streams.len();
+        while left > 0 {
+            match done_rx.recv_timeout(std::time::Duration::from_millis(2)) {
+                Ok(Ok(())) => left -= 1,
+                Ok(Err(e)) => {
+                    drain_err = Some(e);
+                    break;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Err(e) = running.check() {
+                        drain_err = Some(e);
+                        break;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        // Every page is through, or something failed: stop the target
+        // either way, and on a failure the threads still splicing.
+        let ran = running.stop();
+        if drain_err.is_some() || !matches!(&ran, Ok(r) if r.failed.is_none()) {
+            stop.store(true, Ordering::Relaxed);
+        }
+        Ok((ran, drain_err))
+    })?;
+    let ran = ran?;
+    tracing::debug!(
+        jobs = jobs.len(),
+        pages = ran.records.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "page copy run by crest's code in the target"
+    );
+    if let Some((j, errno)) = ran.failed {
+        *closed_by_target = true;
+        let job = &pieces[jobs[j].pieces.clone()];
+        let bytes: u64 = job.iter().map(|p| p.run.len).sum();
+        return Err(Error::sys(
+            crc.pid(),
+            format!(
+                "remote vmsplice of {bytes} bytes at {:#x}",
+                job[0].run.vaddr
+            ),
+            errno,
+        ));
+    }
+    if let Some(e) = drain_err {
+        return Err(e);
+    }
+    let mut page = 0;
+    for p in jobs.iter().flat_map(|j| &pieces[j.pieces.clone()]) {
+        let n = (p.run.len / PAGE_SIZE) as usize;
+        account_records(
+            &streams[p.file as usize],
+            p,
+            &ran.records[page..page + n],
+            copied,
+        )?;
+        page += n;
+    }
+    Ok(())
+}
+
+/// The copy with crest checksumming the pages where they landed in the page
+/// files: the copied chunks and the unreadable pieces, set aside for crest
+/// to copy.
+fn copy_with_crest_crc(
+    pipes: &TargetPipes,
+    pieces: &[Piece],
+    streams: &[Stream],
+    starts: &[usize],
+) -> Result<(Copied, Vec<Piece>)> {
+    let nstreams = streams.len();
     let (free_tx, free_rx) = mpsc::channel::<usize>();
-    // Pieces that landed, with the target's records of their pages if it
-    // made them.
-    type Landed = (std::ops::Range<usize>, Option<Vec<PageRecord>>);
-    let (check_tx, check_rx) = mpsc::channel::<Landed>();
-    let pieces = &pieces;
-    let streams = &streams;
+    let (check_tx, check_rx) = mpsc::channel::<Range<usize>>();
     let read_ends = &pipes.read_ends;
-    let result = std::thread::scope(|s| -> Result<Copied> {
+    std::thread::scope(|s| -> Result<(Copied, Vec<Piece>)> {
         // The checker reads what landed while the drainers splice the next
         // batches: splicing (page allocation and the copy) is the long pole.
         let checker = s.spawn(move || -> Result<Copied> {
             let mut copied = Copied::default();
             let mut windows: Vec<Option<FileView>> = streams.iter().map(|_| None).collect();
             let mut busy = Busy::default();
-            for (range, records) in check_rx {
+            for range in check_rx {
                 busy.waited();
-                let mut page = 0;
                 for p in &pieces[range] {
                     let stream = &streams[p.file as usize];
-                    if let Some(records) = &records {
-                        let pages = (p.run.len / PAGE_SIZE) as usize;
-                        account_records(stream, p, &records[page..page + pages], &mut copied)?;
-                        page += pages;
-                        continue;
-                    }
                     let data = FileView::slice_of(
                         &mut windows[p.file as usize],
                         stream,
@@ -308,30 +598,26 @@ pub(crate) fn copy_pages(remote: &Remote, runs: &[Run], dir: &Path) -> Result<Op
                 }
                 busy.worked();
             }
-            busy.log(if target_crc.is_some() {
-                "page checker (checksums made in the target)"
-            } else {
-                "page checker"
-            });
+            busy.log("page checker");
             Ok(copied)
         });
         let mut job_txs = Vec::new();
         let mut drainers = Vec::new();
         for stream in streams.iter() {
-            let (job_tx, job_rx) = mpsc::sync_channel::<(usize, Landed)>(PIPES_PER_STREAM);
+            let (job_tx, job_rx) = mpsc::sync_channel::<(usize, Range<usize>)>(PIPES_PER_STREAM);
             job_txs.push(job_tx);
             let free_tx = free_tx.clone();
             let check_tx = check_tx.clone();
             drainers.push(s.spawn(move || -> Result<()> {
                 let mut busy = Busy::default();
-                for (i, (range, records)) in job_rx {
+                for (i, range) in job_rx {
                     busy.waited();
                     let from = pieces[range.start].offset;
                     let last = &pieces[range.end - 1];
                     let bytes = (last.offset + last.run.len - from) as usize;
-                    splice_into(&read_ends[i], &stream.file, from, bytes, &stream.path)?;
+                    splice_into(&read_ends[i], &stream.file, from, bytes, &stream.path, None)?;
                     busy.worked();
-                    if free_tx.send(i).is_err() || check_tx.send((range, records)).is_err() {
+                    if free_tx.send(i).is_err() || check_tx.send(range).is_err() {
                         break;
                     }
                 }
@@ -359,32 +645,21 @@ pub(crate) fn copy_pages(remote: &Remote, runs: &[Run], dir: &Path) -> Result<Op
                 };
                 busy.waited();
                 let st = pipe / PIPES_PER_STREAM;
-                let end = starts[st + 1];
-                let mut i = next[st];
-                while i < end && !pieces[i].run.readable {
-                    // vmsplice needs read access; /proc/PID/mem does not.
-                    unreadable.push(pieces[i]);
-                    i += 1;
-                }
-                let first = i;
-                let mut bytes = 0;
-                while i < end
-                    && pieces[i].run.readable
-                    && i - first < IOVS_PER_CALL
-                    && bytes + pieces[i].run.len <= pipes.capacity as u64
-                {
-                    bytes += pieces[i].run.len;
-                    i += 1;
-                }
-                next[st] = i;
-                if i == first {
+                let (skipped, batch) = next_batch(
+                    pieces,
+                    next[st],
+                    starts[st + 1],
+                    pipes.capacity,
+                    &unreadable_piece,
+                );
+                unreadable.extend_from_slice(&pieces[skipped]);
+                next[st] = batch.end;
+                if batch.is_empty() {
                     continue; // this stream is done: its pipe rests
                 }
-                let runs: Vec<Run> = pieces[first..i].iter().map(|p| p.run).collect();
-                let mut records = Vec::new();
-                pipes.fill(pipe, &runs, target_crc, &mut records)?;
-                let records = target_crc.map(|_| records);
-                if job_txs[st].send((pipe, (first..i, records))).is_err() {
+                let runs: Vec<Run> = pieces[batch.clone()].iter().map(|p| p.run).collect();
+                pipes.fill(pipe, &runs)?;
+                if job_txs[st].send((pipe, batch)).is_err() {
                     break;
                 }
             }
@@ -401,29 +676,26 @@ pub(crate) fn copy_pages(remote: &Remote, runs: &[Run], dir: &Path) -> Result<Op
         let checked = checker.join().expect("page checker panicked");
         let unreadable = filled?;
         drained.into_iter().collect::<Result<Vec<()>>>()?;
-        let mut copied = checked?;
-        for p in &unreadable {
-            let stream = &streams[p.file as usize];
-            let mut buf = vec![0u8; p.run.len as usize];
-            read_target(pid, p.run.vaddr, &mut buf, false)?;
-            std::os::unix::fs::FileExt::write_all_at(&stream.file, &buf, p.offset)
-                .map_err(|e| Error::io(&stream.path, e))?;
-            account(stream, p, &buf, &mut copied)?;
-        }
-        Ok(copied)
-    });
-    drop(crc_code);
-    drop(pipes);
-    let mut copied = result?;
-    copied.chunks.sort_by_key(|c| (c.file, c.offset));
-    Ok(Some(copied))
+        Ok((checked?, unreadable))
+    })
 }
 
-/// Splices exactly `bytes` from `pipe` into `out` at `offset`.
-fn splice_into(pipe: &OwnedFd, out: &File, offset: u64, bytes: usize, path: &Path) -> Result<()> {
+/// Splices exactly `bytes` from `pipe` into `out` at `offset`. With `stop`,
+/// waits for data only until it is set.
+fn splice_into(
+    pipe: &OwnedFd,
+    out: &File,
+    offset: u64,
+    bytes: usize,
+    path: &Path,
+    stop: Option<&AtomicBool>,
+) -> Result<()> {
     let mut off = offset as libc::loff_t;
     let mut left = bytes;
     while left > 0 {
+        if let Some(stop) = stop {
+            wait_readable(pipe, stop, path)?;
+        }
         // SAFETY: splice between descriptors we hold; `off` is a local.
         let n = unsafe {
             libc::splice(
@@ -451,6 +723,31 @@ fn splice_into(pipe: &OwnedFd, out: &File, offset: u64, bytes: usize, path: &Pat
         left -= n as usize;
     }
     Ok(())
+}
+
+/// Waits until `pipe` has data or no writer, or `stop` is set (an error).
+fn wait_readable(pipe: &OwnedFd, stop: &AtomicBool, path: &Path) -> Result<()> {
+    loop {
+        let mut pfd = libc::pollfd {
+            fd: pipe.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll on one descriptor we hold, with a local pollfd.
+        let r = unsafe { libc::poll(&mut pfd, 1, 20) };
+        if r > 0 {
+            return Ok(());
+        }
+        if r < 0 && nix::errno::Errno::last() != nix::errno::Errno::EINTR {
+            return Err(Error::io(path, std::io::Error::last_os_error()));
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Err(Error::io(
+                path,
+                std::io::Error::other("the copy stopped before these pages came"),
+            ));
+        }
+    }
 }
 
 /// Checksums piece `p` (`data`: its bytes where they landed in the file),

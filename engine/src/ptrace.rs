@@ -382,6 +382,50 @@ impl Tracee {
         Ok(tid)
     }
 
+    /// Lets the stopped task run on its own (PTRACE_CONT), with no signal.
+    pub fn resume(self) -> Result<()> {
+        ptrace::cont(self.nix_pid(), None).map_err(|e| self.err("PTRACE_CONT", e))
+    }
+
+    /// Stops a task that runs (PTRACE_INTERRUPT) and waits for the stop: ours,
+    /// or a signal's that came first (left undelivered: the next resume does
+    /// not pass it on, and our stop then follows).
+    pub fn interrupt(self) -> Result<()> {
+        ptrace::interrupt(self.nix_pid()).map_err(|e| self.err("PTRACE_INTERRUPT", e))?;
+        match waitpid(self.nix_pid(), Some(WaitPidFlag::__WALL))
+            .map_err(|e| self.err("waitpid", e))?
+        {
+            WaitStatus::Exited(..) | WaitStatus::Signaled(..) => Err(Error::Gone {
+                pid: self.pid,
+                during: "dump",
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// For a task running on its own: the signal it stopped with, if it
+    /// stopped; an error if it died. Does not wait. A job-control stop (an
+    /// outside SIGSTOP) is let go, as in a remote system call.
+    pub fn poll_signal_stop(self) -> Result<Option<Signal>> {
+        let flags = WaitPidFlag::__WALL | WaitPidFlag::WNOHANG;
+        match waitpid(self.nix_pid(), Some(flags)).map_err(|e| self.err("waitpid", e))? {
+            WaitStatus::StillAlive => Ok(None),
+            WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_STOP) => {
+                self.resume()?;
+                Ok(None)
+            }
+            WaitStatus::Exited(..) | WaitStatus::Signaled(..) => Err(Error::Gone {
+                pid: self.pid,
+                during: "dump",
+            }),
+            WaitStatus::Stopped(_, sig) => Ok(Some(sig)),
+            other => Err(Error::Refused {
+                pid: self.pid,
+                reason: format!("unexpected stop {other:?} while crest's code ran in it"),
+            }),
+        }
+    }
+
     pub fn detach(self, sig: Option<Signal>) -> Result<()> {
         ptrace::detach(self.nix_pid(), sig).map_err(|e| self.err("PTRACE_DETACH", e))
     }
@@ -411,7 +455,7 @@ pub fn write_mem(pid: i32, addr: u64, data: &[u8]) -> Result<()> {
 }
 
 /// A vanished process is an expected event, not an I/O error.
-fn mem_error(pid: i32, path: &str, addr: u64, e: std::io::Error) -> Error {
+pub(crate) fn mem_error(pid: i32, path: &str, addr: u64, e: std::io::Error) -> Error {
     let gone = e.raw_os_error() == Some(libc::ESRCH)
         || (e.kind() == std::io::ErrorKind::NotFound && crate::proc::is_gone(pid));
     if gone {

@@ -410,6 +410,21 @@ fn glibc_rseq(tid: i32, fs_base: u64) -> Result<Option<Rseq>> {
     }))
 }
 
+/// The rseq registration of thread `t` (its thread pointer: `fs_base`).
+/// `None` also where the kernel cannot say (before 5.13) and the thread runs
+/// another libc than crest ([`Tracee::rseq_unknown`] tells those apart).
+pub(crate) fn rseq_of(t: Tracee, fs_base: u64) -> Result<Option<Rseq>> {
+    Ok(match t.rseq()? {
+        Some(c) => Some(Rseq {
+            pointer: c.rseq_abi_pointer,
+            size: c.rseq_abi_size,
+            signature: c.signature,
+        }),
+        None if Tracee::rseq_unknown() => glibc_rseq(t.pid, fs_base)?,
+        None => None,
+    })
+}
+
 /// Collects the state of one seized thread; `regs` are its registers as they
 /// were when it was frozen (before any remote call).
 pub fn collect_thread(remote: &Remote, regs: &Regs, name: String) -> Result<ThreadImage> {
@@ -422,15 +437,7 @@ pub fn collect_thread(remote: &Remote, regs: &Regs, name: String) -> Result<Thre
         .into_iter()
         .map(|b| SigInfo::from_kernel(&b))
         .collect();
-    let rseq = match t.rseq()? {
-        Some(c) => Some(Rseq {
-            pointer: c.rseq_abi_pointer,
-            size: c.rseq_abi_size,
-            signature: c.signature,
-        }),
-        None if Tracee::rseq_unknown() => glibc_rseq(t.pid, regs.fs_base)?,
-        None => None,
-    };
+    let rseq = rseq_of(t, regs.fs_base)?;
     let mut head = 0u64;
     let mut len = 0usize;
     // SAFETY: get_robust_list writes one pointer and one size_t into our locals.
