@@ -273,6 +273,38 @@ fn a_target_that_dies_during_the_dump_leaves_no_image() {
     panic!("the dump always finished before the target was killed");
 }
 
+#[test]
+fn a_store_that_fills_up_during_the_copy_leaves_the_target_unharmed() {
+    require_root!();
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("store");
+    fs::create_dir(&store).unwrap();
+    // 16 MiB of store for 64 MiB of heap: the page copy runs out of space.
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "crest-test-store"])
+        .arg(&store)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount a 16 MiB tmpfs at {store:?}");
+    let dir = tmp.path().join("ctl");
+    let mut w = start(&dir, &workload("foundation"), &["--heap-mib", "64"], true);
+    wait_for_file(&dir.join("ready"), TIMEOUT);
+    let maps = fs::read_to_string(format!("/proc/{}/maps", w.pid)).unwrap();
+    let out = std::process::Command::new(crest())
+        .args(["dump", "-t", &w.pid.to_string(), "-D"])
+        .arg(store.join("img"))
+        .output()
+        .unwrap();
+    let _ = std::process::Command::new("umount").arg(&store).status();
+    let msg = stderr_of(&out);
+    assert!(!out.status.success(), "the dump fit in 16 MiB: {msg}");
+    assert!(msg.contains("No space left on device"), "{msg}");
+    assert_unharmed(w.pid);
+    let after = fs::read_to_string(format!("/proc/{}/maps", w.pid)).unwrap();
+    assert_eq!(maps, after, "crest's mappings are gone from the target");
+    finish(&mut w);
+}
+
 /// Dumps a small process and returns (image dir, pid).
 fn small_image(tmp: &std::path::Path) -> (std::path::PathBuf, i32) {
     let dir = tmp.join("ctl");
