@@ -242,8 +242,9 @@ impl Layout {
         (self.records_at() + self.pages * 8).next_multiple_of(PAGE_SIZE as usize)
     }
 
-    /// The area at `base` for `jobs` (each a pipe's write end and its runs),
-    /// and where each job's records start (in pages).
+    /// The area for `jobs` (each a pipe's write end and its runs) when it is
+    /// mapped at `base`: its bytes up to the records (which the code
+    /// writes), and its layout.
     fn write(base: u64, jobs: &[(i32, &[Run])], fds: &[i32], pause: bool) -> (Vec<u8>, Layout) {
         let layout = Layout {
             jobs: jobs.len(),
@@ -279,8 +280,8 @@ impl Layout {
         (area, layout)
     }
 
-    /// The jobs' statuses and the page records, from the area's bytes past
-    /// the header (`from` [`Layout::JOBS`]).
+    /// The jobs' statuses and the page records, from the area's bytes that
+    /// start at [`Layout::JOBS`].
     fn read(&self, jobs_and_records: &[u8]) -> (Vec<i64>, Vec<PageRecord>) {
         let at = |i: usize| i - Self::JOBS;
         let statuses = (0..self.jobs)
@@ -589,6 +590,11 @@ mod tests {
 
     fn raw_crc(page: &[u8]) -> u32 {
         !crc32c::crc32c_append(u32::MAX, page)
+    }
+
+    #[test]
+    fn the_code_fits_its_page() {
+        assert!(!code().is_empty() && code().len() <= PAGE_SIZE as usize);
     }
 
     #[test]
