@@ -249,8 +249,22 @@ fn thread_any(ctl: &Ctl, c: &mut Checks, expect: &str) {
     }
     // What the callbacks do once before the dump, so that the thread stack
     // and malloc arena they use exist already (the outside view compares maps).
-    let _ =
-        std::thread::spawn(|| (0..100).map(|i| format!("{i}")).collect::<Vec<_>>().len()).join();
+    let helper = std::thread::spawn(|| {
+        let _ = (0..100).map(|i| format!("{i}")).collect::<Vec<_>>().len();
+        gettid()
+    })
+    .join();
+    // join returns when the thread's work is done, a moment before the
+    // kernel is done with the thread: wait until it is gone, or the outside
+    // view taken now could show it.
+    if let Ok(tid) = helper {
+        let gone = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::path::Path::new(&format!("/proc/self/task/{tid}")).exists()
+            && std::time::Instant::now() < gone
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
     ctl.ready();
     ctl.wait_for_go();
     let got = log.lock().unwrap().clone();
