@@ -102,14 +102,14 @@ impl<'a> TargetPipes<'a> {
         Ok(Some(p))
     }
 
-    /// Moves `pieces` (all readable, at most `capacity` bytes and
-    /// [`IOVS_PER_CALL`] of them) into pipe `i` with vmsplice in the target.
     /// The target closed the write ends itself.
     fn forget_write_ends(&mut self) {
         let closed = std::mem::take(&mut self.write_ends);
         self.theirs.retain(|fd| !closed.contains(fd));
     }
 
+    /// Moves `pieces` (all readable, at most `capacity` bytes and
+    /// [`IOVS_PER_CALL`] of them) into pipe `i` with vmsplice in the target.
     fn fill(&self, i: usize, pieces: &[Run]) -> Result<()> {
         let pid = self.remote.tracee.pid;
         let mut done = 0u64;
@@ -140,29 +140,27 @@ impl<'a> TargetPipes<'a> {
                     0,
                 ],
             )?;
-            done += self.spliced(n, total - done, pieces)?;
+            if n <= 0 {
+                // The pipe is empty when we fill it, so even EAGAIN means
+                // something is wrong; say which pages.
+                let e = if n < 0 {
+                    nix::errno::Errno::from_raw(-n as i32)
+                } else {
+                    nix::errno::Errno::EIO
+                };
+                return Err(Error::sys(
+                    pid,
+                    format!(
+                        "remote vmsplice of {} bytes at {:#x}",
+                        total - done,
+                        pieces[0].vaddr
+                    ),
+                    e,
+                ));
+            }
+            done += n as u64;
         }
         Ok(())
-    }
-
-    /// The bytes a remote vmsplice moved (`n`, its raw result), or an error
-    /// naming the `left` bytes of `pieces` still to go.
-    fn spliced(&self, n: i64, left: u64, pieces: &[Run]) -> Result<u64> {
-        if n > 0 {
-            return Ok(n as u64);
-        }
-        // The pipe is empty when we fill it, so even EAGAIN means something
-        // is wrong; say which pages.
-        let e = if n < 0 {
-            nix::errno::Errno::from_raw(-n as i32)
-        } else {
-            nix::errno::Errno::EIO
-        };
-        Err(Error::sys(
-            self.remote.tracee.pid,
-            format!("remote vmsplice of {left} bytes at {:#x}", pieces[0].vaddr),
-            e,
-        ))
     }
 }
 
@@ -289,7 +287,7 @@ pub(crate) fn copy_pages(remote: &Remote, runs: &[Run], dir: &Path) -> Result<Op
     for p in &set_aside {
         let stream = &streams[p.file as usize];
         let mut buf = vec![0u8; p.run.len as usize];
-        read_target(pid, p.run.vaddr, &mut buf, false)?;
+        read_target(pid, p.run.vaddr, &mut buf, p.run.readable)?;
         std::os::unix::fs::FileExt::write_all_at(&stream.file, &buf, p.offset)
             .map_err(|e| Error::io(&stream.path, e))?;
         account(stream, p, &buf, &mut copied)?;
@@ -407,11 +405,12 @@ fn copy_with_target_crc(
     let mut runs_of_code = Vec::new();
     let (mut from, mut pages) = (0, 0);
     for (j, job) in jobs.iter().enumerate() {
-        if pages + pages_of(job) > PAGES_PER_RUN && j > from {
+        let n = pages_of(job);
+        if pages + n > PAGES_PER_RUN && j > from {
             runs_of_code.push(from..j);
             (from, pages) = (j, 0);
         }
-        pages += pages_of(job);
+        pages += n;
     }
     if from < jobs.len() {
         runs_of_code.push(from..jobs.len());
