@@ -4,7 +4,9 @@
 //! the JSON reports (`report`).
 
 pub mod cases;
+pub mod gate;
 pub mod mpi;
+pub mod provenance;
 pub mod report;
 pub mod requirements;
 pub mod runner;

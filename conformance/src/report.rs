@@ -4,17 +4,33 @@
 use serde::{Deserialize, Serialize};
 
 /// The value of [`Report::schema`]; bump it when a field changes meaning.
-pub const REPORT_SCHEMA: &str = "crest-conformance-report/1";
+pub const REPORT_SCHEMA: &str = "crest-conformance-report/2";
 
 /// One run of the suite on one kernel.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Report {
     pub schema: String,
+    /// Which kernel of a matrix this is (`host`, `6.1`, …: `CREST_KERNEL_LABEL`,
+    /// set by `cargo xtask conformance`); `host` when run on its own.
+    pub label: String,
     /// `uname -r` of the kernel the suite ran on.
     pub kernel: String,
     /// The crest engine version (`crest --version`).
     pub engine_version: String,
+    /// The commit the suite and engine were built from (`CREST_COMMIT`, set
+    /// by `cargo xtask conformance`; a `-dirty` suffix when the tree had
+    /// changes); empty when nobody said.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub commit: String,
+    /// The case selection when it was not every case (`--exact X`, a
+    /// filter, `--skip`): a report with one is not a full run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selection: Option<String>,
+    /// The engine binary the suite ran (`--crest-bin`), when it was not the
+    /// one built beside the suite: a stand-in, an installed crest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_bin: Option<String>,
     /// When the run started, RFC 3339 UTC.
     pub timestamp: String,
     pub cases: Vec<CaseRecord>,
@@ -291,8 +307,12 @@ mod tests {
     fn report(cases: Vec<CaseRecord>) -> Report {
         Report {
             schema: REPORT_SCHEMA.to_string(),
+            label: "host".to_string(),
             kernel: "6.18.0-test".to_string(),
             engine_version: "crest 0.1.0".to_string(),
+            commit: String::new(),
+            selection: None,
+            engine_bin: None,
             timestamp: "2026-11-25T18:00:00Z".to_string(),
             cases,
         }

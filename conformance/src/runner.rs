@@ -44,7 +44,6 @@ pub struct Config {
     pub mpi: Option<PathBuf>,
     /// Launcher arguments for `--mpi` (`--mpi-args`).
     pub mpi_args: Vec<String>,
-    pub is_root: bool,
     /// The engine offers `crest dump --session SID` (see [`engine_has_session`]).
     pub session_dump: bool,
 }
@@ -125,13 +124,31 @@ fn shell_status(st: ExitStatus) -> i32 {
     st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0))
 }
 
-/// A background restore that ended "unsupported" with a `crest: error:` line
-/// (`msg`, its reason) refused honestly: the case is ignored, not failed.
-fn ignore_refused_restore(st: ExitStatus, msg: &str) -> R<()> {
-    if st.code() == Some(EXIT_UNSUPPORTED) && msg.contains("crest: error:") {
-        return Err(Stop::Ignored(format!("restore refused: {msg}")));
+/// How a restore of an image that a dump wrote without complaint failed.
+/// A refusal ("unsupported", exit 3) is a failure like any other: the dump
+/// that wrote the image may have killed the only copy of the job, so an
+/// image that does not restore is the worst outcome a user can meet.
+fn restore_failure(what: &str, st: ExitStatus, msg: &str) -> Stop {
+    let how = if st.code() == Some(EXIT_UNSUPPORTED) {
+        "refused the image its dump wrote"
+    } else {
+        "failed"
+    };
+    Stop::Failed(format!(
+        "crest {what} {how} ({}): {msg}",
+        describe_status(st)
+    ))
+}
+
+/// A dump of a restored process refused as unsupported: the restore gave
+/// back something the first dump did not have, which is a failure.
+fn later_dump_refused(cycle: u32, stop: Stop) -> Stop {
+    match stop {
+        Stop::Ignored(m) => Stop::Failed(format!(
+            "cycle {cycle}: the restored process could not be dumped again, though the first dump took it: {m}"
+        )),
+        failed => failed,
     }
-    Ok(())
 }
 
 /// Whether `name` is an executable on PATH.
@@ -241,9 +258,6 @@ pub fn run_case_noted(
                 bin.display()
             ));
         }
-    }
-    if !cfg.is_root {
-        return CaseOutcome::Ignored("needs root (ptrace, clone3 with set_tid)".into());
     }
     let name: String = spec
         .id
@@ -498,11 +512,12 @@ impl Run<'_> {
             if let Some(st) = self.restore_exited() {
                 self.restore_status = Some(st);
                 let msg = engine_message(&self.restore_log());
-                ignore_refused_restore(st, &msg)?;
-                fail!(
-                    "crest restore ended ({}) before the restored process showed its view: {msg}",
-                    describe_status(st)
-                );
+                if st.success() {
+                    fail!(
+                        "crest restore exited 0 before the restored process showed its view: {msg}"
+                    );
+                }
+                return Err(restore_failure("restore", st, &msg));
             }
             last = self.view(pid, parent);
             if let Ok(v) = &last {
@@ -581,6 +596,14 @@ impl Run<'_> {
             ),
             _ => fail!("crest {what} failed ({}): {}", e.describe(), e.message()),
         }
+    }
+
+    /// A restore of an image a dump wrote: exit 0, else a failure (a refusal too).
+    fn expect_restored(&self, what: &str, e: &Exit) -> R<()> {
+        if e.code() == Some(0) {
+            return Ok(());
+        }
+        Err(restore_failure(what, e.status, &e.message()))
     }
 
     /// A refusal must be a non-zero exit (not a panic or a signal) with a
@@ -840,7 +863,7 @@ impl Run<'_> {
             let img = match self.dump(pid, cycle, &[]) {
                 Ok(img) => img,
                 Err(stop) if cycle == 1 => return Err(self.check_rolled_back(pid, &before, stop)),
-                Err(stop) => return Err(stop),
+                Err(stop) => return Err(later_dump_refused(cycle, stop)),
             };
             self.reap_dumped(pid, cycle, "process")?;
             let rpid = self.spawn_restore(&img)?;
@@ -1034,7 +1057,10 @@ impl Run<'_> {
         let (pid, before, img) = self.start_and_dump_leaving_running()?;
         let e = self.crest("restore1", &["restore".into(), "-D".into(), img.into()])?;
         if e.code() == Some(EXIT_UNSUPPORTED) {
-            return Err(Stop::Ignored(format!("restore refused: {}", e.message())));
+            fail!(
+                "crest restore onto a pid in use refused the image as unsupported (exit 3) instead of naming the pid in use: {}",
+                e.message()
+            );
         }
         let line = self.expect_clear_error("restore onto a pid in use", &e)?;
         if !line.contains(&pid.to_string()) {
@@ -1172,7 +1198,7 @@ impl Run<'_> {
             "restore1",
             &["restore".into(), "-d".into(), "-D".into(), img.into()],
         )?;
-        self.expect_success("restore --detach", &e)?;
+        self.expect_restored("restore --detach", &e)?;
         self.wait_view(pid, &before, Parent::Any, "restored detached")?;
         self.finish_detached("the detached workload")
     }
@@ -1228,7 +1254,7 @@ impl Run<'_> {
                 img.into(),
             ],
         )?;
-        self.expect_success("restore --pidns --detach", &e)?;
+        self.expect_restored("restore --pidns --detach", &e)?;
         let outside: i32 = fs::read_to_string(&pidfile)
             .ok()
             .and_then(|t| t.trim().parse().ok())
@@ -1625,7 +1651,7 @@ impl Run<'_> {
                 Err(Stop::Ignored(m)) if cycle == 1 => {
                     return Err(self.mpi_after_refusal(m, &out, iterations, &reference))
                 }
-                Err(stop) => return Err(stop),
+                Err(stop) => return Err(later_dump_refused(cycle, stop)),
             };
             let dump_time = t0.elapsed();
             seen = mpi::JobOutput::parse(&fs::read_to_string(&out).unwrap_or_default()).last();
@@ -1752,11 +1778,11 @@ impl Run<'_> {
         loop {
             if let Some(st) = self.restore_exited() {
                 let msg = engine_message(&self.restore_log());
-                ignore_refused_restore(st, &msg)?;
-                fail!(
-                    "cycle {cycle}: crest restore ended ({}) before the job ran again: {msg}",
-                    describe_status(st)
-                );
+                return Err(restore_failure(
+                    &format!("restore of cycle {cycle}"),
+                    st,
+                    &msg,
+                ));
             }
             let missing: Vec<String> = tree
                 .iter()

@@ -2,7 +2,7 @@
 //! `cargo test` target: parses the suite's own flags, hands the rest to
 //! libtest-mimic, runs one trial per case and writes the reports.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -13,6 +13,7 @@ use anyhow::{bail, Context};
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
 
 use crate::cases::{self, CaseSpec};
+use crate::gate;
 use crate::report::{self, CaseRecord, Outcome, Report, RequirementRow, REPORT_SCHEMA};
 use crate::requirements::{self, Requirement};
 use crate::runner::{self, CaseOutcome, Config};
@@ -32,6 +33,9 @@ pub struct Options {
     pub mpi: Option<PathBuf>,
     /// `--mpi-args`: launcher arguments for the `--mpi` launcher (split at whitespace).
     pub mpi_args: Vec<String>,
+    /// A report (or a directory of them, one per kernel label) whose passed
+    /// cases must still pass (env `CREST_CONFORMANCE_BASELINE`).
+    pub baseline: Option<PathBuf>,
     /// The arguments left for libtest-mimic (program name first).
     pub rest: Vec<OsString>,
 }
@@ -39,7 +43,11 @@ pub struct Options {
 const USAGE: &str = "\
 usage: crest-conformance [SUITE OPTIONS] [LIBTEST OPTIONS] [FILTER]
        crest-conformance compare BASE.json CAND.json
-       crest-conformance update-requirements REQUIREMENTS.md REPORT.json
+
+Runs as root (ptrace, clone3 with set_tid); refuses to start otherwise (exit 2).
+Exit status: 0 every case ran and the gate passed; 101 a case failed; 1 the
+gate failed otherwise (a must-priority case not passed without an entry of
+gate-allow.json, a case without an outcome, a baseline case regressed).
 
 suite options (before or among libtest's):
   --crest-bin PATH       the crest binary (env CREST_BIN; default: next to this program)
@@ -53,6 +61,8 @@ suite options (before or among libtest's):
   --keep                 keep the case dirs of passed cases too
   --mpi PATH             the mpirun to run the MPI section against
   --mpi-args ARGS        its arguments before `-n 4 PROGRAM` (one string, split at spaces)
+  --baseline PATH        a report, or a dir of them named LABEL.json, whose passed
+                         cases must pass again (env CREST_CONFORMANCE_BASELINE)
 ";
 
 /// Splits the suite's flags from libtest's. `args[0]` is the program name.
@@ -82,6 +92,7 @@ pub fn parse_options(args: Vec<OsString>) -> anyhow::Result<Options> {
             "--case-timeout",
             "--mpi",
             "--mpi-args",
+            "--baseline",
         ];
         if flag == "--keep" {
             o.keep = true;
@@ -107,6 +118,7 @@ pub fn parse_options(args: Vec<OsString>) -> anyhow::Result<Options> {
             "--junit" => o.junit = path,
             "--markdown" => o.markdown = path,
             "--mpi" => o.mpi = path,
+            "--baseline" => o.baseline = path,
             "--mpi-args" => {
                 o.mpi_args = v
                     .to_string_lossy()
@@ -172,19 +184,6 @@ fn engine_version(crest: &Path) -> String {
 
 /// The suite's main, for the binary and for `tests/native.rs`.
 pub fn main(args: Vec<OsString>) -> ExitCode {
-    if args
-        .get(1)
-        .map(|a| a == "update-requirements")
-        .unwrap_or(false)
-    {
-        return match update_requirements(&args[2..]) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("crest-conformance update-requirements: {e:#}");
-                ExitCode::from(2)
-            }
-        };
-    }
     if args.get(1).map(|a| a == "compare").unwrap_or(false) {
         return match compare_main(&args[2..]) {
             Ok(code) => code,
@@ -238,51 +237,6 @@ fn compare_main(args: &[OsString]) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// `update-requirements REQUIREMENTS.md REPORT.json`: fills the status column
-/// from a run (requirements without a case: `no test`).
-fn update_requirements(args: &[OsString]) -> anyhow::Result<()> {
-    let [md, rep] = args else {
-        bail!("usage: crest-conformance update-requirements REQUIREMENTS.md REPORT.json");
-    };
-    let report = Report::read(Path::new(rep))?;
-    let text =
-        std::fs::read_to_string(md).with_context(|| format!("reading {}", md.to_string_lossy()))?;
-    let (p, f, i) = report::counts(&report);
-    let note = format!(
-        "run on kernel {} with `{}`, {} ({p} passed, {f} failed, {i} ignored).",
-        report.kernel, report.engine_version, report.timestamp
-    );
-    let out = requirements::with_status(&text, &note, |id| {
-        let cases: Vec<&CaseRecord> = report
-            .cases
-            .iter()
-            .filter(|c| c.requirement == id)
-            .collect();
-        status_cell(&cases)
-    })
-    .map_err(|e| anyhow::anyhow!("{}: {e}", md.to_string_lossy()))?;
-    std::fs::write(md, out).with_context(|| format!("writing {}", md.to_string_lossy()))?;
-    Ok(())
-}
-
-/// A requirement's status, with what its cases that ran were run against
-/// ("pass (run with /opt/vendor/bin/mpirun --mca btl tcp,self)").
-fn status_cell(cases: &[&CaseRecord]) -> String {
-    let status = report::requirement_status(cases);
-    let mut how: Vec<&str> = cases
-        .iter()
-        .filter(|c| c.outcome != report::Outcome::Ignored)
-        .flat_map(|c| c.notes.split("; "))
-        .filter(|n| n.starts_with(runner::RUN_WITH))
-        .collect();
-    how.dedup();
-    if how.is_empty() {
-        status.to_string()
-    } else {
-        format!("{status} ({})", how.join("; ").replace('|', "\\|"))
-    }
-}
-
 /// Names `reqs` on stderr after `what`, when there are any.
 fn warn_requirements(what: &str, reqs: &[&Requirement]) {
     if !reqs.is_empty() {
@@ -291,20 +245,102 @@ fn warn_requirements(what: &str, reqs: &[&Requirement]) {
     }
 }
 
+/// The kernel label of this run (`CREST_KERNEL_LABEL`, else `host`).
+fn kernel_label() -> String {
+    std::env::var("CREST_KERNEL_LABEL")
+        .ok()
+        .filter(|l| !l.is_empty())
+        .unwrap_or_else(|| "host".into())
+}
+
+/// What the libtest arguments select when it is not every case (for the
+/// report: a selected run is not a full one).
+pub fn selection(args: &Arguments) -> Option<String> {
+    let mut parts = Vec::new();
+    if let Some(f) = &args.filter {
+        parts.push(if args.exact {
+            format!("exact {f}")
+        } else {
+            format!("filter {f}")
+        });
+    }
+    for s in &args.skip {
+        parts.push(format!("skip {s}"));
+    }
+    if args.ignored {
+        parts.push("only ignored".into());
+    }
+    (!parts.is_empty()).then(|| parts.join(", "))
+}
+
+/// The IDs of the cases `args` selects, in table order: what libtest-mimic
+/// will run, computed with its own filter.
+pub fn selected(specs: &[CaseSpec], args: &Arguments) -> Vec<String> {
+    specs
+        .iter()
+        .filter(|s| {
+            let t = Trial::test(s.id.clone(), || Ok(())).with_kind(s.requirement());
+            !args.is_filtered_out(&t)
+        })
+        .map(|s| s.id.clone())
+        .collect()
+}
+
+/// The baseline's passed cases for kernel `label`: `path` is a report, or
+/// a directory of reports named `LABEL.json` (a kernel without one there
+/// has no baseline).
+pub fn baseline_passed(path: &Path, label: &str) -> anyhow::Result<Option<BTreeSet<String>>> {
+    let file = if path.is_dir() {
+        let f = path.join(format!("{label}.json"));
+        if !f.is_file() {
+            return Ok(None);
+        }
+        f
+    } else {
+        path.to_path_buf()
+    };
+    Ok(Some(gate::passed(&Report::read(&file)?)))
+}
+
+/// Why this process may not run the suite: it must be root (ptrace,
+/// clone3 with set_tid). A run that ignored every case instead would look
+/// like a green one.
+pub fn refuse_without_root() -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "the suite needs root (ptrace, clone3 with set_tid) and runs as uid {}: run it as root (sudo), or in a QEMU guest with `cargo xtask conformance --kernel 6.1`",
+            nix::unistd::geteuid()
+        );
+    }
+    Ok(())
+}
+
 fn run_suite(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
     let opts = parse_options(args)?;
     let reqs = requirements::parse(requirements::REQUIREMENTS_MD)
         .map_err(|e| anyhow::anyhow!("REQUIREMENTS.md: {e}"))?;
     let specs = cases::parse(cases::CASES_JSON).map_err(|e| anyhow::anyhow!("{e}"))?;
     cases::check_known(&specs, &reqs).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let allow = gate::parse_allowances(gate::ALLOW_JSON, &specs).map_err(|e| anyhow::anyhow!(e))?;
     let libtest = Arguments::from_iter(opts.rest.clone());
+    if !libtest.list {
+        refuse_without_root()?;
+    }
+    let label = kernel_label();
+    let baseline = match opts
+        .baseline
+        .clone()
+        .or_else(|| env_path("CREST_CONFORMANCE_BASELINE"))
+    {
+        Some(p) => {
+            baseline_passed(&p, &label).with_context(|| format!("baseline {}", p.display()))?
+        }
+        None => None,
+    };
 
     let bin_dir = default_bin_dir();
-    let crest_bin = opts
-        .crest_bin
-        .clone()
-        .or_else(|| env_path("CREST_BIN"))
-        .unwrap_or_else(|| bin_dir.join("crest"));
+    let given_bin = opts.crest_bin.clone().or_else(|| env_path("CREST_BIN"));
+    let crest_bin = given_bin.clone().unwrap_or_else(|| bin_dir.join("crest"));
     let workload_dir = opts
         .workload_dir
         .clone()
@@ -321,14 +357,13 @@ fn run_suite(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("creating {}", work_dir.display()))?;
     let cfg = Arc::new(Config {
         crest_bin: crest_bin.clone(),
-        workload_dir,
+        workload_dir: workload_dir.clone(),
         work_dir: work_dir.clone(),
         cycles: opts.cycles,
         case_timeout: opts.case_timeout,
         keep: opts.keep,
         mpi: opts.mpi.clone(),
         mpi_args: opts.mpi_args.clone(),
-        is_root: nix::unistd::geteuid().is_root(),
         session_dump: runner::engine_has_session(&crest_bin),
     });
 
@@ -348,26 +383,35 @@ fn run_suite(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let records: Arc<Mutex<Vec<CaseRecord>>> = Arc::new(Mutex::new(Vec::new()));
+    let expected = selected(&specs, &libtest);
     let trials = trials(&specs, &reqs, &cfg, &records);
     let conclusion = libtest_mimic::run(&libtest, trials);
-
-    if !libtest.list {
-        let mut cases = records.lock().map(|r| r.clone()).unwrap_or_default();
-        let order: BTreeMap<&str, usize> = specs
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.id.as_str(), i))
-            .collect();
-        cases.sort_by_key(|c| order.get(c.id.as_str()).copied().unwrap_or(usize::MAX));
-        let report = Report {
-            schema: REPORT_SCHEMA.to_string(),
-            kernel: kernel_release(),
-            engine_version: engine_version(&crest_bin),
-            timestamp: report::rfc3339(started),
-            cases,
-        };
-        write_reports(&opts, &report, &reqs)?;
+    if libtest.list {
+        return Ok(conclusion.exit_code());
     }
+
+    let mut cases = records.lock().map(|r| r.clone()).unwrap_or_default();
+    let order: BTreeMap<&str, usize> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.id.as_str(), i))
+        .collect();
+    cases.sort_by_key(|c| order.get(c.id.as_str()).copied().unwrap_or(usize::MAX));
+    let engine_bin = given_bin
+        .filter(|p| *p != bin_dir.join("crest"))
+        .map(|p| p.display().to_string());
+    let report = Report {
+        schema: REPORT_SCHEMA.to_string(),
+        label: label.clone(),
+        kernel: kernel_release(),
+        engine_version: engine_version(&crest_bin),
+        commit: std::env::var("CREST_COMMIT").unwrap_or_default(),
+        selection: selection(&libtest),
+        engine_bin,
+        timestamp: report::rfc3339(started),
+        cases,
+    };
+    write_reports(&opts, &report, &reqs)?;
     if temp {
         // Only removes it when empty: failed cases keep their dirs.
         let _ = std::fs::remove_dir(&work_dir);
@@ -375,10 +419,37 @@ fn run_suite(args: Vec<OsString>) -> anyhow::Result<ExitCode> {
     if conclusion.has_failed() && std::fs::read_dir(&work_dir).is_ok() {
         eprintln!("failed cases keep their dirs under {}", work_dir.display());
     }
-    Ok(conclusion.exit_code())
+    let verdict = gate::judge(&label, &report, &expected, &reqs, &allow, baseline.as_ref());
+    for (case, why) in &verdict.allowed {
+        eprintln!("gate: {case} did not pass, accepted by gate-allow.json: {why}");
+    }
+    if verdict.findings.is_empty() {
+        eprintln!("gate: passed on {label}");
+        return Ok(conclusion.exit_code());
+    }
+    eprintln!("gate: FAILED on {label}");
+    for f in &verdict.findings {
+        eprintln!("  - {f}");
+    }
+    Ok(if conclusion.has_failed() {
+        conclusion.exit_code()
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
-/// One trial per case, named `ID::case`; each records its outcome for the reports.
+/// What a panic carried, for a case's message.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("(no message)")
+        .to_string()
+}
+
+/// One trial per case, named `ID::case`; each records its outcome for the
+/// reports, a panicking case too (as failed).
 pub fn trials(
     specs: &[CaseSpec],
     reqs: &BTreeMap<String, Requirement>,
@@ -401,7 +472,12 @@ pub fn trials(
             Trial::ignorable_test(name, move || {
                 let t0 = Instant::now();
                 let mut notes = Vec::new();
-                let outcome = runner::run_case_noted(&cfg, &spec, seq, &mut notes);
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    runner::run_case_noted(&cfg, &spec, seq, &mut notes)
+                }))
+                .unwrap_or_else(|p| {
+                    CaseOutcome::Failed(format!("the case panicked: {}", panic_message(&*p)))
+                });
                 let notes = notes.join("; ");
                 if !notes.is_empty() {
                     eprintln!("{}: {notes}", spec.id);
@@ -415,8 +491,10 @@ pub fn trials(
                     }
                     CaseOutcome::Failed(m) => (Outcome::Failed, m.clone(), Err(Failed::from(m))),
                 };
-                if let Ok(mut r) = records.lock() {
-                    r.push(CaseRecord {
+                records
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(CaseRecord {
                         id: spec.id.clone(),
                         requirement: spec.requirement().to_string(),
                         priority,
@@ -425,7 +503,6 @@ pub fn trials(
                         message,
                         notes,
                     });
-                }
                 ret
             })
             .with_kind(kind)
@@ -474,30 +551,6 @@ mod tests {
 
     fn os(v: &[&str]) -> Vec<OsString> {
         v.iter().map(OsString::from).collect()
-    }
-
-    #[test]
-    fn a_status_says_what_its_cases_ran_against() {
-        let case = |outcome, notes: &str| CaseRecord {
-            id: "MPI-VENDOR::vendor-mpirun".into(),
-            requirement: "MPI-VENDOR".into(),
-            priority: "must".into(),
-            outcome,
-            duration_ms: 1,
-            message: String::new(),
-            notes: notes.into(),
-        };
-        let ran = case(
-            Outcome::Passed,
-            "run with /usr/bin/mpiexec.mpich -genv UCX_TLS tcp,self; cycle 1: dump 0.49 s",
-        );
-        assert_eq!(
-            status_cell(&[&ran]),
-            "pass (run with /usr/bin/mpiexec.mpich -genv UCX_TLS tcp,self)"
-        );
-        let ignored = case(Outcome::Ignored, "run with /x");
-        assert_eq!(status_cell(&[&ignored]), "ignored");
-        assert_eq!(status_cell(&[&case(Outcome::Passed, "")]), "pass");
     }
 
     #[test]
@@ -574,7 +627,7 @@ mod tests {
             Fake { dir }
         }
 
-        fn cfg(&self, root: bool) -> Config {
+        fn cfg(&self) -> Config {
             Config {
                 crest_bin: self.dir.path().join("crest"),
                 workload_dir: self.dir.path().to_path_buf(),
@@ -584,7 +637,6 @@ mod tests {
                 keep: false,
                 mpi: None,
                 mpi_args: Vec::new(),
-                is_root: root,
                 session_dump: false,
             }
         }
@@ -615,7 +667,7 @@ mod tests {
     fn exit_3_is_ignored_with_the_engines_reason() {
         let f =
             Fake::new("echo 'crest: error: pid 1: fd 5 is a pipe: not supported yet' >&2; exit 3");
-        let out = runner::run_case(&f.cfg(true), &spec(Mode::Cycle), 0);
+        let out = runner::run_case(&f.cfg(), &spec(Mode::Cycle), 0);
         assert_eq!(
             out,
             CaseOutcome::Ignored(
@@ -632,21 +684,23 @@ mod tests {
     }
 
     #[test]
-    fn a_restore_refusing_with_exit_3_is_ignored() {
+    fn a_restore_refusing_with_exit_3_fails() {
         // The fake dump kills its target (as the real one does) and succeeds;
-        // the fake restore refuses the image as unsupported.
+        // the fake restore refuses the image as unsupported: the job is gone
+        // and cannot come back, so that is a failure, never "ignored".
         let f = Fake::new(
             "case $2 in\n\
              dump) kill -9 $4; mkdir -p $6; exit 0;;\n\
              restore) echo 'crest: error: image needs memfd: not supported yet' >&2; exit 3;;\n\
              esac; exit 1",
         );
-        assert_eq!(
-            runner::run_case(&f.cfg(true), &spec(Mode::Cycle), 0),
-            CaseOutcome::Ignored(
-                "restore refused: crest: error: image needs memfd: not supported yet".into()
-            )
-        );
+        match runner::run_case(&f.cfg(), &spec(Mode::Cycle), 0) {
+            CaseOutcome::Failed(m) => assert!(
+                m.starts_with("crest restore refused the image its dump wrote (exit 3): crest: error: image needs memfd: not supported yet"),
+                "{m}"
+            ),
+            o => panic!("{o:?}"),
+        }
     }
 
     #[test]
@@ -658,7 +712,7 @@ mod tests {
             "kill -STOP $4; while [ \"$(cut -d' ' -f3 /proc/$4/stat)\" != T ]; do sleep 0.01; done\n\
              echo 'crest: error: nope: not supported yet' >&2; exit 3",
         );
-        match runner::run_case(&f.cfg(true), &spec(Mode::Cycle), 0) {
+        match runner::run_case(&f.cfg(), &spec(Mode::Cycle), 0) {
             CaseOutcome::Failed(m) => {
                 assert!(m.contains("did not leave the target as it was"), "{m}");
                 assert!(m.contains("stopped"), "{m}");
@@ -670,7 +724,7 @@ mod tests {
     #[test]
     fn an_unsupported_refusal_must_name_what() {
         let f = Fake::new("echo 'something went wrong' >&2; exit 3");
-        match runner::run_case(&f.cfg(true), &spec(Mode::Cycle), 0) {
+        match runner::run_case(&f.cfg(), &spec(Mode::Cycle), 0) {
             CaseOutcome::Failed(m) => {
                 assert!(m.contains("without a `crest: error: …` line"), "{m}")
             }
@@ -681,7 +735,7 @@ mod tests {
     #[test]
     fn other_dump_errors_fail_and_keep_the_case_dir() {
         let f = Fake::new("echo 'crest: error: boom' >&2; exit 1");
-        match runner::run_case(&f.cfg(true), &spec(Mode::Cycle), 0) {
+        match runner::run_case(&f.cfg(), &spec(Mode::Cycle), 0) {
             CaseOutcome::Failed(m) => assert!(
                 m.contains("crest dump failed (exit 1): crest: error: boom"),
                 "{m}"
@@ -701,7 +755,7 @@ mod tests {
         let f = Fake::new("exit 0");
         let mut s = spec(Mode::Cycle);
         s.timeout_secs = Some(15);
-        match runner::run_case(&f.cfg(true), &s, 0) {
+        match runner::run_case(&f.cfg(), &s, 0) {
             CaseOutcome::Failed(m) => assert!(m.contains("still alive"), "{m}"),
             o => panic!("{o:?}"),
         }
@@ -711,38 +765,35 @@ mod tests {
     fn refusing_a_nonexistent_pid_needs_a_clear_error() {
         let good = Fake::new("echo \"crest: error: pid $4: no such process\" >&2; exit 1");
         assert_eq!(
-            runner::run_case(&good.cfg(true), &spec(Mode::NoSuchPid), 0),
+            runner::run_case(&good.cfg(), &spec(Mode::NoSuchPid), 0),
             CaseOutcome::Passed
         );
         let vague = Fake::new("echo 'failed' >&2; exit 1");
         assert!(matches!(
-            runner::run_case(&vague.cfg(true), &spec(Mode::NoSuchPid), 0),
+            runner::run_case(&vague.cfg(), &spec(Mode::NoSuchPid), 0),
             CaseOutcome::Failed(_)
         ));
         let accepts = Fake::new("exit 0");
         assert!(matches!(
-            runner::run_case(&accepts.cfg(true), &spec(Mode::NoSuchPid), 0),
+            runner::run_case(&accepts.cfg(), &spec(Mode::NoSuchPid), 0),
             CaseOutcome::Failed(_)
         ));
     }
 
     #[test]
-    fn not_root_pending_and_missing_binaries() {
+    fn pending_and_missing_binaries() {
         let f = Fake::new("exit 0");
-        assert!(
-            matches!(runner::run_case(&f.cfg(false), &spec(Mode::Cycle), 0), CaseOutcome::Ignored(m) if m.contains("needs root"))
-        );
         let mut s = spec(Mode::Cycle);
         s.pending = Some("workload not written".into());
         assert!(
-            matches!(runner::run_case(&f.cfg(true), &s, 0), CaseOutcome::Ignored(m) if m.contains("workload not written"))
+            matches!(runner::run_case(&f.cfg(), &s, 0), CaseOutcome::Ignored(m) if m.contains("workload not written"))
         );
         let mut s = spec(Mode::Cycle);
         s.workload = Some("wl-missing".into());
         assert!(
-            matches!(runner::run_case(&f.cfg(true), &s, 0), CaseOutcome::Failed(m) if m.contains("cargo build -p crest-workloads"))
+            matches!(runner::run_case(&f.cfg(), &s, 0), CaseOutcome::Failed(m) if m.contains("cargo build -p crest-workloads"))
         );
-        let mut c = f.cfg(true);
+        let mut c = f.cfg();
         c.crest_bin = f.dir.path().join("nope");
         assert!(
             matches!(runner::run_case(&c, &spec(Mode::Cycle), 0), CaseOutcome::Failed(m) if m.contains("cargo build -p crest-engine"))

@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use crest_conformance::report::{Report, REPORT_SCHEMA};
+use crest_conformance::{cases, gate, provenance, requirements, suite};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
-use crate::matrix::{self, Baseline, KernelRun};
+use crate::matrix::{self, Baseline, GateInput, KernelRun};
 use crate::run::{self, RunSpec, RESULTS, WORK};
 use crate::support::{self, KernelChoice, VmOpts};
 
@@ -21,9 +22,11 @@ use crate::support::{self, KernelChoice, VmOpts};
 /// `6.1` (Debian bookworm's kernel in QEMU). `--kernel all` means every
 /// catalog kernel (5.10, 6.1, 6.12, 7.2) plus host.
 ///
-/// Exit status: 0 gate passed; 1 a must-priority case failed or a baseline
-/// case regressed; 3 a kernel produced no usable report (boot failure,
-/// timeout, harness crash); 2 xtask itself failed (build, fetch, setup).
+/// Exit status: 0 gate passed; 1 the gate failed (a must-priority case did
+/// not pass and gate-allow.json does not accept why, a case has no outcome,
+/// a baseline case regressed, a harness exited non-zero); 3 a kernel
+/// produced no usable report (boot failure, timeout, harness crash); 2
+/// xtask itself failed (build, fetch, setup, a host run without root).
 #[derive(Debug, clap::Args)]
 pub struct ConformanceArgs {
     /// Kernel to run on: `host`, a catalog version (5.10, 6.1, 6.12, 7.2) or
@@ -42,10 +45,23 @@ pub struct ConformanceArgs {
     /// Kernels run at the same time (default: number of cores).
     #[arg(long, value_name = "N")]
     pub jobs: Option<usize>,
-    /// A previous matrix.json or report.json: a case that passed there and
-    /// does not pass now is a regression (non-zero exit).
-    #[arg(long, value_name = "REPORT.json")]
+    /// What passed before: a directory of reports named LABEL.json (the
+    /// committed `conformance/reports`), a matrix.json or a report.json; a
+    /// case that passed there and does not pass now fails the gate.
+    #[arg(long, value_name = "PATH")]
     pub baseline: Option<PathBuf>,
+    /// The engine under test (default: the workspace's crest, built first):
+    /// an installed crest, or a stand-in to test the gate itself. Guests
+    /// run a copy of it.
+    #[arg(long, value_name = "PATH")]
+    pub engine_bin: Option<PathBuf>,
+    /// After the run, write every kernel's report to conformance/reports/
+    /// LABEL.json and regenerate REQUIREMENTS.md's statuses and kernel
+    /// matrix from the committed reports. Only for a full run (no filter)
+    /// of the workspace's own engine on a clean tree, so that each report
+    /// names the code it ran.
+    #[arg(long)]
+    pub record: bool,
     /// Output directory (default: target/conformance).
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -137,13 +153,19 @@ impl Tally {
 /// Per-case timeout for TCG guests when none is given.
 pub const TCG_CASE_TIMEOUT: u64 = 300;
 
-/// The harness's argument list (placeholders for results and work dirs).
-fn harness_argv(bin: &Path, args: &ConformanceArgs, case_timeout: Option<u64>) -> Vec<String> {
+/// The harness's argument list (placeholders for results and work dirs);
+/// `engine` is the crest it tests.
+fn harness_argv(
+    bin: &Path,
+    engine: &Path,
+    args: &ConformanceArgs,
+    case_timeout: Option<u64>,
+) -> Vec<String> {
     let s = |p: &Path| p.display().to_string();
     let mut v = vec![
         s(&bin.join("crest-conformance")),
         "--crest-bin".into(),
-        s(&bin.join("crest")),
+        s(engine),
         "--workload-dir".into(),
         s(bin),
         "--work-dir".into(),
@@ -172,12 +194,66 @@ fn harness_argv(bin: &Path, args: &ConformanceArgs, case_timeout: Option<u64>) -
     v
 }
 
+/// The libtest arguments the harness gets (its own flags left out): what
+/// decides which cases it runs.
+fn libtest_args(args: &ConformanceArgs) -> libtest_mimic::Arguments {
+    let mut v = vec!["crest-conformance".to_string()];
+    v.extend(args.harness_args.iter().cloned());
+    v.extend(args.filter.iter().cloned());
+    libtest_mimic::Arguments::from_iter(v)
+}
+
+/// The commit the workspace is at, `-dirty` when tracked files changed
+/// (empty outside a git checkout).
+fn workspace_commit() -> String {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .current_dir(support::workspace_root())
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let Some(head) = git(&["rev-parse", "--short=12", "HEAD"]) else {
+        return String::new();
+    };
+    match git(&["status", "--porcelain", "--untracked-files=no"]) {
+        Some(changes) if changes.is_empty() => head,
+        _ => format!("{head}-dirty"),
+    }
+}
+
+/// Why `--record` may not write this run's reports: they must be full runs
+/// of the workspace's own engine at a named commit.
+fn record_refusal(args: &ConformanceArgs, commit: &str) -> Option<String> {
+    if let Some(sel) = suite::selection(&libtest_args(args)) {
+        return Some(format!(
+            "--record needs a full run, this one selects: {sel}"
+        ));
+    }
+    if args.engine_bin.is_some() {
+        return Some("--record writes the workspace engine's results, not --engine-bin's".into());
+    }
+    if args.no_build {
+        return Some("--record builds what it runs (drop --no-build)".into());
+    }
+    if commit.is_empty() || commit.ends_with("-dirty") {
+        return Some(format!(
+            "--record needs a clean checkout, so each report names the code it ran (commit {:?}); commit or stash first",
+            commit
+        ));
+    }
+    None
+}
+
 /// Reads a run's report, or explains why there is none.
 fn collect(label: &str, ran: &Result<run::Ran>) -> KernelRun {
     let mut kr = KernelRun {
         label: label.into(),
         report: None,
         error: None,
+        harness_exit: None,
         seconds: 0.0,
     };
     let ran = match ran {
@@ -188,6 +264,7 @@ fn collect(label: &str, ran: &Result<run::Ran>) -> KernelRun {
         }
     };
     kr.seconds = ran.seconds;
+    kr.harness_exit = ran.exit_code;
     let path = ran.results_dir.join("report.json");
     let report = std::fs::read_to_string(&path)
         .with_context(|| format!("read {}", path.display()))
@@ -258,6 +335,21 @@ pub fn main(args: ConformanceArgs) -> Result<i32> {
         args.modules_dir.as_deref(),
         &["host", "6.1"],
     )?;
+    if kernels.contains(&KernelChoice::Host) {
+        // The harness refuses too; saying so before any build is kinder.
+        suite::refuse_without_root().context("the host kernel's run")?;
+    }
+    let commit = workspace_commit();
+    if args.record {
+        if let Some(why) = record_refusal(&args, &commit) {
+            bail!(why);
+        }
+    }
+    let engine_bin = match &args.engine_bin {
+        Some(p) if !p.is_file() => bail!("--engine-bin {}: no such file", p.display()),
+        Some(p) => Some(std::path::absolute(p)?),
+        None => None,
+    };
     let out = args
         .out
         .clone()
@@ -265,10 +357,7 @@ pub fn main(args: ConformanceArgs) -> Result<i32> {
     let out = std::path::absolute(&out)?;
     std::fs::create_dir_all(&out)?;
     let baseline = match &args.baseline {
-        Some(p) => Some(Baseline::parse(
-            &std::fs::read_to_string(p)
-                .with_context(|| format!("read baseline {}", p.display()))?,
-        )?),
+        Some(p) => Some(Baseline::load(p)?),
         None => None,
     };
     let any_vm = kernels.iter().any(|k| *k != KernelChoice::Host);
@@ -299,6 +388,11 @@ pub fn main(args: ConformanceArgs) -> Result<i32> {
     if any_vm {
         support::check_guest_visible(&guest_bin)?;
     }
+    let host_engine = engine_bin.clone().unwrap_or_else(|| bin.join("crest"));
+    let guest_engine = match (&staged, &engine_bin) {
+        (Some(s), Some(e)) => s.add_file(e, "engine-under-test")?,
+        _ => guest_bin.join("crest"),
+    };
     let tcg = args.vm.config(Duration::ZERO).accel == crest_vm::qemu::Accel::Tcg;
     let jobs = args
         .jobs
@@ -360,20 +454,18 @@ pub fn main(args: ConformanceArgs) -> Result<i32> {
                 let case_timeout = args
                     .case_timeout
                     .or((k != KernelChoice::Host && tcg).then_some(TCG_CASE_TIMEOUT));
+                let (dir, engine) = if k == KernelChoice::Host {
+                    (&bin, &host_engine)
+                } else {
+                    (&guest_bin, &guest_engine)
+                };
                 let spec = RunSpec {
                     kernel: &k,
-                    argv: harness_argv(
-                        if k == KernelChoice::Host {
-                            &bin
-                        } else {
-                            &guest_bin
-                        },
-                        &args,
-                        case_timeout,
-                    ),
+                    argv: harness_argv(dir, engine, &args, case_timeout),
                     env: vec![
                         ("RUST_BACKTRACE".into(), "1".into()),
                         ("CREST_KERNEL_LABEL".into(), label.clone()),
+                        ("CREST_COMMIT".into(), commit.clone()),
                     ],
                     workdir: support::workspace_root().display().to_string(),
                     run_dir: out.join("runs").join(&label),
@@ -430,9 +522,19 @@ pub fn main(args: ConformanceArgs) -> Result<i32> {
         println!("\n{details}");
     }
     let mut m = matrix::build(&runs);
-    if let Some(b) = &baseline {
-        matrix::compare(&mut m, b, args.filter.as_deref());
-    }
+    let reqs = requirements::embedded();
+    let expected = suite::selected(&cases::embedded(), &libtest_args(&args));
+    let allow = gate::allowances();
+    matrix::apply_gate(
+        &mut m,
+        &runs,
+        &GateInput {
+            expected: &expected,
+            reqs: &reqs,
+            allow: &allow,
+            baseline: baseline.as_ref(),
+        },
+    );
     std::fs::write(out.join("matrix.json"), serde_json::to_string_pretty(&m)?)?;
     std::fs::write(out.join("matrix.md"), m.markdown())?;
     println!("\n{}", m.terminal());
@@ -446,6 +548,12 @@ pub fn main(args: ConformanceArgs) -> Result<i32> {
             k.seconds,
             if k.error.is_some() { "  ERROR" } else { "" }
         );
+    }
+    if args.record {
+        record(&runs)?;
+    }
+    for a in &m.allowed {
+        println!("accepted by gate-allow.json: {a}");
     }
     let gate = m.gate_failures();
     println!("\nmatrix: {}", out.join("matrix.md").display());
@@ -464,6 +572,31 @@ pub fn main(args: ConformanceArgs) -> Result<i32> {
     } else {
         Ok(1)
     }
+}
+
+/// `--record`: every kernel's report into conformance/reports, then
+/// REQUIREMENTS.md regenerated from what is committed there.
+fn record(runs: &[KernelRun]) -> Result<()> {
+    let dir = support::workspace_root()
+        .join("conformance")
+        .join(provenance::REPORTS_DIR);
+    std::fs::create_dir_all(&dir)?;
+    for r in runs {
+        match &r.report {
+            Some(rep) => {
+                let path = dir.join(format!("{}.json", r.label));
+                std::fs::write(&path, provenance::compact(rep))
+                    .with_context(|| format!("write {}", path.display()))?;
+                println!("recorded {}", path.display());
+            }
+            None => eprintln!(
+                "[{}] no report to record: {}",
+                r.label,
+                r.error.as_deref().unwrap_or("?")
+            ),
+        }
+    }
+    crate::requirements_cmd(false).map(|_| ())
 }
 
 #[cfg(test)]
@@ -492,6 +625,8 @@ mod tests {
             filter: Some("PIPE".into()),
             jobs: None,
             baseline: None,
+            engine_bin: None,
+            record: false,
             out: None,
             mpi: Some("/usr/bin/mpirun".into()),
             mpi_args: Some("--mca btl tcp,self".into()),
@@ -506,7 +641,13 @@ mod tests {
                 no_kvm: true,
             },
         };
-        let v = harness_argv(Path::new("/w/target/debug"), &args, Some(300)).join(" ");
+        let v = harness_argv(
+            Path::new("/w/target/debug"),
+            Path::new("/w/target/debug/crest"),
+            &args,
+            Some(300),
+        )
+        .join(" ");
         assert_eq!(
             v,
             "/w/target/debug/crest-conformance --crest-bin /w/target/debug/crest --workload-dir /w/target/debug \

@@ -39,6 +39,13 @@ enum Cmd {
     /// baseline case regressed; 3 a kernel gave no usable report (boot
     /// failure, timeout, harness crash); 2 xtask itself failed.
     Conformance(conformance::ConformanceArgs),
+    /// Regenerate REQUIREMENTS.md's status column and kernel matrix from the
+    /// committed reports in conformance/reports (written by `conformance
+    /// --record`); `--check` only says whether it is up to date (exit 1 if not).
+    Requirements {
+        #[arg(long)]
+        check: bool,
+    },
     /// List the kernel catalog and what is cached.
     Kernels,
     /// Fetch kernels into the cache (default: every catalog kernel).
@@ -93,6 +100,48 @@ struct VmRunArgs {
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     command: Vec<String>,
+}
+
+/// `cargo xtask requirements [--check]`.
+pub fn requirements_cmd(check: bool) -> Result<i32> {
+    use crest_conformance::provenance;
+    let root = support::workspace_root();
+    let md_path = root.join("REQUIREMENTS.md");
+    let md = std::fs::read_to_string(&md_path)
+        .map_err(|e| anyhow::anyhow!("read {}: {e}", md_path.display()))?;
+    let reports = provenance::read_reports(&root.join("conformance").join(provenance::REPORTS_DIR))
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let out = provenance::render(&md, &reports).map_err(|e| anyhow::anyhow!(e))?;
+    let labels: Vec<&str> = reports.iter().map(|r| r.label.as_str()).collect();
+    match provenance::first_difference(&md, &out) {
+        None => {
+            println!(
+                "REQUIREMENTS.md is what the committed reports say ({})",
+                labels.join(", ")
+            );
+            Ok(0)
+        }
+        Some((n, have, want)) if check => {
+            println!(
+                "REQUIREMENTS.md is out of date at line {n}:
+  {have}
+the reports ({}) give
+  {want}
+run `cargo xtask requirements`",
+                labels.join(", ")
+            );
+            Ok(1)
+        }
+        Some(_) => {
+            std::fs::write(&md_path, out)
+                .map_err(|e| anyhow::anyhow!("write {}: {e}", md_path.display()))?;
+            println!(
+                "REQUIREMENTS.md regenerated from the committed reports ({})",
+                labels.join(", ")
+            );
+            Ok(0)
+        }
+    }
 }
 
 fn kernels() -> Result<i32> {
@@ -269,6 +318,7 @@ fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Conformance(a) => conformance::main(a),
+        Cmd::Requirements { check } => requirements_cmd(check),
         Cmd::Kernels => kernels(),
         Cmd::Images { kernels, mirror } => images(kernels, mirror),
         Cmd::VmRun(a) => vm_run(a),

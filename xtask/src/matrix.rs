@@ -1,11 +1,15 @@
-//! Merging per-kernel reports into a requirement × kernel matrix, baseline
-//! comparison (regressions), and the exit decision.
+//! Merging per-kernel reports into a requirement × kernel matrix, the gate
+//! (`crest_conformance::gate`, applied to every kernel, with a baseline),
+//! and the exit decision.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
+use std::path::Path;
 
 use anyhow::{Context, Result};
+use crest_conformance::gate::{self, Allowance};
 use crest_conformance::report::{Outcome, Report};
+use crest_conformance::requirements::Requirement;
 use serde::{Deserialize, Serialize};
 
 /// One kernel's run: its report, or why there is none.
@@ -17,6 +21,8 @@ pub struct KernelRun {
     /// Set when the run did not produce a usable report (boot failure,
     /// timeout, harness crash): counted as a failure.
     pub error: Option<String>,
+    /// The harness's exit status; anything but 0 fails the gate.
+    pub harness_exit: Option<i32>,
     pub seconds: f64,
 }
 
@@ -116,15 +122,6 @@ pub struct CaseRow {
     pub messages: BTreeMap<String, String>,
 }
 
-/// A case that passed in the baseline and does not pass now.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Regression {
-    pub kernel: String,
-    pub case: String,
-    /// `failed`, `ignored`, or `missing`.
-    pub now: String,
-}
-
 /// `matrix.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Matrix {
@@ -132,19 +129,21 @@ pub struct Matrix {
     pub kernels: Vec<KernelColumn>,
     pub requirements: Vec<RequirementRow>,
     pub cases: Vec<CaseRow>,
-    /// `kernel: case` of every failed must-priority case.
-    pub must_failures: Vec<String>,
-    pub regressions: Vec<Regression>,
+    /// `kernel: finding` for everything the gate holds against a kernel's
+    /// run (see [`apply_gate`]).
+    pub gate: Vec<String>,
+    /// `kernel: case: why` of every case that did not pass but an entry of
+    /// gate-allow.json accepts.
+    pub allowed: Vec<String>,
 }
 
-pub const MATRIX_SCHEMA: &str = "crest-conformance-matrix/1";
+pub const MATRIX_SCHEMA: &str = "crest-conformance-matrix/2";
 
 /// Builds the matrix from the runs (column order = run order).
 pub fn build(runs: &[KernelRun]) -> Matrix {
     let mut reqs: BTreeMap<String, RequirementRow> = BTreeMap::new();
     let mut cases: BTreeMap<String, CaseRow> = BTreeMap::new();
     let mut kernels = Vec::new();
-    let mut must_failures = Vec::new();
     for run in runs {
         let mut totals = Counts::default();
         if let Some(r) = &run.report {
@@ -174,9 +173,6 @@ pub fn build(runs: &[KernelRun]) -> Matrix {
                         cr.messages.insert(run.label.clone(), first.to_string());
                     }
                 }
-                if c.outcome == Outcome::Failed && c.priority.eq_ignore_ascii_case("must") {
-                    must_failures.push(format!("{}: {}", run.label, c.id));
-                }
             }
         }
         kernels.push(KernelColumn {
@@ -193,13 +189,14 @@ pub fn build(runs: &[KernelRun]) -> Matrix {
         kernels,
         requirements: reqs.into_values().collect(),
         cases: cases.into_values().collect(),
-        must_failures,
-        regressions: Vec::new(),
+        gate: Vec::new(),
+        allowed: Vec::new(),
     }
 }
 
-/// What passed in a baseline: a `matrix.json` (per kernel) or one suite
-/// report (applies to every kernel of this run).
+/// What passed in a baseline, per kernel label: a directory of reports
+/// named `LABEL.json` (the committed `conformance/reports`), a `matrix.json`,
+/// or one suite report (then it applies to every kernel of this run).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Baseline {
     PerKernel(BTreeMap<String, BTreeSet<String>>),
@@ -207,6 +204,27 @@ pub enum Baseline {
 }
 
 impl Baseline {
+    pub fn load(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            let mut per = BTreeMap::new();
+            for e in std::fs::read_dir(path).with_context(|| format!("read {}", path.display()))? {
+                let p = e?.path();
+                let Some(label) = p
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_suffix(".json"))
+                else {
+                    continue;
+                };
+                per.insert(label.to_string(), gate::passed(&Report::read(&p)?));
+            }
+            return Ok(Baseline::PerKernel(per));
+        }
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("baseline {}", path.display()))
+    }
+
     pub fn parse(text: &str) -> Result<Self> {
         let v: serde_json::Value = serde_json::from_str(text).context("baseline is not JSON")?;
         if v.get("schema").and_then(|s| s.as_str()) == Some(MATRIX_SCHEMA) {
@@ -223,13 +241,7 @@ impl Baseline {
         } else {
             let r: Report = serde_json::from_value(v)
                 .context("baseline is neither a matrix.json nor a conformance report")?;
-            Ok(Baseline::AnyKernel(
-                r.cases
-                    .into_iter()
-                    .filter(|c| c.outcome == Outcome::Passed)
-                    .map(|c| c.id)
-                    .collect(),
-            ))
+            Ok(Baseline::AnyKernel(gate::passed(&r)))
         }
     }
 
@@ -241,67 +253,57 @@ impl Baseline {
     }
 }
 
-/// Fills `m.regressions`: every case that passed in the baseline (for that
-/// kernel) and now failed, is ignored, or is missing from a kernel that ran.
-/// A kernel whose run errored counts all its baseline passes as missing.
-/// With a `filter` (the harness's substring filter), cases it excludes are not
-/// expected.
-pub fn compare(m: &mut Matrix, baseline: &Baseline, filter: Option<&str>) {
-    let mut out = Vec::new();
-    for k in &m.kernels {
-        let Some(passed) = baseline.passed(&k.label) else {
-            continue;
-        };
-        for id in passed {
-            if filter.is_some_and(|f| !id.contains(f)) {
-                continue;
-            }
-            let now = m
-                .cases
+/// What the gate needs besides the runs: the selection every kernel was
+/// asked to run, the contract's priorities, the allow-list, a baseline.
+pub struct GateInput<'a> {
+    pub expected: &'a [String],
+    pub reqs: &'a BTreeMap<String, Requirement>,
+    pub allow: &'a [Allowance],
+    pub baseline: Option<&'a Baseline>,
+}
+
+/// Fills `m.gate` and `m.allowed`: every kernel's run judged by
+/// [`gate::judge`], plus a harness that did not exit 0 and a kernel without
+/// a usable report.
+pub fn apply_gate(m: &mut Matrix, runs: &[KernelRun], g: &GateInput) {
+    for run in runs {
+        if let Some(e) = &run.error {
+            m.gate.push(format!(
+                "{}: no usable report: {}",
+                run.label,
+                e.lines().next().unwrap_or("")
+            ));
+        }
+        let Some(report) = &run.report else { continue };
+        let base = g.baseline.and_then(|b| b.passed(&run.label));
+        let v = gate::judge(&run.label, report, g.expected, g.reqs, g.allow, base);
+        m.gate
+            .extend(v.findings.iter().map(|f| format!("{}: {f}", run.label)));
+        m.allowed.extend(
+            v.allowed
                 .iter()
-                .find(|c| &c.id == id)
-                .and_then(|c| c.outcomes.get(&k.label));
-            let now = match now {
-                Some(Outcome::Passed) => continue,
-                Some(o) => match o {
-                    Outcome::Failed => "failed",
-                    _ => "ignored",
-                },
-                None => "missing",
-            };
-            out.push(Regression {
-                kernel: k.label.clone(),
-                case: id.clone(),
-                now: now.into(),
-            });
+                .map(|(case, why)| format!("{}: {case}: {why}", run.label)),
+        );
+        if run.error.is_none() {
+            match run.harness_exit {
+                Some(0) => {}
+                Some(code) => m.gate.push(format!(
+                    "{}: the harness exited with status {code}",
+                    run.label
+                )),
+                None => m.gate.push(format!(
+                    "{}: the harness did not exit on its own",
+                    run.label
+                )),
+            }
         }
     }
-    m.regressions = out;
 }
 
 impl Matrix {
     /// Why the run fails the gate (empty = it passes).
     pub fn gate_failures(&self) -> Vec<String> {
-        let mut why = Vec::new();
-        for k in &self.kernels {
-            if let Some(e) = &k.error {
-                why.push(format!(
-                    "kernel {}: no usable report: {}",
-                    k.label,
-                    e.lines().next().unwrap_or("")
-                ));
-            }
-        }
-        for f in &self.must_failures {
-            why.push(format!("must-priority case failed on {f}"));
-        }
-        for r in &self.regressions {
-            why.push(format!(
-                "regression on {}: {} passed in the baseline, now {}",
-                r.kernel, r.case, r.now
-            ));
-        }
-        why
+        self.gate.clone()
     }
 
     fn header_cells(&self) -> Vec<String> {
@@ -374,10 +376,16 @@ impl Matrix {
                 }
             }
         }
+        if !self.allowed.is_empty() {
+            s.push_str("\n## Not passed, accepted by conformance/gate-allow.json\n\n");
+            for a in &self.allowed {
+                let _ = writeln!(s, "- {a}");
+            }
+        }
         let gate = self.gate_failures();
         s.push_str("\n## Gate\n\n");
         if gate.is_empty() {
-            s.push_str("passed: no must-priority failure, no regression, every kernel reported.\n");
+            s.push_str("passed: every must-priority case passed (or is accepted above), every selected case has an outcome, nothing regressed, every kernel reported.\n");
         } else {
             for g in gate {
                 let _ = writeln!(s, "- {g}");
@@ -424,6 +432,7 @@ impl Matrix {
 mod tests {
     use super::*;
     use crest_conformance::report::{CaseRecord, REPORT_SCHEMA};
+    use crest_conformance::requirements;
 
     fn case(id: &str, prio: &str, o: Outcome, msg: &str) -> CaseRecord {
         CaseRecord {
@@ -437,14 +446,32 @@ mod tests {
         }
     }
 
-    fn report(kernel: &str, cases: Vec<CaseRecord>) -> Report {
+    fn report(label: &str, kernel: &str, cases: Vec<CaseRecord>) -> Report {
         Report {
             schema: REPORT_SCHEMA.into(),
+            label: label.into(),
             kernel: kernel.into(),
             engine_version: "0.1.0".into(),
+            commit: String::new(),
+            selection: None,
+            engine_bin: None,
             timestamp: "2026-11-25T18:00:00Z".into(),
             cases,
         }
+    }
+
+    const REQS: &str = "| ID | state | priority | tests | status |\n|---|---|---|---|---|\n\
+        | PIPE-CONTENTS | s | must | | |\n| PROC-PID | s | must | | |\n| SOCK-TCP | s | should | | |\n";
+
+    fn expected() -> Vec<String> {
+        [
+            "PIPE-CONTENTS::small",
+            "PIPE-CONTENTS::full",
+            "SOCK-TCP::est",
+            "PROC-PID::restore",
+        ]
+        .map(String::from)
+        .to_vec()
     }
 
     fn runs() -> Vec<KernelRun> {
@@ -452,6 +479,7 @@ mod tests {
             KernelRun {
                 label: "host".into(),
                 report: Some(report(
+                    "host",
                     "6.18.44",
                     vec![
                         case("PIPE-CONTENTS::small", "must", Outcome::Passed, ""),
@@ -466,11 +494,13 @@ mod tests {
                     ],
                 )),
                 error: None,
+                harness_exit: Some(0),
                 seconds: 10.0,
             },
             KernelRun {
                 label: "6.1".into(),
                 report: Some(report(
+                    "6.1",
                     "6.1.0-50-amd64",
                     vec![
                         case("PIPE-CONTENTS::small", "must", Outcome::Passed, ""),
@@ -489,20 +519,38 @@ mod tests {
                     ],
                 )),
                 error: None,
+                harness_exit: Some(101),
                 seconds: 50.0,
             },
             KernelRun {
                 label: "5.10".into(),
                 report: None,
                 error: Some("the guest wrote no status\nKernel panic".into()),
+                harness_exit: None,
                 seconds: 3.0,
             },
         ]
     }
 
+    fn gated(runs: &[KernelRun], baseline: Option<&Baseline>) -> Matrix {
+        let reqs = requirements::parse(REQS).unwrap();
+        let mut m = build(runs);
+        apply_gate(
+            &mut m,
+            runs,
+            &GateInput {
+                expected: &expected(),
+                reqs: &reqs,
+                allow: &[],
+                baseline,
+            },
+        );
+        m
+    }
+
     #[test]
     fn merges_reports_into_matrix() {
-        let m = build(&runs());
+        let m = gated(&runs(), None);
         assert_eq!(m.kernels.len(), 3);
         assert_eq!(m.requirements.len(), 3);
         let pipe = m
@@ -519,7 +567,6 @@ mod tests {
             .find(|r| r.requirement == "SOCK-TCP")
             .unwrap();
         assert_eq!(tcp.cells["host"].status(), "ignored");
-        assert_eq!(m.must_failures, ["6.1: PIPE-CONTENTS::full"]);
         assert_eq!(
             m.kernels[1].totals,
             Counts {
@@ -549,12 +596,38 @@ mod tests {
             failure_details(&runs()),
             "--- [6.1] PIPE-CONTENTS::full failed ---\ncontents differ\nmore\n"
         );
-        let gate = m.gate_failures();
-        assert_eq!(gate.len(), 2, "{gate:?}");
-        assert!(gate[0].contains("5.10"));
+        assert_eq!(
+            m.gate_failures(),
+            [
+                "6.1: PROC-PID::restore has no outcome in the report",
+                "6.1: must-priority case PIPE-CONTENTS::full failed: contents differ",
+                "6.1: the harness exited with status 101",
+                "5.10: no usable report: the guest wrote no status",
+            ]
+        );
         // matrix.json round-trips.
         let j = serde_json::to_string(&m).unwrap();
         assert_eq!(serde_json::from_str::<Matrix>(&j).unwrap(), m);
+    }
+
+    #[test]
+    fn a_must_case_ignored_fails_the_gate_and_a_clean_run_passes() {
+        let mut r = runs();
+        r.truncate(1);
+        assert!(gated(&r, None).gate_failures().is_empty());
+        if let Some(rep) = r[0].report.as_mut() {
+            rep.cases[0].outcome = Outcome::Ignored;
+            rep.cases[0].message =
+                "dump refused: crest: error: pid 9: fd 3 is a pipe: not supported yet".into();
+        }
+        let g = gated(&r, None).gate_failures();
+        assert_eq!(g.len(), 1, "{g:?}");
+        assert!(
+            g[0].starts_with("host: must-priority case PIPE-CONTENTS::small did not pass"),
+            "{g:?}"
+        );
+        r[0].harness_exit = Some(1);
+        assert_eq!(gated(&r, None).gate_failures().len(), 2);
     }
 
     #[test]
@@ -570,47 +643,38 @@ mod tests {
 
     #[test]
     fn baseline_regressions() {
-        // Baseline: a single suite report (applies to all kernels).
+        // A should case that passed in the baseline and is ignored now.
         let base = report(
+            "6.1",
             "6.1.0-47-amd64",
             vec![
                 case("PIPE-CONTENTS::full", "must", Outcome::Passed, ""),
-                case("PROC-PID::restore", "must", Outcome::Passed, ""),
-                case("SOCK-TCP::est", "should", Outcome::Ignored, ""),
+                case("SOCK-TCP::est", "should", Outcome::Passed, ""),
             ],
         );
         let b = Baseline::parse(&serde_json::to_string(&base).unwrap()).unwrap();
-        let mut m = build(&runs()[..2]);
-        compare(&mut m, &b, None);
-        let got: Vec<_> = m
-            .regressions
-            .iter()
-            .map(|r| (r.kernel.as_str(), r.case.as_str(), r.now.as_str()))
-            .collect();
+        let mut r = runs();
+        r.truncate(1);
+        let m = gated(&r, Some(&b));
         assert_eq!(
-            got,
-            [
-                ("6.1", "PIPE-CONTENTS::full", "failed"),
-                ("6.1", "PROC-PID::restore", "missing")
-            ]
+            m.gate_failures(),
+            ["host: regression: SOCK-TCP::est passed in the baseline, now ignored: not supported yet"]
         );
 
-        // Baseline: a previous matrix (per kernel).
+        // A previous matrix (per kernel): host had the same outcomes.
         let prev = build(&runs()[..1]);
         let b = Baseline::parse(&serde_json::to_string(&prev).unwrap()).unwrap();
-        let mut m = build(&runs());
-        compare(&mut m, &b, None);
-        assert!(m.regressions.is_empty(), "{:?}", m.regressions);
+        assert!(gated(&r, Some(&b)).gate_failures().is_empty());
 
-        // Cases a filter leaves out are not missing.
-        let mut m = build(&runs()[1..2]);
-        compare(
-            &mut m,
-            &Baseline::parse(&serde_json::to_string(&base).unwrap()).unwrap(),
-            Some("PIPE"),
-        );
-        assert_eq!(m.regressions.len(), 1, "{:?}", m.regressions);
-        assert_eq!(m.regressions[0].case, "PIPE-CONTENTS::full");
+        // A directory of reports, one per label: 6.1 passed SOCK-TCP there.
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("host.json"),
+            serde_json::to_string(&base).unwrap(),
+        )
+        .unwrap();
+        let b = Baseline::load(d.path()).unwrap();
+        assert_eq!(gated(&r, Some(&b)).gate_failures().len(), 1);
         assert!(Baseline::parse("{\"x\":1}").is_err());
     }
 }

@@ -245,6 +245,18 @@ pub struct StagedBins {
     pub dir: PathBuf,
 }
 
+impl StagedBins {
+    /// Copies one more executable in, named `name`; returns its path.
+    pub fn add_file(&self, from: &Path, name: &str) -> Result<PathBuf> {
+        use std::os::unix::fs::PermissionsExt;
+        let to = self.dir.join(name);
+        std::fs::copy(from, &to)
+            .with_context(|| format!("copy {} to {}", from.display(), to.display()))?;
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755))?;
+        Ok(to)
+    }
+}
+
 impl Drop for StagedBins {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
