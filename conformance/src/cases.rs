@@ -105,6 +105,18 @@ impl Mode {
     }
 }
 
+/// How `file-changed` changes the file after the dump.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Change {
+    /// A line appended: its size and mtime change, so its identity does.
+    #[default]
+    Append,
+    /// One byte changed in place, its mtime set back: same inode, size and
+    /// mtime, so only its contents (a hash) tell.
+    ContentsOnly,
+}
+
 /// Something outside the engine a case needs; missing → the case is ignored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -155,7 +167,8 @@ pub struct CaseSpec {
     #[serde(default)]
     pub refusal_mentions: Option<String>,
     /// The workload keeps changing while it is dumped (forking, spawning
-    /// threads): its outside view is not compared, it checks itself.
+    /// threads): the view compared is of the tree the dump froze (`dump
+    /// --stop`) against the restored one (`restore --stop`).
     #[serde(default)]
     pub volatile_view: bool,
     /// Extra arguments for every `crest dump` of the case.
@@ -164,6 +177,16 @@ pub struct CaseSpec {
     /// Dump/restore cycles of this case (default: `--cycles`).
     #[serde(default)]
     pub cycles: Option<u32>,
+    /// For `file-changed`: how the file is changed.
+    #[serde(default)]
+    pub change: Change,
+    /// The workload writes the address of a counter its writer thread
+    /// advances to `ctl/progress-addr`; the harness reads it from outside
+    /// during the dump and requires that the target ran for at least as long
+    /// as it was frozen at a stretch (a `--pre-copy` round happened while it
+    /// ran).
+    #[serde(default)]
+    pub observe_pre_copy: bool,
 }
 
 impl CaseSpec {

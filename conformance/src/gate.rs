@@ -6,7 +6,8 @@
 //! A run fails the gate when
 //! - a case of the selection has no outcome in the report (it panicked, the
 //!   harness lost it), or the report has a case `cases.json` does not;
-//! - a must-priority case failed, or did not pass for a reason no entry of the
+//! - a case failed (whatever its priority);
+//! - a must-priority case did not pass for a reason no entry of the
 //!   committed allow-list (`conformance/gate-allow.json`) covers: an engine
 //!   that refuses everything, a host without root, a missing MPI all turn it
 //!   red;
@@ -93,6 +94,8 @@ pub enum Finding {
     Unknown { case: String },
     /// A must-priority case failed.
     MustFailed { case: String, message: String },
+    /// A case of another priority failed: a failure is never acceptable.
+    Failed { case: String, message: String },
     /// A must-priority case was ignored, and no allowance covers why.
     MustNotPassed { case: String, message: String },
     /// A case that passed in the baseline does not pass now.
@@ -114,6 +117,9 @@ impl fmt::Display for Finding {
             Finding::Unknown { case } => write!(f, "{case} is in the report but not in cases.json"),
             Finding::MustFailed { case, message } => {
                 write!(f, "must-priority case {case} failed: {}", first_line(message))
+            }
+            Finding::Failed { case, message } => {
+                write!(f, "{case} failed: {}", first_line(message))
             }
             Finding::MustNotPassed { case, message } => write!(
                 f,
@@ -189,6 +195,11 @@ pub fn judge(
                     case: c.id.clone(),
                     message: c.message.clone(),
                 },
+            });
+        } else if c.outcome == Outcome::Failed {
+            v.findings.push(Finding::Failed {
+                case: c.id.clone(),
+                message: c.message.clone(),
             });
         } else if baseline.is_some_and(|b| b.contains(&c.id)) {
             v.findings.push(Finding::Regressed {
@@ -281,6 +292,7 @@ mod tests {
             rec("SOCK-UDP::x", Outcome::Ignored, "refused"),
             rec("FILE-LOCK::x", Outcome::Failed, "later and failed"),
         ]);
+        // (FILE-LOCK is `later`: its failure fails the gate all the same.)
         let expected = ids(&[
             "PIPE-CONTENTS::a",
             "PIPE-CONTENTS::b",
@@ -295,6 +307,7 @@ mod tests {
             [
                 "must-priority case PIPE-CONTENTS::a did not pass (ignored: dump refused: crest: error: pid 1: fd 3 is a pipe: not supported yet); no entry of conformance/gate-allow.json accepts that",
                 "must-priority case PIPE-CONTENTS::b failed: contents differ",
+                "FILE-LOCK::x failed: later and failed",
             ]
         );
         assert_eq!(v.allowed.len(), 1);

@@ -660,6 +660,8 @@ mod tests {
             dump_args: vec![],
             cycles: None,
             volatile_view: false,
+            change: Default::default(),
+            observe_pre_copy: false,
         }
     }
 

@@ -13,6 +13,25 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::path::Path;
 
+/// The stdio channels the engine may rebind, as fd link targets (`$CASE`
+/// for the case dir, `pipe:[N]`), by fd number: a workload's stdio that is a
+/// pipe to the harness (outside the dump), and, once restored, what the
+/// restorer that rebound it has on that fd. A view shows an fd 0–2 on its
+/// channel as `<stdio:N>`, so the rebinding compares equal and anything else
+/// (`/dev/null`, a swapped fd) does not. Stdio on a regular file or device
+/// is not a channel: the engine reopens it, and it is compared like any fd
+/// (path, flags, offset).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stdio(pub [Option<String>; 3]);
+
+impl Stdio {
+    /// The label of `target` when it is fd `fd`'s channel.
+    fn channel(&self, fd: i32, target: &str) -> Option<String> {
+        let ch = self.0.get(usize::try_from(fd).ok()?)?.as_deref()?;
+        (ch == target).then(|| format!("<stdio:{fd}>"))
+    }
+}
+
 /// How a process's parent is expected to look in a view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Parent {
@@ -157,13 +176,23 @@ pub const STATUS_KEYS: &[&str] = &[
     "CapBnd",
 ];
 
+/// SIGSTOP, SIGTSTP, SIGTTIN and SIGTTOU as a mask (bit N-1 for signal N).
+const STOP_SIGNALS: u64 = 0b1111 << 18;
+
 /// The pending signals (hex, as in `/proc/PID/status`) that stay pending: a
 /// signal that is not blocked is on its way to its handler (a SIGCHLD caught
 /// between a child's exit and the shell's next instruction), so a view shows
-/// it only when `blocked` holds it, or when the task is stopped.
+/// it only when `blocked` holds it, or when the task is stopped. A stopped
+/// task's pending stop signals are left out: the only way on is SIGCONT,
+/// whose sending discards every pending stop signal (kernel
+/// `prepare_signal`), so they can have no effect, and how a tool stopped
+/// the task decides whether one is left.
 pub fn settled_pending(pending: &str, blocked: &str, stopped: bool) -> String {
     if stopped {
-        pending.to_string()
+        match u64::from_str_radix(pending, 16) {
+            Ok(p) => format!("{:0w$x}", p & !STOP_SIGNALS, w = pending.len()),
+            Err(_) => pending.to_string(),
+        }
     } else {
         hex_and(pending, blocked)
     }
@@ -235,16 +264,16 @@ fn state_class(state: char) -> &'static str {
 }
 
 /// Reads the view of `root` (and, when `tree`, of all its descendants) as lines.
-/// `case_dir` is replaced by `$CASE` in paths; `stdio_kinds_only` compares the
-/// standard fds by kind only, since the engine rebinds stdio pointing outside
-/// the dump to the restorer's stdio.
+/// `case_dir` is replaced by `$CASE` in paths; fds 0–2 on one of `stdio`'s
+/// channels show as that channel.
 pub fn capture(
     root: i32,
     parent: Parent,
     tree: bool,
     case_dir: &Path,
+    stdio: &Stdio,
 ) -> Result<Vec<String>, String> {
-    capture_with(root, &[], parent, tree, case_dir)
+    capture_with(root, &[], parent, tree, case_dir, stdio)
 }
 
 /// Like [`capture`], with more processes of the scope than the root's
@@ -256,6 +285,7 @@ pub fn capture_with(
     parent: Parent,
     tree: bool,
     case_dir: &Path,
+    stdio: &Stdio,
 ) -> Result<Vec<String>, String> {
     let mut lines = Vec::new();
     let mut labels = Labels::new();
@@ -366,13 +396,10 @@ pub fn capture_with(
             let target = target.to_string_lossy().replace(&case, "$CASE");
             let info = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default();
             let (pos, flags) = parse_fdinfo(&info);
-            // Stdio pointing outside the dump (case files, /dev/null, a pipe
-            // to the harness) may be rebound to the restorer's stdio.
-            let outside = target.starts_with("$CASE")
-                || target == "/dev/null"
-                || target.starts_with("pipe:[");
-            if fd <= 2 && outside {
-                lines.push(format!("{p} fd {fd} -> <stdio>"));
+            // Stdio on a pipe to the harness is rebound to the restorer's
+            // stdio of the same number: compared as such.
+            if let Some(ch) = stdio.channel(fd, &target) {
+                lines.push(format!("{p} fd {fd} -> {ch}"));
                 continue;
             }
             let target = labels.label(&target);
@@ -460,9 +487,13 @@ mod tests {
             settled_pending("0000000000010002", "0000000000010000", false),
             "0000000000010000"
         );
-        // A stopped task keeps everything pending.
+        // A stopped task keeps everything pending but stop signals.
         assert_eq!(
             settled_pending("0000000000010002", "0000000000000000", true),
+            "0000000000010002"
+        );
+        assert_eq!(
+            settled_pending("0000000000050002", "0000000000000000", true),
             "0000000000010002"
         );
         assert_eq!(settled_pending("junk", "0", false), "junk");
@@ -522,6 +553,15 @@ mod tests {
     }
 
     #[test]
+    fn stdio_shows_the_channel_it_is_on() {
+        let s = Stdio([None, Some("pipe:[77]".into()), None]);
+        assert_eq!(s.channel(1, "pipe:[77]").as_deref(), Some("<stdio:1>"));
+        assert_eq!(s.channel(2, "pipe:[77]"), None);
+        assert_eq!(s.channel(0, "/dev/null"), None);
+        assert_eq!(s.channel(5, "pipe:[77]"), None);
+    }
+
+    #[test]
     fn labels_keep_sharing_but_not_inode_numbers() {
         let mut l = Labels::new();
         assert_eq!(l.label("pipe:[999]"), "pipe#0");
@@ -555,7 +595,7 @@ mod tests {
     fn capture_of_this_process_is_stable() {
         let me = std::process::id() as i32;
         let dir = std::env::temp_dir();
-        let v = capture(me, Parent::Any, false, &dir).unwrap();
+        let v = capture(me, Parent::Any, false, &dir, &Stdio::default()).unwrap();
         assert!(v.iter().any(|l| l.contains(" map ")), "{v:?}");
         assert!(v.iter().any(|l| l.contains(" thread ")), "{v:?}");
         assert!(v.contains(&format!("pid {me}: ppid <any>")));

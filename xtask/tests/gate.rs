@@ -35,7 +35,7 @@ fn is_root() -> bool {
 type Case = fn() -> Result<(), String>;
 
 fn main() -> std::process::ExitCode {
-    let cases: [(&str, Case); 6] = [
+    let cases: [(&str, Case); 7] = [
         (
             "an_engine_that_refuses_everything_fails_the_gate",
             an_engine_that_refuses_everything_fails_the_gate,
@@ -51,6 +51,10 @@ fn main() -> std::process::ExitCode {
         (
             "an_engine_that_drops_o_nonblock_fails_the_gate",
             an_engine_that_drops_o_nonblock_fails_the_gate,
+        ),
+        (
+            "an_engine_that_ignores_pre_copy_fails_the_gate",
+            an_engine_that_ignores_pre_copy_fails_the_gate,
         ),
         (
             "the_real_engine_passes_the_gate",
@@ -216,6 +220,19 @@ fn an_engine_that_drops_o_nonblock_fails_the_gate() -> Result<(), String> {
         &[(
             "SOCK-TCP-ESTABLISHED::loopback-queued",
             "the outside view differs",
+        )],
+    )
+}
+
+fn an_engine_that_ignores_pre_copy_fails_the_gate() -> Result<(), String> {
+    // OPS-INCREMENTAL is should-priority: a failure fails the gate whatever
+    // the priority.
+    must_go_red(
+        "ignore-pre-copy",
+        "OPS-INCREMENTAL::pre-dump",
+        &[(
+            "OPS-INCREMENTAL::pre-dump",
+            "its writes were not tracked while it ran",
         )],
     )
 }

@@ -11,7 +11,9 @@
 //! - `drop-nonblock`: before the real dump, O_NONBLOCK is cleared on every
 //!   descriptor of the target that has it (through a duplicate of the
 //!   descriptor, which shares its open file description), so the restored
-//!   process has lost it.
+//!   process has lost it;
+//! - `ignore-pre-copy`: `dump --pre-copy` runs as a plain dump (the pre-copy
+//!   options are dropped), as an engine that ignored them would.
 //!
 //! The last two change the target just before it is dumped: seen from
 //! outside, that is the same as a dump or restore that changed it.
@@ -110,16 +112,34 @@ fn drop_nonblock(pid: i32) -> Result<String, String> {
     ))
 }
 
+/// `args` without `--pre-copy` and its options (with their values).
+fn without_pre_copy(args: &[OsString]) -> Vec<OsString> {
+    let mut out = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let s = a.to_string_lossy();
+        match s.as_ref() {
+            "--pre-copy" => {}
+            "--pre-copy-rounds" | "--pre-copy-tracker" => {
+                it.next();
+            }
+            _ if s.starts_with("--pre-copy-") => {}
+            _ => out.push(a.clone()),
+        }
+    }
+    out
+}
+
 fn main() -> ExitCode {
     let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
     let (Some(fault), Some(real)) = (argv.first(), argv.get(1)) else {
         eprintln!(
-            "usage: crest-standin refuse-all|no-restore|flip-byte|drop-nonblock REAL-CREST [ARGS…]"
+            "usage: crest-standin refuse-all|no-restore|flip-byte|drop-nonblock|ignore-pre-copy REAL-CREST [ARGS…]"
         );
         return ExitCode::from(2);
     };
     let fault = fault.to_string_lossy().to_string();
-    let rest: Vec<OsString> = argv[2..].to_vec();
+    let mut rest: Vec<OsString> = argv[2..].to_vec();
     let args: Vec<String> = rest
         .iter()
         .map(|a| a.to_string_lossy().to_string())
@@ -149,7 +169,8 @@ fn main() -> ExitCode {
                 Err(e) => eprintln!("crest-standin: {fault} on pid {pid}: {e}"),
             }
         }
-        ("refuse-all" | "no-restore" | "flip-byte" | "drop-nonblock", _) => {}
+        ("ignore-pre-copy", Some("dump")) => rest = without_pre_copy(&rest),
+        ("refuse-all" | "no-restore" | "flip-byte" | "drop-nonblock" | "ignore-pre-copy", _) => {}
         (other, _) => {
             eprintln!("crest-standin: unknown fault {other:?}");
             return ExitCode::from(2);
@@ -163,6 +184,25 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pre_copy_options_are_dropped() {
+        let a = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(
+            without_pre_copy(&a(&[
+                "dump",
+                "-t",
+                "1",
+                "--pre-copy",
+                "--pre-copy-tracker",
+                "soft-dirty",
+                "--pre-copy-rounds=2",
+                "-D",
+                "x"
+            ])),
+            a(&["dump", "-t", "1", "-D", "x"])
+        );
+    }
 
     #[test]
     fn finds_the_subcommand_and_its_target() {

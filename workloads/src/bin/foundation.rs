@@ -6,8 +6,10 @@
 //! State: an N MiB heap pattern (default 64), a read-only and a PROT_NONE
 //! area, a private file mapping with one modified page, brk, an open file at a
 //! known offset, /dev/null, a signal handler, a blocked pending signal, a
-//! sigaltstack, an itimer, umask, cwd, an rlimit, the comm name, and an SSE
-//! register value held across the checkpoint inside a raw syscall loop.
+//! sigaltstack, an itimer, umask, cwd, an rlimit, the comm name, credentials
+//! (supplementary groups, an effective gid, a capability left out of the
+//! effective set), and an SSE register value held across the checkpoint
+//! inside a raw syscall loop.
 
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
@@ -30,6 +32,87 @@ extern "C" fn on_usr2(_: libc::c_int) {
 
 const FILE_OFFSET: u64 = 1000;
 const PAGE: usize = 4096;
+
+/// The credentials it sets up: supplementary groups, (real, effective,
+/// saved) gids, and a capability dropped from the effective set only.
+const GROUPS: [libc::gid_t; 2] = [100, 4242];
+const GIDS: (libc::gid_t, libc::gid_t, libc::gid_t) = (0, 4242, 0);
+const CAP_NET_RAW: u32 = 13;
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+fn capget() -> [CapData; 2] {
+    let mut h = CapHeader {
+        version: 0x2008_0522,
+        pid: 0,
+    };
+    let mut d = [CapData::default(); 2];
+    // SAFETY: h and d have the layout capget(2) expects for version 3.
+    unsafe { libc::syscall(libc::SYS_capget, &mut h, d.as_mut_ptr()) };
+    d
+}
+
+/// Sets [`GROUPS`], [`GIDS`] and drops CAP_NET_RAW from the effective set.
+fn set_credentials() {
+    let mut d = capget();
+    d[0].effective &= !(1 << CAP_NET_RAW);
+    let mut h = CapHeader {
+        version: 0x2008_0522,
+        pid: 0,
+    };
+    // SAFETY: plain values and arrays of the layout the calls expect.
+    let ok = unsafe {
+        libc::setgroups(GROUPS.len(), GROUPS.as_ptr()) == 0
+            && libc::setresgid(GIDS.0, GIDS.1, GIDS.2) == 0
+            && libc::syscall(libc::SYS_capset, &mut h, d.as_ptr()) == 0
+    };
+    assert!(ok, "set credentials: {}", std::io::Error::last_os_error());
+}
+
+/// The process's credentials as it checks them.
+fn credentials() -> (
+    Vec<libc::gid_t>,
+    (libc::gid_t, libc::gid_t, libc::gid_t),
+    [CapData; 2],
+) {
+    let mut groups = [0 as libc::gid_t; 32];
+    let (mut r, mut e, mut s) = (0, 0, 0);
+    // SAFETY: groups is valid for 32 entries; the rest are out pointers.
+    let n = unsafe {
+        libc::getresgid(&mut r, &mut e, &mut s);
+        libc::getgroups(32, groups.as_mut_ptr())
+    };
+    (groups[..n.max(0) as usize].to_vec(), (r, e, s), capget())
+}
+
+/// ITIMER_REAL's value and interval, in microseconds.
+fn itimer_real_us() -> (i64, i64) {
+    // SAFETY: it is a valid out pointer.
+    let it = unsafe {
+        let mut it: libc::itimerval = std::mem::zeroed();
+        libc::getitimer(libc::ITIMER_REAL, &mut it);
+        it
+    };
+    let us = |t: libc::timeval| t.tv_sec * 1_000_000 + t.tv_usec;
+    (us(it.it_value), us(it.it_interval))
+}
+
+/// How long the itimer runs before `ready`: a restore that re-armed it with
+/// its original value instead of what was left shows more time left than at
+/// `ready`, when it takes less than this to come back.
+const ITIMER_HEAD_START: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn mmap_anon(len: usize) -> *mut u8 {
     // SAFETY: a fresh private anonymous mapping; checked for failure.
@@ -104,6 +187,20 @@ fn main() {
         None => 64,
     };
     std::env::set_current_dir(ctl.dir()).expect("chdir to the control dir");
+    // The itimer first: it must have run a while by `ready` (see ITIMER_HEAD_START).
+    let itv = libc::itimerval {
+        it_interval: libc::timeval {
+            tv_sec: 7,
+            tv_usec: 0,
+        },
+        it_value: libc::timeval {
+            tv_sec: 3600,
+            tv_usec: 0,
+        },
+    };
+    // SAFETY: itv is valid.
+    unsafe { libc::setitimer(libc::ITIMER_REAL, &itv, std::ptr::null_mut()) };
+    let armed = std::time::Instant::now();
 
     // Memory.
     let mut heap = vec![0u8; heap_mib << 20];
@@ -178,19 +275,8 @@ fn main() {
     };
     // SAFETY: the alternate stack buffer lives until the end of main.
     unsafe { libc::sigaltstack(&ss, std::ptr::null_mut()) };
-    let itv = libc::itimerval {
-        it_interval: libc::timeval {
-            tv_sec: 7,
-            tv_usec: 0,
-        },
-        it_value: libc::timeval {
-            tv_sec: 3600,
-            tv_usec: 0,
-        },
-    };
     // SAFETY: plain syscalls on ourselves.
     unsafe {
-        libc::setitimer(libc::ITIMER_REAL, &itv, std::ptr::null_mut());
         libc::umask(0o027);
         let lim = libc::rlimit {
             rlim_cur: 512,
@@ -199,7 +285,12 @@ fn main() {
         libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         libc::prctl(libc::PR_SET_NAME, c"crest-fdn".as_ptr());
     }
+    set_credentials();
+    let creds = credentials();
 
+    std::thread::sleep(ITIMER_HEAD_START.saturating_sub(armed.elapsed()));
+    let (itimer_at_ready, _) = itimer_real_us();
+    let ready_at = std::time::Instant::now();
     ctl.ready();
     let go = CString::new(
         ctl.path(crest_workloads::GO_FILE)
@@ -283,15 +374,25 @@ fn main() {
             (old.ss_sp as usize, old.ss_size),
             (altstack.as_ptr() as usize, altstack.len()),
         );
-        let mut it: libc::itimerval = std::mem::zeroed();
-        libc::getitimer(libc::ITIMER_REAL, &mut it);
-        c.eq("itimer interval", it.it_interval.tv_sec, 7);
+        // What was left at `ready`, less what has passed since (that counts
+        // the time it was dumped too, so it is a floor): the value carried
+        // across cannot be more than at `ready`, nor less than that floor.
+        let (left, interval) = itimer_real_us();
+        let passed = ready_at.elapsed().as_micros() as i64;
+        c.eq("itimer interval (µs)", interval, 7_000_000);
         c.check(
-            it.it_value.tv_sec > 3000 && it.it_value.tv_sec <= 3600,
-            || format!("itimer value {} s", it.it_value.tv_sec),
+            left <= itimer_at_ready && left >= itimer_at_ready - passed - 10_000,
+            || {
+                format!(
+                    "itimer value {left} µs: {itimer_at_ready} µs were left at ready, {passed} µs ago"
+                )
+            },
         );
         let m = libc::umask(0);
         c.eq("umask", m, 0o027);
+        let mut uids = (1, 1, 1);
+        libc::getresuid(&mut uids.0, &mut uids.1, &mut uids.2);
+        c.eq("real/effective/saved uid", uids, (0, 0, 0));
         let mut lim: libc::rlimit = std::mem::zeroed();
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
         c.eq("RLIMIT_NOFILE", (lim.rlim_cur, lim.rlim_max), (512, 4096));
@@ -306,6 +407,20 @@ fn main() {
         fs::read_to_string("/proc/self/comm").ok(),
         Some("crest-fdn\n".into()),
     );
+    let (groups, gids, caps) = credentials();
+    c.eq("supplementary groups", groups, GROUPS.to_vec());
+    c.eq("real/effective/saved gid", gids, GIDS);
+    c.eq(
+        "capabilities (effective, permitted, inheritable)",
+        caps,
+        creds.2,
+    );
+    c.check(caps[0].effective & (1 << CAP_NET_RAW) == 0, || {
+        "CAP_NET_RAW is back in the effective set".into()
+    });
+    c.check(caps[0].permitted & (1 << CAP_NET_RAW) != 0, || {
+        "CAP_NET_RAW left the permitted set".into()
+    });
     c.eq(
         "pid",
         fs::read_to_string(ctl.path("ready")).ok(),

@@ -130,6 +130,16 @@ fn anon_writing(ctl: &Ctl, c: &mut Checks, mib: usize) {
     while DONE.load(Ordering::Acquire) == 0 {
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
+    // Where the writer's count is, for a harness that watches it from
+    // outside during the dump (did the process run while it was copied?).
+    if std::fs::write(
+        ctl.path("progress-addr"),
+        format!("{:x}\n", &DONE as *const AtomicU64 as usize),
+    )
+    .is_err()
+    {
+        setup_failed("write ctl/progress-addr");
+    }
     ctl.ready();
     ctl.wait_for_go();
     STOP.store(true, Ordering::Release);

@@ -71,6 +71,42 @@ fn ticks_grow(n: usize) -> bool {
     true
 }
 
+/// An itimer's value and interval, in microseconds.
+fn itimer_us(which: libc::c_int) -> (i64, i64) {
+    // SAFETY: it is a valid out pointer.
+    let it = unsafe {
+        let mut it: libc::itimerval = std::mem::zeroed();
+        libc::getitimer(which, &mut it);
+        it
+    };
+    let us = |t: libc::timeval| t.tv_sec * 1_000_000 + t.tv_usec;
+    (us(it.it_value), us(it.it_interval))
+}
+
+/// This process's CPU time (user + system).
+fn cpu_time() -> Duration {
+    // SAFETY: ru is a valid out pointer.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Spends `d` of CPU time in user space.
+fn burn_cpu(d: Duration) {
+    let start = cpu_time();
+    let mut x = 1u64;
+    while cpu_time() < start + d {
+        for _ in 0..100_000 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+    }
+}
+
 fn tv_ms(t: libc::timeval) -> i64 {
     t.tv_sec * 1000 + t.tv_usec / 1000
 }
@@ -85,9 +121,12 @@ fn main() {
     let mut c = Checks::new();
     match mode.as_str() {
         "itimer-all" => {
-            // VIRTUAL and PROF armed far in the future (they count CPU time,
-            // which an idle workload barely uses) plus alarm(): all must keep
-            // their settings.
+            // VIRTUAL and PROF armed far in the future (they count CPU time)
+            // plus alarm(). Half a second of CPU is spent before `ready`, so
+            // each has run a while: a restore that re-armed one with its
+            // original value instead of what was left shows more left than
+            // at `ready` (by that half second of CPU time, or of wall time
+            // for alarm(), when the restore takes less than that).
             let long = libc::itimerval {
                 it_interval: libc::timeval {
                     tv_sec: 100,
@@ -107,35 +146,36 @@ fn main() {
             }
             // SAFETY: alarm takes a plain value.
             unsafe { libc::alarm(3600) };
-            ctl.ready();
-            ctl.wait_for_go();
-            for (which, name) in [
+            burn_cpu(Duration::from_millis(500));
+            let timers = [
                 (libc::ITIMER_VIRTUAL, "ITIMER_VIRTUAL"),
                 (libc::ITIMER_PROF, "ITIMER_PROF"),
-            ] {
-                // SAFETY: now is a valid out pointer.
-                let now = unsafe {
-                    let mut now: libc::itimerval = std::mem::zeroed();
-                    libc::getitimer(which, &mut now);
-                    now
-                };
-                c.eq(
-                    &format!("{name} interval (ms)"),
-                    tv_ms(now.it_interval),
-                    100_000,
-                );
-                let left = tv_ms(now.it_value);
-                // The kernel keeps CPU-time timers in ticks: re-arming one
-                // with the value read back may round it up by a tick per cycle.
-                c.check(left > 990_000 && left <= 1_000_100, || {
-                    format!("{name} value {left} ms, expected about 1000 s")
+                (libc::ITIMER_REAL, "alarm() (ITIMER_REAL)"),
+            ];
+            let at_ready: Vec<(i64, i64)> = timers.iter().map(|&(w, _)| itimer_us(w)).collect();
+            let ready_at = Instant::now();
+            ctl.ready();
+            ctl.wait_for_go();
+            let passed = ready_at.elapsed().as_micros() as i64;
+            for (&(which, name), &(left0, _)) in timers.iter().zip(&at_ready) {
+                let (left, interval) = itimer_us(which);
+                if which == libc::ITIMER_REAL {
+                    // Wall time: it can only have run down since `ready`, by
+                    // at most the time that passed.
+                    c.check(left <= left0 && left >= left0 - passed - 10_000, || {
+                        format!("{name} has {left} µs left: {left0} µs were left at ready, {passed} µs ago")
+                    });
+                    continue;
+                }
+                c.eq(&format!("{name} interval (µs)"), interval, 100_000_000);
+                // CPU time: the process spent little since `ready` (waiting
+                // for go, the dump's calls in it). The kernel keeps these
+                // timers in ticks: re-arming one with the value read back may
+                // round it up by a tick per cycle.
+                c.check(left <= left0 + 20_000 && left >= left0 - 1_000_000, || {
+                    format!("{name} has {left} µs left: {left0} µs were left at ready (CPU time)")
                 });
             }
-            // SAFETY: alarm(0) cancels and returns the seconds that were left.
-            let left = unsafe { libc::alarm(0) };
-            c.check(left > 3500 && left <= 3600, || {
-                format!("alarm() had {left} s left, expected just under 3600")
-            });
         }
         "itimer" => {
             install(libc::SIGALRM);
