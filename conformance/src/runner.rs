@@ -246,7 +246,7 @@ pub fn writes_and_faults(samples: &[Sample]) -> (u64, u64) {
             .iter()
             .filter(|s| s.count.is_some() && s.minflt.is_some())
     };
-    match (alive().next(), alive().last()) {
+    match (alive().next(), alive().next_back()) {
         (Some(a), Some(b)) => (
             b.count.unwrap_or(0).saturating_sub(a.count.unwrap_or(0)),
             b.minflt.unwrap_or(0).saturating_sub(a.minflt.unwrap_or(0)),
