@@ -1,5 +1,7 @@
 //! `cargo xtask bench --vs-criu`: crest and CRIU on the same workload, one
-//! interleaved run (crest, CRIU, crest, CRIU, …), images on the same store.
+//! interleaved run, images on the same store. The tools' order alternates
+//! between rounds (crest first, then CRIU first), and every restored
+//! process's memory is read back against the pattern it was dumped with.
 //!
 //! The workload is this binary re-executed as a "hog" with N MiB of dirty
 //! anonymous memory. Before every timed step a few GiB are touched and freed:
@@ -63,11 +65,11 @@ pub fn hog_main_if_requested() {
     // SAFETY: `p` maps `len` bytes we own.
     let mem = unsafe { std::slice::from_raw_parts_mut(p.cast::<u8>(), len) };
     // Every page non-zero and different (memset keeps a debug build fast).
-    mem.fill(0x5a);
+    mem.fill(HOG_FILL);
     for (i, page) in mem.chunks_mut(4096).enumerate() {
         page[..8].copy_from_slice(&(i as u64).to_ne_bytes());
     }
-    println!("ready");
+    println!("ready {:x}", p as usize);
     // From now on only /dev/null: nothing ties the hog to this process.
     if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
         use std::os::fd::AsRawFd;
@@ -83,7 +85,65 @@ pub fn hog_main_if_requested() {
     }
 }
 
-fn spawn_hog(mib: usize) -> Result<Child> {
+/// The hog's memory: every byte this, but each page's first eight, which
+/// hold the page's index.
+const HOG_FILL: u8 = 0x5a;
+
+/// The first page of `mem` (page `first` of the hog) that is not the
+/// hog's pattern.
+fn pattern_mismatch(mem: &[u8], first: u64) -> Option<u64> {
+    mem.chunks(4096).enumerate().find_map(|(i, page)| {
+        let n = first + i as u64;
+        let ok = page.len() >= 8
+            && page[..8] == n.to_ne_bytes()
+            && page[8..].iter().all(|&b| b == HOG_FILL);
+        (!ok).then_some(n)
+    })
+}
+
+/// Reads a restored hog's `mib` MiB at `addr` back (process_vm_readv, 8 MiB
+/// at a time) and checks every page against the pattern it was dumped with.
+fn check_restored_memory(tool: Tool, pid: i32, addr: usize, mib: usize) -> Result<()> {
+    use nix::sys::uio::{process_vm_readv, RemoteIoVec};
+    const STEP: usize = 8 << 20;
+    let len = mib << 20;
+    let mut buf = vec![0u8; STEP];
+    let mut off = 0;
+    while off < len {
+        let n = STEP.min(len - off);
+        let got = process_vm_readv(
+            nix::unistd::Pid::from_raw(pid),
+            &mut [std::io::IoSliceMut::new(&mut buf[..n])],
+            &[RemoteIoVec {
+                base: addr + off,
+                len: n,
+            }],
+        )
+        .with_context(|| {
+            format!(
+                "{tool:?} restore: reading pid {pid}'s memory at {:#x}",
+                addr + off
+            )
+        })?;
+        if got != n {
+            bail!(
+                "{tool:?} restore: pid {pid}: short read of its memory at {:#x}",
+                addr + off
+            );
+        }
+        if let Some(page) = pattern_mismatch(&buf[..n], (off / 4096) as u64) {
+            bail!(
+                "{tool:?} restore: pid {pid}: page {page} (at {:#x}) is not what was dumped",
+                addr + page as usize * 4096
+            );
+        }
+        off += n;
+    }
+    Ok(())
+}
+
+/// A hog, and the address of its memory.
+fn spawn_hog(mib: usize) -> Result<(Child, usize)> {
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.env(HOG_ENV, mib.to_string())
         .stdin(Stdio::null())
@@ -100,10 +160,14 @@ fn spawn_hog(mib: usize) -> Result<Child> {
     let mut child = cmd.spawn().context("spawn hog")?;
     let mut line = String::new();
     BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
-    if line.trim() != "ready" {
+    let Some(addr) = line
+        .trim()
+        .strip_prefix("ready ")
+        .and_then(|a| usize::from_str_radix(a, 16).ok())
+    else {
         bail!("hog did not start: {line:?}");
-    }
-    Ok(child)
+    };
+    Ok((child, addr))
 }
 
 /// Touches and frees `gib` GiB so that the next step runs on memory the
@@ -225,7 +289,7 @@ fn sample(tool: Tool, tools: &Tools, a: &VsCriuArgs) -> Result<Sample> {
     });
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let mut hog = spawn_hog(a.mib)?;
+    let (mut hog, addr) = spawn_hog(a.mib)?;
     let pid = hog.id() as i32;
     warm(a.warm_gib);
     let log = dir.join("dump.log");
@@ -281,9 +345,18 @@ fn sample(tool: Tool, tools: &Tools, a: &VsCriuArgs) -> Result<Sample> {
     let cpu0 = children_cpu();
     let restore = run_timed(cmd, &format!("{tool:?} restore"), &log);
     let rss = resident_kib(pid);
+    // Read back before it is killed (not timed): the restore must have put
+    // back every page as dumped.
+    let checked = restore
+        .as_ref()
+        .ok()
+        .map(|_| check_restored_memory(tool, pid, addr, a.mib));
     kill_and_reap(pid);
     let restore_cpu = children_cpu().saturating_sub(cpu0);
     let restore = restore?;
+    if let Some(c) = checked {
+        c?;
+    }
     if rss < (a.mib as u64) << 10 {
         bail!(
             "{tool:?} restore: pid {pid} has {rss} KiB resident, less than the {} MiB dumped",
@@ -450,7 +523,14 @@ pub fn main(a: VsCriuArgs) -> Result<i32> {
     for i in 0..a.samples {
         warm(a.warm_gib);
         dds.push(dd(&a.store, a.mib)?);
-        for tool in [Tool::Crest, Tool::Criu, Tool::CrestPreCopy] {
+        // Alternate who goes first, so that neither tool always meets the
+        // machine in the state the other left it in.
+        let order = if i % 2 == 0 {
+            [Tool::Crest, Tool::Criu, Tool::CrestPreCopy]
+        } else {
+            [Tool::Criu, Tool::Crest, Tool::CrestPreCopy]
+        };
+        for tool in order {
             let s = sample(tool, &tools, &a)?;
             eprintln!(
                 "sample {}/{} {tool:?}: dump {:.0} ms (CPU {:.0}), restore {:.0} ms (CPU {:.0}), frozen {:.0} ms",
@@ -588,6 +668,18 @@ fn median_f64(v: &[f64]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hog_pattern_is_checked_page_by_page() {
+        let mut mem = vec![HOG_FILL; 3 * 4096];
+        for (i, page) in mem.chunks_mut(4096).enumerate() {
+            page[..8].copy_from_slice(&(10 + i as u64).to_ne_bytes());
+        }
+        assert_eq!(pattern_mismatch(&mem, 10), None);
+        assert_eq!(pattern_mismatch(&mem, 11), Some(11));
+        mem[2 * 4096 + 100] ^= 1;
+        assert_eq!(pattern_mismatch(&mem, 10), Some(12));
+    }
 
     #[test]
     fn ratios_are_taken_round_by_round() {
