@@ -58,23 +58,12 @@ fn kernel_rank(label: &str) -> (usize, String) {
 /// what a status may stand on: a full run (no case selection) of the
 /// workspace's own engine at a named, clean commit, filed under its label.
 pub fn read_reports(dir: &Path) -> Result<Vec<Report>, String> {
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
     let mut out = Vec::new();
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(format!("{}: {e}", dir.display())),
-    };
-    for e in entries {
-        let p = e.map_err(|e| format!("{}: {e}", dir.display()))?.path();
-        let Some(stem) = p
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".json"))
-        else {
-            continue;
-        };
-        let r = Report::read(&p).map_err(|e| format!("{e:#}"))?;
-        let why = if r.label != stem {
+    for (label, r) in report::read_labelled(dir).map_err(|e| format!("{e:#}"))? {
+        let why = if r.label != label {
             Some(format!("its label is {:?}", r.label))
         } else if let Some(sel) = &r.selection {
             Some(format!("it is not a full run (selection: {sel})"))
@@ -88,7 +77,7 @@ pub fn read_reports(dir: &Path) -> Result<Vec<Report>, String> {
         if let Some(why) = why {
             return Err(format!(
                 "{}: cannot stand behind a status: {why}",
-                p.display()
+                dir.join(format!("{label}.json")).display()
             ));
         }
         out.push(r);

@@ -94,6 +94,28 @@ impl Report {
     }
 }
 
+/// The reports of `dir` named `LABEL.json`, as (label, report), in name
+/// order: the committed `conformance/reports`, or a baseline like it.
+pub fn read_labelled(dir: &std::path::Path) -> anyhow::Result<Vec<(String, Report)>> {
+    use anyhow::Context;
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let p = e
+            .with_context(|| format!("reading {}", dir.display()))?
+            .path();
+        let Some(label) = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".json"))
+        else {
+            continue;
+        };
+        out.push((label.to_string(), Report::read(&p)?));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
 /// A requirement as the markdown matrix needs it (decoupled from the parser).
 #[derive(Debug, Clone)]
 pub struct RequirementRow {

@@ -154,3 +154,43 @@ pub fn gettid() -> libc::pid_t {
     // SAFETY: gettid has no arguments and cannot fail.
     unsafe { libc::gettid() }
 }
+
+/// One 32-bit word of each capability set, as capget(2)/capset(2) take them
+/// (version 3: two of these, capabilities 0–31 and 32–63).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CapData {
+    pub effective: u32,
+    pub permitted: u32,
+    pub inheritable: u32,
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+const CAP_V3: u32 = 0x2008_0522;
+
+/// This thread's capability sets (capget(2)).
+pub fn capget() -> [CapData; 2] {
+    let mut h = CapHeader {
+        version: CAP_V3,
+        pid: 0,
+    };
+    let mut d = [CapData::default(); 2];
+    // SAFETY: h and d have the layout capget(2) expects for version 3.
+    unsafe { libc::syscall(libc::SYS_capget, &mut h, d.as_mut_ptr()) };
+    d
+}
+
+/// Sets this thread's capability sets (capset(2)); the return value of the call.
+pub fn capset(d: &[CapData; 2]) -> libc::c_long {
+    let mut h = CapHeader {
+        version: CAP_V3,
+        pid: 0,
+    };
+    // SAFETY: h and d have the layout capset(2) expects for version 3.
+    unsafe { libc::syscall(libc::SYS_capset, &mut h, d.as_ptr()) }
+}

@@ -206,18 +206,10 @@ pub enum Baseline {
 impl Baseline {
     pub fn load(path: &Path) -> Result<Self> {
         if path.is_dir() {
-            let mut per = BTreeMap::new();
-            for e in std::fs::read_dir(path).with_context(|| format!("read {}", path.display()))? {
-                let p = e?.path();
-                let Some(label) = p
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .and_then(|n| n.strip_suffix(".json"))
-                else {
-                    continue;
-                };
-                per.insert(label.to_string(), gate::passed(&Report::read(&p)?));
-            }
+            let per = crest_conformance::report::read_labelled(path)?
+                .into_iter()
+                .map(|(label, r)| (label, gate::passed(&r)))
+                .collect();
             return Ok(Baseline::PerKernel(per));
         }
         let text =

@@ -17,6 +17,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use crest_workloads::support::{capget, capset, CapData};
 use crest_workloads::{fill_pattern, first_pattern_mismatch, Checks, Ctl};
 
 static USR1_HITS: AtomicU32 = AtomicU32::new(0);
@@ -39,45 +40,15 @@ const GROUPS: [libc::gid_t; 2] = [100, 4242];
 const GIDS: (libc::gid_t, libc::gid_t, libc::gid_t) = (0, 4242, 0);
 const CAP_NET_RAW: u32 = 13;
 
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: i32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Default)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
-fn capget() -> [CapData; 2] {
-    let mut h = CapHeader {
-        version: 0x2008_0522,
-        pid: 0,
-    };
-    let mut d = [CapData::default(); 2];
-    // SAFETY: h and d have the layout capget(2) expects for version 3.
-    unsafe { libc::syscall(libc::SYS_capget, &mut h, d.as_mut_ptr()) };
-    d
-}
-
 /// Sets [`GROUPS`], [`GIDS`] and drops CAP_NET_RAW from the effective set.
 fn set_credentials() {
     let mut d = capget();
     d[0].effective &= !(1 << CAP_NET_RAW);
-    let mut h = CapHeader {
-        version: 0x2008_0522,
-        pid: 0,
-    };
-    // SAFETY: plain values and arrays of the layout the calls expect.
+    // SAFETY: plain values and an array of the length given.
     let ok = unsafe {
         libc::setgroups(GROUPS.len(), GROUPS.as_ptr()) == 0
             && libc::setresgid(GIDS.0, GIDS.1, GIDS.2) == 0
-            && libc::syscall(libc::SYS_capset, &mut h, d.as_ptr()) == 0
-    };
+    } && capset(&d) == 0;
     assert!(ok, "set credentials: {}", std::io::Error::last_os_error());
 }
 

@@ -6,7 +6,9 @@
 //! creds, caps, sched, tracer, leaderless, prctl, personality, rlimit, fs, tree, pgid, session, zombie, orphan,
 //! stopped.
 
-use crest_workloads::support::{fork_child, mode, num_arg, setup_failed, sys, wait_ok};
+use crest_workloads::support::{
+    capget, capset, fork_child, mode, num_arg, setup_failed, sys, wait_ok,
+};
 use crest_workloads::{Checks, Ctl};
 use std::ffi::CString;
 use std::time::{Duration, Instant};
@@ -188,37 +190,11 @@ fn creds(ctl: &Ctl, c: &mut Checks) {
     c.eq("real/effective/saved gid", (r, e, s), (1000, 1001, 0));
 }
 
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: i32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Default)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
-const CAP_V3: u32 = 0x2008_0522;
 // Capability numbers from linux/capability.h (libc does not export them).
 const CAP_CHOWN: u32 = 0;
 const CAP_NET_RAW: u32 = 13;
 const CAP_SYS_BOOT: u32 = 22;
 const CAP_MKNOD: u32 = 27;
-
-fn capget() -> [CapData; 2] {
-    let mut h = CapHeader {
-        version: CAP_V3,
-        pid: 0,
-    };
-    let mut d = [CapData::default(); 2];
-    // SAFETY: h and d have the layout capget(2) expects for version 3.
-    unsafe { libc::syscall(libc::SYS_capget, &mut h, d.as_mut_ptr()) };
-    d
-}
 
 /// Drops CAP_SYS_BOOT from the bounding set, CAP_NET_RAW from the effective
 /// set and CAP_MKNOD from effective and permitted, and makes CAP_CHOWN inheritable.
@@ -227,21 +203,12 @@ fn caps(ctl: &Ctl, c: &mut Checks) {
     d[0].effective &= !(1 << CAP_NET_RAW) & !(1 << CAP_MKNOD);
     d[0].permitted &= !(1 << CAP_MKNOD);
     d[0].inheritable |= 1 << CAP_CHOWN;
-    let mut h = CapHeader {
-        version: CAP_V3,
-        pid: 0,
-    };
-    // SAFETY: as in capget; prctl takes plain values.
-    unsafe {
-        sys(
-            libc::syscall(libc::SYS_capset, &mut h, d.as_ptr()),
-            "capset",
-        );
-        sys(
-            libc::prctl(libc::PR_CAPBSET_DROP, CAP_SYS_BOOT),
-            "PR_CAPBSET_DROP",
-        );
-    }
+    sys(capset(&d), "capset");
+    // SAFETY: prctl takes plain values.
+    sys(
+        unsafe { libc::prctl(libc::PR_CAPBSET_DROP, CAP_SYS_BOOT) },
+        "PR_CAPBSET_DROP",
+    );
     let want = capget();
     ctl.ready();
     ctl.wait_for_go();
