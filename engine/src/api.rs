@@ -215,7 +215,7 @@ impl Handshake {
         if let Some(v) = state {
             for p in &self.parts {
                 if let Some(addr) = p.state_addr {
-                    crate::ptrace::write_mem(p.pid, addr, &v.to_ne_bytes())?;
+                    crate::sys::ptrace::write_mem(p.pid, addr, &v.to_ne_bytes())?;
                 }
             }
         }
@@ -233,7 +233,7 @@ impl Drop for Handshake {
         for p in &mut self.parts {
             p.conn = None;
             if let Some(addr) = p.state_addr {
-                if let Err(e) = crate::ptrace::write_mem(p.pid, addr, &FAILED.to_ne_bytes()) {
+                if let Err(e) = crate::sys::ptrace::write_mem(p.pid, addr, &FAILED.to_ne_bytes()) {
                     tracing::warn!(pid = p.pid, "could not tell libcrest the dump failed: {e}");
                 }
             }
@@ -292,7 +292,7 @@ impl Participant {
 pub fn restarted(processes: &[ProcessImage]) -> Result<()> {
     for p in processes {
         if let Some(api) = &p.api {
-            crate::ptrace::write_mem(p.pid, api.state_addr, &RESTARTED.to_ne_bytes())?;
+            crate::sys::ptrace::write_mem(p.pid, api.state_addr, &RESTARTED.to_ne_bytes())?;
         }
     }
     Ok(())

@@ -17,9 +17,13 @@ use crate::error::{Error, Result};
 use crate::image::{
     DumpStats, Header, Inventory, LostGroup, MetaWriter, RecordKind, Staging, Zombie,
 };
-use crate::ptrace::{Regs, Tracee};
-use crate::task::{self, Registers, Remote};
-use crate::{files, mm, proc, ProcessImage, PAGE_SIZE};
+use crate::sys::proc;
+use crate::sys::proc::{is_zombie, stat_field, stat_fields, threads_of, PF_EXITING, PF_KTHREAD};
+use crate::sys::ptrace::{Regs, Tracee};
+use crate::sys::remote::{find_syscall_insn, RemoteCall};
+use crate::sys::PAGE_SIZE;
+use crate::task::{self, Registers};
+use crate::{files, mm, ProcessImage};
 
 /// What happens to the target after a successful dump.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -100,8 +104,7 @@ impl FrozenProcess {
     /// Undoes our changes and detaches every thread.
     fn release(&mut self, sig: Option<Signal>) -> Result<()> {
         if let (Some(insn), Some(scratch)) = (self.insn, self.scratch.take()) {
-            self.main().remote_ok(
-                insn,
+            RemoteCall::new(self.main(), insn, 0).call(
                 libc::SYS_munmap,
                 [scratch, PAGE_SIZE, 0, 0, 0, 0],
                 "munmap of crest's scratch page",
@@ -178,38 +181,6 @@ impl Drop for FrozenSet {
     }
 }
 
-/// Finds a `syscall` instruction (0f 05) in the target's vDSO.
-pub(crate) fn find_syscall_insn(pid: i32, maps: &[proc::MapsEntry]) -> Result<u64> {
-    let vdso = maps
-        .iter()
-        .find(|m| m.name == "[vdso]")
-        .ok_or_else(|| Error::Refused {
-            pid,
-            reason: "has no vDSO, so crest cannot run system calls in it".into(),
-        })?;
-    let mut code = vec![0u8; vdso.len() as usize];
-    crate::ptrace::read_mem(pid, vdso.start, &mut code)?;
-    code.windows(2)
-        .position(|w| w == [0x0f, 0x05])
-        .map(|i| vdso.start + i as u64)
-        .ok_or_else(|| Error::Refused {
-            pid,
-            reason: "no syscall instruction found in its vDSO".into(),
-        })
-}
-
-/// The fields of `/proc/PID/stat` after the command name.
-fn stat_fields(pid: i32) -> Result<Vec<String>> {
-    let s = proc::read(pid, "stat")?;
-    let rest = s.rfind(')').map(|i| &s[i + 2..]).unwrap_or("");
-    Ok(rest.split_whitespace().map(str::to_string).collect())
-}
-
-/// Field `n` (1-based, as in proc(5)) of a stat split by [`stat_fields`].
-fn stat_field(f: &[String], n: usize) -> i64 {
-    f.get(n - 3).and_then(|v| v.parse().ok()).unwrap_or(0)
-}
-
 /// Refuses targets crest must not or cannot touch.
 fn precheck(pid: i32, status: &str, ours: &BTreeSet<i32>) -> Result<()> {
     if let Some(tracer) = proc::status_field(status, "TracerPid").filter(|t| *t != "0") {
@@ -253,28 +224,6 @@ fn tree(root: i32) -> Result<Vec<i32>> {
         i += 1;
     }
     Ok(out)
-}
-
-fn threads_of(pid: i32) -> Vec<i32> {
-    let mut tids: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    tids.sort_unstable();
-    // The main thread (tid == pid) first.
-    if let Some(i) = tids.iter().position(|&t| t == pid) {
-        tids.remove(i);
-        tids.insert(0, pid);
-    }
-    tids
-}
-
-fn is_zombie(pid: i32) -> bool {
-    stat_fields(pid)
-        .map(|f| f.first().is_some_and(|s| s == "Z"))
-        .unwrap_or(false)
 }
 
 /// The processes of session (`field` 6) or process group (`field` 5) `id`:
@@ -357,10 +306,6 @@ fn freeze(
         }
     }
 }
-
-/// Task flags (`/proc/PID/stat` field 9) from include/linux/sched.h.
-const PF_EXITING: i64 = 0x4;
-const PF_KTHREAD: i64 = 0x0020_0000;
 
 /// How long a process on its way out may take to become a zombie.
 const EXIT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -1091,8 +1036,7 @@ fn collect_process(
     let insn = find_syscall_insn(pid, &maps)?;
     fp.insn = Some(insn);
     let main = fp.main();
-    let scratch = main.remote_ok(
-        insn,
+    let scratch = RemoteCall::new(main, insn, 0).call(
         libc::SYS_mmap,
         [
             0,
@@ -1116,20 +1060,12 @@ fn collect_process(
         let name = proc::read(pid, &format!("task/{}/comm", t.tracee.pid))?
             .trim_end_matches('\n')
             .to_string();
-        let remote = Remote {
-            tracee: t.tracee,
-            insn,
-            scratch,
-        };
+        let remote = RemoteCall::new(t.tracee, insn, scratch);
         let mut thread = task::collect_thread(&remote, &t.regs, name)?;
         thread.sigmask = t.sigmask;
         threads.push(thread);
     }
-    let remote = Remote {
-        tracee: main,
-        insn,
-        scratch,
-    };
+    let remote = RemoteCall::new(main, insn, scratch);
     step("threads");
     let state = task::collect_process(&remote, &status)?;
     step("process state");
@@ -1159,8 +1095,7 @@ fn collect_process(
     };
     stats.memory_us += mem_started.elapsed().as_micros() as u64;
     step("memory");
-    main.remote_ok(
-        insn,
+    remote.call(
         libc::SYS_munmap,
         [scratch, PAGE_SIZE, 0, 0, 0, 0],
         "munmap of crest's scratch page",

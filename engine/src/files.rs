@@ -9,7 +9,7 @@ use std::os::unix::fs::MetadataExt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::proc;
+use crate::sys::proc;
 
 /// What a file looked like at dump time, to notice it changed before a restore.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -214,7 +214,7 @@ pub fn find_shared(procs: &mut [(i32, &mut FilesImage)], shared: &mut Vec<Shared
                 // Created once by the restorer; held by one process or several.
                 let seen = owners
                     .iter()
-                    .find(|(_, opid, ofd)| kcmp_files(*opid, *ofd, pid, f.fd));
+                    .find(|(_, opid, ofd)| crate::sys::fd::same_file(*opid, *ofd, pid, f.fd));
                 let id = match seen {
                     Some(&(id, _, _)) => id,
                     None => {
@@ -240,9 +240,9 @@ pub fn find_shared(procs: &mut [(i32, &mut FilesImage)], shared: &mut Vec<Shared
                 continue;
             }
             // Earlier processes first: is this description one we already saw?
-            let seen = owners
-                .iter()
-                .find(|(_, opid, ofd)| *opid != pid && kcmp_files(*opid, *ofd, pid, f.fd));
+            let seen = owners.iter().find(|(_, opid, ofd)| {
+                *opid != pid && crate::sys::fd::same_file(*opid, *ofd, pid, f.fd)
+            });
             let id = match seen {
                 Some(&(id, _, _)) => Some(id),
                 None => {
@@ -253,7 +253,7 @@ pub fn find_shared(procs: &mut [(i32, &mut FilesImage)], shared: &mut Vec<Shared
                                 FdKind::Regular { .. }
                                     | FdKind::Directory { .. }
                                     | FdKind::Device { .. }
-                            ) && kcmp_files(pid, f.fd, *qpid, g.fd)
+                            ) && crate::sys::fd::same_file(pid, f.fd, *qpid, g.fd)
                         })
                     });
                     later.then(|| {
@@ -287,26 +287,12 @@ fn intern(shared: &mut Vec<SharedFile>, kind: &FdKind, same: impl Fn(&FdKind) ->
     id
 }
 
-/// Duplicates fd `fd` of `pid` into crest (pidfd_getfd, Linux 5.6+).
-pub fn pidfd_getfd(pid: i32, fd: i32) -> Result<std::os::fd::OwnedFd> {
-    use std::os::fd::{AsRawFd, FromRawFd};
-    let pidfd = crate::proc::pidfd_open(pid)?;
-    // SAFETY: pidfd_getfd takes integers and returns a descriptor we then own.
-    let ours = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) } as i32;
-    if ours < 0 {
-        let e = nix::errno::Errno::last();
-        return Err(Error::sys(pid, format!("pidfd_getfd of fd {fd}"), e));
-    }
-    // SAFETY: a descriptor just returned to us and owned by nothing else.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(ours) })
-}
-
 /// Whether eventfd `fd` of the frozen `pid` is in semaphore mode, for
 /// kernels whose fdinfo does not say (before 6.6): see [`probe_eventfd_mode`].
 /// The descriptor probed is crest's duplicate of the target's open file, so
 /// the target's fd table does not change.
 fn eventfd_is_semaphore(pid: i32, fd: i32, before: u64) -> std::result::Result<bool, String> {
-    let efd = pidfd_getfd(pid, fd)
+    let efd = crate::sys::fd::pidfd_getfd(pid, fd)
         .map_err(|e| format!("an eventfd whose mode could not be probed ({e})"))?;
     let semaphore = probe_eventfd_mode(&efd, before)
         .map_err(|(what, e)| format!("an eventfd whose mode could not be probed ({what}: {e})"))?;
@@ -370,12 +356,6 @@ fn probe_eventfd_mode(
             .map_err(|e| ("write", e))?;
     }
     Ok(semaphore)
-}
-
-fn kcmp_files(pid1: i32, fd1: i32, pid2: i32, fd2: i32) -> bool {
-    const KCMP_FILE: libc::c_long = 0;
-    // SAFETY: kcmp takes only integers and reads no memory of ours.
-    unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, KCMP_FILE, fd1, fd2) == 0 }
 }
 
 // No deny_unknown_fields here: serde cannot combine it with `flatten`; the
@@ -452,13 +432,6 @@ const STATELESS_DEVICES: &[&str] = &[
 const REOPEN_MASK: i32 =
     !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY | libc::O_CLOEXEC);
 
-fn kcmp_same_file(pid: i32, fd1: i32, fd2: i32) -> bool {
-    const KCMP_FILE: libc::c_long = 0;
-    // SAFETY: kcmp takes only integers and reads no memory of ours.
-    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, KCMP_FILE, fd1, fd2) };
-    r == 0
-}
-
 pub fn collect(pid: i32) -> Result<FilesImage> {
     let dir = format!("/proc/{pid}/fd");
     let mut fds: Vec<i32> = std::fs::read_dir(&dir)
@@ -474,10 +447,9 @@ pub fn collect(pid: i32) -> Result<FilesImage> {
         let info = proc::parse_fdinfo(&proc::read(pid, &format!("fdinfo/{fd}"))?);
         let cloexec = info.flags & libc::O_CLOEXEC != 0;
         let refuse = |what: String| Err(Error::unsupported(pid, format!("fd {fd} is {what}")));
-        if let Some(first) = out
-            .iter()
-            .find(|o| !matches!(o.kind, FdKind::Dup { .. }) && kcmp_same_file(pid, o.fd, fd))
-        {
+        if let Some(first) = out.iter().find(|o| {
+            !matches!(o.kind, FdKind::Dup { .. }) && crate::sys::fd::same_file(pid, o.fd, pid, fd)
+        }) {
             out.push(FdImage {
                 fd,
                 cloexec,

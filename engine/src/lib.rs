@@ -20,26 +20,23 @@ mod pagecrc;
 pub mod pagepipe;
 pub mod pipes;
 pub mod precopy;
-pub mod proc;
-pub mod ptrace;
 pub mod restore;
 pub mod savefiles;
 pub mod show;
 pub mod sockets;
+pub mod sys;
 pub mod sysvshm;
 pub mod task;
 pub mod tcp;
 pub mod timers;
 pub mod tty;
 pub mod udp;
-pub mod uffd;
 
 use serde::{Deserialize, Serialize};
 
 pub use error::{Error, Result, EXIT_UNSUPPORTED};
 
-/// x86-64 base page size.
-pub const PAGE_SIZE: u64 = 4096;
+pub use sys::PAGE_SIZE;
 
 /// Everything the image holds about one process.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

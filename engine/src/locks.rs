@@ -8,7 +8,7 @@
 //! else holds a conflicting lock by then.
 
 use crate::error::{Error, Result};
-use crate::ptrace::Tracee;
+use crate::sys::remote::RemoteCall;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,9 +124,9 @@ fn flock_bytes(l: &FileLock) -> [u8; 32] {
     b
 }
 
-/// Takes `locks` again in the restored process `t` (stopped, seized), through
-/// its syscall instruction `insn` and a scratch area it owns.
-pub fn restore(t: Tracee, insn: u64, scratch: u64, locks: &[FileLock]) -> Result<()> {
+/// Takes `locks` again in the restored process behind `remote` (stopped,
+/// seized; its scratch page holds the `struct flock`).
+pub fn restore(remote: &RemoteCall, locks: &[FileLock]) -> Result<()> {
     const F_OFD_SETLK: u64 = 37;
     for l in locks {
         let r = match l.kind {
@@ -136,16 +136,16 @@ pub fn restore(t: Tracee, insn: u64, scratch: u64, locks: &[FileLock]) -> Result
                 } else {
                     libc::LOCK_SH
                 } | libc::LOCK_NB;
-                t.remote_syscall(insn, libc::SYS_flock, [l.fd as u64, op as u64, 0, 0, 0, 0])?
+                remote.raw(libc::SYS_flock, [l.fd as u64, op as u64, 0, 0, 0, 0])?
             }
             LockKind::Posix | LockKind::Ofd => {
-                crate::ptrace::write_mem(t.pid, scratch, &flock_bytes(l))?;
+                let scratch = remote.write_scratch(0, &flock_bytes(l))?;
                 let cmd = if l.kind == LockKind::Posix {
                     libc::F_SETLK as u64
                 } else {
                     F_OFD_SETLK
                 };
-                t.remote_syscall(insn, libc::SYS_fcntl, [l.fd as u64, cmd, scratch, 0, 0, 0])?
+                remote.raw(libc::SYS_fcntl, [l.fd as u64, cmd, scratch, 0, 0, 0])?
             }
         };
         if (-4095..0).contains(&r) {
@@ -158,7 +158,7 @@ pub fn restore(t: Tracee, insn: u64, scratch: u64, locks: &[FileLock]) -> Result
             };
             return Err(Error::Restore(format!(
                 "pid {}: {}: cannot take it again: {why}",
-                t.pid,
+                remote.pid(),
                 l.describe()
             )));
         }

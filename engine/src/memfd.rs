@@ -122,12 +122,6 @@ fn save(pid: i32, what: &str, src: &str, dir: &Path, m: &mut Memfd) -> Result<()
     Ok(())
 }
 
-fn kcmp_files(pid1: i32, fd1: i32, pid2: i32, fd2: i32) -> bool {
-    const KCMP_FILE: libc::c_long = 0;
-    // SAFETY: kcmp takes only integers and reads no memory of ours.
-    unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, KCMP_FILE, fd1, fd2) == 0 }
-}
-
 /// Saves every memfd of the dump once and makes its descriptors shared files
 /// (one open file description per object: a second, separately opened
 /// description of the same memfd is refused).
@@ -145,7 +139,7 @@ pub fn collect(
             let what = format!("fd {} (memfd {})", f.fd, m.name);
             let id = match objects.iter().find(|o| o.1 == m.inode) {
                 Some(&(id, _, hpid, hfd)) => {
-                    if !kcmp_files(hpid, hfd, pid, f.fd) {
+                    if !crate::sys::fd::same_file(hpid, hfd, pid, f.fd) {
                         return Err(Error::unsupported(
                             pid,
                             format!("{what} is a second open file description of a memfd held by pid {hpid} fd {hfd}"),

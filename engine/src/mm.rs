@@ -13,8 +13,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::proc::{self, pagemap, MapsEntry};
-use crate::PAGE_SIZE;
+use crate::sys::proc::{self, pagemap, MapsEntry};
+use crate::sys::PAGE_SIZE;
 
 /// What backs a VMA.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -374,7 +374,7 @@ pub fn collect_pages(
     vmas: &[Vma],
     dir: &Path,
     stats: &mut crate::image::DumpStats,
-    frozen: Option<&crate::task::Remote>,
+    frozen: Option<&crate::sys::remote::RemoteCall>,
 ) -> Result<Vec<PageChunk>> {
     let runs = touched_runs(pid, vmas, stats)?;
     if let Some(remote) = frozen {
@@ -734,7 +734,7 @@ pub(crate) fn read_target(pid: i32, addr: u64, buf: &mut [u8], readable: bool) -
             Ok(_) | Err(_) => {} // fall back below: partial reads happen at odd mappings
         }
     }
-    crate::ptrace::read_mem(pid, addr, buf)
+    crate::sys::ptrace::read_mem(pid, addr, buf)
 }
 
 /// Reads the mm fields from `/proc/PID/stat` (fields 26–28 and 45–51).
@@ -900,19 +900,20 @@ mod tests {
 
     #[test]
     fn vsyscall_is_skipped_and_shared_device_memory_refused() {
-        let maps = crate::proc::parse_maps(
+        let maps = crate::sys::proc::parse_maps(
             "1000-2000 rw-p 00000000 00:00 0 [heap]\nffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]\n",
         )
         .unwrap();
         let vmas = collect_vmas(1, &maps, &[]).unwrap();
         assert_eq!(vmas.len(), 1);
         assert_eq!(vmas[0].name, "[heap]");
-        let shared = crate::proc::parse_maps("1000-2000 rw-s 00000000 00:05 9 /dev/fb0\n").unwrap();
+        let shared =
+            crate::sys::proc::parse_maps("1000-2000 rw-s 00000000 00:05 9 /dev/fb0\n").unwrap();
         let err = collect_vmas(7, &shared, &[]).unwrap_err();
         assert!(matches!(err, Error::Unsupported { pid: 7, .. }), "{err}");
         assert!(err.to_string().contains("shared memory"));
         for name in ["/dev/fb0", "/i915"] {
-            let m = crate::proc::parse_maps(&format!(
+            let m = crate::sys::proc::parse_maps(&format!(
                 "1000-2000 rw-s 00000000 00:01 5 {name} (deleted)\n"
             ))
             .unwrap();
@@ -923,7 +924,7 @@ mod tests {
     /// MPICH's segment: an unlinked /dev/shm file every rank maps shared.
     #[test]
     fn an_unlinked_file_mapped_shared_is_a_shared_object() {
-        let maps = crate::proc::parse_maps(
+        let maps = crate::sys::proc::parse_maps(
             "7f00000000-7f00001000 rw-s 00000000 00:1a 77 /dev/shm/mpich_shar_tmpAbC (deleted)\n",
         )
         .unwrap();

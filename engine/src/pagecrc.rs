@@ -31,9 +31,9 @@ use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
 use crate::mm::Run;
-use crate::ptrace::Regs;
-use crate::task::Remote;
-use crate::PAGE_SIZE;
+use crate::sys::ptrace::Regs;
+use crate::sys::remote::RemoteCall as Remote;
+use crate::sys::PAGE_SIZE;
 
 // The code run in the target. Input: rdi = the data area ([`Layout`]). For
 // each job it records the job's pages, then vmsplices them into the job's
@@ -352,8 +352,7 @@ impl<'a> TargetCrc<'a> {
         }
         .bytes();
         let mmap = |len: usize, prot: i32| -> Result<Option<u64>> {
-            let r = remote.tracee.remote_syscall(
-                remote.insn,
+            let r = remote.raw(
                 libc::SYS_mmap,
                 [
                     0,
@@ -429,9 +428,9 @@ impl<'a> TargetCrc<'a> {
     }
 
     fn write(&self, addr: u64, bytes: &[u8]) -> Result<()> {
-        self.mem
-            .write_all_at(bytes, addr)
-            .map_err(|e| crate::ptrace::mem_error(self.remote.tracee.pid, "/proc/PID/mem", addr, e))
+        self.mem.write_all_at(bytes, addr).map_err(|e| {
+            crate::sys::ptrace::mem_error(self.remote.tracee.pid, "/proc/PID/mem", addr, e)
+        })
     }
 }
 
@@ -499,7 +498,7 @@ impl Running<'_> {
         let mut bytes = vec![0u8; self.layout.records_at() + self.layout.pages * 8 - from];
         let at = self.crc.data + from as u64;
         self.crc.mem.read_exact_at(&mut bytes, at).map_err(|e| {
-            crate::ptrace::mem_error(self.crc.remote.tracee.pid, "/proc/PID/mem", at, e)
+            crate::sys::ptrace::mem_error(self.crc.remote.tracee.pid, "/proc/PID/mem", at, e)
         })?;
         let (statuses, records) = self.layout.read(&bytes);
         let failed = statuses
@@ -521,9 +520,7 @@ impl Running<'_> {
             self.stopped = true;
         }
         // From a signal stop, resuming without the signal drops it.
-        remote
-            .tracee
-            .syscall_with_regs(remote.insn, libc::SYS_getpid, [0; 6], &self.saved)?;
+        remote.leaving_regs(libc::SYS_getpid, [0; 6], &self.saved)?;
         remote.tracee.set_regs(&self.saved)?;
         self.halted = true;
         Ok(())

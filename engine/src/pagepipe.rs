@@ -24,8 +24,8 @@ use crate::error::{Error, Result};
 use crate::image::Image;
 use crate::mm::{nonzero_runs, read_target, PageChunk, Run};
 use crate::pagecrc::{PageRecord, TargetCrc};
-use crate::task::Remote;
-use crate::PAGE_SIZE;
+use crate::sys::remote::RemoteCall as Remote;
+use crate::sys::PAGE_SIZE;
 
 /// iovecs per vmsplice: as many as fit in crest's scratch page in the target.
 pub(crate) const IOVS_PER_CALL: usize = PAGE_SIZE as usize / 16;
@@ -62,8 +62,7 @@ impl<'a> TargetPipes<'a> {
         };
         let pid = remote.tracee.pid;
         for _ in 0..count {
-            let r = remote.tracee.remote_syscall(
-                remote.insn,
+            let r = remote.raw(
                 libc::SYS_pipe2,
                 [remote.scratch, libc::O_CLOEXEC as u64, 0, 0, 0, 0],
             )?;
@@ -76,7 +75,7 @@ impl<'a> TargetPipes<'a> {
             let write_end = i32::from_ne_bytes(fds[4..8].try_into().expect("4 bytes"));
             p.theirs.extend([read_end, write_end]);
             p.write_ends.push(write_end);
-            let ours = crate::files::pidfd_getfd(pid, read_end)?;
+            let ours = crate::sys::fd::pidfd_getfd(pid, read_end)?;
             remote.call(
                 libc::SYS_close,
                 [read_end as u64, 0, 0, 0, 0, 0],
@@ -127,9 +126,8 @@ impl<'a> TargetPipes<'a> {
                 iov.extend_from_slice(&(r.len - skip).to_ne_bytes());
                 skip = 0;
             }
-            crate::ptrace::write_mem(pid, self.remote.scratch, &iov)?;
-            let n = self.remote.tracee.remote_syscall(
-                self.remote.insn,
+            crate::sys::ptrace::write_mem(pid, self.remote.scratch, &iov)?;
+            let n = self.remote.raw(
                 libc::SYS_vmsplice,
                 [
                     self.write_ends[i] as u64,
@@ -360,8 +358,8 @@ fn copy_with_target_crc(
     // that piece itself; and where it cannot know of such an area, it
     // checksums the page files instead.
     let tracee = remote.tracee;
-    let rseq = crate::task::rseq_of(tracee, tracee.regs()?.fs_base)?;
-    if rseq.is_none() && crate::ptrace::Tracee::rseq_unknown() {
+    let rseq = tracee.rseq_area(tracee.regs()?.fs_base)?;
+    if rseq.is_none() && crate::sys::ptrace::Tracee::rseq_unknown() {
         return Ok(None);
     }
     let aside = |p: &Piece| {

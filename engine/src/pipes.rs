@@ -29,7 +29,7 @@ pub struct PipeImage {
 
 /// The capacity of the pipe `fd` of `pid` is an end of.
 fn capacity_of(pid: i32, fd: i32) -> Result<u32> {
-    let end = crate::files::pidfd_getfd(pid, fd)?;
+    let end = crate::sys::fd::pidfd_getfd(pid, fd)?;
     // SAFETY: fcntl on an fd we own.
     let capacity = unsafe { libc::fcntl(end.as_raw_fd(), libc::F_GETPIPE_SZ) };
     if capacity < 0 {
@@ -44,7 +44,7 @@ fn capacity_of(pid: i32, fd: i32) -> Result<u32> {
 
 /// Copies the unread contents of the pipe whose read end is `fd` of `pid`.
 fn peek(pid: i32, fd: i32) -> Result<(u32, Vec<u8>)> {
-    let end = crate::files::pidfd_getfd(pid, fd)?;
+    let end = crate::sys::fd::pidfd_getfd(pid, fd)?;
     // SAFETY: fcntl, pipe2, tee and read on fds we own, into a buffer we own.
     unsafe {
         let capacity = libc::fcntl(end.as_raw_fd(), libc::F_GETPIPE_SZ);

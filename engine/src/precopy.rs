@@ -37,9 +37,9 @@ use std::time::Instant;
 use crate::error::{Error, Result};
 use crate::image::{DumpStats, PreCopyRound, PreCopyStats};
 use crate::mm::{self, PageChunk, Run, Vma};
-use crate::proc::{self, pagemap, pagemap_scan as ps};
-use crate::ptrace::{Regs, Tracee};
-use crate::PAGE_SIZE;
+use crate::sys::proc::{self, pagemap, pagemap_scan as ps, start_time, stat_fields};
+use crate::sys::ptrace::{Regs, Tracee};
+use crate::sys::PAGE_SIZE;
 
 /// What finds the pages written between rounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,18 +88,18 @@ const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 /// PAGEMAP_SCAN at all (`userfaultfd_wp_use_markers`); crest never protects
 /// unpopulated ranges itself, so no page tables are allocated for holes.
 fn uffd_api(fd: &OwnedFd) -> std::io::Result<()> {
-    crate::uffd::api(fd, UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED)
+    crate::sys::uffd::api(fd, UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED)
 }
 
 /// `UFFDIO_REGISTER` of `[start, end)` for write-protection.
 fn uffd_register(fd: &OwnedFd, start: u64, end: u64) -> std::io::Result<()> {
-    crate::uffd::register(fd, start, end, UFFDIO_REGISTER_MODE_WP)
+    crate::sys::uffd::register(fd, start, end, UFFDIO_REGISTER_MODE_WP)
 }
 
 /// Whether crest can track writes with an async write-protecting
 /// userfaultfd and PAGEMAP_SCAN here; else why not.
 fn uffd_wp_available() -> std::result::Result<(), String> {
-    let (scan, why) = crate::check::probe_pagemap_scan();
+    let (scan, why) = proc::probe_pagemap_scan();
     if !scan {
         return Err(format!("PAGEMAP_SCAN: {why}"));
     }
@@ -121,7 +121,7 @@ fn uffd_wp_available() -> std::result::Result<(), String> {
 /// Picks the tracker: the one asked for, or the best the kernel has.
 pub fn choose_tracker(pid: i32, wanted: Option<Tracker>) -> Result<Tracker> {
     let uffd = || uffd_wp_available();
-    let soft = || match crate::check::probe_soft_dirty() {
+    let soft = || match proc::probe_soft_dirty() {
         (true, _) => Ok(()),
         (false, why) => Err(why),
     };
@@ -236,18 +236,6 @@ impl PreCopy {
 fn open_pagemap(pid: i32) -> Result<File> {
     let path = format!("/proc/{pid}/pagemap");
     File::open(&path).map_err(|e| Error::io(&path, e))
-}
-
-/// `/proc/PID/stat` after the command name (field 3 first).
-fn stat_fields(pid: i32) -> Result<Vec<String>> {
-    let s = proc::read(pid, "stat")?;
-    let rest = s.rfind(')').map(|i| &s[i + 2..]).unwrap_or("");
-    Ok(rest.split_whitespace().map(str::to_string).collect())
-}
-
-/// Field 22 (starttime): tells a reused PID apart.
-fn start_time(f: &[String]) -> u64 {
-    f.get(22 - 3).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 /// `/proc/PID/smaps` VmFlags by mapping start.
@@ -595,14 +583,14 @@ impl Drop for Paused {
 fn make_uffd(pid: i32) -> Result<OwnedFd> {
     let mut paused = Paused::pause(pid)?;
     let maps = proc::maps(pid)?;
-    let insn = crate::dump::find_syscall_insn(pid, &maps)?;
-    let main = paused.threads[0].tracee;
+    let insn = crate::sys::remote::find_syscall_insn(pid, &maps)?;
+    let main = crate::sys::remote::RemoteCall::new(paused.threads[0].tracee, insn, 0);
     paused.remote = true;
     let flags = libc::O_CLOEXEC as u64 | libc::O_NONBLOCK as u64;
-    let fd = match crate::uffd::make_in(main, insn, flags | UFFD_USER_MODE_ONLY)? {
+    let fd = match crate::sys::uffd::make_in(&main, flags | UFFD_USER_MODE_ONLY)? {
         Some(fd) => fd,
         // Before 5.11: no user-mode-only flag (root may create one anyway).
-        None => crate::uffd::make_in(main, insn, flags)?.ok_or_else(|| {
+        None => crate::sys::uffd::make_in(&main, flags)?.ok_or_else(|| {
             Error::unsupported(
                 pid,
                 "--pre-copy: userfaultfd() in the process failed (CONFIG_USERFAULTFD, \

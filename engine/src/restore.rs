@@ -29,9 +29,12 @@ use crate::error::{Error, Result};
 use crate::files::{self, FdKind};
 use crate::image::Image;
 use crate::mm::{self, Backing};
-use crate::ptrace::Tracee;
+use crate::sys::proc;
+use crate::sys::ptrace::Tracee;
+use crate::sys::remote::RemoteCall;
+use crate::sys::PAGE_SIZE;
 use crate::task;
-use crate::{proc, ProcessImage, PAGE_SIZE};
+use crate::ProcessImage;
 
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
@@ -1196,8 +1199,7 @@ fn set_process_groups(image: &Image, plans: &[ChildPlan]) -> Result<()> {
                 continue;
             }
             let target = if leaders_first { 0 } else { p.pgid as u64 };
-            Tracee { pid: p.pid }.remote_ok(
-                plans[i].trampoline,
+            RemoteCall::new(Tracee { pid: p.pid }, plans[i].trampoline, 0).call(
                 libc::SYS_setpgid,
                 [0, target, 0, 0, 0, 0],
                 &format!("setpgid to {}", p.pgid),
@@ -1901,8 +1903,9 @@ fn rebuild(
     insn: u64,
 ) -> Result<Vec<Tracee>> {
     let pid = t.pid;
-    let call = |nr: i64, args: [u64; 6], what: &str| t.remote_ok(insn, nr, args, what);
     let scratch = insn + PAGE_SIZE;
+    let remote = RemoteCall::new(t, insn, scratch);
+    let call = |nr: i64, args: [u64; 6], what: &str| remote.call(nr, args, what);
     let image_shared = &image.inventory.shared_files;
     let shared_base = shared_base(image);
     let (file_fds, exe_fd) = helper_fds(p, image_shared, shared_base)?;
@@ -1929,7 +1932,7 @@ fn rebuild(
         }
         call(libc::SYS_munmap, [m.start, m.len(), 0, 0, 0, 0], "munmap")?;
     }
-    move_specials(pid, p, &own, &call)?;
+    move_specials(p, &own, &remote)?;
 
     // SysV shm: one shmat per attachment, at its first VMA; the rest of it
     // (split off by mprotect) gets its protection after.
@@ -2047,7 +2050,7 @@ fn rebuild(
         }
     }
 
-    write_pages(t, insn, p, pages)?;
+    write_pages(&remote, p, pages)?;
 
     for v in
         p.mm.vmas
@@ -2088,14 +2091,14 @@ fn rebuild(
             "auxv is larger than the kernel's",
         ));
     }
-    crate::ptrace::write_mem(pid, auxv_addr, &auxv)?;
+    crate::sys::ptrace::write_mem(pid, auxv_addr, &auxv)?;
     // The child's exe is crest's own. When the target is crest too (a benchmark
     // re-executing itself), the kernel refuses to replace an exe that is still
     // mapped (EBUSY), and there is nothing to replace: leave it (-1).
     let same_exe =
         std::fs::read_link("/proc/self/exe").is_ok_and(|e| e.as_os_str() == p.mm.exe.as_str());
     let exe_fd_for_prctl = if same_exe { u32::MAX } else { exe_fd as u32 };
-    crate::ptrace::write_mem(
+    crate::sys::ptrace::write_mem(
         pid,
         scratch,
         &mm::prctl_mm_map(&p.mm.fields, auxv_addr, p.mm.auxv.len(), exe_fd_for_prctl),
@@ -2111,7 +2114,7 @@ fn rebuild(
         call(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0], "close")?;
     }
     // Only now: closing any descriptor of a file drops our POSIX locks on it.
-    crate::locks::restore(t, insn, scratch, &p.locks)?;
+    crate::locks::restore(&remote, &p.locks)?;
 
     for it in &p.state.itimers {
         // A periodic timer caught the instant it fired reads 0 left (its signal
@@ -2129,7 +2132,7 @@ fn rebuild(
             value % 1_000_000,
         ];
         let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_ne_bytes()).collect();
-        crate::ptrace::write_mem(pid, scratch, &bytes)?;
+        crate::sys::ptrace::write_mem(pid, scratch, &bytes)?;
         call(
             libc::SYS_setitimer,
             [it.which as u64, scratch, 0, 0, 0, 0],
@@ -2160,9 +2163,9 @@ fn rebuild(
         args[8] = tid_at;
         args[9] = 1;
         let bytes: Vec<u8> = args.iter().flat_map(|v| v.to_ne_bytes()).collect();
-        crate::ptrace::write_mem(pid, args_at, &bytes)?;
-        crate::ptrace::write_mem(pid, tid_at, &th.tid.to_ne_bytes())?;
-        let tid = t.remote_clone_thread(insn, args_at, 88)?;
+        crate::sys::ptrace::write_mem(pid, args_at, &bytes)?;
+        crate::sys::ptrace::write_mem(pid, tid_at, &th.tid.to_ne_bytes())?;
+        let tid = remote.clone_thread(args_at, 88)?;
         if tid != th.tid {
             return Err(Error::Restore(format!(
                 "pid {pid}: thread {} came back as {tid}",
@@ -2175,9 +2178,8 @@ fn rebuild(
     // only the receiving thread itself send a siginfo with si_code >= 0).
     for (th, tt) in p.threads.iter().zip(&threads).skip(1) {
         for info in &th.pending {
-            crate::ptrace::write_mem(pid, scratch, &info.0)?;
-            tt.remote_ok(
-                insn,
+            crate::sys::ptrace::write_mem(pid, scratch, &info.0)?;
+            remote.on(*tt).call(
                 libc::SYS_rt_tgsigqueueinfo,
                 [
                     pid as u64,
@@ -2192,9 +2194,7 @@ fn rebuild(
         }
     }
     // POSIX timers once every thread they may notify exists.
-    crate::timers::restore_posix(pid, &p.state.posix_timers, scratch, &call, &|nr, args| {
-        t.remote_syscall(insn, nr, args)
-    })?;
+    crate::timers::restore_posix(&remote, &p.state.posix_timers)?;
     let c = &p.state.creds;
     let last_cap: u64 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
@@ -2208,7 +2208,8 @@ fn rebuild(
         ));
     }
     for (th, tt) in p.threads.iter().zip(&threads) {
-        let tcall = |nr: i64, args: [u64; 6], what: &str| tt.remote_ok(insn, nr, args, what);
+        let thread = remote.on(*tt);
+        let tcall = |nr: i64, args: [u64; 6], what: &str| thread.call(nr, args, what);
         if let Some(r) = &th.rseq {
             tcall(
                 libc::SYS_rseq,
@@ -2234,7 +2235,7 @@ fn rebuild(
                     .iter()
                     .flat_map(|v| v.to_ne_bytes())
                     .collect();
-                crate::ptrace::write_mem(pid, scratch, &ss)?;
+                crate::sys::ptrace::write_mem(pid, scratch, &ss)?;
                 tcall(
                     libc::SYS_sigaltstack,
                     [scratch, 0, 0, 0, 0, 0],
@@ -2244,7 +2245,7 @@ fn rebuild(
             let mut name = th.name.as_bytes().to_vec();
             name.truncate(15);
             name.push(0);
-            crate::ptrace::write_mem(pid, scratch, &name)?;
+            crate::sys::ptrace::write_mem(pid, scratch, &name)?;
             tcall(
                 libc::SYS_prctl,
                 [libc::PR_SET_NAME as u64, scratch, 0, 0, 0, 0],
@@ -2271,7 +2272,7 @@ fn rebuild(
                 "prctl(PR_SET_KEEPCAPS)",
             )?;
         }
-        crate::ptrace::write_mem(pid, scratch, &groups)?;
+        crate::sys::ptrace::write_mem(pid, scratch, &groups)?;
         tcall(
             libc::SYS_setgroups,
             [c.groups.len() as u64, scratch, 0, 0, 0, 0],
@@ -2295,7 +2296,7 @@ fn rebuild(
                 caps.extend_from_slice(&((v >> half) as u32).to_ne_bytes());
             }
         }
-        crate::ptrace::write_mem(pid, scratch, &caps)?;
+        crate::sys::ptrace::write_mem(pid, scratch, &caps)?;
         tcall(
             libc::SYS_capset,
             [scratch, scratch + 8, 0, 0, 0, 0],
@@ -2376,8 +2377,7 @@ fn finish(p: &ProcessImage, threads: &[Tracee], insn: u64) -> Result<()> {
     let mut regs = p.threads[0].regs;
     task::resume_interrupted_syscall(&mut regs, false);
     let base = t.regs()?;
-    let r = t.syscall_with_regs(
-        insn,
+    let r = RemoteCall::new(t, insn, 0).leaving_regs(
         libc::SYS_munmap,
         [insn, TRAMPOLINE_LEN, 0, 0, 0, 0],
         &base,
@@ -2410,17 +2410,11 @@ fn needs_write_window(p: &ProcessImage, v: &mm::Vma) -> bool {
             .any(|c| c.vaddr >= v.start && c.vaddr < v.end)
 }
 
-/// Runs one system call in the restore child: (number, arguments, what for).
-pub type RemoteCall<'a> = dyn Fn(i64, [u64; 6], &str) -> Result<u64> + 'a;
-
 /// Moves the child's vDSO and vvar areas to where the dumped process had them.
 /// Same kernel: same sizes, so a move is enough. Another layout is refused.
-fn move_specials(
-    pid: i32,
-    p: &ProcessImage,
-    own: &[proc::MapsEntry],
-    call: &RemoteCall,
-) -> Result<()> {
+fn move_specials(p: &ProcessImage, own: &[proc::MapsEntry], remote: &RemoteCall) -> Result<()> {
+    let pid = remote.pid();
+    let call = |nr: i64, args: [u64; 6], what: &str| remote.call(nr, args, what);
     let wanted: Vec<_> =
         p.mm.vmas
             .iter()
@@ -2486,8 +2480,8 @@ fn move_specials(
 /// UFFDIO_COPY where the kernel lets crest (no zeroing, no fault per page),
 /// the rest of the writable memory with process_vm_writev in batches of up
 /// to 1024 iovecs, each on two threads.
-fn write_pages(t: Tracee, insn: u64, p: &ProcessImage, pages: &Pages) -> Result<()> {
-    let pid = t.pid;
+fn write_pages(remote: &RemoteCall, p: &ProcessImage, pages: &Pages) -> Result<()> {
+    let pid = remote.pid();
     let lookup = mm::VmaLookup::new(&p.mm.vmas);
     let writable = |addr: u64| {
         lookup
@@ -2514,14 +2508,14 @@ fn write_pages(t: Tracee, insn: u64, p: &ProcessImage, pages: &Pages) -> Result<
             .filter_map(|(_, a)| anon_vma(*a).map(|v| (v.start, v.end)))
             .collect();
         vmas.dedup();
-        direct.extend(copy_by_uffd(t, insn, &vmas, anon)?);
+        direct.extend(copy_by_uffd(remote, &vmas, anon)?);
     } else {
         direct.extend(anon);
     }
     in_two(&direct, |h| write_direct(pid, h))?;
     // Read-only and PROT_NONE mappings: a tracer may write them through /proc/PID/mem.
     for c in forced {
-        crate::ptrace::write_mem(pid, c.vaddr, pages.slice(c))?;
+        crate::sys::ptrace::write_mem(pid, c.vaddr, pages.slice(c))?;
     }
     Ok(())
 }
@@ -2537,21 +2531,23 @@ const UFFD_COPY_FROM: u64 = 8 << 20;
 /// unregistered) before this returns, so what is left can be written
 /// normally.
 fn copy_by_uffd<'a>(
-    t: Tracee,
-    insn: u64,
+    remote: &RemoteCall,
     vmas: &[(u64, u64)],
     pieces: Vec<(&'a [u8], u64)>,
 ) -> Result<Vec<(&'a [u8], u64)>> {
     let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
-    let Some(fd) = crate::uffd::make_in(t, insn, flags)? else {
+    let t = remote.tracee;
+    let Some(fd) = crate::sys::uffd::make_in(remote, flags)? else {
         return Ok(pieces);
     };
-    if let Err(e) = crate::uffd::api(&fd, 0) {
+    if let Err(e) = crate::sys::uffd::api(&fd, 0) {
         tracing::debug!(pid = t.pid, "UFFDIO_API: {e}");
         return Ok(pieces);
     }
     for &(start, end) in vmas {
-        if let Err(e) = crate::uffd::register(&fd, start, end, crate::uffd::REGISTER_MODE_MISSING) {
+        if let Err(e) =
+            crate::sys::uffd::register(&fd, start, end, crate::sys::uffd::REGISTER_MODE_MISSING)
+        {
             tracing::debug!(pid = t.pid, "UFFDIO_REGISTER {start:#x}-{end:#x}: {e}");
             return Ok(pieces);
         }
@@ -2559,7 +2555,7 @@ fn copy_by_uffd<'a>(
     let left = std::sync::Mutex::new(Vec::new());
     in_two(&pieces, |half| {
         for &(data, addr) in half {
-            if let Err((done, e)) = crate::uffd::copy(&fd, addr, data) {
+            if let Err((done, e)) = crate::sys::uffd::copy(&fd, addr, data) {
                 tracing::debug!(pid = t.pid, "UFFDIO_COPY at {:#x}: {e}", addr + done);
                 left.lock()
                     .expect("not poisoned")
@@ -2625,7 +2621,7 @@ fn write_direct(pid: i32, pieces: &[(&[u8], u64)]) -> Result<()> {
             // A short write stops at the first piece that failed: finish piece by
             // piece through /proc/PID/mem, which reports the address that failed.
             for (d, a) in batch {
-                crate::ptrace::write_mem(pid, *a, d)?;
+                crate::sys::ptrace::write_mem(pid, *a, d)?;
             }
         }
     }

@@ -240,7 +240,7 @@ pub fn render(image: &Image) -> String {
                 p.mm.chunks
                     .iter()
                     .filter(|c| c.vaddr >= v.start && c.vaddr < v.end)
-                    .map(|c| c.len / crate::PAGE_SIZE)
+                    .map(|c| c.len / crate::sys::PAGE_SIZE)
                     .sum();
             let what = match &v.backing {
                 Backing::Anon if v.name.is_empty() => "anonymous".to_string(),

@@ -94,11 +94,7 @@ fn passed_file(pid: i32, fd: i32, own: i32, earlier: &[i32]) -> Result<PassedFil
     if !regular || !link.starts_with('/') || link.ends_with(" (deleted)") {
         return refuse(format!("a file descriptor of {link}"));
     }
-    const KCMP_FILE: libc::c_long = 0;
-    // SAFETY: kcmp takes only integers.
-    let same = |p: i32, theirs: i32| unsafe {
-        libc::syscall(libc::SYS_kcmp, me, p, KCMP_FILE, own, theirs) == 0
-    };
+    let same = |p: i32, theirs: i32| crate::sys::fd::same_file(me, own, p, theirs);
     if earlier.iter().any(|&e| same(me, e)) {
         return refuse(format!("{link} twice"));
     }
@@ -115,7 +111,7 @@ fn passed_file(pid: i32, fd: i32, own: i32, earlier: &[i32]) -> Result<PassedFil
             ));
         }
     }
-    let info = crate::proc::parse_fdinfo(
+    let info = crate::sys::proc::parse_fdinfo(
         &std::fs::read_to_string(format!("/proc/self/fdinfo/{own}")).unwrap_or_default(),
     );
     Ok(PassedFile {
@@ -603,7 +599,7 @@ pub enum Collected {
 }
 
 pub fn collect(pid: i32, fd: i32, flags: i32) -> Result<std::result::Result<Collected, String>> {
-    let sock = crate::files::pidfd_getfd(pid, fd)?;
+    let sock = crate::sys::fd::pidfd_getfd(pid, fd)?;
     let s = sock.as_raw_fd();
     let (domain, ty) = (
         sockopt(s, libc::SOL_SOCKET, libc::SO_DOMAIN),

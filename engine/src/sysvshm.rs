@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::mm::Backing;
-use crate::{ProcessImage, PAGE_SIZE};
+use crate::sys::PAGE_SIZE;
+use crate::ProcessImage;
 
 /// SHM_DEST in a segment's mode: removed once the last process detaches.
 const SHM_DEST: u32 = 0o1000;

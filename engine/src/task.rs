@@ -6,8 +6,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::proc;
-use crate::ptrace::{Regs, Tracee};
+use crate::sys::proc;
+use crate::sys::ptrace::Regs;
+use crate::sys::remote::RemoteCall;
 
 /// x86-64 `user_regs_struct`, by name.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -346,88 +347,13 @@ fn one() -> i32 {
     1
 }
 
-/// A place in the target where a remote syscall can write its output, and the
-/// `syscall` instruction to run it with.
-#[derive(Debug, Clone, Copy)]
-pub struct Remote {
-    pub tracee: Tracee,
-    pub insn: u64,
-    pub scratch: u64,
-}
-
-impl Remote {
-    pub fn call(&self, nr: i64, args: [u64; 6], what: &str) -> Result<u64> {
-        self.tracee.remote_ok(self.insn, nr, args, what)
-    }
-
-    pub fn read_scratch(&self, len: usize) -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; len];
-        crate::ptrace::read_mem(self.tracee.pid, self.scratch, &mut buf)?;
-        Ok(buf)
-    }
-}
-
 fn u64_at(b: &[u8], i: usize) -> u64 {
     u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"))
 }
 
-/// Collects the state of the (single) thread `tracee`.
-/// Finds a thread's rseq registration on kernels that cannot report it to a
-/// tracer (before 5.13), the way glibc (2.35+) lays it out: the area sits at
-/// `__rseq_offset` from the thread pointer, and its `cpu_id` is non-negative
-/// once the kernel accepted the registration. Only when the target runs the
-/// same libc as crest (so the offset is the same); otherwise nothing is claimed.
-fn glibc_rseq(tid: i32, fs_base: u64) -> Result<Option<Rseq>> {
-    const RSEQ_SIG: u32 = 0x5305_3053;
-    // SAFETY: dlsym only looks glibc's exported constants up; we read them.
-    let (offset, size) = unsafe {
-        let offset = libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_offset".as_ptr()).cast::<isize>();
-        let size = libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_size".as_ptr()).cast::<u32>();
-        if offset.is_null() || size.is_null() || *size == 0 {
-            return Ok(None);
-        }
-        (*offset, *size)
-    };
-    let libc_of = |pid: i32| -> Option<String> {
-        let maps = proc::maps(pid).ok()?;
-        maps.into_iter()
-            .map(|m| m.name)
-            .find(|n| n.contains("/libc.so"))
-    };
-    if fs_base == 0 || libc_of(tid) != libc_of(std::process::id() as i32) {
-        return Ok(None);
-    }
-    let area = (fs_base as i64 + offset as i64) as u64;
-    let mut head = [0u8; 8];
-    if crate::ptrace::read_mem(tid, area, &mut head).is_err() {
-        return Ok(None);
-    }
-    let cpu_id = i32::from_ne_bytes([head[4], head[5], head[6], head[7]]);
-    Ok((cpu_id >= 0).then_some(Rseq {
-        pointer: area,
-        size: size.max(32),
-        signature: RSEQ_SIG,
-    }))
-}
-
-/// The rseq registration of thread `t` (its thread pointer: `fs_base`).
-/// `None` also where the kernel cannot say (before 5.13) and the thread runs
-/// another libc than crest ([`Tracee::rseq_unknown`] tells those apart).
-pub(crate) fn rseq_of(t: Tracee, fs_base: u64) -> Result<Option<Rseq>> {
-    Ok(match t.rseq()? {
-        Some(c) => Some(Rseq {
-            pointer: c.rseq_abi_pointer,
-            size: c.rseq_abi_size,
-            signature: c.signature,
-        }),
-        None if Tracee::rseq_unknown() => glibc_rseq(t.pid, fs_base)?,
-        None => None,
-    })
-}
-
 /// Collects the state of one seized thread; `regs` are its registers as they
 /// were when it was frozen (before any remote call).
-pub fn collect_thread(remote: &Remote, regs: &Regs, name: String) -> Result<ThreadImage> {
+pub fn collect_thread(remote: &RemoteCall, regs: &Regs, name: String) -> Result<ThreadImage> {
     let t = remote.tracee;
     let regs = Registers::from(regs);
     let xstate = t.xstate()?;
@@ -437,7 +363,11 @@ pub fn collect_thread(remote: &Remote, regs: &Regs, name: String) -> Result<Thre
         .into_iter()
         .map(|b| SigInfo::from_kernel(&b))
         .collect();
-    let rseq = rseq_of(t, regs.fs_base)?;
+    let rseq = t.rseq_area(regs.fs_base)?.map(|a| Rseq {
+        pointer: a.pointer,
+        size: a.size,
+        signature: a.signature,
+    });
     let mut head = 0u64;
     let mut len = 0usize;
     // SAFETY: get_robust_list writes one pointer and one size_t into our locals.
@@ -489,7 +419,7 @@ pub fn collect_thread(remote: &Remote, regs: &Regs, name: String) -> Result<Thre
 
 /// Collects signal handlers, shared pending signals, itimers, credentials,
 /// rlimits and the rest of the process-wide state.
-pub fn collect_process(remote: &Remote, status: &str) -> Result<ProcessState> {
+pub fn collect_process(remote: &RemoteCall, status: &str) -> Result<ProcessState> {
     let pid = remote.tracee.pid;
     let mut sigactions = Vec::new();
     for signo in 1..=64 {
@@ -645,21 +575,7 @@ pub fn parse_limits(text: &str) -> std::result::Result<Vec<Rlimit>, String> {
         .collect()
 }
 
-pub fn signal_name(signo: i32) -> String {
-    match nix::sys::signal::Signal::try_from(signo) {
-        Ok(s) => s.as_str().to_string(),
-        Err(_) if signo >= libc::SIGRTMIN() => format!("SIGRTMIN+{}", signo - libc::SIGRTMIN()),
-        Err(_) => format!("signal {signo}"),
-    }
-}
-
-/// Names of the signals set in `mask` (bit N-1 is signal N).
-pub fn mask_names(mask: u64) -> Vec<String> {
-    (1..=64)
-        .filter(|s| mask & (1u64 << (s - 1)) != 0)
-        .map(signal_name)
-        .collect()
-}
+pub use crate::sys::names::{mask_names, signal_name};
 
 #[cfg(test)]
 mod tests {
@@ -753,11 +669,5 @@ Max open files            512                  4096                 files     \n
             }
         );
         assert!(parse_limits("h\nMax cpu time   bogus").is_err());
-    }
-
-    #[test]
-    fn signal_masks_are_named() {
-        assert_eq!(mask_names(1 << 9), vec!["SIGUSR1"]);
-        assert_eq!(signal_name(libc::SIGRTMIN() + 2), "SIGRTMIN+2");
     }
 }

@@ -422,12 +422,12 @@ pub fn established_fds_of(pid: i32) -> Result<Vec<Established>> {
         else {
             continue;
         };
-        let is_socket = crate::proc::readlink(pid, &format!("fd/{fd}"))
+        let is_socket = crate::sys::proc::readlink(pid, &format!("fd/{fd}"))
             .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"));
         if !is_socket {
             continue;
         }
-        let sock = crate::files::pidfd_getfd(pid, fd)?;
+        let sock = crate::sys::fd::pidfd_getfd(pid, fd)?;
         let s = sock.as_raw_fd();
         let domain = get_int(s, libc::SOL_SOCKET, libc::SO_DOMAIN).unwrap_or(0);
         let ty = get_int(s, libc::SOL_SOCKET, libc::SO_TYPE).unwrap_or(0);

@@ -118,9 +118,9 @@ fn itimerspec_bytes(interval_ns: u64, value_ns: u64) -> Vec<u8> {
 
 /// Collects the POSIX timers of the seized process `remote` (its scratch page
 /// receives timer_gettime's answers).
-pub fn collect_posix(remote: &crate::task::Remote) -> Result<Vec<PosixTimer>> {
+pub fn collect_posix(remote: &crate::sys::remote::RemoteCall) -> Result<Vec<PosixTimer>> {
     let pid = remote.tracee.pid;
-    let text = crate::proc::read(pid, "timers").unwrap_or_default();
+    let text = crate::sys::proc::read(pid, "timers").unwrap_or_default();
     let mut timers = parse_proc_timers(&text).map_err(|e| Error::Refused {
         pid,
         reason: format!("/proc/{pid}/timers: {e}"),
@@ -155,27 +155,23 @@ fn sigevent_bytes(t: &PosixTimer) -> [u8; 64] {
 /// per process, so reaching ID N takes N+1 creations.
 const MAX_LINEAR_IDS: i32 = 4096;
 
-/// Recreates `timers` in the restored process `pid` through `call` (remote
-/// syscalls in its main thread), each with its old ID, then arms them. Runs
+/// Recreates `timers` in the restored process through `remote` (its main
+/// thread), each with its old ID, then arms them. Runs
 /// after the process's threads exist (a timer may notify one of them).
-pub fn restore_posix(
-    pid: i32,
-    timers: &[PosixTimer],
-    scratch: u64,
-    call: &crate::restore::RemoteCall,
-    raw: &dyn Fn(i64, [u64; 6]) -> Result<i64>,
-) -> Result<()> {
+pub fn restore_posix(remote: &crate::sys::remote::RemoteCall, timers: &[PosixTimer]) -> Result<()> {
     if timers.is_empty() {
         return Ok(());
     }
     const PR_TIMER_CREATE_RESTORE_IDS: u64 = 77;
+    let (pid, scratch) = (remote.pid(), remote.scratch);
+    let call = |nr: i64, args: [u64; 6], what: &str| remote.call(nr, args, what);
     let ev_at = scratch;
     let id_at = scratch + 64;
     let spec_at = scratch + 128;
     let mut sorted = timers.to_vec();
     sorted.sort_by_key(|t| t.id);
     // Linux 6.16+: timer_create takes the wanted ID from *created_timer_id.
-    let explicit = raw(
+    let explicit = remote.raw(
         libc::SYS_prctl,
         [PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0, 0, 0],
     )? == 0;
@@ -190,17 +186,17 @@ pub fn restore_posix(
                 ),
             ));
         }
-        crate::ptrace::write_mem(pid, ev_at, &sigevent_bytes(t))?;
+        crate::sys::ptrace::write_mem(pid, ev_at, &sigevent_bytes(t))?;
         let what = format!("timer_create of timer {}", t.id);
         loop {
-            crate::ptrace::write_mem(pid, id_at, &t.id.to_ne_bytes())?;
+            crate::sys::ptrace::write_mem(pid, id_at, &t.id.to_ne_bytes())?;
             call(
                 libc::SYS_timer_create,
                 [t.clock as i64 as u64, ev_at, id_at, 0, 0, 0],
                 &what,
             )?;
             let mut got = [0u8; 4];
-            crate::ptrace::read_mem(pid, id_at, &mut got)?;
+            crate::sys::ptrace::read_mem(pid, id_at, &mut got)?;
             let got = i32::from_ne_bytes(got);
             if got == t.id {
                 break;
@@ -238,7 +234,7 @@ pub fn restore_posix(
         } else {
             t.value_ns
         };
-        crate::ptrace::write_mem(pid, spec_at, &itimerspec_bytes(t.interval_ns, value))?;
+        crate::sys::ptrace::write_mem(pid, spec_at, &itimerspec_bytes(t.interval_ns, value))?;
         call(
             libc::SYS_timer_settime,
             [t.id as u64, 0, spec_at, 0, 0, 0],

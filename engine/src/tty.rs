@@ -185,7 +185,7 @@ pub fn collect_master(
         .find_map(|l| l.strip_prefix("tty-index:"))
         .and_then(|v| v.trim().parse().ok())
         .ok_or("a pty master whose index this kernel's fdinfo does not show")?;
-    let master = crate::files::pidfd_getfd(pid, fd)
+    let master = crate::sys::fd::pidfd_getfd(pid, fd)
         .map_err(|e| format!("a pty master (pts {index}) crest cannot take: {e}"))?;
     let mut master = File::from(master);
     let mut slave = open_slave(index).map_err(|e| format!("a pty master whose slave {e}"))?;

@@ -1,11 +1,6 @@
-//! ptrace: seizing a task, its register sets, and running system calls inside it.
-//!
-//! A remote system call points the stopped task's `rip` at a `syscall`
-//! instruction that exists in its address space (one found in the vDSO when
-//! dumping; a one-page trampoline when restoring), sets `rax` and the argument
-//! registers, and steps it through the syscall-entry and syscall-exit stops
-//! with `PTRACE_SYSCALL`. No code is injected and no signal is involved, so the
-//! task's signal state is never touched.
+//! ptrace: seizing a task, its register sets, its signal state, and its
+//! memory through `/proc/PID/mem`. Running system calls inside it is
+//! [`crate::sys::remote`].
 
 use nix::errno::Errno;
 use nix::sys::ptrace;
@@ -48,7 +43,8 @@ impl Tracee {
         Pid::from_raw(self.pid)
     }
 
-    fn err(self, what: &str, e: Errno) -> Error {
+    /// An error of a ptrace request: a task that vanished is [`Error::Gone`].
+    pub(crate) fn fail(self, what: &str, e: Errno) -> Error {
         if e == Errno::ESRCH {
             Error::Gone {
                 pid: self.pid,
@@ -70,12 +66,12 @@ impl Tracee {
                         "cannot be traced (already traced by another process, or not permitted)"
                             .into(),
                 },
-                e => t.err("PTRACE_SEIZE", e),
+                e => t.fail("PTRACE_SEIZE", e),
             },
         )?;
         if let Err(e) = ptrace::interrupt(t.nix_pid()) {
             let _ = ptrace::detach(t.nix_pid(), None);
-            return Err(t.err("PTRACE_INTERRUPT", e));
+            return Err(t.fail("PTRACE_INTERRUPT", e));
         }
         t.wait_stop().inspect_err(|_| {
             let _ = ptrace::detach(t.nix_pid(), None);
@@ -91,8 +87,8 @@ impl Tracee {
         let opts = ptrace::Options::PTRACE_O_TRACESYSGOOD
             | ptrace::Options::PTRACE_O_EXITKILL
             | ptrace::Options::PTRACE_O_TRACECLONE;
-        ptrace::seize(t.nix_pid(), opts).map_err(|e| t.err("PTRACE_SEIZE", e))?;
-        ptrace::interrupt(t.nix_pid()).map_err(|e| t.err("PTRACE_INTERRUPT", e))?;
+        ptrace::seize(t.nix_pid(), opts).map_err(|e| t.fail("PTRACE_SEIZE", e))?;
+        ptrace::interrupt(t.nix_pid()).map_err(|e| t.fail("PTRACE_INTERRUPT", e))?;
         t.wait_stop()?;
         Ok(t)
     }
@@ -101,7 +97,7 @@ impl Tracee {
     pub fn wait_stop(self) -> Result<WaitStatus> {
         loop {
             let status = waitpid(self.nix_pid(), Some(WaitPidFlag::__WALL))
-                .map_err(|e| self.err("waitpid", e))?;
+                .map_err(|e| self.fail("waitpid", e))?;
             match status {
                 WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
                     return Err(Error::Gone {
@@ -114,9 +110,9 @@ impl Tracee {
                     // queued in the kernel only if we re-inject it, so do that and
                     // wait again for our stop.
                     ptrace::cont(self.nix_pid(), Some(sig))
-                        .map_err(|e| self.err("PTRACE_CONT", e))?;
+                        .map_err(|e| self.fail("PTRACE_CONT", e))?;
                     ptrace::interrupt(self.nix_pid())
-                        .map_err(|e| self.err("PTRACE_INTERRUPT", e))?;
+                        .map_err(|e| self.fail("PTRACE_INTERRUPT", e))?;
                 }
                 s => return Ok(s),
             }
@@ -124,11 +120,11 @@ impl Tracee {
     }
 
     pub fn regs(self) -> Result<Regs> {
-        ptrace::getregs(self.nix_pid()).map_err(|e| self.err("PTRACE_GETREGS", e))
+        ptrace::getregs(self.nix_pid()).map_err(|e| self.fail("PTRACE_GETREGS", e))
     }
 
     pub fn set_regs(self, regs: &Regs) -> Result<()> {
-        ptrace::setregs(self.nix_pid(), *regs).map_err(|e| self.err("PTRACE_SETREGS", e))
+        ptrace::setregs(self.nix_pid(), *regs).map_err(|e| self.fail("PTRACE_SETREGS", e))
     }
 
     /// The task's XSAVE area (FPU, SSE, AVX…), as many bytes as the kernel fills.
@@ -141,7 +137,7 @@ impl Tracee {
         // SAFETY: PTRACE_GETREGSET writes at most iov_len bytes into iov_base, a live buffer.
         let r = unsafe { libc::ptrace(libc::PTRACE_GETREGSET, self.pid, NT_X86_XSTATE, &mut iov) };
         if r < 0 {
-            return Err(self.err("PTRACE_GETREGSET NT_X86_XSTATE", Errno::last()));
+            return Err(self.fail("PTRACE_GETREGSET NT_X86_XSTATE", Errno::last()));
         }
         buf.truncate(iov.iov_len);
         Ok(buf)
@@ -156,7 +152,7 @@ impl Tracee {
         // SAFETY: PTRACE_SETREGSET reads iov_len bytes from iov_base, a live buffer.
         let r = unsafe { libc::ptrace(libc::PTRACE_SETREGSET, self.pid, NT_X86_XSTATE, &mut iov) };
         if r < 0 {
-            return Err(self.err("PTRACE_SETREGSET NT_X86_XSTATE", Errno::last()));
+            return Err(self.fail("PTRACE_SETREGSET NT_X86_XSTATE", Errno::last()));
         }
         Ok(())
     }
@@ -172,7 +168,7 @@ impl Tracee {
         // SAFETY: iov points at a live user_regs_struct of iov_len bytes.
         let rc = unsafe { libc::ptrace(libc::PTRACE_SETREGSET, self.pid, NT_PRSTATUS, &mut iov) };
         if rc < 0 {
-            return Err(self.err("PTRACE_SETREGSET NT_PRSTATUS", Errno::last()));
+            return Err(self.fail("PTRACE_SETREGSET NT_PRSTATUS", Errno::last()));
         }
         Ok(())
     }
@@ -182,7 +178,7 @@ impl Tracee {
         // SAFETY: PTRACE_GETSIGMASK writes 8 bytes (the size we pass) into `mask`.
         let r = unsafe { libc::ptrace(libc::PTRACE_GETSIGMASK, self.pid, 8usize, &mut mask) };
         if r < 0 {
-            return Err(self.err("PTRACE_GETSIGMASK", Errno::last()));
+            return Err(self.fail("PTRACE_GETSIGMASK", Errno::last()));
         }
         Ok(mask)
     }
@@ -192,7 +188,7 @@ impl Tracee {
         // SAFETY: PTRACE_SETSIGMASK reads 8 bytes from `m`.
         let r = unsafe { libc::ptrace(libc::PTRACE_SETSIGMASK, self.pid, 8usize, &m) };
         if r < 0 {
-            return Err(self.err("PTRACE_SETSIGMASK", Errno::last()));
+            return Err(self.fail("PTRACE_SETSIGMASK", Errno::last()));
         }
         Ok(())
     }
@@ -219,7 +215,7 @@ impl Tracee {
                 libc::ptrace(libc::PTRACE_PEEKSIGINFO, self.pid, &args, buf.as_mut_ptr())
             };
             if n < 0 {
-                return Err(self.err("PTRACE_PEEKSIGINFO", Errno::last()));
+                return Err(self.fail("PTRACE_PEEKSIGINFO", Errno::last()));
             }
             out.extend_from_slice(&buf[..n as usize]);
             if (n as usize) < buf.len() {
@@ -247,7 +243,7 @@ impl Tracee {
                 RSEQ_PTRACE_MISSING.store(true, std::sync::atomic::Ordering::Relaxed);
                 Ok(None)
             } else {
-                Err(self.err("PTRACE_GET_RSEQ_CONFIGURATION", e))
+                Err(self.fail("PTRACE_GET_RSEQ_CONFIGURATION", e))
             };
         }
         Ok((conf.rseq_abi_pointer != 0).then_some(conf))
@@ -259,141 +255,18 @@ impl Tracee {
         RSEQ_PTRACE_MISSING.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Runs one system call inside the task with the `syscall` instruction at
-    /// `insn`, and returns its raw result (negative errno on failure). The
-    /// task's registers are restored afterwards.
-    pub fn remote_syscall(self, insn: u64, nr: i64, args: [u64; 6]) -> Result<i64> {
-        let saved = self.regs()?;
-        let result = self.syscall_with_regs(insn, nr, args, &saved);
-        self.set_regs(&saved)?;
-        result
-    }
-
-    /// Like [`Tracee::remote_syscall`] but leaves the task at the syscall-exit
-    /// stop without restoring registers (for the last call of a restore).
-    pub fn syscall_with_regs(self, insn: u64, nr: i64, args: [u64; 6], base: &Regs) -> Result<i64> {
-        let mut regs = *base;
-        regs.rip = insn;
-        regs.rax = nr as u64;
-        // -1: not inside a syscall, so the kernel does no restart fix-up on resume.
-        regs.orig_rax = u64::MAX;
-        regs.rdi = args[0];
-        regs.rsi = args[1];
-        regs.rdx = args[2];
-        regs.r10 = args[3];
-        regs.r8 = args[4];
-        regs.r9 = args[5];
-        self.set_regs(&regs)?;
-        for phase in ["entry", "exit"] {
-            loop {
-                ptrace::syscall(self.nix_pid(), None).map_err(|e| self.err("PTRACE_SYSCALL", e))?;
-                match waitpid(self.nix_pid(), Some(WaitPidFlag::__WALL))
-                    .map_err(|e| self.err("waitpid", e))?
-                {
-                    WaitStatus::PtraceSyscall(_) => break,
-                    // A job-control stop of a stopped process is reported once to a
-                    // seizing tracer; resuming again runs our syscall.
-                    WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_STOP) => continue,
-                    WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
-                        return Err(Error::Gone {
-                            pid: self.pid,
-                            during: "a remote system call",
-                        })
-                    }
-                    other => {
-                        return Err(Error::Refused {
-                            pid: self.pid,
-                            reason: format!(
-                            "unexpected stop {other:?} at syscall {phase} of remote syscall {nr}"
-                        ),
-                        })
-                    }
-                }
-            }
-        }
-        Ok(self.regs()?.rax as i64)
-    }
-
-    /// A remote syscall whose negative result becomes an error naming `what`.
-    pub fn remote_ok(self, insn: u64, nr: i64, args: [u64; 6], what: &str) -> Result<u64> {
-        let r = self.remote_syscall(insn, nr, args)?;
-        if (-4095..0).contains(&r) {
-            return Err(Error::sys(
-                self.pid,
-                format!("remote {what}"),
-                Errno::from_raw(-r as i32),
-            ));
-        }
-        Ok(r as u64)
-    }
-
-    /// Creates a thread in the task's process with a remote `clone3` whose
-    /// arguments are at `args` (in the task's memory), and returns its TID once
-    /// it is in its first stop (auto-attached through PTRACE_O_TRACECLONE).
-    pub fn remote_clone_thread(self, insn: u64, args: u64, size: u64) -> Result<i32> {
-        let saved = self.regs()?;
-        let mut regs = saved;
-        regs.rip = insn;
-        regs.rax = libc::SYS_clone3 as u64;
-        regs.orig_rax = u64::MAX;
-        regs.rdi = args;
-        regs.rsi = size;
-        self.set_regs(&regs)?;
-        let mut new_tid = None;
-        let mut syscall_stops = 0;
-        loop {
-            ptrace::syscall(self.nix_pid(), None).map_err(|e| self.err("PTRACE_SYSCALL", e))?;
-            match waitpid(self.nix_pid(), Some(WaitPidFlag::__WALL))
-                .map_err(|e| self.err("waitpid", e))?
-            {
-                WaitStatus::PtraceSyscall(_) => {
-                    syscall_stops += 1;
-                    if syscall_stops == 2 {
-                        break; // entry, then exit
-                    }
-                }
-                WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_CLONE) => {
-                    new_tid = Some(
-                        ptrace::getevent(self.nix_pid())
-                            .map_err(|e| self.err("PTRACE_GETEVENTMSG", e))?
-                            as i32,
-                    );
-                }
-                other => {
-                    return Err(Error::Refused {
-                        pid: self.pid,
-                        reason: format!("unexpected stop {other:?} in a remote clone3"),
-                    })
-                }
-            }
-        }
-        let r = self.regs()?.rax as i64;
-        self.set_regs(&saved)?;
-        if r < 0 {
-            return Err(Error::sys(
-                self.pid,
-                "remote clone3 of a thread",
-                Errno::from_raw(-r as i32),
-            ));
-        }
-        let tid = new_tid.unwrap_or(r as i32);
-        waitpid(Pid::from_raw(tid), Some(WaitPidFlag::__WALL))
-            .map_err(|e| Error::sys(tid, "waitpid for a new thread", e))?;
-        Ok(tid)
-    }
-
     /// Lets the stopped task run on its own (PTRACE_CONT), with no signal.
     pub fn resume(self) -> Result<()> {
-        ptrace::cont(self.nix_pid(), None).map_err(|e| self.err("PTRACE_CONT", e))
+        ptrace::cont(self.nix_pid(), None).map_err(|e| self.fail("PTRACE_CONT", e))
     }
 
     /// Stops a task that runs (PTRACE_INTERRUPT) and waits for the stop: ours,
     /// or a signal's that came first (left undelivered: the next resume does
     /// not pass it on, and our stop then follows).
     pub fn interrupt(self) -> Result<()> {
-        ptrace::interrupt(self.nix_pid()).map_err(|e| self.err("PTRACE_INTERRUPT", e))?;
+        ptrace::interrupt(self.nix_pid()).map_err(|e| self.fail("PTRACE_INTERRUPT", e))?;
         match waitpid(self.nix_pid(), Some(WaitPidFlag::__WALL))
-            .map_err(|e| self.err("waitpid", e))?
+            .map_err(|e| self.fail("waitpid", e))?
         {
             WaitStatus::Exited(..) | WaitStatus::Signaled(..) => Err(Error::Gone {
                 pid: self.pid,
@@ -408,7 +281,7 @@ impl Tracee {
     /// outside SIGSTOP) is let go, as in a remote system call.
     pub fn poll_signal_stop(self) -> Result<Option<Signal>> {
         let flags = WaitPidFlag::__WALL | WaitPidFlag::WNOHANG;
-        match waitpid(self.nix_pid(), Some(flags)).map_err(|e| self.err("waitpid", e))? {
+        match waitpid(self.nix_pid(), Some(flags)).map_err(|e| self.fail("waitpid", e))? {
             WaitStatus::StillAlive => Ok(None),
             WaitStatus::PtraceEvent(_, _, libc::PTRACE_EVENT_STOP) => {
                 self.resume()?;
@@ -427,8 +300,71 @@ impl Tracee {
     }
 
     pub fn detach(self, sig: Option<Signal>) -> Result<()> {
-        ptrace::detach(self.nix_pid(), sig).map_err(|e| self.err("PTRACE_DETACH", e))
+        ptrace::detach(self.nix_pid(), sig).map_err(|e| self.fail("PTRACE_DETACH", e))
     }
+}
+
+/// Where a thread's rseq area is registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RseqArea {
+    pub pointer: u64,
+    pub size: u32,
+    pub signature: u32,
+}
+
+impl Tracee {
+    /// The rseq registration of this thread (its thread pointer: `fs_base`).
+    /// `None` also where the kernel cannot say (before 5.13) and the thread runs
+    /// another libc than crest ([`Tracee::rseq_unknown`] tells those apart).
+    pub fn rseq_area(self, fs_base: u64) -> Result<Option<RseqArea>> {
+        Ok(match self.rseq()? {
+            Some(c) => Some(RseqArea {
+                pointer: c.rseq_abi_pointer,
+                size: c.rseq_abi_size,
+                signature: c.signature,
+            }),
+            None if Tracee::rseq_unknown() => glibc_rseq(self.pid, fs_base)?,
+            None => None,
+        })
+    }
+}
+
+/// Finds a thread's rseq registration on kernels that cannot report it to a
+/// tracer (before 5.13), the way glibc (2.35+) lays it out: the area sits at
+/// `__rseq_offset` from the thread pointer, and its `cpu_id` is non-negative
+/// once the kernel accepted the registration. Only when the target runs the
+/// same libc as crest (so the offset is the same); otherwise nothing is claimed.
+fn glibc_rseq(tid: i32, fs_base: u64) -> Result<Option<RseqArea>> {
+    const RSEQ_SIG: u32 = 0x5305_3053;
+    // SAFETY: dlsym only looks glibc's exported constants up; we read them.
+    let (offset, size) = unsafe {
+        let offset = libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_offset".as_ptr()).cast::<isize>();
+        let size = libc::dlsym(libc::RTLD_DEFAULT, c"__rseq_size".as_ptr()).cast::<u32>();
+        if offset.is_null() || size.is_null() || *size == 0 {
+            return Ok(None);
+        }
+        (*offset, *size)
+    };
+    let libc_of = |pid: i32| -> Option<String> {
+        let maps = crate::sys::proc::maps(pid).ok()?;
+        maps.into_iter()
+            .map(|m| m.name)
+            .find(|n| n.contains("/libc.so"))
+    };
+    if fs_base == 0 || libc_of(tid) != libc_of(std::process::id() as i32) {
+        return Ok(None);
+    }
+    let area = (fs_base as i64 + offset as i64) as u64;
+    let mut head = [0u8; 8];
+    if read_mem(tid, area, &mut head).is_err() {
+        return Ok(None);
+    }
+    let cpu_id = i32::from_ne_bytes([head[4], head[5], head[6], head[7]]);
+    Ok((cpu_id >= 0).then_some(RseqArea {
+        pointer: area,
+        size: size.max(32),
+        signature: RSEQ_SIG,
+    }))
 }
 
 /// Reads `len` bytes at `addr` of `pid` through `/proc/PID/mem`, which a tracer
@@ -457,7 +393,7 @@ pub fn write_mem(pid: i32, addr: u64, data: &[u8]) -> Result<()> {
 /// A vanished process is an expected event, not an I/O error.
 pub(crate) fn mem_error(pid: i32, path: &str, addr: u64, e: std::io::Error) -> Error {
     let gone = e.raw_os_error() == Some(libc::ESRCH)
-        || (e.kind() == std::io::ErrorKind::NotFound && crate::proc::is_gone(pid));
+        || (e.kind() == std::io::ErrorKind::NotFound && crate::sys::proc::is_gone(pid));
     if gone {
         Error::Gone {
             pid,

@@ -222,6 +222,126 @@ pub fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
     })
 }
 
+/// The fields of `/proc/PID/stat` after the command name (field 3 first).
+pub fn stat_fields(pid: i32) -> Result<Vec<String>> {
+    let s = read(pid, "stat")?;
+    Ok(split_stat(&s))
+}
+
+/// The fields of a `/proc/PID/stat` text after the command name, which may
+/// hold spaces and parentheses.
+pub fn split_stat(s: &str) -> Vec<String> {
+    let rest = s
+        .rfind(')')
+        .map(|i| s.get(i + 2..).unwrap_or(""))
+        .unwrap_or("");
+    rest.split_whitespace().map(str::to_string).collect()
+}
+
+/// Field `n` (1-based, as in proc(5)) of a stat split by [`stat_fields`].
+pub fn stat_field(f: &[String], n: usize) -> i64 {
+    f.get(n - 3).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// Field 22 (starttime): tells a reused PID apart.
+pub fn start_time(f: &[String]) -> u64 {
+    f.get(22 - 3).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// Task flags (`/proc/PID/stat` field 9) from include/linux/sched.h.
+pub const PF_EXITING: i64 = 0x4;
+pub const PF_KTHREAD: i64 = 0x0020_0000;
+
+/// Whether `pid` is a zombie.
+pub fn is_zombie(pid: i32) -> bool {
+    stat_fields(pid)
+        .map(|f| f.first().is_some_and(|s| s == "Z"))
+        .unwrap_or(false)
+}
+
+/// The threads of `pid`, the main thread (tid == pid) first, the rest in order.
+pub fn threads_of(pid: i32) -> Vec<i32> {
+    let mut tids: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    tids.sort_unstable_by_key(|&t| (t != pid, t));
+    tids
+}
+
+/// The descriptor numbers `pid` has open, in order.
+pub fn fds_of(pid: i32) -> Result<Vec<i32>> {
+    let dir = format!("/proc/{pid}/fd");
+    let mut fds: Vec<i32> = fs::read_dir(&dir)
+        .map_err(|e| gone_or_io(pid, PathBuf::from(&dir), e))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    fds.sort_unstable();
+    Ok(fds)
+}
+
+/// The PIDs in `/proc`.
+pub fn pids() -> Result<Vec<i32>> {
+    Ok(fs::read_dir("/proc")
+        .map_err(|e| Error::io("/proc", e))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .collect())
+}
+
+/// Whether the kernel marks written pages soft-dirty (CONFIG_MEM_SOFT_DIRTY),
+/// and what the probe saw.
+pub fn probe_soft_dirty() -> (bool, String) {
+    // Writing 4 to clear_refs succeeds even without CONFIG_MEM_SOFT_DIRTY, so
+    // look for the bit itself on a page written after clearing.
+    if let Err(e) = std::fs::write("/proc/self/clear_refs", "4") {
+        return (false, format!("clear_refs refuses 4 ({e})"));
+    }
+    let page_size = crate::sys::PAGE_SIZE;
+    let mut page = vec![0u8; 2 * page_size as usize];
+    let addr = (page.as_mut_ptr() as u64).next_multiple_of(page_size);
+    // SAFETY: `addr` lies inside `page`, which we own.
+    unsafe { std::ptr::write_volatile(addr as *mut u8, 1) };
+    let Ok(f) = std::fs::File::open("/proc/self/pagemap") else {
+        return (false, "no /proc/self/pagemap".into());
+    };
+    let mut entry = Vec::new();
+    if read_pagemap(&f, addr, addr + page_size, &mut entry).is_err() {
+        return (false, "cannot read /proc/self/pagemap".into());
+    }
+    drop(page);
+    if entry.first().is_some_and(|e| e & pagemap::SOFT_DIRTY != 0) {
+        (true, "written pages are marked soft-dirty".into())
+    } else {
+        (
+            false,
+            "written pages are not marked: CONFIG_MEM_SOFT_DIRTY is off".into(),
+        )
+    }
+}
+
+/// Whether the kernel has the PAGEMAP_SCAN ioctl (Linux 6.7+), and what the
+/// probe saw.
+pub fn probe_pagemap_scan() -> (bool, String) {
+    const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
+    let Ok(f) = std::fs::File::open("/proc/self/pagemap") else {
+        return (false, "no /proc/self/pagemap".into());
+    };
+    use std::os::fd::AsRawFd;
+    let zero = [0u8; 96];
+    // SAFETY: an all-zero pm_scan_arg has size 0, which the kernel rejects with EINVAL before touching memory.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), PAGEMAP_SCAN, zero.as_ptr()) };
+    if r >= 0 {
+        return (true, "available".into());
+    }
+    match nix::errno::Errno::last() {
+        nix::errno::Errno::ENOTTY => (false, "no PAGEMAP_SCAN ioctl (Linux 6.7+)".into()),
+        nix::errno::Errno::EINVAL => (true, "available".into()),
+        e => (false, e.to_string()),
+    }
+}
+
 /// `/proc/PID/pagemap` bits.
 pub mod pagemap {
     pub const PRESENT: u64 = 1 << 63;
@@ -240,7 +360,7 @@ pub fn read_pagemap(
     end: u64,
     out: &mut Vec<u64>,
 ) -> std::io::Result<()> {
-    let pages = ((end - start) / crate::PAGE_SIZE) as usize;
+    let pages = ((end - start) / crate::sys::PAGE_SIZE) as usize;
     out.clear();
     out.resize(pages, 0);
     // SAFETY: a u64 slice is plain memory; viewing it as bytes of the same length is sound.
@@ -249,7 +369,7 @@ pub fn read_pagemap(
     while done < bytes.len() {
         let n = file.read_at(
             &mut bytes[done..],
-            (start / crate::PAGE_SIZE) * 8 + done as u64,
+            (start / crate::sys::PAGE_SIZE) * 8 + done as u64,
         )?;
         if n == 0 {
             break;
@@ -397,7 +517,7 @@ mod tests {
     #[test]
     fn pagemap_scan_finds_touched_pages_or_is_absent() {
         use pagemap_scan::*;
-        let page = crate::PAGE_SIZE as usize;
+        let page = crate::sys::PAGE_SIZE as usize;
         let len = 64 * page;
         // SAFETY: a fresh private anonymous mapping, unmapped below.
         let p = unsafe {

@@ -8,12 +8,12 @@
 //! Restore fills fresh anonymous memory with `UFFDIO_COPY` (the kernel
 //! allocates each page and copies into it, without zeroing it first or
 //! taking a fault per page); pre-copy tracks writes with async
-//! write-protection ([`crate::precopy`]).
+//! write-protection (see the pre-copy of dumps).
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use crate::error::Result;
-use crate::ptrace::Tracee;
+use crate::sys::remote::RemoteCall;
 
 pub const UFFD_API: u64 = 0xaa;
 pub const REGISTER_MODE_MISSING: u64 = 1;
@@ -49,22 +49,21 @@ struct UffdioCopy {
     copy: i64,
 }
 
-/// Makes a userfaultfd in `tracee`'s process (stopped, with a `syscall`
-/// instruction at `insn`) and returns crest's copy of it; `Ok(None)` when
-/// the kernel refuses one (no CONFIG_USERFAULTFD, or not permitted).
-pub fn make_in(tracee: Tracee, insn: u64, flags: u64) -> Result<Option<OwnedFd>> {
-    let r = tracee.remote_syscall(insn, libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0])?;
+/// Makes a userfaultfd in the process behind `remote` (stopped) and returns
+/// crest's copy of it; `Ok(None)` when the kernel refuses one (no
+/// CONFIG_USERFAULTFD, or not permitted).
+pub fn make_in(remote: &RemoteCall, flags: u64) -> Result<Option<OwnedFd>> {
+    let r = remote.raw(libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0])?;
     if r < 0 {
         tracing::debug!(
-            pid = tracee.pid,
+            pid = remote.pid(),
             errno = -r,
             "userfaultfd in the process failed"
         );
         return Ok(None);
     }
-    let taken = crate::files::pidfd_getfd(tracee.pid, r as i32);
-    let closed = tracee.remote_ok(
-        insn,
+    let taken = crate::sys::fd::pidfd_getfd(remote.pid(), r as i32);
+    let closed = remote.call(
         libc::SYS_close,
         [r as u64, 0, 0, 0, 0, 0],
         "close of the userfaultfd crest made",
