@@ -146,11 +146,6 @@ struct FrozenSet {
 impl FrozenSet {
     fn release_all(&mut self, sig: Option<Signal>) -> Result<()> {
         self.released = true;
-        // The network lock first, so the window probe a socket sends when it
-        // leaves repair mode reaches its peer; then their TCP connections, so
-        // no program runs with one still in repair mode.
-        crate::netlock::release();
-        crate::tcp::leave_repair_all();
         let mut first_err = None;
         for p in &mut self.procs {
             match p.release(sig) {
@@ -175,6 +170,58 @@ impl Drop for FrozenSet {
     fn drop(&mut self) {
         if !self.released {
             if let Err(e) = self.release_all(None) {
+                tracing::error!("could not resume every task after a failed dump: {e}");
+            }
+        }
+    }
+}
+
+/// One dump's state, passed down instead of kept in statics: what it froze,
+/// the network lock it holds, the sockets it put in repair mode, the
+/// pre-copy's trackers, the libcrest handshake and the staging directory.
+/// Dropped before the dump is complete, it undoes all of it, in this order:
+/// the network lock first (so the window probe a socket sends when it
+/// leaves repair mode reaches its peer), then repair mode (so no program
+/// runs with a socket still in it), then every process; then (the fields'
+/// order) the handshake tells the libcrest processes the dump failed, the
+/// userfaultfds are closed without holding anything frozen, and the staging
+/// directory is removed.
+struct DumpContext {
+    frozen: FrozenSet,
+    net_lock: crate::netlock::Session,
+    repaired: crate::tcp::Repaired,
+    callbacks: crate::api::Handshake,
+    pre_copy: Option<crate::precopy::PreCopy>,
+    staging: Staging,
+    stats: DumpStats,
+}
+
+impl DumpContext {
+    fn new(dir: &std::path::Path) -> Result<DumpContext> {
+        Ok(DumpContext {
+            frozen: FrozenSet::default(),
+            net_lock: Default::default(),
+            repaired: Default::default(),
+            callbacks: Default::default(),
+            pre_copy: None,
+            staging: Staging::new(dir)?,
+            stats: DumpStats::default(),
+        })
+    }
+
+    /// Lets every process go (with `sig`), its connections unlocked and out
+    /// of repair mode.
+    fn release(&mut self, sig: Option<Signal>) -> Result<()> {
+        self.net_lock.release();
+        self.repaired.leave_repair_all();
+        self.frozen.release_all(sig)
+    }
+}
+
+impl Drop for DumpContext {
+    fn drop(&mut self) {
+        if !self.frozen.released {
+            if let Err(e) = self.release(None) {
                 tracing::error!("could not resume every task after a failed dump: {e}");
             }
         }
@@ -449,32 +496,35 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
         Scope::Session => members(6, opts.pid)?,
         Scope::Pgid => members(5, opts.pid)?,
     };
-    let staging = Staging::new(&opts.dir)?;
-    let mut stats = DumpStats::default();
-    // Dropped after `set` (declared later), at the very end: the processes
-    // are released (or killed) first, then the userfaultfds closed, which
-    // drops their protections without holding the processes frozen for it.
-    let mut pre_copy = match &opts.pre_copy {
-        Some(o) => Some(crate::precopy::PreCopy::run(
+    let mut cx = DumpContext::new(&opts.dir)?;
+    if let Some(o) = &opts.pre_copy {
+        cx.pre_copy = Some(crate::precopy::PreCopy::run(
             &in_scope,
-            staging.path(),
+            cx.staging.path(),
             o,
-            &mut stats,
+            &mut cx.stats,
             progress,
-        )?),
-        None => None,
-    };
+        )?);
+    }
     progress.set_message(format!("pid {root}: checkpoint callbacks"));
-    let mut callbacks = crate::api::Handshake::run(&in_scope, opts.callback_timeout)?;
+    cx.callbacks = crate::api::Handshake::run(&in_scope, opts.callback_timeout)?;
     let started = Instant::now();
-    let mut set = FrozenSet::default();
     let mut zombie_pids = Vec::new();
     progress.set_message(format!("pid {root}: freezing"));
     phase("callbacks run, freezing");
-    freeze(opts.pid, root, opts.scope, &mut set, &mut zombie_pids)?;
+    freeze(opts.pid, root, opts.scope, &mut cx.frozen, &mut zombie_pids)?;
     phase("frozen");
     let mut proc_locks = ProcLocks::start();
-    crate::sockets::set_dump_pids(set.procs.iter().map(|p| p.pid).collect());
+    let DumpContext {
+        frozen: set,
+        net_lock,
+        repaired,
+        callbacks,
+        pre_copy,
+        staging,
+        stats,
+    } = &mut cx;
+    let dump_pids: Vec<i32> = set.procs.iter().map(|p| p.pid).collect();
     // Connections to peers outside the dump are found before any socket is
     // put in repair mode: without --tcp-established they are refused here,
     // untouched (reading a queue in repair mode can fail and reset the
@@ -489,7 +539,7 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
     }
     let outside = crate::netlock::outside(&ends);
     if opts.tcp_established {
-        crate::netlock::plan(outside);
+        net_lock.plan(outside);
     } else if let Some((local, peer)) = outside.first() {
         let (pid, fd) = ends
             .iter()
@@ -514,13 +564,19 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
     }
     let mut images = Vec::new();
     for fp in &mut set.procs {
+        let mut sockets = crate::sockets::DumpSockets {
+            pids: &dump_pids,
+            lock: net_lock,
+            repaired,
+        };
         let mut image = collect_process(
             fp,
             staging.path(),
-            &mut stats,
+            stats,
             progress,
             pre_copy.as_mut(),
             &mut proc_locks,
+            &mut sockets,
         )
         .map_err(|e| died_instead(fp.pid, e))?;
         image.api = callbacks.image_of(fp.pid);
@@ -645,7 +701,7 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
             lost_group_leaders,
             sysv_shm,
             saved_files,
-            net_lock: crate::netlock::current(),
+            net_lock: net_lock.current(),
             stats: stats.clone(),
         },
     );
@@ -656,6 +712,7 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
     meta.write_to(staging.path())?;
     staging.commit()?;
     phase("image written");
+    let stats = stats.clone();
 
     match opts.after {
         AfterDump::Kill => {
@@ -686,18 +743,18 @@ fn dump_tree(opts: &DumpOptions, progress: &indicatif::ProgressBar) -> Result<Du
             }
             // Their connections closed in repair mode, without a FIN or RST;
             // those to peers outside stay locked until the restore.
-            crate::tcp::forget_repaired();
-            crate::netlock::keep();
+            repaired.forget();
+            net_lock.keep();
             phase("processes killed and gone");
         }
         // Written while still frozen: the callbacks' waits restart and see it.
         AfterDump::LeaveRunning => {
             callbacks.finish(Some(crate::api::CONTINUED))?;
-            set.release_all(None)?
+            cx.release(None)?
         }
         AfterDump::Stop => {
             callbacks.finish(Some(crate::api::CONTINUED))?;
-            set.release_all(Some(Signal::SIGSTOP))?;
+            cx.release(Some(Signal::SIGSTOP))?;
             // Return only once they are stopped: the signal acts after detach.
             let until = Instant::now() + std::time::Duration::from_secs(2);
             for p in &images {
@@ -1010,6 +1067,7 @@ fn collect_process(
     progress: &indicatif::ProgressBar,
     pre_copy: Option<&mut crate::precopy::PreCopy>,
     proc_locks: &mut ProcLocks,
+    sockets: &mut crate::sockets::DumpSockets,
 ) -> Result<ProcessImage> {
     let pid = fp.pid;
     let t0 = Instant::now();
@@ -1017,7 +1075,7 @@ fn collect_process(
         |done: &str| tracing::debug!(pid, us = t0.elapsed().as_micros() as u64, "collect: {done}");
     let status = proc::read(pid, "status")?;
     let maps = proc::maps(pid)?;
-    let files = files::collect(pid)?;
+    let files = files::collect(pid, sockets)?;
     step("maps and files");
     let mut locks = Vec::new();
     for f in &files.fds {

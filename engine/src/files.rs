@@ -432,7 +432,7 @@ const STATELESS_DEVICES: &[&str] = &[
 const REOPEN_MASK: i32 =
     !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY | libc::O_CLOEXEC);
 
-pub fn collect(pid: i32) -> Result<FilesImage> {
+pub fn collect(pid: i32, sockets: &mut crate::sockets::DumpSockets) -> Result<FilesImage> {
     let dir = format!("/proc/{pid}/fd");
     let mut fds: Vec<i32> = std::fs::read_dir(&dir)
         .map_err(|e| Error::io(&dir, e))?
@@ -476,7 +476,12 @@ pub fn collect(pid: i32) -> Result<FilesImage> {
             // children socket pairs as stdin); one whose peer turns out to be
             // outside the dump is rebound by `rebind_outside_stdio`.
             use crate::sockets::Collected;
-            match crate::sockets::collect(pid, fd, info.flags & REOPEN_MASK & !libc::O_ACCMODE)? {
+            match crate::sockets::collect(
+                pid,
+                fd,
+                info.flags & REOPEN_MASK & !libc::O_ACCMODE,
+                sockets,
+            )? {
                 Ok(Collected::Unix(end)) => FdKind::UnixPair(end),
                 Ok(Collected::TcpConn(c)) => FdKind::TcpConn(c),
                 _ if stdio => FdKind::Inherited { was: link },

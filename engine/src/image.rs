@@ -383,7 +383,7 @@ impl Staging {
         &self.tmp
     }
 
-    pub fn commit(mut self) -> Result<()> {
+    pub fn commit(&mut self) -> Result<()> {
         if self.dest.exists() {
             fs::remove_dir(&self.dest).map_err(|e| Error::io(&self.dest, e))?;
         }
@@ -502,7 +502,7 @@ mod tests {
             s.path().to_path_buf()
         };
         assert!(!tmp.exists() && !dest.exists());
-        let s = Staging::new(&dest).unwrap();
+        let mut s = Staging::new(&dest).unwrap();
         fs::write(s.path().join("x"), b"1").unwrap();
         s.commit().unwrap();
         assert!(dest.join("x").exists());

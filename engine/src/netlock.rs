@@ -17,7 +17,6 @@
 //! `linux/netfilter/nfnetlink.h`.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
@@ -112,31 +111,106 @@ fn nft_err(what: impl Into<String>, source: std::io::Error) -> NftError {
     }
 }
 
-/// The lock this dump holds (taken as connections are collected).
-static HELD: Mutex<Option<NetLock>> = Mutex::new(None);
-
-fn held() -> std::sync::MutexGuard<'static, Option<NetLock>> {
-    HELD.lock().unwrap_or_else(|e| e.into_inner())
+/// One dump's network lock: the connections it must lock (planned before
+/// any socket is put in repair mode) and the table it holds (taken as they
+/// are collected). Each dump has its own; dropped without [`Session::keep`]
+/// or [`Session::release`], it removes its table.
+#[derive(Debug, Default)]
+pub struct Session {
+    /// The connections (local, peer sockaddrs) to lock: those whose peer is
+    /// outside the dump.
+    planned: Vec<(Vec<u8>, Vec<u8>)>,
+    held: Option<NetLock>,
 }
 
-/// The connections (local, peer sockaddrs) this dump must lock before it
-/// puts them in repair mode: those whose peer is outside the dump.
-static PLANNED: Mutex<Vec<(Vec<u8>, Vec<u8>)>> = Mutex::new(Vec::new());
+impl Session {
+    /// Sets which connections [`Session::must_lock`] answers yes for.
+    pub fn plan(&mut self, conns: Vec<(Vec<u8>, Vec<u8>)>) {
+        self.planned = conns;
+    }
 
-fn planned() -> std::sync::MutexGuard<'static, Vec<(Vec<u8>, Vec<u8>)>> {
-    PLANNED.lock().unwrap_or_else(|e| e.into_inner())
+    /// Whether the connection `local` → `peer` is one the plan locks.
+    pub fn must_lock(&self, local: &[u8], peer: &[u8]) -> bool {
+        self.planned
+            .iter()
+            .any(|(l, p)| crate::tcp::same_endpoint(l, local) && crate::tcp::same_endpoint(p, peer))
+    }
+
+    /// Drops every packet of the connection `local` ↔ `peer` (raw sockaddrs)
+    /// until the lock is released; the first call creates this dump's table.
+    pub fn lock(&mut self, local: &[u8], peer: &[u8], describe: &str) -> Result<(), NftError> {
+        let (Some(l), Some(p)) = (
+            Endpoint::from_sockaddr(local),
+            Endpoint::from_sockaddr(peer),
+        ) else {
+            return Err(nft_err(
+                "reading its addresses",
+                std::io::Error::from_raw_os_error(libc::EAFNOSUPPORT),
+            ));
+        };
+        if l.addr.len() != p.addr.len() {
+            return Err(nft_err(
+                "matching an IPv4 peer on an IPv6 address",
+                std::io::Error::from_raw_os_error(libc::EAFNOSUPPORT),
+            ));
+        }
+        if self.held.is_none() {
+            self.held = Some(NetLock {
+                table: create_table()?,
+                connections: Vec::new(),
+            });
+        }
+        let lock = self.held.as_mut().expect("just set");
+        let nl = Nl::open().map_err(|e| nft_err("opening a NETLINK_NETFILTER socket", e))?;
+        let seq = seqs(2);
+        let msgs = [
+            drop_rule(&lock.table, "input", &p, &l, seq),
+            drop_rule(&lock.table, "output", &l, &p, seq + 1),
+        ];
+        nl.transact(&msgs, seq).map_err(|(_, e)| {
+            nft_err(
+                format!(
+                    "adding its drop rules to nftables table inet {}",
+                    lock.table
+                ),
+                e,
+            )
+        })?;
+        lock.connections.push(describe.to_string());
+        Ok(())
+    }
+
+    /// The lock this dump holds, for the image.
+    pub fn current(&self) -> Option<NetLock> {
+        self.held.clone()
+    }
+
+    /// The dump is over and its processes are gone: the rules stay for the
+    /// restore (the image names them).
+    pub fn keep(&mut self) {
+        self.planned.clear();
+        self.held = None;
+    }
+
+    /// Removes this dump's rules (a failed dump, or one that lets its
+    /// processes run on); logs what it cannot remove.
+    pub fn release(&mut self) {
+        self.planned.clear();
+        if let Some(lock) = self.held.take() {
+            if let Err(e) = unlock(&lock) {
+                tracing::error!(
+                    "{e}: the connections it held ({}) stay blocked until it is removed",
+                    lock.connections.join(", ")
+                );
+            }
+        }
+    }
 }
 
-/// Sets which connections [`must_lock`] answers yes for.
-pub fn plan(conns: Vec<(Vec<u8>, Vec<u8>)>) {
-    *planned() = conns;
-}
-
-/// Whether the connection `local` → `peer` is one the plan locks.
-pub fn must_lock(local: &[u8], peer: &[u8]) -> bool {
-    planned()
-        .iter()
-        .any(|(l, p)| crate::tcp::same_endpoint(l, local) && crate::tcp::same_endpoint(p, peer))
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 /// The connections among `ends` (local, peer) whose other end is not among them.
@@ -544,77 +618,6 @@ fn create_table() -> Result<String, NftError> {
     ))
 }
 
-/// Drops every packet of the connection `local` ↔ `peer` (raw sockaddrs)
-/// until the lock is released; the first call creates this dump's table.
-pub fn lock(local: &[u8], peer: &[u8], describe: &str) -> Result<(), NftError> {
-    let (Some(l), Some(p)) = (
-        Endpoint::from_sockaddr(local),
-        Endpoint::from_sockaddr(peer),
-    ) else {
-        return Err(nft_err(
-            "reading its addresses",
-            std::io::Error::from_raw_os_error(libc::EAFNOSUPPORT),
-        ));
-    };
-    if l.addr.len() != p.addr.len() {
-        return Err(nft_err(
-            "matching an IPv4 peer on an IPv6 address",
-            std::io::Error::from_raw_os_error(libc::EAFNOSUPPORT),
-        ));
-    }
-    let mut held = held();
-    if held.is_none() {
-        *held = Some(NetLock {
-            table: create_table()?,
-            connections: Vec::new(),
-        });
-    }
-    let lock = held.as_mut().expect("just set");
-    let nl = Nl::open().map_err(|e| nft_err("opening a NETLINK_NETFILTER socket", e))?;
-    let seq = seqs(2);
-    let msgs = [
-        drop_rule(&lock.table, "input", &p, &l, seq),
-        drop_rule(&lock.table, "output", &l, &p, seq + 1),
-    ];
-    nl.transact(&msgs, seq).map_err(|(_, e)| {
-        nft_err(
-            format!(
-                "adding its drop rules to nftables table inet {}",
-                lock.table
-            ),
-            e,
-        )
-    })?;
-    lock.connections.push(describe.to_string());
-    Ok(())
-}
-
-/// The lock this dump holds, for the image.
-pub fn current() -> Option<NetLock> {
-    held().clone()
-}
-
-/// The dump is over and its processes are gone: the rules stay for the
-/// restore (the image names them).
-pub fn keep() {
-    planned().clear();
-    held().take();
-}
-
-/// Removes this dump's rules (a failed dump, or one that lets its processes
-/// run on); logs what it cannot remove.
-pub fn release() {
-    planned().clear();
-    if let Some(lock) = held().take() {
-        if let Err(e) = unlock(&lock) {
-            tracing::error!(
-                "{e}: the connections it held ({}) stay blocked until it is removed",
-                lock.connections.join(", ")
-            );
-        }
-    }
-}
-
 /// Removes the table of `lock`; one already gone is not an error.
 pub fn unlock(lock: &NetLock) -> Result<(), NftError> {
     let nl = Nl::open().map_err(|e| nft_err("opening a NETLINK_NETFILTER socket", e))?;
@@ -704,9 +707,10 @@ mod tests {
         let c = (v4([127, 0, 0, 1], 4001), v4([10, 0, 0, 1], 80));
         assert_eq!(outside(&[a.clone(), b, c.clone()]), vec![c.clone()]);
         assert_eq!(outside(std::slice::from_ref(&a)), vec![a]);
-        plan(vec![c.clone()]);
-        assert!(must_lock(&c.0, &c.1) && !must_lock(&c.1, &c.0));
-        plan(Vec::new());
+        let mut session = Session::default();
+        session.plan(vec![c.clone()]);
+        assert!(session.must_lock(&c.0, &c.1) && !session.must_lock(&c.1, &c.0));
+        session.plan(Vec::new());
     }
 
     #[test]
@@ -827,15 +831,18 @@ mod tests {
         let (mut sv, _) = l.accept().expect("accept");
         let local = crate::tcp::sock_name(cl.as_raw_fd(), false).expect("getsockname");
         let peer = crate::tcp::sock_name(cl.as_raw_fd(), true).expect("getpeername");
-        lock(&local, &peer, "test connection").expect("lock");
-        let table = current().expect("held").table;
+        let mut session = Session::default();
+        session
+            .lock(&local, &peer, "test connection")
+            .expect("lock");
+        let table = session.current().expect("held").table;
         assert!(tables().expect("list").contains(&table));
         cl.write_all(b"x").expect("write");
         sv.set_read_timeout(Some(std::time::Duration::from_millis(400)))
             .expect("timeout");
         let mut b = [0u8; 1];
         assert!(sv.read(&mut b).is_err(), "a byte passed the lock");
-        release();
+        session.release();
         assert!(!tables().expect("list").contains(&table));
         // The sender retransmits it once the rules are gone.
         sv.set_read_timeout(Some(std::time::Duration::from_secs(5)))

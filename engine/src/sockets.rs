@@ -63,18 +63,27 @@ pub struct PassedFile {
     pub pos: u64,
 }
 
-/// The processes of the dump being taken: a file in flight that one of them
-/// also holds cannot be reopened apart (they would no longer share it).
-static DUMP_PIDS: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
-
-/// Sets the processes [`DUMP_PIDS`] holds (at each dump's freeze).
-pub fn set_dump_pids(pids: Vec<i32>) {
-    *DUMP_PIDS.lock().unwrap_or_else(|e| e.into_inner()) = pids;
+/// What collecting one dump's sockets needs from the dump.
+pub struct DumpSockets<'a> {
+    /// The processes of the dump: a file in flight that one of them also
+    /// holds cannot be reopened apart (they would no longer share it).
+    pub pids: &'a [i32],
+    /// The dump's network lock, for connections to peers outside it.
+    pub lock: &'a mut crate::netlock::Session,
+    /// The sockets the dump put in repair mode.
+    pub repaired: &'a mut crate::tcp::Repaired,
 }
 
 /// Describes the file crest received as `own` (from a peek of `pid`'s fd
-/// `fd`), or says why it cannot be carried. `earlier`: files already in flight.
-fn passed_file(pid: i32, fd: i32, own: i32, earlier: &[i32]) -> Result<PassedFile> {
+/// `fd`), or says why it cannot be carried. `earlier`: files already in
+/// flight; `dump_pids`: the processes of the dump.
+fn passed_file(
+    pid: i32,
+    fd: i32,
+    own: i32,
+    earlier: &[i32],
+    dump_pids: &[i32],
+) -> Result<PassedFile> {
     let me = std::process::id() as i32;
     let refuse = |what: String| {
         Err(Error::unsupported(
@@ -98,7 +107,7 @@ fn passed_file(pid: i32, fd: i32, own: i32, earlier: &[i32]) -> Result<PassedFil
     if earlier.iter().any(|&e| same(me, e)) {
         return refuse(format!("{link} twice"));
     }
-    for &p in DUMP_PIDS.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+    for &p in dump_pids {
         let fds = std::fs::read_dir(format!("/proc/{p}/fd"))
             .map(|d| {
                 d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
@@ -449,6 +458,7 @@ fn peek_queue(
     fd: i32,
     sock: &OwnedFd,
     stream: bool,
+    dump_pids: &[i32],
 ) -> Result<(Vec<Message>, Vec<InFlight>)> {
     let s = sock.as_raw_fd();
     let old_off = sockopt(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF);
@@ -537,7 +547,7 @@ fn peek_queue(
                 .map(|o| o.as_raw_fd())
                 .chain(held.iter().map(|o| o.as_raw_fd()))
                 .collect();
-            match passed_file(pid, fd, r.as_raw_fd(), &earlier) {
+            match passed_file(pid, fd, r.as_raw_fd(), &earlier, dump_pids) {
                 Ok(f) => files.push(f),
                 Err(e) => {
                     failed = Some(e);
@@ -598,7 +608,12 @@ pub enum Collected {
     UnixListen(UnixListen),
 }
 
-pub fn collect(pid: i32, fd: i32, flags: i32) -> Result<std::result::Result<Collected, String>> {
+pub fn collect(
+    pid: i32,
+    fd: i32,
+    flags: i32,
+    cx: &mut DumpSockets,
+) -> Result<std::result::Result<Collected, String>> {
     let sock = crate::sys::fd::pidfd_getfd(pid, fd)?;
     let s = sock.as_raw_fd();
     let (domain, ty) = (
@@ -616,9 +631,16 @@ pub fn collect(pid: i32, fd: i32, flags: i32) -> Result<std::result::Result<Coll
         libc::AF_INET | libc::AF_INET6 if ty == libc::SOCK_STREAM => {
             let listening = sockopt(s, libc::SOL_SOCKET, libc::SO_ACCEPTCONN) != 0;
             if !listening && !crate::tcp::never_connected(s) {
-                return Ok(
-                    crate::tcp::collect(pid, fd, &sock, domain, flags)?.map(Collected::TcpConn)
-                );
+                return Ok(crate::tcp::collect(
+                    pid,
+                    fd,
+                    &sock,
+                    domain,
+                    flags,
+                    cx.lock,
+                    cx.repaired,
+                )?
+                .map(Collected::TcpConn));
             }
             return Ok(
                 collect_listen(pid, &sock, domain, flags, listening)?.map(Collected::TcpListen)
@@ -684,7 +706,7 @@ pub fn collect(pid: i32, fd: i32, flags: i32) -> Result<std::result::Result<Coll
             "a connected unix datagram socket bound to {shown}"
         )));
     }
-    let (queue, passed) = peek_queue(pid, fd, &sock, ty == libc::SOCK_STREAM)?;
+    let (queue, passed) = peek_queue(pid, fd, &sock, ty == libc::SOCK_STREAM, cx.pids)?;
     Ok(Ok(Collected::Unix(UnixEnd {
         inode,
         peer: d.peer,

@@ -4,9 +4,10 @@
 //! repair mode, which freezes its state without a FIN or RST: sequence
 //! numbers (`TCP_QUEUE_SEQ`), both queues (peeked in repair mode), the
 //! negotiated options, timestamp and window. Every socket put in repair mode
-//! is remembered: [`leave_repair_all`] puts them back before a target resumes
-//! (failed dump, `--leave-running`); after a dump that kills the targets,
-//! [`forget_repaired`] lets them close in repair mode, silently.
+//! is remembered in the dump's [`Repaired`]: [`Repaired::leave_repair_all`] puts
+//! them back before a target resumes (failed dump, `--leave-running`); after a
+//! dump that kills the targets, [`Repaired::forget`] lets them close in repair
+//! mode, silently.
 //!
 //! Restore creates every connection in repair mode first (bound to its old
 //! address, its queues refilled, "connected" without a handshake), and only
@@ -14,7 +15,6 @@
 //! before either sends its window probe.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
@@ -101,30 +101,38 @@ pub struct InetOpts {
     pub linger: Option<i32>,
 }
 
-/// Sockets crest put in repair mode during this dump (its own duplicates).
-static REPAIRED: Mutex<Vec<OwnedFd>> = Mutex::new(Vec::new());
-
-fn repaired() -> std::sync::MutexGuard<'static, Vec<OwnedFd>> {
-    REPAIRED.lock().unwrap_or_else(|e| e.into_inner())
+/// The sockets one dump put in repair mode (crest's own duplicates).
+/// Dropped without [`Repaired::forget`], it takes them out of repair mode.
+#[derive(Debug, Default)]
+pub struct Repaired {
+    sockets: Vec<OwnedFd>,
 }
 
-/// Takes every socket this dump put in repair mode out of it again: the
-/// program carries on exactly where it was (the kernel sends a window probe).
-pub fn leave_repair_all() {
-    for s in repaired().drain(..) {
-        if set_int(s.as_raw_fd(), libc::SOL_TCP, libc::TCP_REPAIR, 0).is_err() {
-            tracing::error!(
-                "could not take a TCP socket out of repair mode: {}",
-                std::io::Error::last_os_error()
-            );
+impl Repaired {
+    /// Takes every socket this dump put in repair mode out of it again: the
+    /// program carries on exactly where it was (the kernel sends a window probe).
+    pub fn leave_repair_all(&mut self) {
+        for s in self.sockets.drain(..) {
+            if set_int(s.as_raw_fd(), libc::SOL_TCP, libc::TCP_REPAIR, 0).is_err() {
+                tracing::error!(
+                    "could not take a TCP socket out of repair mode: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
         }
+    }
+
+    /// Drops crest's copies, leaving the sockets in repair mode: the killed
+    /// targets close them without sending a FIN or RST to the peer.
+    pub fn forget(&mut self) {
+        self.sockets.clear();
     }
 }
 
-/// Drops crest's copies, leaving the sockets in repair mode: the killed
-/// targets close them without sending a FIN or RST to the peer.
-pub fn forget_repaired() {
-    repaired().clear();
+impl Drop for Repaired {
+    fn drop(&mut self) {
+        self.leave_repair_all();
+    }
 }
 
 fn get_int(fd: i32, level: i32, name: i32) -> std::io::Result<i32> {
@@ -444,14 +452,16 @@ pub fn established_fds_of(pid: i32) -> Result<Vec<Established>> {
 }
 
 /// Describes connected TCP socket `fd` of `pid` (`sock` is crest's copy), or
-/// says why it cannot be carried. Leaves the socket in repair mode (see the
-/// module comment).
+/// says why it cannot be carried. Locks it first when `lock` plans to; leaves
+/// it in repair mode, remembered in `repaired` (see the module comment).
 pub fn collect(
     pid: i32,
     fd: i32,
     sock: &OwnedFd,
     family: i32,
     flags: i32,
+    lock: &mut crate::netlock::Session,
+    repaired: &mut Repaired,
 ) -> Result<std::result::Result<TcpConn, String>> {
     let s = sock.as_raw_fd();
     let sys = |what: String, e: std::io::Error| {
@@ -487,9 +497,9 @@ pub fn collect(
     };
     // Its peer outside the dump must not see a closed port while it is gone:
     // hold its traffic first, before its state is frozen.
-    if crate::netlock::must_lock(&local, &peer) {
+    if lock.must_lock(&local, &peer) {
         let ends = format!("{} → {}", addr_text(&local), addr_text(&peer));
-        crate::netlock::lock(&local, &peer, &ends).map_err(|e| {
+        lock.lock(&local, &peer, &ends).map_err(|e| {
             Error::unsupported(
                 pid,
                 format!(
@@ -508,7 +518,7 @@ pub fn collect(
             e,
         )
     })?;
-    repaired().push(copy);
+    repaired.sockets.push(copy);
     // The state may have moved between TCP_INFO and repair mode.
     let ti = tcp_info(s).map_err(|e| sys("TCP_INFO".into(), e))?;
     if ti.state != TCP_ESTABLISHED {

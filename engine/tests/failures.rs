@@ -10,30 +10,6 @@ use common::*;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-fn status_line(pid: i32, key: &str) -> String {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(key))
-        .unwrap_or("")
-        .to_string()
-}
-
-/// The target is running normally: not stopped, not traced.
-fn assert_unharmed(pid: i32) {
-    assert!(alive(pid), "pid {pid} should still run");
-    assert_eq!(
-        status_line(pid, "TracerPid:"),
-        "TracerPid:\t0",
-        "pid {pid} is still traced"
-    );
-    let state = status_line(pid, "State:");
-    assert!(
-        !state.contains("stopped") && !state.contains("tracing"),
-        "pid {pid} left {state}"
-    );
-}
-
 /// Lets the workload verify itself and checks it found nothing wrong.
 fn finish(w: &mut Running) {
     fs::write(w.dir.join("go"), "").unwrap();
@@ -427,66 +403,6 @@ fn a_pid_in_use_is_named_in_the_error() {
     finish(&mut w);
 }
 
-/// A `sleep 30` holding one end of a loopback TCP connection on fd 5, the
-/// other end (`server`) held by the test.
-struct SleepOnConnection {
-    child: std::process::Child,
-    server: std::net::TcpStream,
-    /// The sleeping end's address.
-    local: std::net::SocketAddr,
-    /// The test's end's address.
-    peer: std::net::SocketAddr,
-}
-
-/// Starts [`SleepOnConnection`], with a netlink socket on fd 6 too when
-/// `netlink_on_6`, every other descriptor above 2 closed; returns once its
-/// descriptors are in place.
-fn sleep_on_loopback_connection(netlink_on_6: bool) -> SleepOnConnection {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::process::CommandExt;
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let peer = l.local_addr().unwrap();
-    let client = std::net::TcpStream::connect(peer).unwrap();
-    let (server, _) = l.accept().unwrap();
-    let local = client.local_addr().unwrap();
-    let cfd = client.as_raw_fd();
-    let mut cmd = std::process::Command::new("sleep");
-    cmd.arg("30");
-    // SAFETY: only async-signal-safe syscalls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(cfd, 5) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let mut first_closed = 6u32;
-            if netlink_on_6 {
-                let s = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE);
-                if s < 0 || libc::dup2(s, 6) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                first_closed = 7;
-            }
-            libc::syscall(libc::SYS_close_range, first_closed, u32::MAX, 0u32);
-            libc::syscall(libc::SYS_close_range, 3u32, 4u32, 0u32);
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().unwrap();
-    drop(client);
-    let last_fd = if netlink_on_6 { 6 } else { 5 };
-    wait_for_file(
-        format!("/proc/{}/fd/{last_fd}", child.id()).as_ref(),
-        TIMEOUT,
-    );
-    std::thread::sleep(Duration::from_millis(50));
-    SleepOnConnection {
-        child,
-        server,
-        local,
-        peer,
-    }
-}
-
 #[test]
 fn a_tcp_connection_to_a_peer_outside_the_dump_is_refused_unless_asked() {
     require_root!();
@@ -535,27 +451,6 @@ fn a_tcp_connection_to_a_peer_outside_the_dump_is_refused_unless_asked() {
         Ok(0) => {}
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
         other => panic!("the connection did not close: {other:?}"),
-    }
-}
-
-/// Everything `s` sent was acknowledged by its peer within 3 s (SIOCOUTQ
-/// drains): no repair mode, no network lock holds the connection.
-fn assert_acknowledged(s: &std::net::TcpStream) {
-    use std::os::fd::AsRawFd;
-    let until = std::time::Instant::now() + Duration::from_secs(3);
-    loop {
-        let mut queued: libc::c_int = 0;
-        // SAFETY: SIOCOUTQ (TIOCOUTQ's number) writes one int.
-        let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
-        assert_eq!(r, 0);
-        if queued == 0 {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < until,
-            "{queued} bytes still unacknowledged after 3 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

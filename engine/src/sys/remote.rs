@@ -103,12 +103,14 @@ impl RemoteCall {
                             during: "a remote system call",
                         })
                     }
-                    other => return Err(Error::Refused {
-                        pid: t.pid,
-                        reason: format!(
+                    other => {
+                        return Err(Error::Refused {
+                            pid: t.pid,
+                            reason: format!(
                             "unexpected stop {other:?} at syscall {phase} of remote syscall {nr}"
                         ),
-                    }),
+                        })
+                    }
                 }
             }
         }

@@ -206,3 +206,108 @@ pub fn spawn_in_own_session(cmd: &mut Command) -> Child {
     }
     cmd.spawn().expect("spawn")
 }
+
+pub fn status_line(pid: i32, key: &str) -> String {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .unwrap_or("")
+        .to_string()
+}
+
+/// The target is running normally: not stopped, not traced.
+pub fn assert_unharmed(pid: i32) {
+    assert!(alive(pid), "pid {pid} should still run");
+    assert_eq!(
+        status_line(pid, "TracerPid:"),
+        "TracerPid:\t0",
+        "pid {pid} is still traced"
+    );
+    let state = status_line(pid, "State:");
+    assert!(
+        !state.contains("stopped") && !state.contains("tracing"),
+        "pid {pid} left {state}"
+    );
+}
+
+/// A `sleep 30` holding one end of a loopback TCP connection on fd 5, the
+/// other end (`server`) held by the test.
+pub struct SleepOnConnection {
+    pub child: std::process::Child,
+    pub server: std::net::TcpStream,
+    /// The sleeping end's address.
+    pub local: std::net::SocketAddr,
+    /// The test's end's address.
+    pub peer: std::net::SocketAddr,
+}
+
+/// Starts [`SleepOnConnection`], with a netlink socket on fd 6 too when
+/// `netlink_on_6`, every other descriptor above 2 closed; returns once its
+/// descriptors are in place.
+pub fn sleep_on_loopback_connection(netlink_on_6: bool) -> SleepOnConnection {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let peer = l.local_addr().unwrap();
+    let client = std::net::TcpStream::connect(peer).unwrap();
+    let (server, _) = l.accept().unwrap();
+    let local = client.local_addr().unwrap();
+    let cfd = client.as_raw_fd();
+    let mut cmd = std::process::Command::new("sleep");
+    cmd.arg("30");
+    // SAFETY: only async-signal-safe syscalls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(cfd, 5) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let mut first_closed = 6u32;
+            if netlink_on_6 {
+                let s = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE);
+                if s < 0 || libc::dup2(s, 6) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                first_closed = 7;
+            }
+            libc::syscall(libc::SYS_close_range, first_closed, u32::MAX, 0u32);
+            libc::syscall(libc::SYS_close_range, 3u32, 4u32, 0u32);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    drop(client);
+    let last_fd = if netlink_on_6 { 6 } else { 5 };
+    wait_for_file(
+        format!("/proc/{}/fd/{last_fd}", child.id()).as_ref(),
+        Duration::from_secs(60),
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    SleepOnConnection {
+        child,
+        server,
+        local,
+        peer,
+    }
+}
+
+/// Everything `s` sent was acknowledged by its peer within 3 s (SIOCOUTQ
+/// drains): no repair mode, no network lock holds the connection.
+pub fn assert_acknowledged(s: &std::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (TIOCOUTQ's number) writes one int.
+        let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+        assert_eq!(r, 0);
+        if queued == 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "{queued} bytes still unacknowledged after 3 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
