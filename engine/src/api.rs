@@ -28,7 +28,6 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::ProcessImage;
 
 pub const CONTINUED: u32 = 2;
 pub const RESTARTED: u32 = 3;
@@ -287,13 +286,11 @@ impl Participant {
     }
 }
 
-/// Tells every restored library process that it was restarted: called while
-/// the processes are still stopped, before they resume.
-pub fn restarted(processes: &[ProcessImage]) -> Result<()> {
-    for p in processes {
-        if let Some(api) = &p.api {
-            crate::sys::ptrace::write_mem(p.pid, api.state_addr, &RESTARTED.to_ne_bytes())?;
-        }
+/// Tells restored process `pid`, if it uses the library (`api`), that it was
+/// restarted: called while it is still stopped, before it resumes.
+pub fn restarted(pid: i32, api: Option<&ApiImage>) -> Result<()> {
+    if let Some(api) = api {
+        crate::sys::ptrace::write_mem(pid, api.state_addr, &RESTARTED.to_ne_bytes())?;
     }
     Ok(())
 }

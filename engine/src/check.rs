@@ -268,7 +268,7 @@ pub fn check() -> Report {
         ),
         f(
             "nf_tables",
-            match crate::netlock::tables() {
+            match crate::net::netlock::tables() {
                 Ok(_) => (true, "available".into()),
                 Err(e) => (false, e.to_string()),
             },

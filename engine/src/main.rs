@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use crest_engine::dump::{AfterDump, DumpOptions, Scope};
-use crest_engine::precopy::{PreCopyOptions, Tracker};
+use crest_engine::dump::{PreCopyOptions, Tracker};
+use crest_engine::model::Checkpoint;
 use crest_engine::restore::{RestoreOptions, Restored};
-use crest_engine::{check, image, show, Error};
+use crest_engine::{check, show, Error};
 
 /// crest: checkpoint and restore Linux processes.
 #[derive(Debug, Parser)]
@@ -278,8 +279,10 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 relocate,
                 port_wait: Duration::from_secs_f64(port_wait.max(0.0)),
                 restore_files: restore_files.map(|r| match r {
-                    RestoreFilesArg::Clobber => crest_engine::savefiles::RestoreFiles::Clobber,
-                    RestoreFilesArg::Anonymous => crest_engine::savefiles::RestoreFiles::Anonymous,
+                    RestoreFilesArg::Clobber => crest_engine::fds::savefiles::RestoreFiles::Clobber,
+                    RestoreFilesArg::Anonymous => {
+                        crest_engine::fds::savefiles::RestoreFiles::Anonymous
+                    }
                 }),
             };
             let restored = crest_engine::restore::restore(&opts, &bar)?;
@@ -330,7 +333,7 @@ fn run(cli: Cli) -> Result<u8, Error> {
             }
         }
         Command::Show { dir, json } => {
-            let img = image::Image::read(&dir)?;
+            let img = Checkpoint::read(&dir)?;
             if json {
                 emit(&format!(
                     "{}\n",
@@ -342,9 +345,9 @@ fn run(cli: Cli) -> Result<u8, Error> {
             Ok(0)
         }
         Command::Unlock { dir, list } => {
-            let nft = |e: crest_engine::netlock::NftError| Error::Restore(e.to_string());
+            let nft = |e: crest_engine::net::netlock::NftError| Error::Restore(e.to_string());
             if list {
-                let tables = crest_engine::netlock::tables().map_err(nft)?;
+                let tables = crest_engine::net::netlock::tables().map_err(nft)?;
                 emit(
                     &tables
                         .iter()
@@ -354,10 +357,10 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 return Ok(0);
             }
             let dir = dir.expect("clap requires DIR without --list");
-            let img = image::Image::read(&dir)?;
+            let img = Checkpoint::read(&dir)?;
             match &img.inventory.net_lock {
                 Some(lock) => {
-                    crest_engine::netlock::unlock(lock).map_err(nft)?;
+                    crest_engine::net::netlock::unlock(lock).map_err(nft)?;
                     tracing::info!(table = lock.table, "removed");
                 }
                 None => tracing::info!("the image holds no network lock"),

@@ -43,7 +43,7 @@ fn two_overlapping_dumps_keep_their_own_network_lock_and_sockets() {
     tb.join().unwrap().expect("dump of b");
 
     let lock_of = |dir: &str| {
-        let img = crest_engine::image::Image::read(&tmp.path().join(dir)).unwrap();
+        let img = crest_engine::model::Checkpoint::read(&tmp.path().join(dir)).unwrap();
         img.inventory.net_lock.expect("a network lock")
     };
     let (la, lb) = (lock_of("a"), lock_of("b"));
@@ -54,7 +54,7 @@ fn two_overlapping_dumps_keep_their_own_network_lock_and_sockets() {
     assert_eq!(la.connections, vec![format!("{} → {}", a.local, a.peer)]);
     assert_eq!(lb.connections, vec![format!("{} → {}", b.local, b.peer)]);
     // Each dump released its own lock and its own sockets' repair mode.
-    let tables = crest_engine::netlock::tables().unwrap();
+    let tables = crest_engine::net::netlock::tables().unwrap();
     assert!(!tables.contains(&la.table) && !tables.contains(&lb.table));
     for (c, pid) in [(&a, pa), (&b, pb)] {
         assert_unharmed(pid);

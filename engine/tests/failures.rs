@@ -348,7 +348,7 @@ fn an_image_from_a_newer_format_is_refused_by_version() {
     restore_fails_with(
         &img,
         pid,
-        "format version 99, this crest (0.1.0) reads version 1 only",
+        "format version 99, this crest (0.1.0) reads version 2 only",
     );
 }
 
@@ -500,7 +500,7 @@ fn an_image_never_restored_has_its_network_lock_removed_by_unlock() {
     let out = dump(pid, &img, &["--tcp-established"]);
     assert!(out.status.success(), "{}", stderr_of(&out));
     child.wait().unwrap();
-    let image = crest_engine::image::Image::read(&img).unwrap();
+    let image = crest_engine::model::Checkpoint::read(&img).unwrap();
     let table = image.inventory.net_lock.expect("a network lock").table;
     let listed = || {
         let out = run_crest(&["unlock", "--list"]);

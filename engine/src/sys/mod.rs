@@ -6,6 +6,7 @@
 //! - [`ptrace`]: seizing a task, its registers and signal state, its memory;
 //! - [`remote`]: running system calls inside a stopped task ([`remote::RemoteCall`]);
 //! - [`fd`]: other processes' descriptors (`pidfd_getfd`, `kcmp`);
+//! - [`process`]: `clone3` and what a fresh restore child drops;
 //! - [`uffd`]: userfaultfds made inside a target;
 //! - [`names`]: signal and clock names.
 
@@ -15,6 +16,7 @@ pub const PAGE_SIZE: u64 = 4096;
 pub mod fd;
 pub mod names;
 pub mod proc;
+pub mod process;
 pub mod ptrace;
 pub mod remote;
 pub mod uffd;

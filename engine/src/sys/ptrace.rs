@@ -304,6 +304,55 @@ impl Tracee {
     }
 }
 
+// Kernel-internal return codes a task interrupted inside a syscall shows in rax.
+pub const ERESTARTSYS: i64 = -512;
+pub const ERESTARTNOINTR: i64 = -513;
+pub const ERESTARTNOHAND: i64 = -514;
+pub const ERESTART_RESTARTBLOCK: i64 = -516;
+
+/// How a syscall interrupted by the freeze continues. `restart_block` says
+/// whether the task still has its kernel restart block (the live task after a
+/// dump) or not (a restored task, which must re-issue the call itself).
+pub fn resume_interrupted_syscall(regs: &mut Regs, restart_block: bool) {
+    let nr = regs.orig_rax as i64;
+    if nr < 0 {
+        return;
+    }
+    match regs.rax as i64 {
+        ERESTARTSYS | ERESTARTNOINTR | ERESTARTNOHAND => {
+            regs.rax = nr as u64;
+            regs.rip -= 2;
+        }
+        ERESTART_RESTARTBLOCK if restart_block => {
+            regs.rax = libc::SYS_restart_syscall as u64;
+            regs.rip -= 2;
+        }
+        ERESTART_RESTARTBLOCK => {
+            // The restart block died with the old task, so the call is re-issued
+            // as it was: a program without a signal handler never sees EINTR
+            // from these calls, and must not after a restore either. Relative
+            // sleeps continue from the remaining time where the kernel wrote it
+            // (`rem`); ppoll and pselect already updated their timeout in memory;
+            // absolute timeouts are exact; other relative timeouts (poll, futex)
+            // start again, so they may wait up to twice as long — never less.
+            const TIMER_ABSTIME: u64 = 1;
+            if nr == libc::SYS_nanosleep && regs.rsi != 0 {
+                regs.rdi = regs.rsi;
+            } else if nr == libc::SYS_clock_nanosleep
+                && regs.rsi & TIMER_ABSTIME == 0
+                && regs.r10 != 0
+            {
+                regs.rdx = regs.r10;
+            }
+            regs.rax = nr as u64;
+            regs.rip -= 2;
+        }
+        _ => {}
+    }
+    // Not inside a syscall any more: the kernel must not fix it up again.
+    regs.orig_rax = u64::MAX;
+}
+
 /// Where a thread's rseq area is registered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RseqArea {

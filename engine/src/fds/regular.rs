@@ -1,0 +1,231 @@
+//! Files reopened by path: regular files (at their offset), open directories
+//! (at their readdir position, the filesystem's own cookie, which lseek takes
+//! back) and stateless character devices (/dev/null, zero, urandom…).
+//!
+//! Collect reads the path, flags and offset from `/proc/PID/fd` and fdinfo,
+//! and a regular file's identity (inode, size, mtime; or a hash of its
+//! contents with `dump --verify-files=hash`). Restore first checks that the
+//! file is still the one dumped ([`Regular::verify`]), then opens it in the
+//! restore child, or in the restorer when several processes share it.
+
+use std::os::unix::fs::MetadataExt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::fds::table::{access, errno_msg};
+
+/// What a file looked like at dump time, to notice it changed before a restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileIdentity {
+    pub dev: u64,
+    pub inode: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+    /// crc32c of the contents (`crest dump --verify-files=hash`): when set,
+    /// the file counts as unchanged if its contents are, whatever its inode
+    /// or mtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crc32c: Option<u32>,
+}
+
+impl FileIdentity {
+    pub fn of(meta: &std::fs::Metadata) -> FileIdentity {
+        FileIdentity {
+            dev: meta.dev(),
+            inode: meta.ino(),
+            size: meta.size(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            crc32c: None,
+        }
+    }
+
+    /// crc32c of the file at `path`, read in 1 MiB pieces.
+    pub fn content_crc(path: &str) -> std::io::Result<u32> {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut crc = 0u32;
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                return Ok(crc);
+            }
+            crc = crc32c::crc32c_append(crc, &buf[..n]);
+        }
+    }
+}
+
+/// A regular file, reopened by path at its offset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Regular {
+    pub path: String,
+    /// open(2) flags: access mode, O_APPEND, O_NONBLOCK, O_DIRECT…
+    pub flags: i32,
+    pub pos: u64,
+    pub identity: FileIdentity,
+}
+
+/// An open directory, reopened by path at its readdir position.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Directory {
+    pub path: String,
+    pub flags: i32,
+    pub pos: u64,
+}
+
+/// A character device reopened by path (/dev/null, /dev/zero, /dev/urandom…).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Device {
+    pub path: String,
+    pub flags: i32,
+}
+
+/// Devices reopened by path: they carry no state of their own.
+pub const STATELESS_DEVICES: &[&str] = &[
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/random",
+    "/dev/urandom",
+];
+
+impl Regular {
+    /// A regular file open at `link`, from its metadata and fdinfo.
+    pub fn collect(link: String, meta: &std::fs::Metadata, flags: i32, pos: u64) -> Regular {
+        Regular {
+            path: link,
+            flags,
+            pos,
+            identity: FileIdentity::of(meta),
+        }
+    }
+
+    /// `crest dump --verify-files=hash`: records the contents' checksum.
+    pub fn record_hash(&mut self, pid: i32) -> Result<()> {
+        self.identity.crc32c =
+            Some(
+                FileIdentity::content_crc(&self.path).map_err(|e| Error::Refused {
+                    pid,
+                    reason: format!("cannot read {} to hash it: {e}", self.path),
+                })?,
+            );
+        Ok(())
+    }
+
+    /// Checks before a restore that the file is still the one dumped (same
+    /// inode, size and mtime, or the same contents); `pid` and `fd` name a
+    /// descriptor of it in the message.
+    pub fn verify(&self, pid: i32, fd: i32) -> Result<()> {
+        let path = &self.path;
+        let identity = &self.identity;
+        let meta = std::fs::metadata(path)
+            .map_err(|e| Error::Restore(format!("pid {pid}: fd {fd}: {path}: {e}")))?;
+        if let Some(crc) = identity.crc32c {
+            let now = FileIdentity::content_crc(path)
+                .map_err(|e| Error::Restore(format!("pid {pid}: fd {fd}: {path}: {e}")))?;
+            if now != crc {
+                return Err(Error::Restore(format!(
+                    "pid {pid}: fd {fd}: {path}: its contents changed since the dump (their hash differs)"
+                )));
+            }
+            return Ok(());
+        }
+        let now = FileIdentity::of(&meta);
+        if now != *identity {
+            let how = if now.inode != identity.inode || now.dev != identity.dev {
+                "was replaced by another file".to_string()
+            } else if now.size != identity.size {
+                format!("size changed from {} to {} bytes", identity.size, now.size)
+            } else {
+                "was modified (mtime changed)".to_string()
+            };
+            return Err(Error::Restore(format!(
+                "pid {pid}: fd {fd}: {path} {how} since the dump"
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn open(&self, at: i32) -> std::result::Result<i32, String> {
+        open_path(at, &self.path, self.flags, Some(self.pos))
+    }
+
+    pub fn describe(&self, shared: bool, cloexec: &str) -> String {
+        if shared {
+            format!(
+                "{} (shared with other processes, offset {}{cloexec})",
+                self.path, self.pos
+            )
+        } else {
+            format!(
+                "{} ({}, offset {}, {} bytes{cloexec})",
+                self.path,
+                access(self.flags),
+                self.pos,
+                self.identity.size
+            )
+        }
+    }
+}
+
+impl Directory {
+    pub fn open(&self, at: i32) -> std::result::Result<i32, String> {
+        open_path(at, &self.path, self.flags, Some(self.pos))
+    }
+
+    pub fn describe(&self, shared: bool, cloexec: &str) -> String {
+        if shared {
+            format!(
+                "{}, a directory (shared with other processes, position {}{cloexec})",
+                self.path, self.pos
+            )
+        } else {
+            format!(
+                "{}, a directory (position {}{cloexec})",
+                self.path, self.pos
+            )
+        }
+    }
+}
+
+impl Device {
+    pub fn open(&self, at: i32) -> std::result::Result<i32, String> {
+        open_path(at, &self.path, self.flags, None)
+    }
+
+    pub fn describe(&self, shared: bool, cloexec: &str) -> String {
+        if shared {
+            format!("{} (shared with other processes{cloexec})", self.path)
+        } else {
+            format!("{} ({}{cloexec})", self.path, access(self.flags))
+        }
+    }
+}
+
+/// Opens `path` with `flags` (close-on-exec; the caller places it) for
+/// descriptor `at`, at offset `pos`. Returns the new descriptor.
+pub fn open_path(
+    at: i32,
+    path: &str,
+    flags: i32,
+    pos: Option<u64>,
+) -> std::result::Result<i32, String> {
+    let c = std::ffi::CString::new(path).map_err(|_| format!("fd {at}: bad path"))?;
+    // SAFETY: `c` is a valid NUL-terminated string; open returns a new fd or -1.
+    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(errno_msg(&format!("fd {at}: open {path}")));
+    }
+    if let Some(pos) = pos {
+        // SAFETY: lseek on the fd we just opened.
+        if unsafe { libc::lseek(fd, pos as i64, libc::SEEK_SET) } < 0 {
+            return Err(errno_msg(&format!("fd {at}: seek {path} to {pos}")));
+        }
+    }
+    Ok(fd)
+}
