@@ -147,7 +147,7 @@ impl Checkpoint {
             }
             files.push(f);
         }
-        let files = OpenFiles::from_entries(files).map_err(bad)?;
+        let files = OpenFiles::from_entries(files).map_err(|e| bad(e.to_string()))?;
         let processes: Vec<ProcessImage> =
             image.all(PROCESS)?.into_iter().map(|(_, p)| p).collect();
         for pid in &inventory.pids {

@@ -418,7 +418,35 @@ pub fn set_process_groups(
 pub enum CloneError {
     /// The PID stayed taken until the deadline.
     Taken(i32),
-    Other(Error),
+    Other(TreeError),
+}
+
+/// Why the process tree could not be recreated.
+#[derive(Debug, thiserror::Error)]
+pub enum TreeError {
+    #[error("pid {pid} is in use (by '{comm}'); stop that process or restore into a new PID namespace (--pidns)")]
+    PidTaken { pid: i32, comm: String },
+    #[error("this kernel has no clone3 (Linux 5.5+ needed to restore PIDs)")]
+    NoClone3,
+    #[error("pid {pid}: clone3 with set_tid needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE")]
+    NoPrivilege { pid: i32 },
+    /// What a restore child reported on the report pipe (its own error, as
+    /// text: it crossed from another process).
+    #[error("pid {pid}: {report}")]
+    Child { pid: String, report: String },
+    #[error("pid {pid}: the restore child died before it was set up")]
+    Died { pid: i32 },
+    #[error(transparent)]
+    Engine(#[from] Error),
+}
+
+impl TreeError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            TreeError::Engine(e) => e.exit_code(),
+            _ => 1,
+        }
+    }
 }
 
 impl CloneError {
@@ -438,7 +466,7 @@ pub fn clone_with_pid(
     pid: i32,
     deadline: Instant,
     child: impl FnOnce() -> std::convert::Infallible,
-) -> std::result::Result<i32, CloneError> {
+) -> Result<i32, CloneError> {
     let set_tid = [pid];
     let args = process::CloneArgs {
         exit_signal: libc::SIGCHLD as u64,
@@ -463,25 +491,24 @@ pub fn clone_with_pid(
                 std::thread::sleep(Duration::from_millis(20))
             }
             nix::errno::Errno::EEXIST => return Err(CloneError::Taken(pid)),
-            nix::errno::Errno::ENOSYS => {
-                return Err(CloneError::Other(Error::Restore(
-                    "this kernel has no clone3 (Linux 5.5+ needed to restore PIDs)".into(),
-                )))
-            }
+            nix::errno::Errno::ENOSYS => return Err(CloneError::Other(TreeError::NoClone3)),
             nix::errno::Errno::EPERM => {
-                return Err(CloneError::Other(Error::Restore(format!(
-                    "pid {pid}: clone3 with set_tid needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE"
-                ))))
+                return Err(CloneError::Other(TreeError::NoPrivilege { pid }))
             }
-            e => return Err(CloneError::Other(Error::sys(pid, "clone3 with set_tid", e))),
+            e => {
+                return Err(CloneError::Other(
+                    Error::sys(pid, "clone3 with set_tid", e).into(),
+                ))
+            }
         }
     }
 }
 
 /// What a restore child does to set itself up (its descriptors, limits,
 /// signal dispositions…) once the tree's part is done: called with its index
-/// in the plan; its error is reported to the restorer.
-pub type Setup<'a> = dyn Fn(usize) -> std::result::Result<(), String> + 'a;
+/// in the plan; its error is reported to the restorer (as text: it crosses
+/// to another process).
+pub type Setup<'a> = dyn Fn(usize) -> Result<(), Box<dyn std::error::Error>> + 'a;
 
 /// Creates the tree of `plans` from its root (`plans[0]`), retrying each PID
 /// until `deadline` while it is taken. Each restore child reports "ok PID"
@@ -492,7 +519,7 @@ pub fn fork(
     report_fd: i32,
     deadline: Instant,
     setup: &Setup,
-) -> std::result::Result<i32, CloneError> {
+) -> Result<i32, CloneError> {
     clone_with_pid(plans[0].pid, deadline, || {
         process_main(0, plans, report_fd, deadline, setup)
     })
@@ -671,8 +698,12 @@ fn process_main(
     }
     match setup(idx) {
         Ok(()) => report(format!("ok {}\n", plan.pid)),
-        Err(msg) => {
-            report(format!("err {} {}\n", plan.pid, msg.replace('\n', " ")));
+        Err(e) => {
+            report(format!(
+                "err {} {}\n",
+                plan.pid,
+                e.to_string().replace('\n', " ")
+            ));
             // SAFETY: leaving without unwinding.
             unsafe { libc::_exit(1) };
         }
@@ -740,11 +771,9 @@ fn errno_msg(what: &str) -> String {
 }
 
 /// The error for PID `pid` in use (naming what uses it).
-pub fn pid_taken(pid: i32) -> Error {
+pub fn pid_taken(pid: i32) -> TreeError {
     let comm = proc::read(pid, "comm")
         .map(|c| c.trim().to_string())
         .unwrap_or_else(|_| "?".into());
-    Error::Restore(format!(
-        "pid {pid} is in use (by '{comm}'); stop that process or restore into a new PID namespace (--pidns)"
-    ))
+    TreeError::PidTaken { pid, comm }
 }

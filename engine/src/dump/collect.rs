@@ -218,7 +218,8 @@ pub(super) fn collect_process(
     for f in &table.fds {
         let info = proc::read(pid, &format!("fdinfo/{}", f.fd)).unwrap_or_default();
         locks.extend(
-            fds::locks::parse_fdinfo(f.fd, &info).map_err(|why| Error::unsupported(pid, why))?,
+            fds::locks::parse_fdinfo(f.fd, &info)
+                .map_err(|why| Error::unsupported(pid, why.to_string()))?,
         );
     }
     if table.root != "/" {

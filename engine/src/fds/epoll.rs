@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::fds::table::{errno_msg, ChildFds, Restored};
+use crate::fds::table::{ChildFds, OpenError, Restored};
 
 /// An epoll watch: the watched fd (in the owner's table), events and user data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -26,7 +26,7 @@ pub struct Epoll {
 }
 
 impl Epoll {
-    pub fn from_fdinfo(fdinfo: &str, flags: i32) -> std::result::Result<Epoll, String> {
+    pub fn from_fdinfo(fdinfo: &str, flags: i32) -> Result<Epoll, UnreadableWatch> {
         let mut watches = Vec::new();
         for line in fdinfo.lines().filter(|l| l.starts_with("tfd:")) {
             let words: Vec<&str> = line.split_whitespace().collect();
@@ -44,9 +44,9 @@ impl Epoll {
                     data: u64::from_str_radix(after("data:")?, 16).ok()?,
                 })
             })();
-            watches.push(
-                w.ok_or_else(|| format!("an epoll instance with an unreadable watch ({line})"))?,
-            );
+            watches.push(w.ok_or_else(|| UnreadableWatch {
+                line: line.to_string(),
+            })?);
         }
         Ok(Epoll { flags, watches })
     }
@@ -60,7 +60,7 @@ impl Epoll {
         fd: i32,
         cloexec: bool,
         fds: &ChildFds,
-    ) -> std::result::Result<Restored<()>, String> {
+    ) -> Result<Restored<()>, OpenError> {
         if self.watches.iter().any(|w| fds.pending.contains(&w.fd)) {
             return Ok(Restored::NotYet);
         }
@@ -69,7 +69,7 @@ impl Epoll {
         unsafe {
             let ep = libc::epoll_create1(libc::EPOLL_CLOEXEC);
             if ep < 0 {
-                return Err(errno_msg(&format!("fd {fd}: epoll_create1")));
+                return Err(OpenError::last(fd, "epoll_create1"));
             }
             libc::dup2(ep, fd);
             libc::close(ep);
@@ -85,7 +85,7 @@ impl Epoll {
                     u64: w.data,
                 };
                 if libc::epoll_ctl(fd, libc::EPOLL_CTL_ADD, w.fd, &mut ev) < 0 {
-                    return Err(errno_msg(&format!("fd {fd}: epoll watch of fd {}", w.fd)));
+                    return Err(OpenError::last(fd, format!("epoll watch of fd {}", w.fd)));
                 }
             }
         }
@@ -96,4 +96,11 @@ impl Epoll {
         let fds: Vec<String> = self.watches.iter().map(|w| w.fd.to_string()).collect();
         format!("epoll watching fds [{}]{cloexec}", fds.join(" "))
     }
+}
+
+/// An epoll crest does not carry: a watch in its fdinfo it cannot read.
+#[derive(Debug, thiserror::Error)]
+#[error("an epoll instance with an unreadable watch ({line})")]
+pub struct UnreadableWatch {
+    line: String,
 }

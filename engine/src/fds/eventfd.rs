@@ -9,7 +9,8 @@ use std::os::fd::{FromRawFd, OwnedFd};
 
 use serde::{Deserialize, Serialize};
 
-use crate::fds::table::{errno_msg, Opened};
+use crate::error::{CollectError, Error};
+use crate::fds::table::{OpenError, Opened};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -25,8 +26,8 @@ impl Eventfd {
     pub fn from_fdinfo(
         fdinfo: &str,
         flags: i32,
-        semaphore_probe: &dyn Fn(u64) -> std::result::Result<bool, String>,
-    ) -> std::result::Result<Eventfd, String> {
+        semaphore_probe: &dyn Fn(u64) -> Result<bool, CollectError>,
+    ) -> Result<Eventfd, CollectError> {
         let count = eventfd_count(fdinfo)?;
         // Linux 6.6 added the semaphore flag to fdinfo; before that the
         // mode is found by reading the counter (and putting it back).
@@ -45,7 +46,7 @@ impl Eventfd {
     }
 
     /// Creates it (close-on-exec; the caller places it) with its counter.
-    pub fn open(&self, at: i32) -> std::result::Result<i32, String> {
+    pub fn open(&self, at: i32) -> Result<i32, OpenError> {
         let sem = if self.semaphore {
             libc::EFD_SEMAPHORE
         } else {
@@ -60,7 +61,7 @@ impl Eventfd {
                 sem | libc::EFD_CLOEXEC | (self.flags & libc::O_NONBLOCK),
             );
             if fd < 0 {
-                return Err(errno_msg(&format!("fd {at}: eventfd")));
+                return Err(OpenError::last(at, "eventfd"));
             }
             if self.count > initial {
                 let rest = self.count - initial;
@@ -71,7 +72,7 @@ impl Eventfd {
     }
 
     /// [`Eventfd::open`] as the restorer's open file.
-    pub fn restore(&self, at: i32) -> std::result::Result<Opened, String> {
+    pub fn restore(&self, at: i32) -> Result<Opened, OpenError> {
         let fd = self.open(at)?;
         // SAFETY: a descriptor just created and owned by nothing else.
         Ok(Opened::new(unsafe { OwnedFd::from_raw_fd(fd) }, None))
@@ -90,29 +91,52 @@ impl Eventfd {
 /// kernels whose fdinfo does not say (before 6.6): see [`probe_mode`].
 /// The descriptor probed is crest's duplicate of the target's open file, so
 /// the target's fd table does not change.
-pub fn is_semaphore(pid: i32, fd: i32, before: u64) -> std::result::Result<bool, String> {
+pub fn is_semaphore(pid: i32, fd: i32, before: u64) -> Result<bool, CollectError> {
     let efd = crate::sys::fd::pidfd_getfd(pid, fd)
-        .map_err(|e| format!("an eventfd whose mode could not be probed ({e})"))?;
-    let semaphore = probe_mode(&efd, before)
-        .map_err(|(what, e)| format!("an eventfd whose mode could not be probed ({what}: {e})"))?;
-    let info = crate::sys::proc::read(pid, &format!("fdinfo/{fd}")).map_err(|e| e.to_string())?;
+        .map_err(|e| CollectError::not_carried(NotCarried::NotTaken(e)))?;
+    let semaphore =
+        probe_mode(&efd, before).map_err(|e| CollectError::not_carried(NotCarried::Probe(e)))?;
+    let info = crate::sys::proc::read(pid, &format!("fdinfo/{fd}"))?;
     let after = eventfd_count(&info)?;
     if after != before {
-        return Err(format!(
-            "an eventfd whose counter changed while its mode was probed ({before} before, {after} after: is it shared with a process outside the dump?)"
-        ));
+        return Err(CollectError::not_carried(NotCarried::CounterChanged {
+            before,
+            after,
+        }));
     }
     Ok(semaphore)
 }
 
 /// The counter of an eventfd, from its fdinfo (the kernel prints it in hex,
 /// "%16llx").
-fn eventfd_count(fdinfo: &str) -> std::result::Result<u64, String> {
+fn eventfd_count(fdinfo: &str) -> Result<u64, CollectError> {
     fdinfo
         .lines()
         .find_map(|l| l.strip_prefix("eventfd-count:"))
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .ok_or_else(|| "an eventfd without a readable count".to_string())
+        .ok_or_else(|| CollectError::not_carried(NotCarried::NoCount))
+}
+
+/// An eventfd crest does not carry.
+#[derive(Debug, thiserror::Error)]
+pub enum NotCarried {
+    #[error("an eventfd without a readable count")]
+    NoCount,
+    #[error("an eventfd whose mode could not be probed ({0})")]
+    NotTaken(#[source] Error),
+    #[error("an eventfd whose mode could not be probed ({0})")]
+    Probe(#[source] ProbeError),
+    #[error("an eventfd whose counter changed while its mode was probed ({before} before, {after} after: is it shared with a process outside the dump?)")]
+    CounterChanged { before: u64, after: u64 },
+}
+
+/// A step of [`probe_mode`] failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct ProbeError {
+    what: &'static str,
+    #[source]
+    source: std::io::Error,
 }
 
 /// Probes the mode of eventfd `efd` whose counter is `count`: a read returns
@@ -121,38 +145,35 @@ fn eventfd_count(fdinfo: &str) -> std::result::Result<u64, String> {
 /// `count`; no read ever waits. epoll reports nothing for the moment the
 /// counter was raised (it re-checks readiness before reporting), though a
 /// poll(2) waiter outside the dump may wake once.
-fn probe_mode(
-    efd: &OwnedFd,
-    count: u64,
-) -> std::result::Result<bool, (&'static str, std::io::Error)> {
+fn probe_mode(efd: &OwnedFd, count: u64) -> Result<bool, ProbeError> {
     use std::io::{Read, Write};
     // Near the top of its range a write would wait (or fail).
     if count > u64::MAX - 4 {
-        return Err((
-            "its counter is at its maximum",
-            std::io::Error::from_raw_os_error(libc::EOVERFLOW),
-        ));
+        return Err(ProbeError {
+            what: "its counter is at its maximum",
+            source: std::io::Error::from_raw_os_error(libc::EOVERFLOW),
+        });
     }
-    let mut f = std::fs::File::from(efd.try_clone().map_err(|e| ("dup", e))?);
+    let step = |what| move |source| ProbeError { what, source };
+    let mut f = std::fs::File::from(efd.try_clone().map_err(step("dup"))?);
     let add = 2u64.saturating_sub(count);
     if add > 0 {
-        f.write_all(&add.to_ne_bytes()).map_err(|e| ("write", e))?;
+        f.write_all(&add.to_ne_bytes()).map_err(step("write"))?;
     }
     let mut v = [0u8; 8];
-    f.read_exact(&mut v).map_err(|e| ("read", e))?;
+    f.read_exact(&mut v).map_err(step("read"))?;
     let semaphore = u64::from_ne_bytes(v) == 1;
     if semaphore {
         // The counter is now count + add - 1.
         if add == 0 {
-            f.write_all(&1u64.to_ne_bytes()).map_err(|e| ("write", e))?;
+            f.write_all(&1u64.to_ne_bytes()).map_err(step("write"))?;
         }
         for _ in 1..add {
-            f.read_exact(&mut v).map_err(|e| ("read", e))?;
+            f.read_exact(&mut v).map_err(step("read"))?;
         }
     } else if count > 0 {
         // The read emptied it.
-        f.write_all(&count.to_ne_bytes())
-            .map_err(|e| ("write", e))?;
+        f.write_all(&count.to_ne_bytes()).map_err(step("write"))?;
     }
     Ok(semaphore)
 }
@@ -204,7 +225,7 @@ mod tests {
         let info = fdinfo(&back.fd);
         let flags = crate::fds::table::status_flags(crate::sys::proc::parse_fdinfo(&info).flags);
         let again = Eventfd::from_fdinfo(&info, flags, &|c| {
-            probe_mode(&back.fd, c).map_err(|(w, e)| format!("{w}: {e}"))
+            probe_mode(&back.fd, c).map_err(|e| CollectError::not_carried(NotCarried::Probe(e)))
         })
         .unwrap();
         assert_eq!(again, saved);

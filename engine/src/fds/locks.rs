@@ -7,7 +7,7 @@
 //! a file drops the process's POSIX locks on it), failing clearly when someone
 //! else holds a conflicting lock by then.
 
-use crate::error::{Error, Result};
+use crate::error::Error;
 use crate::sys::remote::RemoteCall;
 use serde::{Deserialize, Serialize};
 
@@ -61,7 +61,7 @@ impl FileLock {
 /// The locks in one descriptor's fdinfo, e.g.
 /// `lock:\t1: POSIX  ADVISORY  WRITE 1234 08:01:5678 0 9`. Leases,
 /// delegations and mandatory locks are refused (the reason is returned).
-pub fn parse_fdinfo(fd: i32, fdinfo: &str) -> std::result::Result<Vec<FileLock>, String> {
+pub fn parse_fdinfo(fd: i32, fdinfo: &str) -> Result<Vec<FileLock>, NotCarried> {
     let mut out = Vec::new();
     for line in fdinfo.lines().filter_map(|l| l.strip_prefix("lock:")) {
         let w: Vec<&str> = line.split_whitespace().collect();
@@ -69,31 +69,52 @@ pub fn parse_fdinfo(fd: i32, fdinfo: &str) -> std::result::Result<Vec<FileLock>,
         let (Some(kind), Some(mode), Some(rw), Some(start), Some(end)) =
             (w.get(1), w.get(2), w.get(3), w.get(6), w.get(7))
         else {
-            return Err(format!("fd {fd}: unreadable lock line {line:?}"));
+            return Err(NotCarried::Unreadable {
+                fd,
+                line: line.to_string(),
+            });
         };
         let kind = match *kind {
             "FLOCK" => LockKind::Flock,
             "POSIX" => LockKind::Posix,
             "OFDLCK" => LockKind::Ofd,
-            other => return Err(format!("fd {fd}: holds a {other} (leases and delegations)")),
+            other => {
+                return Err(NotCarried::Lease {
+                    fd,
+                    kind: other.to_string(),
+                })
+            }
         };
         if *mode != "ADVISORY" {
-            return Err(format!("fd {fd}: holds a {} {mode} lock", w[1]));
+            return Err(NotCarried::NotAdvisory {
+                fd,
+                kind: w[1].to_string(),
+                mode: mode.to_string(),
+            });
         }
         let write = match *rw {
             "WRITE" => true,
             "READ" => false,
-            other => return Err(format!("fd {fd}: holds a lock of type {other}")),
+            other => {
+                return Err(NotCarried::Type {
+                    fd,
+                    rw: other.to_string(),
+                })
+            }
         };
-        let start: u64 = start
-            .parse()
-            .map_err(|_| format!("fd {fd}: lock start {start:?}"))?;
+        let start: u64 = start.parse().map_err(|_| NotCarried::Start {
+            fd,
+            start: start.to_string(),
+        })?;
         let len = match *end {
             "EOF" => 0,
             e => e
                 .parse::<u64>()
                 .map(|e| e + 1 - start)
-                .map_err(|_| format!("fd {fd}: lock end {e:?}"))?,
+                .map_err(|_| NotCarried::End {
+                    fd,
+                    end: e.to_string(),
+                })?,
         };
         let lock = FileLock {
             fd,
@@ -107,6 +128,24 @@ pub fn parse_fdinfo(fd: i32, fdinfo: &str) -> std::result::Result<Vec<FileLock>,
         }
     }
     Ok(out)
+}
+
+/// A lock crest does not carry (a lease, a mandatory lock), or a lock line
+/// it cannot read.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotCarried {
+    #[error("fd {fd}: unreadable lock line {line:?}")]
+    Unreadable { fd: i32, line: String },
+    #[error("fd {fd}: holds a {kind} (leases and delegations)")]
+    Lease { fd: i32, kind: String },
+    #[error("fd {fd}: holds a {kind} {mode} lock")]
+    NotAdvisory { fd: i32, kind: String, mode: String },
+    #[error("fd {fd}: holds a lock of type {rw}")]
+    Type { fd: i32, rw: String },
+    #[error("fd {fd}: lock start {start:?}")]
+    Start { fd: i32, start: String },
+    #[error("fd {fd}: lock end {end:?}")]
+    End { fd: i32, end: String },
 }
 
 /// `struct flock` as x86-64 lays it out: type, whence, start, len, pid.
@@ -126,7 +165,7 @@ fn flock_bytes(l: &FileLock) -> [u8; 32] {
 
 /// Takes `locks` again in the restored process behind `remote` (stopped,
 /// seized; its scratch page holds the `struct flock`).
-pub fn restore(remote: &RemoteCall, locks: &[FileLock]) -> Result<()> {
+pub fn restore(remote: &RemoteCall, locks: &[FileLock]) -> Result<(), LockError> {
     const F_OFD_SETLK: u64 = 37;
     for l in locks {
         let r = match l.kind {
@@ -149,21 +188,31 @@ pub fn restore(remote: &RemoteCall, locks: &[FileLock]) -> Result<()> {
             }
         };
         if (-4095..0).contains(&r) {
-            let errno = nix::errno::Errno::from_raw(-r as i32);
-            let why = match errno {
+            let (pid, lock) = (remote.pid(), l.describe());
+            return Err(match nix::errno::Errno::from_raw(-r as i32) {
                 nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES => {
-                    "another process holds a conflicting lock".to_string()
+                    LockError::Conflict { pid, lock }
                 }
-                e => e.to_string(),
-            };
-            return Err(Error::Restore(format!(
-                "pid {}: {}: cannot take it again: {why}",
-                remote.pid(),
-                l.describe()
-            )));
+                errno => LockError::Failed { pid, lock, errno },
+            });
         }
     }
     Ok(())
+}
+
+/// Why a restored process could not take a lock again.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("pid {pid}: {lock}: cannot take it again: another process holds a conflicting lock")]
+    Conflict { pid: i32, lock: String },
+    #[error("pid {pid}: {lock}: cannot take it again: {errno}")]
+    Failed {
+        pid: i32,
+        lock: String,
+        errno: nix::errno::Errno,
+    },
+    #[error(transparent)]
+    Engine(#[from] Error),
 }
 
 #[cfg(test)]
@@ -224,7 +273,7 @@ mod tests {
     #[case("lock:\t1: LEASE  ACTIVE    READ 12 fe:00:99 0 EOF", "LEASE")]
     #[case("lock:\t1: POSIX  MANDATORY WRITE 12 fe:00:99 0 EOF", "MANDATORY")]
     fn refuses_leases_and_mandatory_locks(#[case] line: &str, #[case] mentions: &str) {
-        let err = parse_fdinfo(3, line).unwrap_err();
+        let err = parse_fdinfo(3, line).unwrap_err().to_string();
         assert!(err.contains(mentions), "{err}");
     }
 

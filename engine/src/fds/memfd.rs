@@ -152,7 +152,7 @@ impl Memfd {
     }
 
     /// Recreated by the restorer ([`create`]), at its slot.
-    pub fn restore(&self, dir: &Path) -> Result<Opened> {
+    pub fn restore(&self, dir: &Path) -> Result<Opened, MemfdError> {
         Ok(Opened::new(
             create(dir, self)?,
             Some(self.flags & !libc::O_ACCMODE),
@@ -180,39 +180,36 @@ impl Memfd {
 /// Creates memfd `m` with its name, mode and contents (not sealed yet; see
 /// [`seal`]), opened with its access mode and at its offset. The caller sets
 /// the status flags and places the fd.
-pub fn create(dir: &Path, m: &Memfd) -> Result<OwnedFd> {
+pub fn create(dir: &Path, m: &Memfd) -> Result<OwnedFd, MemfdError> {
     let path = contents(m.inode).path(dir);
-    let what = |e: String| Error::Restore(format!("memfd {}: {e}", m.name));
+    let what = |what: String| {
+        let name = m.name.clone();
+        move |source| MemfdError::Sys { name, what, source }
+    };
+    let last = |w: String| {
+        let source = std::io::Error::last_os_error();
+        what(w)(source)
+    };
     let name = std::ffi::CString::new(m.name.as_str())
         .map_err(|_| Error::bad_image(&path, "memfd name with a NUL byte"))?;
     // SAFETY: memfd_create takes a NUL-terminated name and returns a new fd we own.
     let fd =
         unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
-        return Err(what(format!(
-            "memfd_create: {}",
-            std::io::Error::last_os_error()
-        )));
+        return Err(last("memfd_create".into()));
     }
     // SAFETY: fd is fresh and ours.
     let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
     // SAFETY: fchmod on our own fd.
     if unsafe { libc::fchmod(fd, m.mode) } < 0 {
-        return Err(what(format!(
-            "fchmod {:o}: {}",
-            m.mode,
-            std::io::Error::last_os_error()
-        )));
+        return Err(last(format!("fchmod {:o}", m.mode)));
     }
     file.set_len(m.size)
-        .map_err(|e| what(format!("ftruncate to {} bytes: {e}", m.size)))?;
+        .map_err(what(format!("ftruncate to {} bytes", m.size)))?;
     let mut src = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
     let len = src.metadata().map_err(|e| Error::io(&path, e))?.len();
     if len != m.size {
-        return Err(Error::bad_image(
-            &path,
-            format!("{len} bytes, {} expected", m.size),
-        ));
+        return Err(Error::bad_image(&path, format!("{len} bytes, {} expected", m.size)).into());
     }
     let mut buf = vec![0u8; CHUNK];
     let mut crc = 0u32;
@@ -224,12 +221,12 @@ pub fn create(dir: &Path, m: &Memfd) -> Result<OwnedFd> {
         crc = crc32c::crc32c_append(crc, &buf[..n]);
         if !buf[..n].iter().all(|&b| b == 0) {
             file.write_all_at(&buf[..n], off)
-                .map_err(|e| what(format!("writing its contents: {e}")))?;
+                .map_err(what("writing its contents".into()))?;
         }
         off += n as u64;
     }
     if crc != m.crc32c {
-        return Err(Error::bad_image(&path, "checksum mismatch"));
+        return Err(Error::bad_image(&path, "checksum mismatch").into());
     }
     let file: OwnedFd = if m.flags & libc::O_ACCMODE != libc::O_RDWR {
         // Another access mode: a new description of the same object.
@@ -237,24 +234,20 @@ pub fn create(dir: &Path, m: &Memfd) -> Result<OwnedFd> {
             .read(m.flags & libc::O_ACCMODE == libc::O_RDONLY)
             .write(m.flags & libc::O_ACCMODE == libc::O_WRONLY)
             .open(format!("/proc/self/fd/{fd}"))
-            .map_err(|e| what(format!("reopening it: {e}")))?;
+            .map_err(what("reopening it".into()))?;
         again.into()
     } else {
         file.into()
     };
     // SAFETY: lseek on the fd we own.
     if unsafe { libc::lseek(file.as_raw_fd(), m.pos as i64, libc::SEEK_SET) } < 0 {
-        return Err(what(format!(
-            "seek to {}: {}",
-            m.pos,
-            std::io::Error::last_os_error()
-        )));
+        return Err(last(format!("seek to {}", m.pos)));
     }
     Ok(file)
 }
 
 /// Applies memfd `m`'s seals to the restored object held at `fd`.
-pub fn seal(fd: i32, m: &Memfd) -> Result<()> {
+pub fn seal(fd: i32, m: &Memfd) -> Result<(), MemfdError> {
     if m.seals == 0 {
         return Ok(());
     }
@@ -263,17 +256,35 @@ pub fn seal(fd: i32, m: &Memfd) -> Result<()> {
         .read(true)
         .write(true)
         .open(format!("/proc/self/fd/{fd}"))
-        .map_err(|e| Error::Restore(format!("memfd {}: reopening it to seal it: {e}", m.name)))?;
+        .map_err(|source| MemfdError::Sys {
+            name: m.name.clone(),
+            what: "reopening it to seal it".into(),
+            source,
+        })?;
     // SAFETY: fcntl on a file we own.
     if unsafe { libc::fcntl(rw.as_raw_fd(), libc::F_ADD_SEALS, m.seals) } < 0 {
-        return Err(Error::Restore(format!(
-            "memfd {}: sealing it ({:#x}): {}",
-            m.name,
-            m.seals,
-            std::io::Error::last_os_error()
-        )));
+        return Err(MemfdError::Sys {
+            name: m.name.clone(),
+            what: format!("sealing it ({:#x})", m.seals),
+            source: std::io::Error::last_os_error(),
+        });
     }
     Ok(())
+}
+
+/// Why a memfd could not be recreated: a step on it failed, or its saved
+/// contents are missing or damaged.
+#[derive(Debug, thiserror::Error)]
+pub enum MemfdError {
+    #[error("memfd {name}: {what}: {source}")]
+    Sys {
+        name: String,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Image(#[from] Error),
 }
 
 #[cfg(test)]

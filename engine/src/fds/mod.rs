@@ -36,7 +36,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{CollectError, Error, Result};
 use crate::mm::shmem::Shmem;
 use crate::net::{self, tcp, udp, unix};
 use crate::sys::proc;
@@ -83,6 +83,15 @@ pub struct OpenFile {
     pub kind: FileKind,
 }
 
+/// A table of open files read from an image that does not hold together.
+#[derive(Debug, thiserror::Error)]
+pub enum BadTable {
+    #[error("open file {id} is listed as number {index}")]
+    Misnumbered { id: FileId, index: usize },
+    #[error("open file {id} refers to a missing file {missing}")]
+    Dangling { id: FileId, missing: FileId },
+}
+
 /// The dump's table of open files: a file's id is its index.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -91,17 +100,17 @@ pub struct OpenFiles(Vec<OpenFile>);
 impl OpenFiles {
     /// A table from its entries, as read from an image: ids must be their
     /// indices, and every id a file refers to must exist.
-    pub fn from_entries(files: Vec<OpenFile>) -> std::result::Result<OpenFiles, String> {
-        for (i, f) in files.iter().enumerate() {
-            if f.id.index() != i {
-                return Err(format!("open file {} is listed as number {i}", f.id));
+    pub fn from_entries(files: Vec<OpenFile>) -> Result<OpenFiles, BadTable> {
+        for (index, f) in files.iter().enumerate() {
+            if f.id.index() != index {
+                return Err(BadTable::Misnumbered { id: f.id, index });
             }
         }
         let t = OpenFiles(files);
         for f in &t.0 {
-            for r in f.kind.refers_to() {
-                if t.get(r).is_none() {
-                    return Err(format!("open file {} refers to a missing file {r}", f.id));
+            for missing in f.kind.refers_to() {
+                if t.get(missing).is_none() {
+                    return Err(BadTable::Dangling { id: f.id, missing });
                 }
             }
         }
@@ -248,9 +257,12 @@ pub fn collect(pid: i32, files: &mut OpenFiles, sockets: &mut net::DumpSockets) 
             fds.push(FdEntry { fd, cloexec, file });
             continue;
         }
-        let kind = match collect_one(pid, fd, &link, &text, &info, files, sockets)? {
+        let kind = match collect_one(pid, fd, &link, &text, &info, files, sockets) {
             Ok(kind) => kind,
-            Err(what) => return Err(Error::unsupported(pid, format!("fd {fd} is {what}"))),
+            Err(CollectError::NotCarried(what)) => {
+                return Err(Error::unsupported(pid, format!("fd {fd} is {what}")))
+            }
+            Err(CollectError::Failed(e)) => return Err(e),
         };
         let file = files.add(kind);
         firsts.push((fd, file));
@@ -272,14 +284,14 @@ fn collect_one(
     info: &proc::FdInfo,
     files: &mut OpenFiles,
     sockets: &mut net::DumpSockets,
-) -> Result<std::result::Result<FileKind, String>> {
+) -> Result<FileKind, CollectError> {
     let stdio = fd <= 2;
     let reopen = info.flags & REOPEN_MASK;
     let fd_meta = || {
         let path = format!("/proc/{pid}/fd/{fd}");
         std::fs::metadata(&path).map_err(|e| Error::io(&path, e))
     };
-    Ok(Ok(match Link::of(link) {
+    Ok(match Link::of(link) {
         // Whether the other end is in the dump is decided once every process
         // is collected (see `resolve`).
         Link::Pipe(inode) => FileKind::Pipe(pipe::PipeEnd::collect(inode, info.flags, None)),
@@ -293,54 +305,54 @@ fn collect_one(
                 files.file_mut(id).shared = true;
                 id
             };
-            match net::collect(pid, fd, status_flags(info.flags), sockets, &mut in_flight)? {
+            match net::collect(pid, fd, status_flags(info.flags), sockets, &mut in_flight) {
                 Ok(net::Socket::UnixPair(end)) => FileKind::UnixPair(end),
                 Ok(net::Socket::TcpConn(c)) => FileKind::TcpConn(c),
+                Err(CollectError::Failed(e)) => return Err(CollectError::Failed(e)),
                 _ if stdio => FileKind::Inherited(inherited::Inherited {
                     was: link.to_string(),
                 }),
                 Ok(net::Socket::TcpListen(l)) => FileKind::TcpListen(l),
                 Ok(net::Socket::Udp(u)) => FileKind::Udp(u),
                 Ok(net::Socket::UnixListen(l)) => FileKind::UnixListen(l),
-                Err(what) => return Ok(Err(what)),
+                Err(not) => return Err(not),
             }
         }
-        Link::AnonInode(name) => {
-            let flags = status_flags(info.flags);
-            let kind = match name {
-                "eventfd" => eventfd::Eventfd::from_fdinfo(fdinfo, flags, &|count| {
-                    eventfd::is_semaphore(pid, fd, count)
-                })
-                .map(FileKind::Eventfd),
-                "signalfd" => {
-                    signalfd::Signalfd::from_fdinfo(fdinfo, flags).map(FileKind::Signalfd)
-                }
-                "timerfd" => timerfd::parse(fdinfo, flags).map(FileKind::Timerfd),
-                "eventpoll" => epoll::Epoll::from_fdinfo(fdinfo, flags).map(FileKind::Epoll),
-                other => {
-                    let article = if other.starts_with(['a', 'e', 'i', 'o', 'u']) {
-                        "an"
-                    } else {
-                        "a"
-                    };
-                    Err(format!("{article} {other}"))
-                }
-            };
-            match kind {
-                Ok(k) => k,
-                Err(what) => return Ok(Err(what)),
+        Link::AnonInode(name) => match name {
+            "eventfd" => FileKind::Eventfd(eventfd::Eventfd::from_fdinfo(
+                fdinfo,
+                status_flags(info.flags),
+                &|count| eventfd::is_semaphore(pid, fd, count),
+            )?),
+            "signalfd" => FileKind::Signalfd(
+                signalfd::Signalfd::from_fdinfo(fdinfo, status_flags(info.flags))
+                    .map_err(CollectError::not_carried)?,
+            ),
+            "timerfd" => FileKind::Timerfd(
+                timerfd::parse(fdinfo, status_flags(info.flags))
+                    .map_err(CollectError::not_carried)?,
+            ),
+            "eventpoll" => FileKind::Epoll(
+                epoll::Epoll::from_fdinfo(fdinfo, status_flags(info.flags))
+                    .map_err(CollectError::not_carried)?,
+            ),
+            other => {
+                return Err(CollectError::not_carried(Unknown::AnonInode {
+                    name: other.to_string(),
+                }))
             }
-        }
+        },
         Link::Memfd => match memfd::Memfd::from_fd(fd_meta()?.ino(), link, reopen, info.pos) {
             Some(m) => FileKind::Memfd(m),
-            None => return Ok(Err(format!("a memfd with an unexpected name ({link})"))),
-        },
-        Link::Deleted(path) => {
-            match unlinked::Unlinked::collect(pid, fd, path, reopen, info.pos)? {
-                Ok(u) => FileKind::Unlinked(u),
-                Err(what) => return Ok(Err(what)),
+            None => {
+                return Err(CollectError::not_carried(Unknown::MemfdName {
+                    link: link.to_string(),
+                }))
             }
-        }
+        },
+        Link::Deleted(path) => FileKind::Unlinked(unlinked::Unlinked::collect(
+            pid, fd, path, reopen, info.pos,
+        )?),
         Link::Path => {
             let meta = std::fs::metadata(format!("/proc/{pid}/fd/{fd}"))
                 .map_err(|e| Error::io(link, e))?;
@@ -354,10 +366,10 @@ fn collect_one(
                     info.pos,
                 ))
             } else if device && link == "/dev/ptmx" {
-                match tty::collect_master(pid, fd, fdinfo, status_flags(info.flags)) {
-                    Ok(end) => FileKind::Pty(end),
-                    Err(what) => return Ok(Err(what)),
-                }
+                FileKind::Pty(
+                    tty::collect_master(pid, fd, fdinfo, status_flags(info.flags))
+                        .map_err(CollectError::not_carried)?,
+                )
             } else if let Some(index) = tty::slave_index(link).filter(|_| device) {
                 // Whether its master is in the dump is decided once every
                 // process is collected (see `resolve`).
@@ -391,13 +403,45 @@ fn collect_one(
                     Some(link.to_string()),
                 ))
             } else if device {
-                return Ok(Err(format!("a character device ({link})")));
+                return Err(CollectError::not_carried(Unknown::Device {
+                    path: link.to_string(),
+                }));
             } else {
-                return Ok(Err(format!("{link}, a file of a kind crest does not know")));
+                return Err(CollectError::not_carried(Unknown::File {
+                    path: link.to_string(),
+                }));
             }
         }
-        Link::Other => return Ok(Err(link.to_string())),
-    }))
+        Link::Other => {
+            return Err(CollectError::not_carried(Unknown::Link {
+                link: link.to_string(),
+            }))
+        }
+    })
+}
+
+/// A descriptor of a kind crest does not know.
+#[derive(Debug, thiserror::Error)]
+enum Unknown {
+    #[error("{} {name}", article(name))]
+    AnonInode { name: String },
+    #[error("a memfd with an unexpected name ({link})")]
+    MemfdName { link: String },
+    #[error("a character device ({path})")]
+    Device { path: String },
+    #[error("{path}, a file of a kind crest does not know")]
+    File { path: String },
+    #[error("{link}")]
+    Link { link: String },
+}
+
+/// "a" or "an", for a name said in English.
+fn article(name: &str) -> &'static str {
+    if name.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    }
 }
 
 /// How `crest show` describes descriptor number `index` of `table`.

@@ -237,17 +237,15 @@ impl<'a> Pipes<'a> {
 
     /// Open file `id`, pipe end `end`: a copy of its end of the pipe, made
     /// (and refilled) on first use.
-    pub fn restore(&mut self, id: FileId, end: &PipeEnd) -> Result<Opened> {
+    pub fn restore(&mut self, id: FileId, end: &PipeEnd) -> Result<Opened, PipeError> {
         if !self.made.iter().any(|(i, _, _)| *i == end.inode) {
             let p = self
                 .pipes
                 .iter()
                 .find(|p| p.inode == end.inode)
-                .ok_or_else(|| {
-                    Error::Restore(format!(
-                        "file {id}: pipe {} is missing from the image",
-                        end.inode
-                    ))
+                .ok_or(PipeError::Missing {
+                    id,
+                    inode: end.inode,
                 })?;
             let (r, w) = create(p)?;
             self.made.push((p.inode, r, w));
@@ -258,16 +256,23 @@ impl<'a> Pipes<'a> {
             .find(|(i, _, _)| *i == end.inode)
             .expect("made above");
         let fd = if end.write { w } else { r };
-        let copy = fd
-            .try_clone()
-            .map_err(|e| Error::Restore(format!("pipe {}: dup: {e}", end.inode)))?;
+        let copy = fd.try_clone().map_err(|source| PipeError::Sys {
+            inode: end.inode,
+            what: "dup".into(),
+            source,
+        })?;
         Ok(Opened::new(copy, Some(end.flags)))
     }
 }
 
 /// Creates pipe `p` in the restorer, refilled with its data: (read end, write end).
-fn create(p: &Pipe) -> Result<(OwnedFd, OwnedFd)> {
+fn create(p: &Pipe) -> Result<(OwnedFd, OwnedFd), PipeError> {
     let mut fds = [0i32; 2];
+    let failed = |what: String| PipeError::Sys {
+        inode: p.inode,
+        what,
+        source: std::io::Error::last_os_error(),
+    };
     // SAFETY: pipe2/open write or return fds we then own; fcntl and write on
     // them with our buffer.
     unsafe {
@@ -275,7 +280,7 @@ fn create(p: &Pipe) -> Result<(OwnedFd, OwnedFd)> {
             // A named FIFO: open it for reading and writing without blocking
             // (each end finds the other), then clear O_NONBLOCK where it was not set.
             let c = std::ffi::CString::new(path.as_str())
-                .map_err(|_| Error::Restore(format!("FIFO {path:?}: bad path")))?;
+                .map_err(|_| PipeError::FifoPath { path: path.clone() })?;
             fds[0] = libc::open(
                 c.as_ptr(),
                 libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC,
@@ -289,26 +294,17 @@ fn create(p: &Pipe) -> Result<(OwnedFd, OwnedFd)> {
                 -1
             };
             if fds[0] < 0 || fds[1] < 0 {
-                return Err(Error::Restore(format!(
-                    "FIFO {path}: {}",
-                    std::io::Error::last_os_error()
-                )));
+                return Err(PipeError::Fifo {
+                    path: path.clone(),
+                    source: std::io::Error::last_os_error(),
+                });
             }
         } else if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) < 0 {
-            return Err(Error::Restore(format!(
-                "pipe {}: pipe2: {}",
-                p.inode,
-                std::io::Error::last_os_error()
-            )));
+            return Err(failed("pipe2".into()));
         }
         let (r, w) = (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]));
         if libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, p.capacity as libc::c_int) < 0 {
-            return Err(Error::Restore(format!(
-                "pipe {}: capacity {}: {}",
-                p.inode,
-                p.capacity,
-                std::io::Error::last_os_error()
-            )));
+            return Err(failed(format!("capacity {}", p.capacity)));
         }
         let mut done = 0;
         while done < p.data.len() {
@@ -318,14 +314,32 @@ fn create(p: &Pipe) -> Result<(OwnedFd, OwnedFd)> {
                 p.data.len() - done,
             );
             if n <= 0 {
-                return Err(Error::Restore(format!(
-                    "pipe {}: refilling: {}",
-                    p.inode,
-                    std::io::Error::last_os_error()
-                )));
+                return Err(failed("refilling".into()));
             }
             done += n as usize;
         }
         Ok((r, w))
     }
+}
+
+/// Why a pipe or FIFO could not be recreated.
+#[derive(Debug, thiserror::Error)]
+pub enum PipeError {
+    #[error("file {id}: pipe {inode} is missing from the image")]
+    Missing { id: FileId, inode: u64 },
+    #[error("FIFO {path:?}: bad path")]
+    FifoPath { path: String },
+    #[error("FIFO {path}: {source}")]
+    Fifo {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pipe {inode}: {what}: {source}")]
+    Sys {
+        inode: u64,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
 }

@@ -13,7 +13,7 @@ use std::os::unix::fs::MetadataExt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::fds::table::{access, errno_msg};
+use crate::fds::table::{access, OpenError};
 
 /// What a file looked like at dump time, to notice it changed before a restore.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,38 +120,48 @@ impl Regular {
     /// Checks before a restore that the file is still the one dumped (same
     /// inode, size and mtime, or the same contents); `pid` and `fd` name a
     /// descriptor of it in the message.
-    pub fn verify(&self, pid: i32, fd: i32) -> Result<()> {
+    pub fn verify(&self, pid: i32, fd: i32) -> Result<(), FileChanged> {
         let path = &self.path;
         let identity = &self.identity;
-        let meta = std::fs::metadata(path)
-            .map_err(|e| Error::Restore(format!("pid {pid}: fd {fd}: {path}: {e}")))?;
+        let unreadable = |source| FileChanged::Unreadable {
+            pid,
+            fd,
+            path: path.clone(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(unreadable)?;
         if let Some(crc) = identity.crc32c {
-            let now = FileIdentity::content_crc(path)
-                .map_err(|e| Error::Restore(format!("pid {pid}: fd {fd}: {path}: {e}")))?;
+            let now = FileIdentity::content_crc(path).map_err(unreadable)?;
             if now != crc {
-                return Err(Error::Restore(format!(
-                    "pid {pid}: fd {fd}: {path}: its contents changed since the dump (their hash differs)"
-                )));
+                return Err(FileChanged::Contents {
+                    pid,
+                    fd,
+                    path: path.clone(),
+                });
             }
             return Ok(());
         }
         let now = FileIdentity::of(&meta);
         if now != *identity {
-            let how = if now.inode != identity.inode || now.dev != identity.dev {
-                "was replaced by another file".to_string()
+            let path = path.clone();
+            return Err(if now.inode != identity.inode || now.dev != identity.dev {
+                FileChanged::Replaced { pid, fd, path }
             } else if now.size != identity.size {
-                format!("size changed from {} to {} bytes", identity.size, now.size)
+                FileChanged::Resized {
+                    pid,
+                    fd,
+                    path,
+                    from: identity.size,
+                    to: now.size,
+                }
             } else {
-                "was modified (mtime changed)".to_string()
-            };
-            return Err(Error::Restore(format!(
-                "pid {pid}: fd {fd}: {path} {how} since the dump"
-            )));
+                FileChanged::Modified { pid, fd, path }
+            });
         }
         Ok(())
     }
 
-    pub fn open(&self, at: i32) -> std::result::Result<i32, String> {
+    pub fn open(&self, at: i32) -> Result<i32, OpenError> {
         open_path(at, &self.path, self.flags, Some(self.pos))
     }
 
@@ -174,7 +184,7 @@ impl Regular {
 }
 
 impl Directory {
-    pub fn open(&self, at: i32) -> std::result::Result<i32, String> {
+    pub fn open(&self, at: i32) -> Result<i32, OpenError> {
         open_path(at, &self.path, self.flags, Some(self.pos))
     }
 
@@ -194,7 +204,7 @@ impl Directory {
 }
 
 impl Device {
-    pub fn open(&self, at: i32) -> std::result::Result<i32, String> {
+    pub fn open(&self, at: i32) -> Result<i32, OpenError> {
         open_path(at, &self.path, self.flags, None)
     }
 
@@ -209,23 +219,48 @@ impl Device {
 
 /// Opens `path` with `flags` (close-on-exec; the caller places it) for
 /// descriptor `at`, at offset `pos`. Returns the new descriptor.
-pub fn open_path(
-    at: i32,
-    path: &str,
-    flags: i32,
-    pos: Option<u64>,
-) -> std::result::Result<i32, String> {
-    let c = std::ffi::CString::new(path).map_err(|_| format!("fd {at}: bad path"))?;
+pub fn open_path(at: i32, path: &str, flags: i32, pos: Option<u64>) -> Result<i32, OpenError> {
+    let c = std::ffi::CString::new(path).map_err(|_| OpenError::BadPath { fd: at })?;
     // SAFETY: `c` is a valid NUL-terminated string; open returns a new fd or -1.
     let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) };
     if fd < 0 {
-        return Err(errno_msg(&format!("fd {at}: open {path}")));
+        return Err(OpenError::last(at, format!("open {path}")));
     }
     if let Some(pos) = pos {
         // SAFETY: lseek on the fd we just opened.
         if unsafe { libc::lseek(fd, pos as i64, libc::SEEK_SET) } < 0 {
-            return Err(errno_msg(&format!("fd {at}: seek {path} to {pos}")));
+            return Err(OpenError::last(at, format!("seek {path} to {pos}")));
         }
     }
     Ok(fd)
+}
+
+/// A regular file that is not the one dumped: the restore stops (or, with
+/// `--allow-changed-files`, warns and goes on).
+#[derive(Debug, thiserror::Error)]
+pub enum FileChanged {
+    #[error("pid {pid}: fd {fd}: {path}: {source}")]
+    Unreadable {
+        pid: i32,
+        fd: i32,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "pid {pid}: fd {fd}: {path}: its contents changed since the dump (their hash differs)"
+    )]
+    Contents { pid: i32, fd: i32, path: String },
+    #[error("pid {pid}: fd {fd}: {path} was replaced by another file since the dump")]
+    Replaced { pid: i32, fd: i32, path: String },
+    #[error("pid {pid}: fd {fd}: {path} size changed from {from} to {to} bytes since the dump")]
+    Resized {
+        pid: i32,
+        fd: i32,
+        path: String,
+        from: u64,
+        to: u64,
+    },
+    #[error("pid {pid}: fd {fd}: {path} was modified (mtime changed) since the dump")]
+    Modified { pid: i32, fd: i32, path: String },
 }

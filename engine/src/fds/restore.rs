@@ -10,14 +10,63 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::time::Instant;
 
-use crate::error::{Error, Result};
-use crate::fds::table::{errno_msg, ChildFds, FdEntry, FdTable, FileId, Opened, Restored};
+use crate::fds::memfd::MemfdError;
+use crate::fds::pipe::PipeError;
+use crate::fds::regular::FileChanged;
+use crate::fds::table::{ChildFds, FdEntry, FdTable, FileId, OpenError, Opened, Restored};
+use crate::fds::tty::PtyError;
 use crate::fds::{pipe, timerfd, tty, FileKind, OpenFiles};
+use crate::mm::shmem::ShmemError;
+use crate::net::tcp::TcpError;
+use crate::net::udp::UdpError;
+use crate::net::unix::UnixError;
 use crate::net::{tcp, udp, unix};
+
+/// Why the descriptors of a restored process could not be put in place.
+#[derive(Debug, thiserror::Error)]
+pub enum FilesError {
+    #[error("cannot reserve fd {at} for a shared file: {source}")]
+    Reserve {
+        at: i32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("shared file {id}: cannot place it at fd {at}: {source}")]
+    Place {
+        id: FileId,
+        at: i32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("shared file {id} is neither a file nor a device")]
+    NotAFile { id: FileId },
+    #[error("open files {ids:?} wait for each other")]
+    FilesWait { ids: Vec<FileId> },
+    #[error("fds {fds:?} wait for each other")]
+    FdsWait { fds: Vec<i32> },
+    #[error("fd {fd}: nothing to open")]
+    NothingToOpen { fd: i32 },
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error(transparent)]
+    Pipe(#[from] PipeError),
+    #[error(transparent)]
+    Pty(#[from] PtyError),
+    #[error(transparent)]
+    Memfd(#[from] MemfdError),
+    #[error(transparent)]
+    Shmem(#[from] ShmemError),
+    #[error(transparent)]
+    Unix(#[from] UnixError),
+    #[error(transparent)]
+    Tcp(#[from] TcpError),
+    #[error(transparent)]
+    Udp(#[from] UdpError),
+}
 
 /// Checks before a restore that every regular file process `pid` holds is
 /// still the file that was dumped.
-pub fn verify_unchanged(pid: i32, table: &FdTable, files: &OpenFiles) -> Result<()> {
+pub fn verify_unchanged(pid: i32, table: &FdTable, files: &OpenFiles) -> Result<(), FileChanged> {
     for e in table.firsts() {
         if let FileKind::Regular(r) = &files.file(e.file).kind {
             r.verify(pid, e.fd)?;
@@ -62,7 +111,7 @@ impl Slots {
 
 /// Holds fd `at` with a close-on-exec /dev/null until the open file is
 /// placed there (dup3 replaces it atomically).
-fn reserve_slot(at: i32) -> Result<()> {
+fn reserve_slot(at: i32) -> Result<(), FilesError> {
     raise_nofile_for(at);
     // SAFETY: open of a constant path; dup3 and close on fds we own.
     unsafe {
@@ -72,9 +121,7 @@ fn reserve_slot(at: i32) -> Result<()> {
             if null >= 0 {
                 libc::close(null);
             }
-            return Err(Error::Restore(format!(
-                "cannot reserve fd {at} for a shared file: {e}"
-            )));
+            return Err(FilesError::Reserve { at, source: e });
         }
         libc::close(null);
     }
@@ -98,7 +145,7 @@ pub fn raise_nofile_for(at: i32) {
 }
 
 /// Places `opened` at exactly `at` (raising our own soft fd limit if needed).
-fn place(id: FileId, opened: Opened, at: i32) -> Result<OwnedFd> {
+fn place(id: FileId, opened: Opened, at: i32) -> Result<OwnedFd, FilesError> {
     raise_nofile_for(at);
     let fd = opened.fd.into_raw_fd();
     // SAFETY: dup3, fcntl and close on fds we own.
@@ -106,9 +153,7 @@ fn place(id: FileId, opened: Opened, at: i32) -> Result<OwnedFd> {
         if libc::dup3(fd, at, libc::O_CLOEXEC) < 0 {
             let e = std::io::Error::last_os_error();
             libc::close(fd);
-            return Err(Error::Restore(format!(
-                "shared file {id}: cannot place it at fd {at}: {e}"
-            )));
+            return Err(FilesError::Place { id, at, source: e });
         }
         libc::close(fd);
         if let Some(flags) = opened.status_flags {
@@ -137,7 +182,7 @@ pub fn restore_in_restorer(
     pipes: &[pipe::Pipe],
     dir: &Path,
     port_deadline: Instant,
-) -> Result<Vec<OwnedFd>> {
+) -> Result<Vec<OwnedFd>, FilesError> {
     // Every slot reserved first, so that the pipes, sockets and connections
     // created below never get a slot's number: placing a shared file there
     // would close one of them under its owner (a job with many shared files,
@@ -198,17 +243,17 @@ pub fn restore_in_restorer(
             let at = slots.of(id).expect("a slot");
             let opened_fd = |f: FileId| placed.get(&f).map(|fd| fd.as_raw_fd());
             let r = match &files.file(id).kind {
-                FileKind::Regular(r) => Restored::Done(from_raw(r.open(at))?),
-                FileKind::Directory(d) => Restored::Done(from_raw(d.open(at))?),
-                FileKind::Device(d) => Restored::Done(from_raw(d.open(at))?),
-                FileKind::Unlinked(u) => Restored::Done(from_raw(u.open(at))?),
-                FileKind::Eventfd(e) => Restored::Done(e.restore(at).map_err(Error::Restore)?),
-                FileKind::Signalfd(s) => Restored::Done(s.restore(at).map_err(Error::Restore)?),
-                FileKind::Timerfd(t) => Restored::Done(t.restore(at).map_err(Error::Restore)?),
+                FileKind::Regular(r) => Restored::Done(from_raw(r.open(at)?)),
+                FileKind::Directory(d) => Restored::Done(from_raw(d.open(at)?)),
+                FileKind::Device(d) => Restored::Done(from_raw(d.open(at)?)),
+                FileKind::Unlinked(u) => Restored::Done(from_raw(u.open(at)?)),
+                FileKind::Eventfd(e) => Restored::Done(e.restore(at)?),
+                FileKind::Signalfd(s) => Restored::Done(s.restore(at)?),
+                FileKind::Timerfd(t) => Restored::Done(t.restore(at)?),
                 FileKind::Memfd(m) => Restored::Done(m.restore(dir)?),
                 FileKind::Shmem(s) => Restored::Done(s.restore(dir)?),
                 FileKind::Pipe(end) => Restored::Done(pipes.restore(id, end)?),
-                FileKind::Pty(end) => ptys.restore(id, end)?,
+                FileKind::Pty(end) => ptys.restore(end)?,
                 FileKind::InFlight(f) => Restored::Done(f.restore()?),
                 FileKind::UnixPair(end) => pairs.restore(end, &opened_fd)?,
                 FileKind::UnixListen(_) if pairs_wait => Restored::NotYet,
@@ -219,9 +264,7 @@ pub fn restore_in_restorer(
                 FileKind::Udp(_) if udp_waits => Restored::NotYet,
                 FileKind::Udp(u) => Restored::Done(udp.restore(u)?),
                 FileKind::Inherited(_) | FileKind::Epoll(_) => {
-                    return Err(Error::Restore(format!(
-                        "shared file {id} is neither a file nor a device"
-                    )))
+                    return Err(FilesError::NotAFile { id })
                 }
             };
             match r {
@@ -232,9 +275,7 @@ pub fn restore_in_restorer(
             }
         }
         if not_yet.len() == ids.len() {
-            return Err(Error::Restore(format!(
-                "open files {not_yet:?} wait for each other"
-            )));
+            return Err(FilesError::FilesWait { ids: not_yet });
         }
         ids = not_yet;
     }
@@ -242,10 +283,9 @@ pub fn restore_in_restorer(
 }
 
 /// A descriptor a kind's `open` returned, as the restorer's open file.
-fn from_raw(r: std::result::Result<RawFd, String>) -> Result<Opened> {
-    let fd = r.map_err(Error::Restore)?;
+fn from_raw(fd: RawFd) -> Opened {
     // SAFETY: a descriptor just opened and owned by nothing else.
-    Ok(Opened::new(unsafe { OwnedFd::from_raw_fd(fd) }, None))
+    Opened::new(unsafe { OwnedFd::from_raw_fd(fd) }, None)
 }
 
 /// What a restore child does with its own descriptors, in descriptor
@@ -258,7 +298,7 @@ pub fn restore_in_child(
     table: &FdTable,
     files: &OpenFiles,
     slots: &Slots,
-) -> std::result::Result<(), String> {
+) -> Result<(), FilesError> {
     let mut cx = ChildFds {
         done: Vec::new(),
         pending: table.fds.iter().map(|e| e.fd).collect(),
@@ -300,7 +340,7 @@ pub fn restore_in_child(
         }
         if not_yet.len() == todo.len() && !first_pass {
             let fds: Vec<i32> = not_yet.iter().map(|e| e.fd).collect();
-            return Err(format!("fds {fds:?} wait for each other"));
+            return Err(FilesError::FdsWait { fds });
         }
         if first_pass {
             for fd in 0..=2 {
@@ -335,11 +375,11 @@ fn restore_fd(
     slots: &Slots,
     placed: &[(FileId, i32)],
     cx: &ChildFds,
-) -> std::result::Result<bool, String> {
+) -> Result<bool, FilesError> {
     let dup = |from: i32, what: &str| {
         // SAFETY: dup2 between descriptors of ours.
         if unsafe { libc::dup2(from, e.fd) } < 0 {
-            return Err(errno_msg(&format!("fd {}: {what}", e.fd)));
+            return Err(OpenError::last(e.fd, what).into());
         }
         Ok(true)
     };
@@ -367,13 +407,13 @@ fn restore_fd(
         FileKind::Eventfd(ev) => ev.open(e.fd)?,
         FileKind::Signalfd(s) => s.open(e.fd)?,
         FileKind::Timerfd(t) => timerfd::open(e.fd, t)?,
-        _ => return Err(format!("fd {}: nothing to open", e.fd)),
+        _ => return Err(FilesError::NothingToOpen { fd: e.fd }),
     };
     if opened != e.fd {
         // SAFETY: dup2 and close on descriptors of ours.
         unsafe {
             if libc::dup2(opened, e.fd) < 0 {
-                return Err(errno_msg(&format!("fd {}: dup2", e.fd)));
+                return Err(OpenError::last(e.fd, "dup2").into());
             }
             libc::close(opened);
         }

@@ -6,7 +6,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 
 use serde::{Deserialize, Serialize};
 
-use crate::fds::table::{errno_msg, Opened};
+use crate::fds::table::{OpenError, Opened};
 use crate::sys::names::mask_names;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -17,17 +17,17 @@ pub struct Signalfd {
 }
 
 impl Signalfd {
-    pub fn from_fdinfo(fdinfo: &str, flags: i32) -> std::result::Result<Signalfd, String> {
+    pub fn from_fdinfo(fdinfo: &str, flags: i32) -> Result<Signalfd, NoMask> {
         let mask = fdinfo
             .lines()
             .find_map(|l| l.strip_prefix("sigmask:").map(str::trim))
             .and_then(|v| u64::from_str_radix(v, 16).ok())
-            .ok_or("a signalfd without a readable mask")?;
+            .ok_or(NoMask)?;
         Ok(Signalfd { mask, flags })
     }
 
     /// Creates it (close-on-exec; the caller places it).
-    pub fn open(&self, at: i32) -> std::result::Result<i32, String> {
+    pub fn open(&self, at: i32) -> Result<i32, OpenError> {
         // SAFETY: a sigset_t we fill ourselves; signalfd returns a new fd.
         let fd = unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
@@ -44,13 +44,13 @@ impl Signalfd {
             )
         };
         if fd < 0 {
-            return Err(errno_msg(&format!("fd {at}: signalfd")));
+            return Err(OpenError::last(at, "signalfd"));
         }
         Ok(fd)
     }
 
     /// [`Signalfd::open`] as the restorer's open file.
-    pub fn restore(&self, at: i32) -> std::result::Result<Opened, String> {
+    pub fn restore(&self, at: i32) -> Result<Opened, OpenError> {
         let fd = self.open(at)?;
         // SAFETY: a descriptor just created and owned by nothing else.
         Ok(Opened::new(unsafe { OwnedFd::from_raw_fd(fd) }, None))
@@ -65,6 +65,11 @@ impl Signalfd {
         }
     }
 }
+
+/// A signalfd crest does not carry: its fdinfo shows no mask it can read.
+#[derive(Debug, thiserror::Error)]
+#[error("a signalfd without a readable mask")]
+pub struct NoMask;
 
 #[cfg(test)]
 mod tests {

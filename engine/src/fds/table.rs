@@ -112,9 +112,30 @@ pub struct ChildFds {
     pub pending: Vec<i32>,
 }
 
-/// `the last OS error` as text, for messages that cross to the restorer.
-pub fn errno_msg(what: &str) -> String {
-    format!("{what}: {}", std::io::Error::last_os_error())
+/// Creating, opening or placing the file of descriptor `fd` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("fd {fd}: {what}: {source}")]
+    Sys {
+        fd: i32,
+        /// The step that failed ("eventfd", "open /etc/hosts", "dup2").
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("fd {fd}: bad path")]
+    BadPath { fd: i32 },
+}
+
+impl OpenError {
+    /// Step `what` for descriptor `fd` failed with the last OS error.
+    pub fn last(fd: i32, what: impl Into<String>) -> OpenError {
+        OpenError::Sys {
+            fd,
+            what: what.into(),
+            source: std::io::Error::last_os_error(),
+        }
+    }
 }
 
 /// An open file's access mode and status flags, for `crest show`.

@@ -10,7 +10,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 
 use serde::{Deserialize, Serialize};
 
-use crate::fds::table::Opened;
+use crate::fds::table::{OpenError, Opened};
 use crate::sys::names::clock_name;
 
 fn ns(sec: u64, nsec: u64) -> u64 {
@@ -39,29 +39,29 @@ pub struct Timerfd {
 
 /// Parses a timerfd's fdinfo: `clockid:`, `ticks:`, `settime flags:` (octal),
 /// `it_value: (SEC, NSEC)`, `it_interval: (SEC, NSEC)`.
-pub fn parse(fdinfo: &str, flags: i32) -> std::result::Result<Timerfd, String> {
-    let field = |key: &str| {
+pub fn parse(fdinfo: &str, flags: i32) -> Result<Timerfd, Unreadable> {
+    let field = |key: &'static str| {
         fdinfo
             .lines()
             .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
-            .ok_or_else(|| format!("a timerfd without {key:?} in its fdinfo"))
+            .ok_or(Unreadable::Missing { key })
     };
-    let pair = |key: &str| -> std::result::Result<u64, String> {
-        let v = field(key)?;
-        let (s, n) = v
+    let pair = |key: &'static str| -> Result<u64, Unreadable> {
+        let value = field(key)?;
+        let unreadable = || Unreadable::Pair {
+            key,
+            value: value.clone(),
+        };
+        let (s, n) = value
             .trim_matches(['(', ')'])
             .split_once(',')
-            .ok_or_else(|| format!("a timerfd with an unreadable {key} {v:?}"))?;
-        let num = |x: &str| {
-            x.trim()
-                .parse::<u64>()
-                .map_err(|_| format!("a timerfd with an unreadable {key} {v:?}"))
-        };
+            .ok_or_else(unreadable)?;
+        let num = |x: &str| x.trim().parse::<u64>().map_err(|_| unreadable());
         Ok(ns(num(s)?, num(n)?))
     };
-    let int = |key: &str, radix: u32| -> std::result::Result<i64, String> {
-        let v = field(key)?;
-        i64::from_str_radix(&v, radix).map_err(|_| format!("a timerfd with {key} {v:?}"))
+    let int = |key: &'static str, radix: u32| -> Result<i64, Unreadable> {
+        let value = field(key)?;
+        i64::from_str_radix(&value, radix).map_err(|_| Unreadable::Number { key, value })
     };
     Ok(Timerfd {
         clock: int("clockid:", 10)? as i32,
@@ -73,19 +73,31 @@ pub fn parse(fdinfo: &str, flags: i32) -> std::result::Result<Timerfd, String> {
     })
 }
 
+/// A timerfd crest does not carry: its fdinfo lacks a field, or shows one
+/// crest cannot read.
+#[derive(Debug, thiserror::Error)]
+pub enum Unreadable {
+    #[error("a timerfd without {key:?} in its fdinfo")]
+    Missing { key: &'static str },
+    #[error("a timerfd with an unreadable {key} {value:?}")]
+    Pair { key: &'static str, value: String },
+    #[error("a timerfd with {key} {value:?}")]
+    Number { key: &'static str, value: String },
+}
+
 /// Creates the timerfd `t` (close-on-exec; the caller places it) and arms it.
-pub fn open(at: i32, t: &Timerfd) -> std::result::Result<i32, String> {
-    let fail = |what: &str| format!("fd {at}: {what}: {}", std::io::Error::last_os_error());
+pub fn open(at: i32, t: &Timerfd) -> Result<i32, OpenError> {
+    let fail = |what: &str| OpenError::last(at, what);
     // SAFETY: timerfd_create takes integers and returns a new fd we own.
     let fd =
         unsafe { libc::timerfd_create(t.clock, libc::TFD_CLOEXEC | (t.flags & libc::O_NONBLOCK)) };
     if fd < 0 {
         return Err(fail("timerfd_create"));
     }
-    let close_on_err = |msg: String| {
+    let close_on_err = |e: OpenError| {
         // SAFETY: closing the fd we just created, on an error path.
         unsafe { libc::close(fd) };
-        msg
+        e
     };
     if t.value_ns != 0 || t.interval_ns != 0 {
         let value = if t.value_ns == 0 {
@@ -136,7 +148,7 @@ pub fn open(at: i32, t: &Timerfd) -> std::result::Result<i32, String> {
 
 impl Timerfd {
     /// [`open`] as the restorer's open file.
-    pub fn restore(&self, at: i32) -> std::result::Result<Opened, String> {
+    pub fn restore(&self, at: i32) -> Result<Opened, OpenError> {
         let fd = open(at, self)?;
         // SAFETY: a descriptor just created and owned by nothing else.
         Ok(Opened::new(unsafe { OwnedFd::from_raw_fd(fd) }, None))

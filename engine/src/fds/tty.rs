@@ -13,7 +13,7 @@
 //! a slave is opened once its master exists ("not yet" before).
 
 use crate::error::{Error, Result};
-use crate::fds::table::{FileId, Opened, Restored};
+use crate::fds::table::{Opened, Restored};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::{Read, Write};
@@ -106,24 +106,20 @@ pub fn pts_index_of_tty_nr(tty_nr: i64) -> Option<u32> {
         .then(|| ((major - 136) * 256 + minor) as u32)
 }
 
-fn ioctl_err(what: &str) -> String {
-    format!("{what}: {}", std::io::Error::last_os_error())
-}
-
-fn get_termios(fd: i32) -> std::result::Result<libc::termios, String> {
+fn get_termios(fd: i32) -> std::io::Result<libc::termios> {
     // SAFETY: termios is plain data that tcgetattr fills.
     let mut t: libc::termios = unsafe { std::mem::zeroed() };
     // SAFETY: fd is ours; t is a valid termios.
     if unsafe { libc::tcgetattr(fd, &mut t) } < 0 {
-        return Err(ioctl_err("tcgetattr"));
+        return Err(std::io::Error::last_os_error());
     }
     Ok(t)
 }
 
-fn set_termios(fd: i32, t: &libc::termios) -> std::result::Result<(), String> {
+fn set_termios(fd: i32, t: &libc::termios) -> std::io::Result<()> {
     // SAFETY: fd is ours; t is a valid termios.
     if unsafe { libc::tcsetattr(fd, libc::TCSANOW, t) } < 0 {
-        return Err(ioctl_err("tcsetattr"));
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
@@ -138,13 +134,12 @@ fn raw(t: &libc::termios) -> libc::termios {
     r
 }
 
-fn open_slave(index: u32) -> std::result::Result<File, String> {
+fn open_slave(index: u32) -> std::io::Result<File> {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
         .open(format!("/dev/pts/{index}"))
-        .map_err(|e| format!("/dev/pts/{index}: {e}"))
 }
 
 /// Bytes readable right now on a tty fd (FIONREAD).
@@ -159,7 +154,7 @@ fn readable(fd: i32) -> usize {
     }
 }
 
-fn read_exact_available(f: &mut File, n: usize) -> std::result::Result<Vec<u8>, String> {
+fn read_exact_available(f: &mut File, n: usize) -> std::io::Result<Vec<u8>> {
     let mut buf = vec![0u8; n];
     let mut got = 0;
     while got < n {
@@ -167,7 +162,7 @@ fn read_exact_available(f: &mut File, n: usize) -> std::result::Result<Vec<u8>, 
             Ok(0) => break,
             Ok(k) => got += k,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-            Err(e) => return Err(format!("reading the queue: {e}")),
+            Err(e) => return Err(e),
         }
     }
     buf.truncate(got);
@@ -175,23 +170,18 @@ fn read_exact_available(f: &mut File, n: usize) -> std::result::Result<Vec<u8>, 
 }
 
 /// Reads the pair of master `fd` of frozen `pid` (see the module comment).
-/// The reason is returned when it cannot be carried.
-pub fn collect_master(
-    pid: i32,
-    fd: i32,
-    fdinfo: &str,
-    flags: i32,
-) -> std::result::Result<PtyEnd, String> {
+pub fn collect_master(pid: i32, fd: i32, fdinfo: &str, flags: i32) -> Result<PtyEnd, NotCarried> {
     let index: u32 = fdinfo
         .lines()
         .find_map(|l| l.strip_prefix("tty-index:"))
         .and_then(|v| v.trim().parse().ok())
-        .ok_or("a pty master whose index this kernel's fdinfo does not show")?;
+        .ok_or(NotCarried::NoIndex)?;
     let master = crate::sys::fd::pidfd_getfd(pid, fd)
-        .map_err(|e| format!("a pty master (pts {index}) crest cannot take: {e}"))?;
+        .map_err(|source| NotCarried::NotTaken { index, source })?;
     let mut master = File::from(master);
-    let mut slave = open_slave(index).map_err(|e| format!("a pty master whose slave {e}"))?;
-    let saved = get_termios(slave.as_raw_fd())?;
+    let mut slave = open_slave(index).map_err(|source| NotCarried::Slave { index, source })?;
+    let sys = |what: &'static str| move |source| NotCarried::Sys { what, source };
+    let saved = get_termios(slave.as_raw_fd()).map_err(sys("tcgetattr"))?;
     let mut ws = libc::winsize {
         ws_row: 0,
         ws_col: 0,
@@ -200,15 +190,15 @@ pub fn collect_master(
     };
     // SAFETY: TIOCGWINSZ writes one winsize we own.
     if unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) } < 0 {
-        return Err(ioctl_err("TIOCGWINSZ"));
+        return Err(sys("TIOCGWINSZ")(std::io::Error::last_os_error()));
     }
-    set_termios(slave.as_raw_fd(), &raw(&saved))?;
+    set_termios(slave.as_raw_fd(), &raw(&saved)).map_err(sys("tcsetattr"))?;
     let drained = (|| {
         let n = readable(slave.as_raw_fd());
         let to_slave = read_exact_available(&mut slave, n)?;
         let n = readable(master.as_raw_fd());
         let to_master = read_exact_available(&mut master, n)?;
-        Ok::<_, String>((to_slave, to_master))
+        Ok::<_, std::io::Error>((to_slave, to_master))
     })();
     // Put everything back as it was, whatever happened.
     let (to_slave, to_master) = match &drained {
@@ -218,9 +208,9 @@ pub fn collect_master(
     let back = master
         .write_all(&to_slave)
         .and_then(|()| slave.write_all(&to_master))
-        .map_err(|e| format!("pts {index}: putting its queued data back: {e}"));
-    set_termios(slave.as_raw_fd(), &saved)?;
-    drained?;
+        .map_err(|source| NotCarried::PutBack { index, source });
+    set_termios(slave.as_raw_fd(), &saved).map_err(sys("tcsetattr"))?;
+    drained.map_err(sys("reading the queue"))?;
     back?;
     Ok(PtyEnd {
         index,
@@ -233,6 +223,37 @@ pub fn collect_master(
             to_master,
         }),
     })
+}
+
+/// A pty master crest does not carry: how reading its pair failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NotCarried {
+    #[error("a pty master whose index this kernel's fdinfo does not show")]
+    NoIndex,
+    #[error("a pty master (pts {index}) crest cannot take: {source}")]
+    NotTaken {
+        index: u32,
+        #[source]
+        source: Error,
+    },
+    #[error("a pty master whose slave /dev/pts/{index}: {source}")]
+    Slave {
+        index: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Sys {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pts {index}: putting its queued data back: {source}")]
+    PutBack {
+        index: u32,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A process's hold on a pty end: its pid, its first descriptor of it, the end.
@@ -293,32 +314,31 @@ pub fn resolve(procs: &[(i32, Option<u32>)], held: &[Held]) -> Result<Vec<Option
 
 /// Opens /dev/ptmx until it yields pty `index` (devpts gives the lowest free
 /// index, so lower free ones are taken on the way and released after).
-fn open_master(index: u32) -> Result<OwnedFd> {
+fn open_master(index: u32) -> Result<OwnedFd, PtyError> {
     let mut extra = Vec::new();
+    let ptmx = |what| move |source| PtyError::Ptmx { what, source };
     loop {
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc::O_NOCTTY)
             .open("/dev/ptmx")
-            .map_err(|e| Error::io("/dev/ptmx", e))?;
+            .map_err(|source| PtyError::OpenPtmx { source })?;
         let mut n: libc::c_uint = 0;
         // SAFETY: TIOCGPTN writes one unsigned int we own.
         if unsafe { libc::ioctl(f.as_raw_fd(), libc::TIOCGPTN, &mut n) } < 0 {
-            return Err(Error::Restore(ioctl_err("/dev/ptmx: TIOCGPTN")));
+            return Err(ptmx("TIOCGPTN")(std::io::Error::last_os_error()));
         }
         if n == index {
             let unlock: libc::c_int = 0;
             // SAFETY: TIOCSPTLCK reads one int we own.
             if unsafe { libc::ioctl(f.as_raw_fd(), libc::TIOCSPTLCK, &unlock) } < 0 {
-                return Err(Error::Restore(ioctl_err("/dev/ptmx: unlocking")));
+                return Err(ptmx("unlocking")(std::io::Error::last_os_error()));
             }
             return Ok(f.into());
         }
         if n > index {
-            return Err(Error::Restore(format!(
-                "pty {index} (/dev/pts/{index}) is in use: close it, or the process holding it"
-            )));
+            return Err(PtyError::InUse { index });
         }
         extra.push(f);
     }
@@ -326,20 +346,28 @@ fn open_master(index: u32) -> Result<OwnedFd> {
 
 /// Recreates pty `end`'s pair (its master's image) with its queues, termios
 /// and window size; returns the master.
-fn create(end: &PtyEnd) -> Result<OwnedFd> {
+fn create(end: &PtyEnd) -> Result<OwnedFd, PtyError> {
     let master = open_master(end.index)?;
     let Some(state) = &end.state else {
         return Ok(master);
     };
-    let fail = |e: String| Error::Restore(format!("pty {}: {e}", end.index));
-    let mut slave = open_slave(end.index).map_err(fail)?;
+    let index = end.index;
+    let fail = |what: &str| {
+        let what = what.to_string();
+        move |source| PtyError::Sys {
+            index,
+            what,
+            source,
+        }
+    };
+    let mut slave = open_slave(index).map_err(fail(&format!("/dev/pts/{index}")))?;
     let saved = state.termios.to_libc();
-    set_termios(slave.as_raw_fd(), &raw(&saved)).map_err(fail)?;
+    set_termios(slave.as_raw_fd(), &raw(&saved)).map_err(fail("tcsetattr"))?;
     let mut m = File::from(master);
     m.write_all(&state.to_slave)
         .and_then(|()| slave.write_all(&state.to_master))
-        .map_err(|e| fail(format!("refilling its queues: {e}")))?;
-    set_termios(slave.as_raw_fd(), &saved).map_err(fail)?;
+        .map_err(fail("refilling its queues"))?;
+    set_termios(slave.as_raw_fd(), &saved).map_err(fail("tcsetattr"))?;
     let ws = libc::winsize {
         ws_row: state.winsize[0],
         ws_col: state.winsize[1],
@@ -348,18 +376,47 @@ fn create(end: &PtyEnd) -> Result<OwnedFd> {
     };
     // SAFETY: TIOCSWINSZ reads one winsize we own.
     if unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCSWINSZ, &ws) } < 0 {
-        return Err(fail(ioctl_err("TIOCSWINSZ")));
+        return Err(fail("TIOCSWINSZ")(std::io::Error::last_os_error()));
     }
     Ok(m.into())
 }
 
 /// Opens slave `index` anew (a separate open file description).
-fn open_slave_for_restore(index: u32) -> Result<OwnedFd> {
-    let f = open_slave(index).map_err(|e| Error::Restore(format!("pty {index}: {e}")))?;
+fn open_slave_for_restore(index: u32) -> Result<OwnedFd, PtyError> {
+    let f = open_slave(index).map_err(|source| PtyError::Sys {
+        index,
+        what: format!("/dev/pts/{index}"),
+        source,
+    })?;
     // The status flags are set from the image afterwards.
     // SAFETY: F_SETFL on our own fd.
     unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, 0) };
     Ok(f.into())
+}
+
+/// Why a pty could not be recreated.
+#[derive(Debug, thiserror::Error)]
+pub enum PtyError {
+    #[error("/dev/ptmx: {source}")]
+    OpenPtmx {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("/dev/ptmx: {what}: {source}")]
+    Ptmx {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pty {index} (/dev/pts/{index}) is in use: close it, or the process holding it")]
+    InUse { index: u32 },
+    #[error("pty {index}: {what}: {source}")]
+    Sys {
+        index: u32,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The pty masters the restorer has made, by index.
@@ -369,9 +426,9 @@ pub struct Masters {
 }
 
 impl Masters {
-    /// Open file `id`, pty end `end`: a master is made (with its pair's
-    /// state); a slave is opened once its master exists.
-    pub fn restore(&mut self, id: FileId, end: &PtyEnd) -> Result<Restored<Opened>> {
+    /// Pty end `end`: a master is made (with its pair's state); a slave is
+    /// opened once its master exists.
+    pub fn restore(&mut self, end: &PtyEnd) -> Result<Restored<Opened>, PtyError> {
         if end.master {
             if !self.made.iter().any(|(i, _)| *i == end.index) {
                 let m = create(end)?;
@@ -382,14 +439,15 @@ impl Masters {
                 .iter()
                 .find(|(i, _)| *i == end.index)
                 .expect("made above");
-            let copy = m
-                .try_clone()
-                .map_err(|e| Error::Restore(format!("pty {}: dup: {e}", end.index)))?;
+            let copy = m.try_clone().map_err(|source| PtyError::Sys {
+                index: end.index,
+                what: "dup".into(),
+                source,
+            })?;
             return Ok(Restored::Done(Opened::new(copy, Some(end.flags))));
         }
         // Opening a slave needs its master.
         if !self.made.iter().any(|(i, _)| *i == end.index) {
-            let _ = id;
             return Ok(Restored::NotYet);
         }
         Ok(Restored::Done(Opened::new(

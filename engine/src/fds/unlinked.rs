@@ -4,9 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{CollectError, Error};
 use crate::fds::regular::open_path;
-use crate::fds::table::access;
+use crate::fds::table::{access, OpenError};
 
 /// Largest unlinked file whose contents a dump saves.
 pub const MAX_UNLINKED: u64 = 64 << 20;
@@ -22,41 +22,39 @@ pub struct Unlinked {
 }
 
 impl Unlinked {
-    /// Fd `fd` of `pid`, open on `path` (deleted): its contents, or the
-    /// reason it is not carried (`Ok(Err)`).
+    /// Fd `fd` of `pid`, open on `path` (deleted): its contents.
     pub fn collect(
         pid: i32,
         fd: i32,
         path: &str,
         flags: i32,
         pos: u64,
-    ) -> Result<std::result::Result<Unlinked, String>> {
+    ) -> Result<Unlinked, CollectError> {
         let fdpath = format!("/proc/{pid}/fd/{fd}");
         let meta = std::fs::metadata(&fdpath).map_err(|e| Error::io(&fdpath, e))?;
         if !meta.file_type().is_file() {
-            return Ok(Err(format!(
-                "a deleted {path} (deleted), not a regular file"
-            )));
+            return Err(CollectError::not_carried(NotCarried::NotRegular {
+                path: path.to_string(),
+            }));
         }
         if meta.len() > MAX_UNLINKED {
-            return Ok(Err(format!(
-                "an unlinked file of {} bytes (more than {MAX_UNLINKED} are not saved yet)",
-                meta.len()
-            )));
+            return Err(CollectError::not_carried(NotCarried::TooBig {
+                size: meta.len(),
+            }));
         }
         let contents = std::fs::read(&fdpath).map_err(|e| Error::io(&fdpath, e))?;
-        Ok(Ok(Unlinked {
+        Ok(Unlinked {
             path: path.to_string(),
             flags,
             pos,
             contents,
-        }))
+        })
     }
 
     /// Recreates the file: written under its old name when that is free
     /// (so /proc shows the same "PATH (deleted)"), else beside it, then
     /// opened with its flags and offset, and unlinked again.
-    pub fn open(&self, at: i32) -> std::result::Result<i32, String> {
+    pub fn open(&self, at: i32) -> Result<i32, OpenError> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let path = &self.path;
@@ -74,9 +72,13 @@ impl Unlinked {
                     .mode(0o600)
                     .open(&name)
             });
-        let mut file = created.map_err(|e| format!("fd {at}: recreating unlinked {path}: {e}"))?;
-        file.write_all(&self.contents)
-            .map_err(|e| format!("fd {at}: recreating unlinked {path}: {e}"))?;
+        let recreating = |source| OpenError::Sys {
+            fd: at,
+            what: format!("recreating unlinked {path}"),
+            source,
+        };
+        let mut file = created.map_err(recreating)?;
+        file.write_all(&self.contents).map_err(recreating)?;
         drop(file);
         let fd = open_path(at, &name, self.flags, Some(self.pos));
         let _ = std::fs::remove_file(&name);
@@ -92,4 +94,13 @@ impl Unlinked {
             self.contents.len()
         )
     }
+}
+
+/// An unlinked file crest does not carry.
+#[derive(Debug, thiserror::Error)]
+pub enum NotCarried {
+    #[error("a deleted {path} (deleted), not a regular file")]
+    NotRegular { path: String },
+    #[error("an unlinked file of {size} bytes (more than {max} are not saved yet)", max = MAX_UNLINKED)]
+    TooBig { size: u64 },
 }

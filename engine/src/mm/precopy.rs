@@ -98,10 +98,10 @@ fn uffd_register(fd: &OwnedFd, start: u64, end: u64) -> std::io::Result<()> {
 
 /// Whether crest can track writes with an async write-protecting
 /// userfaultfd and PAGEMAP_SCAN here; else why not.
-fn uffd_wp_available() -> std::result::Result<(), String> {
+fn uffd_wp_available() -> Result<(), NoTracker> {
     let (scan, why) = proc::probe_pagemap_scan();
     if !scan {
-        return Err(format!("PAGEMAP_SCAN: {why}"));
+        return Err(NoTracker::PagemapScan(why));
     }
     // SAFETY: userfaultfd takes flags and returns a new fd, owned below.
     let fd = unsafe {
@@ -111,11 +111,27 @@ fn uffd_wp_available() -> std::result::Result<(), String> {
         )
     };
     if fd < 0 {
-        return Err(format!("userfaultfd: {}", std::io::Error::last_os_error()));
+        return Err(NoTracker::Userfaultfd(std::io::Error::last_os_error()));
     }
     // SAFETY: the fd userfaultfd just returned, owned by nobody else.
     let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
-    uffd_api(&fd).map_err(|e| format!("userfaultfd write-protect (async, Linux 6.7+): {e}"))
+    uffd_api(&fd).map_err(NoTracker::WriteProtect)
+}
+
+/// Why a write tracker is not available on this kernel.
+#[derive(Debug, thiserror::Error)]
+enum NoTracker {
+    #[error("PAGEMAP_SCAN: {0}")]
+    PagemapScan(String),
+    #[error("userfaultfd: {0}")]
+    Userfaultfd(std::io::Error),
+    #[error("userfaultfd write-protect (async, Linux 6.7+): {0}")]
+    WriteProtect(std::io::Error),
+    /// Why soft-dirty bits are not there, as the probe says it.
+    #[error("{0}")]
+    SoftDirty(String),
+    #[error("this kernel cannot track written pages (no soft-dirty: {soft}; {uffd})")]
+    Neither { soft: String, uffd: Box<NoTracker> },
 }
 
 /// Picks the tracker: the one asked for, or the best the kernel has.
@@ -125,16 +141,19 @@ pub fn choose_tracker(pid: i32, wanted: Option<Tracker>) -> Result<Tracker> {
         (true, _) => Ok(()),
         (false, why) => Err(why),
     };
-    let refuse = |why: String| Error::unsupported(pid, format!("--pre-copy: {why}"));
+    let refuse = |why: NoTracker| Error::unsupported(pid, format!("--pre-copy: {why}"));
     match wanted {
         Some(Tracker::UffdWp) => uffd().map(|()| Tracker::UffdWp).map_err(refuse),
-        Some(Tracker::SoftDirty) => soft().map(|()| Tracker::SoftDirty).map_err(refuse),
+        Some(Tracker::SoftDirty) => soft()
+            .map(|()| Tracker::SoftDirty)
+            .map_err(|why| refuse(NoTracker::SoftDirty(why))),
         None => match uffd() {
             Ok(()) => Ok(Tracker::UffdWp),
-            Err(u) => soft().map(|()| Tracker::SoftDirty).map_err(|s| {
-                refuse(format!(
-                    "this kernel cannot track written pages (no soft-dirty: {s}; {u})"
-                ))
+            Err(u) => soft().map(|()| Tracker::SoftDirty).map_err(|soft| {
+                refuse(NoTracker::Neither {
+                    soft,
+                    uffd: Box::new(u),
+                })
             }),
         },
     }

@@ -38,7 +38,7 @@ pub fn rebuild(
     sysv_sizes: &[(i32, u64)],
     fds: &MapFds,
     meta_path: &Path,
-) -> Result<()> {
+) -> Result<(), RebuildError> {
     let t = remote.tracee;
     let (pid, insn, scratch) = (t.pid, remote.insn, remote.scratch);
     let call = |nr: i64, args: [u64; 6], what: &str| remote.call(nr, args, what);
@@ -82,10 +82,12 @@ pub fn rebuild(
             &format!("shmat of SysV shm segment {shmid} at {:#x}", vmas[0].start),
         )?;
         if got != vmas[0].start {
-            return Err(Error::Restore(format!(
-                "pid {pid}: SysV shm segment {shmid} attached at {got:#x}, not {:#x}",
-                vmas[0].start
-            )));
+            return Err(RebuildError::ShmMisplaced {
+                pid,
+                shmid,
+                start: vmas[0].start,
+                got,
+            });
         }
         for v in vmas.iter().filter(|v| v.prot != prot) {
             call(
@@ -110,11 +112,10 @@ pub fn rebuild(
             flags |= libc::MAP_NORESERVE;
         }
         let source = || {
-            fd.ok_or_else(|| {
-                Error::Restore(format!(
-                    "pid {pid}: mapping {:#x}-{:#x} has no descriptor to map",
-                    v.start, v.end
-                ))
+            fd.ok_or(RebuildError::NoDescriptor {
+                pid,
+                start: v.start,
+                end: v.end,
             })
         };
         let (fd, off) = match &v.backing {
@@ -140,10 +141,11 @@ pub fn rebuild(
             &format!("mmap {:#x}-{:#x}", v.start, v.end),
         )?;
         if got != v.start {
-            return Err(Error::Restore(format!(
-                "pid {pid}: mapping {:#x} landed at {got:#x}",
-                v.start
-            )));
+            return Err(RebuildError::Misplaced {
+                pid,
+                start: v.start,
+                got,
+            });
         }
     }
 
@@ -186,7 +188,8 @@ pub fn rebuild(
         return Err(Error::bad_image(
             page_file(pid, 0).path(Path::new("")),
             "auxv is larger than the kernel's",
-        ));
+        )
+        .into());
     }
     crate::sys::ptrace::write_mem(pid, auxv_addr, &auxv)?;
     // The child's exe is crest's own. When the target is crest too (a benchmark
@@ -219,6 +222,26 @@ pub fn rebuild(
 /// with a neighbouring read-only mapping of the same file). Anonymous ones get
 /// their final protection at once and are written through /proc/PID/mem,
 /// which keeps a huge PROT_NONE reservation from being charged to overcommit.
+/// Why an address space could not be rebuilt as the image says.
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error("pid {pid}: SysV shm segment {shmid} attached at {got:#x}, not {start:#x}")]
+    ShmMisplaced {
+        pid: i32,
+        shmid: i32,
+        start: u64,
+        got: u64,
+    },
+    #[error("pid {pid}: mapping {start:#x}-{end:#x} has no descriptor to map")]
+    NoDescriptor { pid: i32, start: u64, end: u64 },
+    #[error("pid {pid}: mapping {start:#x} landed at {got:#x}")]
+    Misplaced { pid: i32, start: u64, got: u64 },
+    #[error("pid {pid}: no room to move the vDSO")]
+    NoRoomForVdso { pid: i32 },
+    #[error(transparent)]
+    Engine(#[from] Error),
+}
+
 fn needs_write_window(mm: &MmImage, v: &Vma) -> bool {
     matches!(
         v.backing,
@@ -232,7 +255,11 @@ fn needs_write_window(mm: &MmImage, v: &Vma) -> bool {
 
 /// Moves the child's vDSO and vvar areas to where the dumped process had them.
 /// Same kernel: same sizes, so a move is enough. Another layout is refused.
-fn move_specials(mm: &MmImage, own: &[proc::MapsEntry], remote: &RemoteCall) -> Result<()> {
+fn move_specials(
+    mm: &MmImage,
+    own: &[proc::MapsEntry],
+    remote: &RemoteCall,
+) -> Result<(), RebuildError> {
     let pid = remote.pid();
     let call = |nr: i64, args: [u64; 6], what: &str| remote.call(nr, args, what);
     let wanted: Vec<_> = mm
@@ -262,14 +289,14 @@ fn move_specials(mm: &MmImage, own: &[proc::MapsEntry], remote: &RemoteCall) -> 
         return Err(Error::unsupported(
             pid,
             format!("vDSO layout differs from the dump's kernel (image: {}; here: {}): cross-kernel vDSO", layout(&wanted), layout(&have)),
-        ));
+        ).into());
     }
     // Two moves: first out of the way of every final address, then into place.
     let mut taken: Vec<(u64, u64)> = own.iter().map(|m| (m.start, m.end)).collect();
     taken.extend(mm.vmas.iter().map(|v| (v.start, v.end)));
     let total: u64 = have.iter().map(|h| h.2).sum();
-    let mut tmp = find_gap(&taken, total, 0x1000_0000)
-        .ok_or_else(|| Error::Restore(format!("pid {pid}: no room to move the vDSO")))?;
+    let mut tmp =
+        find_gap(&taken, total, 0x1000_0000).ok_or(RebuildError::NoRoomForVdso { pid })?;
     let mut parked = Vec::new();
     for (name, start, len) in &have {
         let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
@@ -375,7 +402,9 @@ fn copy_by_uffd<'a>(
     let left = std::sync::Mutex::new(Vec::new());
     in_two(&pieces, |half| {
         for &(data, addr) in half {
-            if let Err((done, e)) = crate::sys::uffd::copy(&fd, addr, data) {
+            if let Err(crate::sys::uffd::CopyError { done, source: e }) =
+                crate::sys::uffd::copy(&fd, addr, data)
+            {
                 tracing::debug!(pid = t.pid, "UFFDIO_COPY at {:#x}: {e}", addr + done);
                 left.lock()
                     .expect("not poisoned")

@@ -41,7 +41,7 @@ pub fn contents(inode: u64) -> Blob {
 
 impl Shmem {
     /// Recreated in the restorer, held at its slot.
-    pub fn restore(&self, dir: &Path) -> Result<Opened> {
+    pub fn restore(&self, dir: &Path) -> Result<Opened, ShmemError> {
         let fd = create(
             dir,
             self.inode,
@@ -164,17 +164,24 @@ fn read_up_to(f: &std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
 /// anonymous shared mapping filled with its contents, reopened through
 /// map_files so every process can map the same object (shown as
 /// "/dev/zero (deleted)", as before).
-fn create(dir: &Path, inode: u64, size: u64, crc: u32, original: Option<&str>) -> Result<i32> {
+fn create(
+    dir: &Path,
+    inode: u64,
+    size: u64,
+    crc: u32,
+    original: Option<&str>,
+) -> Result<i32, ShmemError> {
     let path = contents(inode).path(dir);
     let data = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
     if data.len() as u64 != size {
         return Err(Error::bad_image(
             &path,
             format!("truncated: {} bytes, {size} expected", data.len()),
-        ));
+        )
+        .into());
     }
     if crc32c::crc32c(&data) != crc {
-        return Err(Error::bad_image(&path, "checksum mismatch"));
+        return Err(Error::bad_image(&path, "checksum mismatch").into());
     }
     if let Some(file) = original {
         return create_unlinked_shared(file, inode, &data);
@@ -192,10 +199,11 @@ fn create(dir: &Path, inode: u64, size: u64, crc: u32, original: Option<&str>) -
             0,
         );
         if m == libc::MAP_FAILED {
-            return Err(Error::Restore(format!(
-                "shared memory {inode}: mmap of {size} bytes: {}",
-                std::io::Error::last_os_error()
-            )));
+            return Err(ShmemError::Sys {
+                inode,
+                what: format!("mmap of {size} bytes"),
+                source: std::io::Error::last_os_error(),
+            });
         }
         std::ptr::copy_nonoverlapping(data.as_ptr(), m.cast::<u8>(), data.len());
         let link = CString::new(format!(
@@ -208,9 +216,11 @@ fn create(dir: &Path, inode: u64, size: u64, crc: u32, original: Option<&str>) -
         let e = std::io::Error::last_os_error();
         libc::munmap(m, len);
         if fd < 0 {
-            return Err(Error::Restore(format!(
-                "shared memory {inode}: reopening it: {e}"
-            )));
+            return Err(ShmemError::Sys {
+                inode,
+                what: "reopening it".into(),
+                source: e,
+            });
         }
         Ok(fd)
     }
@@ -219,7 +229,7 @@ fn create(dir: &Path, inode: u64, size: u64, crc: u32, original: Option<&str>) -
 /// Recreates an unlinked file that was mapped shared: written under its old
 /// name when that is free (so /proc shows the same "PATH (deleted)"), else
 /// beside it, and unlinked again; the returned fd keeps it alive.
-fn create_unlinked_shared(file: &str, inode: u64, data: &[u8]) -> Result<i32> {
+fn create_unlinked_shared(file: &str, inode: u64, data: &[u8]) -> Result<i32, ShmemError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let create = |p: &str| {
@@ -231,23 +241,39 @@ fn create_unlinked_shared(file: &str, inode: u64, data: &[u8]) -> Result<i32> {
             .custom_flags(libc::O_CLOEXEC)
             .open(p)
     };
+    let failed = |what: String| {
+        move |source| ShmemError::Sys {
+            inode,
+            what,
+            source,
+        }
+    };
     let beside = format!("{file}.crest-{inode}");
     let (name, mut f) = match create(file) {
         Ok(f) => (file.to_string(), f),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => (
             beside.clone(),
-            create(&beside).map_err(|e| {
-                Error::Restore(format!("shared memory {inode}: recreating {beside}: {e}"))
-            })?,
+            create(&beside).map_err(failed(format!("recreating {beside}")))?,
         ),
-        Err(e) => {
-            return Err(Error::Restore(format!(
-                "shared memory {inode}: recreating {file}: {e}"
-            )))
-        }
+        Err(e) => return Err(failed(format!("recreating {file}"))(e)),
     };
     let written = f.write_all(data);
     let _ = std::fs::remove_file(&name);
-    written.map_err(|e| Error::Restore(format!("shared memory {inode}: writing {name}: {e}")))?;
+    written.map_err(failed(format!("writing {name}")))?;
     Ok(std::os::fd::IntoRawFd::into_raw_fd(f))
+}
+
+/// Why a shared memory object could not be recreated: a step failed, or its
+/// saved contents are missing or damaged.
+#[derive(Debug, thiserror::Error)]
+pub enum ShmemError {
+    #[error("shared memory {inode}: {what}: {source}")]
+    Sys {
+        inode: u64,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Image(#[from] Error),
 }

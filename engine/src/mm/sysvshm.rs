@@ -93,7 +93,7 @@ fn round_up(size: u64) -> u64 {
 pub fn attachments(
     vmas: &[Vma],
     sizes: &[(i32, u64)],
-) -> std::result::Result<Vec<Vec<usize>>, String> {
+) -> Result<Vec<Vec<usize>>, PartialAttachment> {
     let mut out: Vec<Vec<usize>> = Vec::new();
     let mut open: Option<(i32, u64, u64)> = None; // (shmid, next address, end)
     for (i, v) in vmas.iter().enumerate() {
@@ -109,23 +109,41 @@ pub fn attachments(
                 open = (v.end < end).then_some((id, v.end, end));
                 continue;
             }
-            return Err(format!("segment {id}'s attachment ends early at {next:#x}"));
+            return Err(PartialAttachment::EndsEarly { id, next });
         }
         let whole = round_up(size_of(sizes, shmid));
         if offset != 0 {
-            return Err(format!(
-                "mapping {:#x}-{:#x} is only part of segment {shmid} (from offset {offset:#x})",
-                v.start, v.end
-            ));
+            return Err(PartialAttachment::Part {
+                start: v.start,
+                end: v.end,
+                shmid,
+                offset,
+            });
         }
         out.push(vec![i]);
         let end = v.start + whole;
         open = (v.end < end).then_some((shmid, v.end, end));
     }
     if let Some((id, next, _)) = open {
-        return Err(format!("segment {id}'s attachment ends early at {next:#x}"));
+        return Err(PartialAttachment::EndsEarly { id, next });
     }
     Ok(out)
+}
+
+/// A SysV shm segment a process has attached only in part.
+#[derive(Debug, thiserror::Error)]
+pub enum PartialAttachment {
+    #[error("segment {id}'s attachment ends early at {next:#x}")]
+    EndsEarly { id: i32, next: u64 },
+    #[error(
+        "mapping {start:#x}-{end:#x} is only part of segment {shmid} (from offset {offset:#x})"
+    )]
+    Part {
+        start: u64,
+        end: u64,
+        shmid: i32,
+        offset: u64,
+    },
 }
 
 fn size_of(sizes: &[(i32, u64)], id: i32) -> u64 {
@@ -234,7 +252,7 @@ fn stat(id: i32) -> Option<libc::shmid_ds> {
 
 /// Gives every segment back under its old ID with its contents, before any
 /// process attaches it.
-pub fn prepare(dir: &Path, segments: &[SysvShm]) -> Result<Created> {
+pub fn prepare(dir: &Path, segments: &[SysvShm]) -> Result<Created, SysvShmError> {
     let mut created = Created {
         ids: Vec::new(),
         armed: true,
@@ -243,9 +261,17 @@ pub fn prepare(dir: &Path, segments: &[SysvShm]) -> Result<Created> {
         let path = contents(s.id).path(dir);
         let data = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
         if data.len() as u64 != s.size || crc32c::crc32c(&data) != s.crc32c {
-            return Err(Error::bad_image(&path, "truncated or checksum mismatch"));
+            return Err(Error::bad_image(&path, "truncated or checksum mismatch").into());
         }
-        let fail = |what: String| Error::Restore(format!("SysV shm segment {}: {what}", s.id));
+        let id = s.id;
+        let sys = |what: &str| {
+            let source = std::io::Error::last_os_error();
+            SysvShmError::Sys {
+                id,
+                what: what.to_string(),
+                source,
+            }
+        };
         let perms = s.mode & 0o777;
         match stat(s.id) {
             // Left behind by the dumped process: the same segment, unattached.
@@ -255,10 +281,12 @@ pub fn prepare(dir: &Path, segments: &[SysvShm]) -> Result<Created> {
                     && ds.shm_nattch == 0
                     && ds.shm_perm.mode as u32 & 0o777 == perms => {}
             Some(ds) => {
-                return Err(fail(format!(
-                    "the ID is taken by another segment (key {:#x}, {} bytes, attached {} times)",
-                    ds.shm_perm.__key, ds.shm_segsz, ds.shm_nattch
-                )))
+                return Err(SysvShmError::IdTaken {
+                    id,
+                    key: ds.shm_perm.__key,
+                    size: ds.shm_segsz,
+                    nattch: ds.shm_nattch,
+                })
             }
             None => {
                 // A removed segment is created under its old key (the name its
@@ -272,27 +300,30 @@ pub fn prepare(dir: &Path, segments: &[SysvShm]) -> Result<Created> {
                     // SAFETY: shmget without IPC_CREAT only looks the key up.
                     let other = unsafe { libc::shmget(key, 0, 0) };
                     if other >= 0 {
-                        return Err(fail(format!(
-                            "its key {key:#x} is taken by segment {other}"
-                        )));
+                        return Err(SysvShmError::KeyTaken { id, key, other });
                     }
                 }
-                std::fs::write("/proc/sys/kernel/shm_next_id", s.id.to_string())
-                    .map_err(|e| fail(format!("/proc/sys/kernel/shm_next_id: {e}")))?;
+                std::fs::write("/proc/sys/kernel/shm_next_id", s.id.to_string()).map_err(
+                    |source| SysvShmError::Sys {
+                        id,
+                        what: "/proc/sys/kernel/shm_next_id".into(),
+                        source,
+                    },
+                )?;
                 // SAFETY: shmget takes integers.
-                let id = unsafe {
+                let got = unsafe {
                     libc::shmget(
                         key,
                         s.size as usize,
                         libc::IPC_CREAT | libc::IPC_EXCL | perms as i32,
                     )
                 };
-                if id < 0 {
-                    return Err(fail(format!("shmget: {}", std::io::Error::last_os_error())));
+                if got < 0 {
+                    return Err(sys("shmget"));
                 }
-                created.ids.push(id);
-                if id != s.id {
-                    return Err(fail(format!("created as segment {id}")));
+                created.ids.push(got);
+                if got != id {
+                    return Err(SysvShmError::WrongId { id, got });
                 }
             }
         }
@@ -300,27 +331,21 @@ pub fn prepare(dir: &Path, segments: &[SysvShm]) -> Result<Created> {
         unsafe {
             let at = libc::shmat(s.id, std::ptr::null(), 0);
             if at as isize == -1 {
-                return Err(fail(format!("shmat: {}", std::io::Error::last_os_error())));
+                return Err(sys("shmat"));
             }
             std::ptr::copy_nonoverlapping(data.as_ptr(), at.cast::<u8>(), data.len());
             libc::shmdt(at);
-            let mut ds = stat(s.id).ok_or_else(|| fail("gone".into()))?;
+            let mut ds = stat(s.id).ok_or(SysvShmError::Gone { id })?;
             ds.shm_perm.uid = s.uid;
             ds.shm_perm.gid = s.gid;
             ds.shm_perm.mode = perms as _;
             if libc::shmctl(s.id, libc::IPC_SET, &mut ds) < 0 {
-                return Err(fail(format!(
-                    "IPC_SET of owner and mode: {}",
-                    std::io::Error::last_os_error()
-                )));
+                return Err(sys("IPC_SET of owner and mode"));
             }
             if s.mode & SHM_LOCKED != 0
                 && libc::shmctl(s.id, libc::SHM_LOCK, std::ptr::null_mut()) < 0
             {
-                return Err(fail(format!(
-                    "SHM_LOCK: {}",
-                    std::io::Error::last_os_error()
-                )));
+                return Err(sys("SHM_LOCK"));
             }
         }
     }
@@ -328,18 +353,49 @@ pub fn prepare(dir: &Path, segments: &[SysvShm]) -> Result<Created> {
 }
 
 /// Marks segments that were marked for removal again, once every process is attached.
-pub fn finish(segments: &[SysvShm]) -> Result<()> {
+pub fn finish(segments: &[SysvShm]) -> Result<(), SysvShmError> {
     for s in segments.iter().filter(|s| s.mode & SHM_DEST != 0) {
         // SAFETY: IPC_RMID takes no buffer.
         if unsafe { libc::shmctl(s.id, libc::IPC_RMID, std::ptr::null_mut()) } < 0 {
-            return Err(Error::Restore(format!(
-                "SysV shm segment {}: IPC_RMID: {}",
-                s.id,
-                std::io::Error::last_os_error()
-            )));
+            return Err(SysvShmError::Sys {
+                id: s.id,
+                what: "IPC_RMID".into(),
+                source: std::io::Error::last_os_error(),
+            });
         }
     }
     Ok(())
+}
+
+/// Why a SysV shm segment could not be given back under its old ID.
+#[derive(Debug, thiserror::Error)]
+pub enum SysvShmError {
+    #[error("SysV shm segment {id}: the ID is taken by another segment (key {key:#x}, {size} bytes, attached {nattch} times)")]
+    IdTaken {
+        id: i32,
+        key: libc::key_t,
+        size: libc::size_t,
+        nattch: libc::shmatt_t,
+    },
+    #[error("SysV shm segment {id}: its key {key:#x} is taken by segment {other}")]
+    KeyTaken {
+        id: i32,
+        key: libc::key_t,
+        other: i32,
+    },
+    #[error("SysV shm segment {id}: created as segment {got}")]
+    WrongId { id: i32, got: i32 },
+    #[error("SysV shm segment {id}: gone")]
+    Gone { id: i32 },
+    #[error("SysV shm segment {id}: {what}: {source}")]
+    Sys {
+        id: i32,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Image(#[from] Error),
 }
 
 /// The shmat flags and the protection one attachment starts with.

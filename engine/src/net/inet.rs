@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::Error;
 
 /// The socket options of an inet socket that programs rely on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -176,8 +176,12 @@ pub fn collect_opts(s: i32, family: i32) -> InetOpts {
 /// Sets the options that a fresh socket does not already have. Buffer sizes
 /// are set only when they differ from the fresh socket's (setting one turns
 /// the kernel's autotuning off for it).
-pub fn apply_opts(s: i32, o: &InetOpts, what: &str) -> Result<()> {
-    let err = |name: &str, e: std::io::Error| Error::Restore(format!("{what}: {name}: {e}"));
+pub fn apply_opts(s: i32, o: &InetOpts, what: &str) -> Result<(), SockOptError> {
+    let err = |name: &'static str, source: std::io::Error| SockOptError {
+        socket: what.to_string(),
+        name,
+        source,
+    };
     let stream = get_int(s, libc::SOL_SOCKET, libc::SO_TYPE).unwrap_or(0) == libc::SOCK_STREAM;
     set_int(s, libc::SOL_SOCKET, libc::SO_REUSEADDR, o.reuseaddr.into())
         .map_err(|e| err("SO_REUSEADDR", e))?;
@@ -227,6 +231,17 @@ pub fn set_buffers(s: i32, o: &InetOpts) -> std::io::Result<()> {
 }
 
 /// The last system call's error, about `pid`.
+/// An option of a restored socket that could not be set.
+#[derive(Debug, thiserror::Error)]
+#[error("{socket}: {name}: {source}")]
+pub struct SockOptError {
+    /// The socket, for messages ("UDP socket", "TCP connection A → B").
+    pub socket: String,
+    pub name: &'static str,
+    #[source]
+    pub source: std::io::Error,
+}
+
 pub fn last_err(pid: i32, what: &str) -> Error {
     Error::sys(pid, what.to_string(), nix::errno::Errno::last())
 }

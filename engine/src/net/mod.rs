@@ -13,7 +13,7 @@ pub mod unix;
 
 use std::os::fd::AsRawFd;
 
-use crate::error::Result;
+use crate::error::{CollectError, Result};
 use crate::fds::table::FileId;
 use crate::net::inet::get_int;
 
@@ -38,7 +38,7 @@ pub enum Socket {
 }
 
 /// Describes socket `fd` of `pid` (opened with status `flags`), or says why
-/// crest cannot carry it (`Ok(Err)`: "a netlink socket"…). Regular files in
+/// crest cannot carry it ("a netlink socket"…). Regular files in
 /// flight on a unix socket become open files through `in_flight`.
 pub fn collect(
     pid: i32,
@@ -46,31 +46,50 @@ pub fn collect(
     flags: i32,
     cx: &mut DumpSockets,
     in_flight: &mut dyn FnMut(unix::PassedFile) -> FileId,
-) -> Result<std::result::Result<Socket, String>> {
+) -> Result<Socket, CollectError> {
     let sock = crate::sys::fd::pidfd_getfd(pid, fd)?;
     let s = sock.as_raw_fd();
     let domain = get_int(s, libc::SOL_SOCKET, libc::SO_DOMAIN).unwrap_or(0);
     let ty = get_int(s, libc::SOL_SOCKET, libc::SO_TYPE).unwrap_or(0);
     Ok(match domain {
-        libc::AF_UNIX => {
-            unix::collect(pid, fd, &sock, ty, flags, cx.pids, in_flight)?.map(|u| match u {
-                unix::Socket::Pair(end) => Socket::UnixPair(end),
-                unix::Socket::Listen(l) => Socket::UnixListen(l),
-            })
-        }
+        libc::AF_UNIX => match unix::collect(pid, fd, &sock, ty, flags, cx.pids, in_flight)? {
+            unix::Socket::Pair(end) => Socket::UnixPair(end),
+            unix::Socket::Listen(l) => Socket::UnixListen(l),
+        },
         libc::AF_INET | libc::AF_INET6 if ty == libc::SOCK_STREAM => {
             let listening = get_int(s, libc::SOL_SOCKET, libc::SO_ACCEPTCONN).unwrap_or(0) != 0;
             if !listening && !tcp::never_connected(s) {
-                tcp::collect(pid, fd, &sock, domain, flags, cx.lock, cx.repaired)?
-                    .map(Socket::TcpConn)
+                Socket::TcpConn(tcp::collect(
+                    pid,
+                    fd,
+                    &sock,
+                    domain,
+                    flags,
+                    cx.lock,
+                    cx.repaired,
+                )?)
             } else {
-                tcp::collect_listen(pid, &sock, domain, flags, listening)?.map(Socket::TcpListen)
+                Socket::TcpListen(tcp::collect_listen(pid, &sock, domain, flags, listening)?)
             }
         }
         libc::AF_INET | libc::AF_INET6 if ty == libc::SOCK_DGRAM => {
-            Ok(Socket::Udp(udp::collect(pid, fd, &sock, domain, flags)?))
+            Socket::Udp(udp::collect(pid, fd, &sock, domain, flags)?)
         }
-        libc::AF_NETLINK => Err("a netlink socket".into()),
-        d => Err(format!("a socket (family {d}, {})", unix::type_name(ty))),
+        libc::AF_NETLINK => return Err(CollectError::not_carried(NotCarried::Netlink)),
+        family => {
+            return Err(CollectError::not_carried(NotCarried::Family {
+                family,
+                ty: unix::type_name(ty),
+            }))
+        }
     })
+}
+
+/// A socket of a family crest does not carry.
+#[derive(Debug, thiserror::Error)]
+pub enum NotCarried {
+    #[error("a netlink socket")]
+    Netlink,
+    #[error("a socket (family {family}, {ty})")]
+    Family { family: i32, ty: &'static str },
 }

@@ -18,11 +18,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{CollectError, Error, Result};
 use crate::fds::table::Opened;
 use crate::net::inet::{
     addr_text, apply_opts, collect_opts, get_int, ioctl_int, last_err, same_endpoint, set_buffers,
-    set_int, set_raw, sock_name, InetOpts,
+    set_int, set_raw, sock_name, InetOpts, SockOptError,
 };
 
 const TCP_ESTABLISHED: u8 = 1;
@@ -238,7 +238,7 @@ pub fn established_fds_of(pid: i32) -> Result<Vec<Established>> {
 }
 
 /// Describes connected TCP socket `fd` of `pid` (`sock` is crest's copy), or
-/// says why it cannot be carried. Locks it first when `lock` plans to; leaves
+/// says why it cannot be carried ([`NotCarried`]). Locks it first when `lock` plans to; leaves
 /// it in repair mode, remembered in `repaired` (see the module comment).
 pub fn collect(
     pid: i32,
@@ -248,7 +248,7 @@ pub fn collect(
     flags: i32,
     lock: &mut crate::net::netlock::Session,
     repaired: &mut Repaired,
-) -> Result<std::result::Result<TcpConn, String>> {
+) -> Result<TcpConn, CollectError> {
     let s = sock.as_raw_fd();
     let sys = |what: String, e: std::io::Error| {
         Error::sys(
@@ -259,11 +259,12 @@ pub fn collect(
     };
     let ti = tcp_info(s).map_err(|e| sys("TCP_INFO".into(), e))?;
     if ti.state != TCP_ESTABLISHED {
-        let name = STATE_NAMES.get(ti.state as usize).unwrap_or(&"?");
-        return Ok(Err(if ti.state == 7 {
-            "an unconnected TCP socket".to_string()
+        return Err(CollectError::not_carried(if ti.state == 7 {
+            NotCarried::Unconnected
         } else {
-            format!("a TCP socket in state {name} (only established connections are carried)")
+            NotCarried::State {
+                name: STATE_NAMES.get(ti.state as usize).copied().unwrap_or("?"),
+            }
         }));
     }
     let local = sock_name(s, false).map_err(|e| sys("getsockname".into(), e))?;
@@ -277,7 +278,7 @@ pub fn collect(
     let inode = unsafe {
         let mut st: libc::stat = std::mem::zeroed();
         if libc::fstat(s, &mut st) < 0 {
-            return Err(sys("fstat".into(), std::io::Error::last_os_error()));
+            return Err(sys("fstat".into(), std::io::Error::last_os_error()).into());
         }
         st.st_ino
     };
@@ -308,7 +309,9 @@ pub fn collect(
     // The state may have moved between TCP_INFO and repair mode.
     let ti = tcp_info(s).map_err(|e| sys("TCP_INFO".into(), e))?;
     if ti.state != TCP_ESTABLISHED {
-        return Ok(Err(format!("a {what} that is closing")));
+        return Err(CollectError::not_carried(NotCarried::Closing {
+            conn: what,
+        }));
     }
     let q = |req, name: &str| ioctl_int(s, req).map_err(|e| sys(format!("{what}: {name}"), e));
     let outq = q(SIOCOUTQ, "SIOCOUTQ")? as usize;
@@ -342,7 +345,7 @@ pub fn collect(
     let (send_seq, send_queue) = peek_queue(s, TCP_SEND_QUEUE, outq)
         .map_err(|e| sys(format!("{what}: reading its send queue"), e))?;
     let _ = set_int(s, libc::SOL_TCP, libc::TCP_REPAIR_QUEUE, TCP_NO_QUEUE);
-    Ok(Ok(TcpConn {
+    Ok(TcpConn {
         inode,
         family,
         local,
@@ -359,7 +362,20 @@ pub fn collect(
         window,
         opts: collect_opts(s, family),
         flags,
-    }))
+    })
+}
+
+/// A TCP socket crest does not carry.
+#[derive(Debug, thiserror::Error)]
+pub enum NotCarried {
+    #[error("an unconnected TCP socket")]
+    Unconnected,
+    #[error("a TCP socket in state {name} (only established connections are carried)")]
+    State { name: &'static str },
+    #[error("a {conn} that is closing")]
+    Closing { conn: String },
+    #[error("a listening TCP socket with {waiting} connection(s) waiting to be accepted")]
+    Backlog { waiting: u32 },
 }
 
 /// One queue's sequence number and contents, peeked in repair mode.
@@ -533,7 +549,7 @@ impl<'a> Connections<'a> {
     }
 
     /// Connection `c`, made with all the others on first use.
-    pub fn restore(&mut self, c: &TcpConn) -> Result<Opened> {
+    pub fn restore(&mut self, c: &TcpConn) -> Result<Opened, TcpError> {
         if self.made.is_none() {
             self.made = Some(create(&self.conns)?);
         }
@@ -542,45 +558,41 @@ impl<'a> Connections<'a> {
             .iter()
             .flatten()
             .find(|(i, _)| *i == c.inode)
-            .ok_or_else(|| {
-                Error::Restore(format!(
-                    "TCP connection {}: socket {} was not created",
-                    c.describe(),
-                    c.inode
-                ))
+            .ok_or_else(|| TcpError::NotCreated {
+                conn: c.describe(),
+                inode: c.inode,
             })?;
-        let copy = sock
-            .try_clone()
-            .map_err(|e| Error::Restore(format!("socket {}: dup: {e}", c.inode)))?;
+        let copy = sock.try_clone().map_err(|source| TcpError::Dup {
+            inode: c.inode,
+            source,
+        })?;
         Ok(Opened::new(copy, Some(c.flags)))
     }
 }
 
 /// Recreates every connection of the image in the restorer: returns each
 /// one's inode with its socket, out of repair mode, options set.
-fn create(conns: &[&TcpConn]) -> Result<Vec<(u64, OwnedFd)>> {
-    let err = |c: &TcpConn, e: std::io::Error| {
-        Error::Restore(format!("TCP connection {}: {e}", c.describe()))
-    };
+fn create(conns: &[&TcpConn]) -> Result<Vec<(u64, OwnedFd)>, TcpError> {
     let mut out = Vec::new();
     for c in conns {
-        out.push((c.inode, build(c).map_err(|e| err(c, e))?));
+        let sock = build(c).map_err(|source| TcpError::Build {
+            conn: c.describe(),
+            source,
+        })?;
+        out.push((c.inode, sock));
     }
     for (c, (_, sock)) in conns.iter().zip(&out) {
         let s = sock.as_raw_fd();
-        set_int(s, libc::SOL_TCP, libc::TCP_REPAIR, 0).map_err(|e| {
-            err(
-                c,
-                std::io::Error::new(e.kind(), format!("leaving repair mode: {e}")),
-            )
-        })?;
+        let step = |what| {
+            move |source| TcpError::Step {
+                conn: c.describe(),
+                what,
+                source,
+            }
+        };
+        set_int(s, libc::SOL_TCP, libc::TCP_REPAIR, 0).map_err(step("leaving repair mode"))?;
         let sent = c.send_queue.len() - (c.unsent as usize).min(c.send_queue.len());
-        send_chunked(s, &c.send_queue[sent..]).map_err(|e| {
-            err(
-                c,
-                std::io::Error::new(e.kind(), format!("sending the unsent data: {e}")),
-            )
-        })?;
+        send_chunked(s, &c.send_queue[sent..]).map_err(step("sending the unsent data"))?;
         apply_opts(s, &c.opts, &format!("TCP connection {}", c.describe()))?;
     }
     Ok(out)
@@ -628,78 +640,24 @@ fn yes() -> bool {
     true
 }
 
-/// The accept queue length and backlog of listening TCP socket `inode`, from inet_diag.
-fn listen_queue(pid: i32, family: i32, inode: u64) -> Result<Option<(u32, u32)>> {
-    const SOCK_DIAG_BY_FAMILY: u16 = 20;
-    const TCP_LISTEN: u32 = 10;
-    const REQ_LEN: usize = 16 + 56;
-    let mut req = [0u8; REQ_LEN];
-    req[0..4].copy_from_slice(&(REQ_LEN as u32).to_ne_bytes());
-    req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    req[6..8].copy_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
-    req[16] = family as u8;
-    req[17] = libc::IPPROTO_TCP as u8;
-    req[20..24].copy_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
-    // SAFETY: a netlink socket we own; send reads `req`, recv writes into `buf`.
-    unsafe {
-        let s = libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            libc::NETLINK_SOCK_DIAG,
-        );
-        if s < 0 {
-            return Err(last_err(pid, "inet_diag socket"));
-        }
-        let s = OwnedFd::from_raw_fd(s);
-        if libc::send(s.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) < 0 {
-            return Err(last_err(pid, "inet_diag send"));
-        }
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0);
-            if n <= 0 {
-                return Ok(None);
-            }
-            let mut off = 0usize;
-            while off + 16 <= n as usize {
-                let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4")) as usize;
-                let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2"));
-                if ty == libc::NLMSG_DONE as u16 || ty == libc::NLMSG_ERROR as u16 {
-                    return Ok(None);
-                }
-                if len < 16 + 72 || off + len > n as usize {
-                    return Ok(None);
-                }
-                let m = &buf[off + 16..off + len];
-                let u32_at = |i: usize| u32::from_ne_bytes(m[i..i + 4].try_into().expect("4"));
-                // inet_diag_msg: 4 bytes, id (48), expires, rqueue, wqueue, uid, inode.
-                if u32_at(68) as u64 == inode {
-                    return Ok(Some((u32_at(56), u32_at(60))));
-                }
-                off += (len + 3) & !3;
-            }
-        }
-    }
-}
-
 pub fn collect_listen(
     pid: i32,
     sock: &OwnedFd,
     family: i32,
     flags: i32,
     listening: bool,
-) -> Result<std::result::Result<TcpListen, String>> {
+) -> Result<TcpListen, CollectError> {
     let s = sock.as_raw_fd();
     // SAFETY: fstat and getsockname write into buffers we own.
     let (inode, addr) = unsafe {
         let mut st: libc::stat = std::mem::zeroed();
         if libc::fstat(s, &mut st) < 0 {
-            return Err(last_err(pid, "fstat of a socket"));
+            return Err(last_err(pid, "fstat of a socket").into());
         }
         let mut ss: libc::sockaddr_storage = std::mem::zeroed();
         let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         if libc::getsockname(s, (&mut ss as *mut libc::sockaddr_storage).cast(), &mut len) < 0 {
-            return Err(last_err(pid, "getsockname"));
+            return Err(last_err(pid, "getsockname").into());
         }
         let bytes = std::slice::from_raw_parts(
             (&ss as *const libc::sockaddr_storage).cast::<u8>(),
@@ -709,16 +667,15 @@ pub fn collect_listen(
         (st.st_ino, bytes)
     };
     let (waiting, backlog) = if listening {
-        listen_queue(pid, family, inode)?.unwrap_or((0, libc::SOMAXCONN as u32))
+        crate::sys::sockdiag::tcp_listen_queue(pid, family, inode)?
+            .unwrap_or((0, libc::SOMAXCONN as u32))
     } else {
         (0, 0)
     };
     if waiting > 0 {
-        return Ok(Err(format!(
-            "a listening TCP socket with {waiting} connection(s) waiting to be accepted"
-        )));
+        return Err(CollectError::not_carried(NotCarried::Backlog { waiting }));
     }
-    Ok(Ok(TcpListen {
+    Ok(TcpListen {
         inode,
         family,
         addr,
@@ -730,13 +687,13 @@ pub fn collect_listen(
         nodelay: get_int(s, libc::IPPROTO_TCP, libc::TCP_NODELAY).unwrap_or(0) != 0,
         flags,
         listening,
-    }))
+    })
 }
 
 impl TcpListen {
     /// Recreated in the restorer, waiting until `port_deadline` for its port
     /// to become free.
-    pub fn restore(&self, port_deadline: std::time::Instant) -> Result<Opened> {
+    pub fn restore(&self, port_deadline: std::time::Instant) -> Result<Opened, TcpError> {
         Ok(Opened::new(
             restore_listen(self, port_deadline)?,
             Some(self.flags),
@@ -762,18 +719,16 @@ impl TcpListen {
 
 /// Recreates listening (or bound) socket `l`, waiting until `port_deadline`
 /// for its port to become free.
-fn restore_listen(l: &TcpListen, port_deadline: std::time::Instant) -> Result<OwnedFd> {
+fn restore_listen(l: &TcpListen, port_deadline: std::time::Instant) -> Result<OwnedFd, TcpError> {
     let set = |s: i32, level: i32, name: i32, on: bool| {
         let v: libc::c_int = on.into();
         // SAFETY: setsockopt reads one int.
         unsafe { libc::setsockopt(s, level, name, (&v as *const libc::c_int).cast(), 4) }
     };
-    let err = |what: &str| {
-        Error::Restore(format!(
-            "listening TCP socket {}: {what}: {}",
-            l.inode,
-            std::io::Error::last_os_error()
-        ))
+    let err = |what: &'static str| TcpError::Listen {
+        inode: l.inode,
+        what,
+        source: std::io::Error::last_os_error(),
     };
     // SAFETY: a socket we create and own; bind reads the saved address bytes.
     unsafe {
@@ -823,18 +778,17 @@ fn restore_listen(l: &TcpListen, port_deadline: std::time::Instant) -> Result<Ow
             // this port without SO_REUSEADDR: the kernel refuses even a
             // reusing bind until it expires (60 s). Name the port.
             Some(nix::errno::Errno::EADDRINUSE) => {
-                return Err(Error::Restore(format!(
-                    "listening TCP socket {} ({}): port {} is in use (by another socket, or by a connection the process had closed, in TIME_WAIT for up to 60 s: --port-wait)",
-                    l.inode,
-                    addr_text(&l.addr),
-                    u16::from_be(port)
-                )))
+                return Err(TcpError::PortInUse {
+                    inode: l.inode,
+                    addr: addr_text(&l.addr),
+                    port: u16::from_be(port),
+                })
             }
             Some(e) => {
-                return Err(Error::Restore(format!(
-                    "listening TCP socket {}: bind: {e}",
-                    l.inode
-                )))
+                return Err(TcpError::Bind {
+                    inode: l.inode,
+                    errno: e,
+                })
             }
         }
         if l.listening && libc::listen(s, l.backlog) < 0 {
@@ -843,6 +797,51 @@ fn restore_listen(l: &TcpListen, port_deadline: std::time::Instant) -> Result<Ow
         set(s, libc::SOL_SOCKET, libc::SO_REUSEADDR, l.reuseaddr);
         Ok(owned)
     }
+}
+
+/// Why a TCP socket could not be recreated.
+#[derive(Debug, thiserror::Error)]
+pub enum TcpError {
+    #[error("TCP connection {conn}: socket {inode} was not created")]
+    NotCreated { conn: String, inode: u64 },
+    #[error("socket {inode}: dup: {source}")]
+    Dup {
+        inode: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TCP connection {conn}: {source}")]
+    Build {
+        conn: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TCP connection {conn}: {what}: {source}")]
+    Step {
+        conn: String,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("listening TCP socket {inode}: {what}: {source}")]
+    Listen {
+        inode: u64,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A connection the process had closed lingers in TIME_WAIT on the port
+    /// without SO_REUSEADDR: the kernel refuses even a reusing bind until it
+    /// expires (60 s).
+    #[error("listening TCP socket {inode} ({addr}): port {port} is in use (by another socket, or by a connection the process had closed, in TIME_WAIT for up to 60 s: --port-wait)")]
+    PortInUse { inode: u64, addr: String, port: u16 },
+    #[error("listening TCP socket {inode}: bind: {errno}")]
+    Bind {
+        inode: u64,
+        errno: nix::errno::Errno,
+    },
+    #[error(transparent)]
+    SockOpt(#[from] SockOptError),
 }
 
 #[cfg(test)]

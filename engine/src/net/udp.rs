@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::fds::table::Opened;
 use crate::net::inet::{
-    addr_text, apply_opts, collect_opts, get_int, set_int, sock_name, InetOpts,
+    addr_text, apply_opts, collect_opts, get_int, set_int, sock_name, InetOpts, SockOptError,
 };
 
 /// A UDP socket.
@@ -158,7 +158,7 @@ impl<'a> Sockets<'a> {
     }
 
     /// Socket `u`, made with all the others on first use.
-    pub fn restore(&mut self, u: &UdpSock) -> Result<Opened> {
+    pub fn restore(&mut self, u: &UdpSock) -> Result<Opened, UdpError> {
         if self.made.is_none() {
             self.made = Some(create(&self.socks)?);
         }
@@ -167,10 +167,11 @@ impl<'a> Sockets<'a> {
             .iter()
             .flatten()
             .find(|(i, _)| *i == u.inode)
-            .ok_or_else(|| Error::Restore(format!("UDP socket {}: it was not created", u.inode)))?;
-        let copy = sock
-            .try_clone()
-            .map_err(|e| Error::Restore(format!("socket {}: dup: {e}", u.inode)))?;
+            .ok_or(UdpError::NotCreated { inode: u.inode })?;
+        let copy = sock.try_clone().map_err(|source| UdpError::Dup {
+            inode: u.inode,
+            source,
+        })?;
         Ok(Opened::new(copy, Some(u.flags)))
     }
 }
@@ -195,13 +196,12 @@ impl UdpSock {
 
 /// Recreates every UDP socket of the image in the restorer, queues refilled:
 /// returns each one's inode with its socket.
-fn create(socks: &[&UdpSock]) -> Result<Vec<(u64, OwnedFd)>> {
-    let err = |u: &UdpSock, what: &str, e: std::io::Error| {
-        Error::Restore(format!(
-            "UDP socket {} ({}): {what}: {e}",
-            u.inode,
-            addr_text(&u.local)
-        ))
+fn create(socks: &[&UdpSock]) -> Result<Vec<(u64, OwnedFd)>, UdpError> {
+    let err = |u: &UdpSock, what: &str, source: std::io::Error| UdpError::Sys {
+        inode: u.inode,
+        local: addr_text(&u.local),
+        what: what.to_string(),
+        source,
     };
     let mut out = Vec::new();
     for u in socks {
@@ -272,6 +272,29 @@ fn create(socks: &[&UdpSock]) -> Result<Vec<(u64, OwnedFd)>> {
         .map_err(|e| err(u, "SO_REUSEADDR", e))?;
     }
     Ok(out)
+}
+
+/// Why a UDP socket could not be recreated.
+#[derive(Debug, thiserror::Error)]
+pub enum UdpError {
+    #[error("UDP socket {inode}: it was not created")]
+    NotCreated { inode: u64 },
+    #[error("socket {inode}: dup: {source}")]
+    Dup {
+        inode: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("UDP socket {inode} ({local}): {what}: {source}")]
+    Sys {
+        inode: u64,
+        local: String,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    SockOpt(#[from] SockOptError),
 }
 
 /// Sends `d` to `u`'s address from a socket bound to `d`'s sender.

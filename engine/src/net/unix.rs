@@ -19,7 +19,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{CollectError, Error, Result};
 use crate::fds::table::{FileId, Opened, Restored};
 use crate::net::inet::{get_int, last_err};
 
@@ -73,12 +73,12 @@ pub struct PassedFile {
 
 impl PassedFile {
     /// Opens it again at its offset, in the restorer.
-    pub fn restore(&self) -> Result<Opened> {
-        let err = |what: &str, e: std::io::Error| {
-            Error::Restore(format!(
-                "unix socket {}: {} in flight: {what}: {e}",
-                self.on, self.path
-            ))
+    pub fn restore(&self) -> Result<Opened, UnixError> {
+        let err = |what: &'static str, source: std::io::Error| UnixError::InFlight {
+            on: self.on,
+            path: self.path.clone(),
+            what,
+            source,
         };
         let path = std::ffi::CString::new(self.path.as_str())
             .map_err(|e| err("path", std::io::Error::other(e)))?;
@@ -311,7 +311,7 @@ fn accepted_pair(name: &[u8], ty: i32) -> std::io::Result<(OwnedFd, OwnedFd)> {
 
 impl UnixListen {
     /// Recreated in the restorer (its socket file with its mode and owner).
-    pub fn restore(&self) -> Result<Opened> {
+    pub fn restore(&self) -> Result<Opened, UnixError> {
         Ok(Opened::new(restore_listen(self)?, Some(self.flags)))
     }
 
@@ -332,12 +332,11 @@ impl UnixListen {
 }
 
 /// Recreates a listening unix socket in the restorer.
-fn restore_listen(l: &UnixListen) -> Result<OwnedFd> {
-    let err = |what: &str, e: std::io::Error| {
-        Error::Restore(format!(
-            "listening unix socket {}: {what}: {e}",
-            unix_name_text(&l.name)
-        ))
+fn restore_listen(l: &UnixListen) -> Result<OwnedFd, UnixError> {
+    let err = |what: &'static str, source: std::io::Error| UnixError::Listen {
+        name: unix_name_text(&l.name),
+        what,
+        source,
     };
     let s = bind_listen(&l.name, l.ty, l.backlog).map_err(|e| err("bind", e))?;
     if let Some(path) = path_of(&l.name) {
@@ -360,122 +359,9 @@ fn restore_listen(l: &UnixListen) -> Result<OwnedFd> {
 #[serde(transparent)]
 pub struct Message(#[serde(with = "crate::image::hex_bytes")] pub Vec<u8>);
 
-/// What sock_diag tells about a unix socket.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Diag {
-    /// The peer's inode (0: none).
-    peer: u64,
-    /// `sun_path` as bound (empty: unnamed; a leading NUL: abstract).
-    name: Vec<u8>,
-    /// The inode of the socket file it is bound to.
-    vfs_ino: Option<u64>,
-    /// Listening: connections waiting to be accepted, and the backlog.
-    rqlen: Option<(u32, u32)>,
-}
-
-/// Parses the attributes that follow a `unix_diag_msg`.
-fn parse_diag_attrs(mut b: &[u8]) -> Diag {
-    const UNIX_DIAG_NAME: u16 = 0;
-    const UNIX_DIAG_VFS: u16 = 1;
-    const UNIX_DIAG_PEER: u16 = 2;
-    const UNIX_DIAG_RQLEN: u16 = 4;
-    let u32_at = |b: &[u8], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-    let mut d = Diag::default();
-    while b.len() >= 4 {
-        let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
-        let ty = u16::from_ne_bytes([b[2], b[3]]);
-        if len < 4 || len > b.len() {
-            break;
-        }
-        let v = &b[4..len];
-        match ty {
-            UNIX_DIAG_PEER if v.len() >= 4 => d.peer = u32_at(v, 0) as u64,
-            UNIX_DIAG_NAME => d.name = v.to_vec(),
-            UNIX_DIAG_VFS if v.len() >= 8 => d.vfs_ino = Some(u32_at(v, 0) as u64),
-            UNIX_DIAG_RQLEN if v.len() >= 8 => d.rqlen = Some((u32_at(v, 0), u32_at(v, 4))),
-            _ => {}
-        }
-        b = &b[((len + 3) & !3).min(b.len())..];
-    }
-    d
-}
-
-/// sock_diag's view of unix socket `inode`.
-fn diag(pid: i32, inode: u64) -> Result<Diag> {
-    const SOCK_DIAG_BY_FAMILY: u16 = 20;
-    const UDIAG_SHOW_NAME: u32 = 0x1;
-    const UDIAG_SHOW_VFS: u32 = 0x2;
-    const UDIAG_SHOW_PEER: u32 = 0x4;
-    const UDIAG_SHOW_RQLEN: u32 = 0x10;
-    #[repr(C)]
-    struct Req {
-        len: u32,
-        ty: u16,
-        flags: u16,
-        seq: u32,
-        pid: u32,
-        family: u8,
-        protocol: u8,
-        pad: u16,
-        states: u32,
-        ino: u32,
-        show: u32,
-        cookie: [u32; 2],
-    }
-    let req = Req {
-        len: std::mem::size_of::<Req>() as u32,
-        ty: SOCK_DIAG_BY_FAMILY,
-        flags: libc::NLM_F_REQUEST as u16,
-        seq: 1,
-        pid: 0,
-        family: libc::AF_UNIX as u8,
-        protocol: 0,
-        pad: 0,
-        states: u32::MAX,
-        ino: inode as u32,
-        show: UDIAG_SHOW_PEER | UDIAG_SHOW_NAME | UDIAG_SHOW_VFS | UDIAG_SHOW_RQLEN,
-        cookie: [u32::MAX; 2],
-    };
-    let mut buf = [0u8; 8192];
-    // SAFETY: a netlink socket we own; send reads `req`, recv writes into `buf`.
-    let n = unsafe {
-        let s = libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            libc::NETLINK_SOCK_DIAG,
-        );
-        if s < 0 {
-            return Err(last_err(pid, "sock_diag socket"));
-        }
-        let s = OwnedFd::from_raw_fd(s);
-        if libc::send(
-            s.as_raw_fd(),
-            (&req as *const Req).cast(),
-            std::mem::size_of::<Req>(),
-            0,
-        ) < 0
-        {
-            return Err(last_err(pid, "sock_diag send"));
-        }
-        libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
-    };
-    if n < 16 + 16 {
-        return Err(Error::Refused {
-            pid,
-            reason: format!("sock_diag gave no answer for socket {inode}"),
-        });
-    }
-    let msg_type = u16::from_ne_bytes([buf[4], buf[5]]);
-    if msg_type == libc::NLMSG_ERROR as u16 {
-        return Err(Error::unsupported(
-            pid,
-            format!("unix socket {inode}: this kernel cannot report its peer (sock_diag for AF_UNIX, CONFIG_UNIX_DIAG, is not loaded)"),
-        ));
-    }
-    let total = (u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize).min(n as usize);
-    // nlmsghdr + unix_diag_msg, then the attributes.
-    Ok(parse_diag_attrs(&buf[32..total.max(32)]))
-}
+/// A receive queue as peeked: its messages, and the files in flight on some
+/// of them (by message index).
+type Peeked = (Vec<Message>, Vec<(usize, Vec<PassedFile>)>);
 
 /// Reads a receive queue without consuming it, with the regular files in
 /// flight on its messages (SCM_RIGHTS, which the peek installs in crest: each
@@ -488,7 +374,7 @@ fn peek_queue(
     sock: &OwnedFd,
     stream: bool,
     dump_pids: &[i32],
-) -> Result<(Vec<Message>, Vec<(usize, Vec<PassedFile>)>)> {
+) -> Result<Peeked> {
     let s = sock.as_raw_fd();
     let old_off = get_int(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF).unwrap_or(0);
     let set_off = |v: libc::c_int| {
@@ -628,7 +514,7 @@ pub enum Socket {
 }
 
 /// Describes unix socket `fd` of `pid` (`sock`: crest's copy; `ty`: its
-/// type), or says why crest cannot carry it (`Ok(Err)`). Each regular file
+/// type), or says why crest cannot carry it ([`NotCarried`]). Each regular file
 /// in flight on it becomes an open file through `in_flight`; `dump_pids`:
 /// the processes of the dump.
 pub fn collect(
@@ -639,33 +525,30 @@ pub fn collect(
     flags: i32,
     dump_pids: &[i32],
     in_flight: &mut dyn FnMut(PassedFile) -> FileId,
-) -> Result<std::result::Result<Socket, String>> {
+) -> Result<Socket, CollectError> {
     let s = sock.as_raw_fd();
     let tyname = type_name(ty);
     // SAFETY: fstat writes into a stat we own.
     let inode = unsafe {
         let mut st: libc::stat = std::mem::zeroed();
         if libc::fstat(s, &mut st) < 0 {
-            return Err(last_err(pid, "fstat of a socket"));
+            return Err(last_err(pid, "fstat of a socket").into());
         }
         st.st_ino
     };
-    let d = diag(pid, inode)?;
+    let d = crate::sys::sockdiag::unix(pid, inode)?;
+    let not_carried = |why| Err(CollectError::not_carried(why));
     let shown = unix_name_text(&d.name);
     if !d.name.is_empty() && d.name[0] != 0 && d.name[0] != b'/' {
-        return Ok(Err(format!(
-            "a unix {tyname} socket bound to the relative path {shown}"
-        )));
+        return not_carried(NotCarried::RelativePath { ty: tyname, shown });
     }
     if get_int(s, libc::SOL_SOCKET, libc::SO_ACCEPTCONN).unwrap_or(0) != 0 {
         let (waiting, backlog) = d.rqlen.unwrap_or((0, libc::SOMAXCONN as u32));
         if waiting > 0 {
-            return Ok(Err(format!(
-                "a listening unix socket {shown} with {waiting} connection(s) waiting to be accepted"
-            )));
+            return not_carried(NotCarried::Backlog { shown, waiting });
         }
         if d.name.is_empty() {
-            return Ok(Err(format!("an unnamed listening unix {tyname} socket")));
+            return not_carried(NotCarried::UnnamedListen { ty: tyname });
         }
         // The socket file, if the one at the path is still this socket's.
         let file = path_of(&d.name).and_then(|p| {
@@ -673,26 +556,24 @@ pub fn collect(
             let m = std::fs::symlink_metadata(p).ok()?;
             (Some(m.ino()) == d.vfs_ino).then(|| (m.mode() & 0o7777, m.uid(), m.gid()))
         });
-        return Ok(Ok(Socket::Listen(UnixListen {
+        return Ok(Socket::Listen(UnixListen {
             inode,
             ty,
             name: d.name,
             backlog: backlog as i32,
             flags,
             file,
-        })));
-    }
-    if d.peer == 0 {
-        return Ok(Err(if d.name.is_empty() {
-            format!("an unconnected unix {tyname} socket")
-        } else {
-            format!("a unix {tyname} socket bound to {shown}, not connected")
         }));
     }
+    if d.peer == 0 {
+        return not_carried(if d.name.is_empty() {
+            NotCarried::Unconnected { ty: tyname }
+        } else {
+            NotCarried::NotConnected { ty: tyname, shown }
+        });
+    }
     if !d.name.is_empty() && ty == libc::SOCK_DGRAM {
-        return Ok(Err(format!(
-            "a connected unix datagram socket bound to {shown}"
-        )));
+        return not_carried(NotCarried::DatagramBound { shown });
     }
     let (queue, passed) = peek_queue(pid, fd, inode, sock, ty == libc::SOCK_STREAM, dump_pids)?;
     let passed = passed
@@ -702,7 +583,7 @@ pub fn collect(
             files: files.into_iter().map(&mut *in_flight).collect(),
         })
         .collect();
-    Ok(Ok(Socket::Pair(UnixEnd {
+    Ok(Socket::Pair(UnixEnd {
         inode,
         peer: d.peer,
         ty,
@@ -710,7 +591,24 @@ pub fn collect(
         queue,
         name: d.name,
         passed,
-    })))
+    }))
+}
+
+/// A unix socket crest does not carry.
+#[derive(Debug, thiserror::Error)]
+pub enum NotCarried {
+    #[error("a unix {ty} socket bound to the relative path {shown}")]
+    RelativePath { ty: &'static str, shown: String },
+    #[error("a listening unix socket {shown} with {waiting} connection(s) waiting to be accepted")]
+    Backlog { shown: String, waiting: u32 },
+    #[error("an unnamed listening unix {ty} socket")]
+    UnnamedListen { ty: &'static str },
+    #[error("an unconnected unix {ty} socket")]
+    Unconnected { ty: &'static str },
+    #[error("a unix {ty} socket bound to {shown}, not connected")]
+    NotConnected { ty: &'static str, shown: String },
+    #[error("a connected unix datagram socket bound to {shown}")]
+    DatagramBound { shown: String },
 }
 
 /// A socket type's name, for messages.
@@ -746,18 +644,17 @@ impl<'a> Pairs<'a> {
         &mut self,
         end: &UnixEnd,
         opened: &dyn Fn(FileId) -> Option<RawFd>,
-    ) -> Result<Restored<Opened>> {
+    ) -> Result<Restored<Opened>, UnixError> {
         if !self.made.iter().any(|(i, _)| *i == end.inode) {
-            let peer = *self
-                .ends
-                .iter()
-                .find(|e| e.inode == end.peer)
-                .ok_or_else(|| {
-                    Error::Restore(format!(
-                        "unix socket {}: its peer {} is missing from the image",
-                        end.inode, end.peer
-                    ))
-                })?;
+            let peer =
+                *self
+                    .ends
+                    .iter()
+                    .find(|e| e.inode == end.peer)
+                    .ok_or(UnixError::MissingPeer {
+                        inode: end.inode,
+                        peer: end.peer,
+                    })?;
             let waiting = [end, peer]
                 .iter()
                 .flat_map(|e| e.passed.iter().flat_map(|p| &p.files))
@@ -774,9 +671,10 @@ impl<'a> Pairs<'a> {
             .iter()
             .find(|(i, _)| *i == end.inode)
             .expect("made above");
-        let copy = sock
-            .try_clone()
-            .map_err(|e| Error::Restore(format!("socket {}: dup: {e}", end.inode)))?;
+        let copy = sock.try_clone().map_err(|source| UnixError::Dup {
+            inode: end.inode,
+            source,
+        })?;
         Ok(Restored::Done(Opened::new(copy, Some(end.flags))))
     }
 }
@@ -787,24 +685,23 @@ fn create(
     a: &UnixEnd,
     b: &UnixEnd,
     opened: &dyn Fn(FileId) -> Option<RawFd>,
-) -> Result<(OwnedFd, OwnedFd)> {
+) -> Result<(OwnedFd, OwnedFd), UnixError> {
     let named = |e: &UnixEnd| !e.name.is_empty();
     if named(a) && named(b) {
-        return Err(Error::Restore(format!(
-            "unix sockets {} and {}: both ends of the connection have a name",
-            a.inode, b.inode
-        )));
+        return Err(UnixError::BothNamed {
+            a: a.inode,
+            b: b.inode,
+        });
     }
     let mut fds = [0i32; 2];
     let pair = if named(a) || named(b) {
         let (server, _) = if named(a) { (a, b) } else { (b, a) };
-        let (sv, cl) = accepted_pair(&server.name, server.ty).map_err(|e| {
-            Error::Restore(format!(
-                "unix socket {} (accepted at {}): {e}",
-                server.inode,
-                unix_name_text(&server.name)
-            ))
-        })?;
+        let (sv, cl) =
+            accepted_pair(&server.name, server.ty).map_err(|source| UnixError::Accepted {
+                inode: server.inode,
+                name: unix_name_text(&server.name),
+                source,
+            })?;
         Some(if named(a) { (sv, cl) } else { (cl, sv) })
     } else {
         None
@@ -821,11 +718,11 @@ fn create(
                 fds.as_mut_ptr(),
             ) < 0
             {
-                return Err(Error::Restore(format!(
-                    "unix socket {}: socketpair: {}",
-                    a.inode,
-                    std::io::Error::last_os_error()
-                )));
+                return Err(UnixError::Sys {
+                    inode: a.inode,
+                    what: "socketpair".into(),
+                    source: std::io::Error::last_os_error(),
+                });
             }
             (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
         }
@@ -841,16 +738,60 @@ fn create(
                 .collect();
             let n = send_with_files(sender.as_raw_fd(), &m.0, &files);
             if n != m.0.len() as isize {
-                return Err(Error::Restore(format!(
-                    "unix socket {}: requeueing {} bytes: {}",
-                    receiver.inode,
-                    m.0.len(),
-                    std::io::Error::last_os_error()
-                )));
+                let source = std::io::Error::last_os_error();
+                return Err(UnixError::Sys {
+                    inode: receiver.inode,
+                    what: format!("requeueing {} bytes", m.0.len()),
+                    source,
+                });
             }
         }
     }
     Ok((fa, fb))
+}
+
+/// Why a unix socket could not be recreated.
+#[derive(Debug, thiserror::Error)]
+pub enum UnixError {
+    #[error("unix socket {on}: {path} in flight: {what}: {source}")]
+    InFlight {
+        on: u64,
+        path: String,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("listening unix socket {name}: {what}: {source}")]
+    Listen {
+        name: String,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("unix socket {inode}: its peer {peer} is missing from the image")]
+    MissingPeer { inode: u64, peer: u64 },
+    #[error("socket {inode}: dup: {source}")]
+    Dup {
+        inode: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("unix sockets {a} and {b}: both ends of the connection have a name")]
+    BothNamed { a: u64, b: u64 },
+    #[error("unix socket {inode} (accepted at {name}): {source}")]
+    Accepted {
+        inode: u64,
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("unix socket {inode}: {what}: {source}")]
+    Sys {
+        inode: u64,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl UnixEnd {
@@ -920,36 +861,6 @@ fn send_with_files(s: i32, data: &[u8], files: &[RawFd]) -> isize {
 mod tests {
     use super::*;
     use rstest::rstest;
-
-    fn attr(ty: u16, v: &[u8]) -> Vec<u8> {
-        let mut a = ((4 + v.len()) as u16).to_ne_bytes().to_vec();
-        a.extend_from_slice(&ty.to_ne_bytes());
-        a.extend_from_slice(v);
-        a.resize((a.len() + 3) & !3, 0);
-        a
-    }
-
-    #[test]
-    fn sock_diag_attributes_are_read_whatever_their_order() {
-        let mut b = attr(4, &[3, 0, 0, 0, 128, 0, 0, 0]);
-        b.extend(attr(0, b"/run/x.sock"));
-        b.extend(attr(2, &77u32.to_ne_bytes()));
-        b.extend(attr(1, &[9, 0, 0, 0, 1, 0, 0, 0]));
-        b.extend(attr(99, b"ignored"));
-        let d = parse_diag_attrs(&b);
-        assert_eq!(
-            d,
-            Diag {
-                peer: 77,
-                name: b"/run/x.sock".to_vec(),
-                vfs_ino: Some(9),
-                rqlen: Some((3, 128)),
-            }
-        );
-        assert_eq!(parse_diag_attrs(&[]), Diag::default());
-        // A truncated attribute ends the walk instead of reading past the buffer.
-        assert_eq!(parse_diag_attrs(&[40, 0, 2, 0, 1]), Diag::default());
-    }
 
     #[rstest]
     #[case(b"/tmp/a.sock", "/tmp/a.sock", 2 + 11)]

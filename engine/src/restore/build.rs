@@ -5,7 +5,9 @@
 //! spans processes: SysV shm segments marked for removal again, memfd seals,
 //! process groups joined, lost-group holders let go.
 
-use crate::error::Result;
+use crate::restore::error::RestoreError;
+
+type Result<T, E = RestoreError> = std::result::Result<T, E>;
 use crate::fds::FileKind;
 use crate::mm::restore::MapFds;
 use crate::restore::context::RestoreContext;

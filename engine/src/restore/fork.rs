@@ -13,15 +13,20 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::Pid;
 
-use crate::error::{Error, Result};
+use crate::error::Error;
+use crate::restore::error::RestoreError;
+
+type Result<T, E = RestoreError> = std::result::Result<T, E>;
 use crate::fds;
+use crate::fds::restore::FilesError;
 use crate::mm::sysvshm;
 use crate::model::ProcessImage;
 use crate::restore::context::RestoreContext;
 use crate::restore::plan::TRAMPOLINE_LEN;
 use crate::sys::proc;
 use crate::sys::PAGE_SIZE;
-use crate::tree::{self, CloneError};
+use crate::task::signals::SignalSetupError;
+use crate::tree::{self, CloneError, TreeError};
 
 /// Kills a half-restored tree: the root we created (its descendants follow
 /// through PR_SET_PDEATHSIG) and every process we already seized (whose
@@ -65,7 +70,7 @@ pub(super) fn fork(cx: &RestoreContext, new_pidns: bool) -> Result<Forked> {
     let mut report = [0i32; 2];
     // SAFETY: pipe2 writes two fds into the array.
     if unsafe { libc::pipe2(report.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(Error::sys(0, "pipe2", nix::errno::Errno::last()));
+        return Err(Error::sys(0, "pipe2", nix::errno::Errno::last()).into());
     }
     // SAFETY: both fds are fresh and owned by us from here on.
     let (rd, wr) = unsafe {
@@ -104,7 +109,7 @@ pub(super) fn fork(cx: &RestoreContext, new_pidns: bool) -> Result<Forked> {
         sysv,
         slot_fds,
     };
-    let setup = |idx: usize| setup(cx, idx);
+    let setup = |idx: usize| setup(cx, idx).map_err(Into::into);
     let root = tree::fork(&plans.tree, wr.as_raw_fd(), deadline, &setup).map_err(|e| match e {
         CloneError::Taken(pid) => tree::pid_taken(pid),
         CloneError::Other(e) => e,
@@ -134,17 +139,18 @@ pub(super) fn fork(cx: &RestoreContext, new_pidns: bool) -> Result<Forked> {
         if let Some(rest) = line.strip_prefix("err ") {
             let (pid, msg) = rest.split_once(' ').unwrap_or((rest, ""));
             if let Some(pid) = msg.strip_prefix("taken ").and_then(|p| p.parse().ok()) {
-                return Err(tree::pid_taken(pid));
+                return Err(tree::pid_taken(pid).into());
             }
-            return Err(Error::Restore(format!("pid {pid}: {msg}")));
+            return Err(TreeError::Child {
+                pid: pid.to_string(),
+                report: msg.to_string(),
+            }
+            .into());
         }
     }
     for p in &plans.tree {
         if !text.lines().any(|l| l == format!("ok {}", p.pid)) {
-            return Err(Error::Restore(format!(
-                "pid {}: the restore child died before it was set up",
-                p.pid
-            )));
+            return Err(TreeError::Died { pid: p.pid }.into());
         }
     }
     Ok(forked)
@@ -177,17 +183,37 @@ fn mount_own_proc() -> Result<()> {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         None::<&str>,
     )
-    .map_err(|e| Error::sys(0, "mounting /proc for the namespace", e))
+    .map_err(|e| Error::sys(0, "mounting /proc for the namespace", e).into())
 }
 
-fn errno_msg(what: &str) -> String {
-    format!("{what}: {}", std::io::Error::last_os_error())
+/// Why a restore child could not set itself up (reported to the restorer).
+#[derive(Debug, thiserror::Error)]
+enum SetupError {
+    #[error("{what}: {source}")]
+    Sys {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Files(#[from] FilesError),
+    #[error(transparent)]
+    Signals(#[from] SignalSetupError),
+}
+
+impl SetupError {
+    fn last(what: String) -> SetupError {
+        SetupError::Sys {
+            what,
+            source: std::io::Error::last_os_error(),
+        }
+    }
 }
 
 /// What restore child `idx` sets up on itself: descriptors, the descriptors
 /// its mappings need, cwd, limits, signal dispositions and pending signals,
 /// and the trampoline the restorer drives it through.
-fn setup(cx: &RestoreContext, idx: usize) -> std::result::Result<(), String> {
+fn setup(cx: &RestoreContext, idx: usize) -> Result<(), SetupError> {
     let p = &cx.image.processes[idx];
     let tree = &cx.plan.tree[idx];
     let plan = &cx.plan.children[idx];
@@ -195,7 +221,10 @@ fn setup(cx: &RestoreContext, idx: usize) -> std::result::Result<(), String> {
     // Close everything crest had open except stdio (which may be rebound),
     // the report pipe and the slots.
     let open: Vec<i32> = std::fs::read_dir("/proc/self/fd")
-        .map_err(|e| format!("/proc/self/fd: {e}"))?
+        .map_err(|source| SetupError::Sys {
+            what: "/proc/self/fd".into(),
+            source,
+        })?
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
     let slot_fds: Vec<i32> = slots.all().collect();
@@ -218,7 +247,7 @@ fn setup(cx: &RestoreContext, idx: usize) -> std::result::Result<(), String> {
             };
             let fd = libc::open(path.as_ptr(), mode | libc::O_CLOEXEC);
             if fd < 0 {
-                return Err(errno_msg(&format!("open {}", path.to_string_lossy())));
+                return Err(SetupError::last(format!("open {}", path.to_string_lossy())));
             }
             if fd != *at {
                 libc::dup3(fd, *at, libc::O_CLOEXEC);
@@ -230,7 +259,10 @@ fn setup(cx: &RestoreContext, idx: usize) -> std::result::Result<(), String> {
             libc::close(fd);
         }
         if libc::chdir(plan.cwd.as_ptr()) < 0 {
-            return Err(errno_msg(&format!("cwd {}", plan.cwd.to_string_lossy())));
+            return Err(SetupError::last(format!(
+                "cwd {}",
+                plan.cwd.to_string_lossy()
+            )));
         }
     }
     crate::task::restore_in_child(&p.state, &p.threads[0], &plan.comm)?;
@@ -246,7 +278,7 @@ fn setup(cx: &RestoreContext, idx: usize) -> std::result::Result<(), String> {
             0,
         );
         if t != plan.trampoline as *mut libc::c_void {
-            return Err(errno_msg(&format!(
+            return Err(SetupError::last(format!(
                 "mapping the trampoline at {:#x}",
                 plan.trampoline
             )));

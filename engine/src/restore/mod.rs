@@ -19,6 +19,7 @@
 
 mod build;
 mod context;
+mod error;
 mod fork;
 mod pidns;
 mod plan;
@@ -26,7 +27,7 @@ mod verify;
 
 use nix::sys::signal::Signal;
 
-use crate::error::{Error, Result};
+use crate::error::Error;
 use crate::fds::{self, OpenFiles};
 use crate::mm::pages::Pages;
 use crate::mm::Backing;
@@ -36,6 +37,9 @@ use crate::restore::fork::Forked;
 use crate::restore::plan::TRAMPOLINE_LEN;
 
 pub use context::{RestoreContext, RestoreOptions, Restored};
+pub use error::RestoreError;
+
+type Result<T, E = RestoreError> = std::result::Result<T, E>;
 
 /// Restores the image in `opts.dir`.
 pub fn restore(opts: &RestoreOptions, progress: &indicatif::ProgressBar) -> Result<Restored> {
@@ -93,10 +97,11 @@ fn read(
             return Err(Error::bad_image(
                 image.dir.join(crate::image::META_FILE),
                 format!("pid {}: the main thread is not first", p.pid),
-            ));
+            )
+            .into());
         }
         match fds::restore::verify_unchanged(p.pid, &p.files, &image.files) {
-            Err(Error::Restore(why)) if opts.allow_changed_files => {
+            Err(why) if opts.allow_changed_files => {
                 tracing::warn!("{why} (restoring anyway: --allow-changed-files)")
             }
             r => r?,

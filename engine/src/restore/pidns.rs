@@ -7,7 +7,10 @@ use std::fs::File;
 
 use nix::sys::wait::waitpid;
 
-use crate::error::{Error, Result};
+use crate::error::Error;
+use crate::restore::error::RestoreError;
+
+type Result<T, E = RestoreError> = std::result::Result<T, E>;
 use crate::restore::context::{RestoreContext, Restored};
 use crate::sys::{proc, process};
 
@@ -31,9 +34,7 @@ pub(super) fn restore_in_pidns(cx: &RestoreContext, run: &Run) -> Result<Restore
     let init = unsafe { process::clone3(&args) };
     if init < 0 {
         let e = nix::errno::Errno::last();
-        return Err(Error::Restore(format!(
-            "cannot create a PID namespace (clone3 CLONE_NEWPID): {e}"
-        )));
+        return Err(RestoreError::NoPidns(e));
     }
     if init == 0 {
         drop(rd);
@@ -55,7 +56,9 @@ pub(super) fn restore_in_pidns(cx: &RestoreContext, run: &Run) -> Result<Restore
             .strip_prefix("err ")
             .unwrap_or("1 the namespace's init died");
         let (_, text) = rest.split_once(' ').unwrap_or(("1", rest));
-        return Err(Error::Restore(format!("in a new PID namespace: {text}")));
+        return Err(RestoreError::InPidns {
+            report: text.to_string(),
+        });
     }
     // The root as seen from here: init's child whose innermost PID is root.
     let pid = std::fs::read_dir("/proc")
@@ -67,11 +70,7 @@ pub(super) fn restore_in_pidns(cx: &RestoreContext, run: &Run) -> Result<Restore
                 && proc::status_field(&status, "NSpid").and_then(|v| v.split_whitespace().last())
                     == Some(root.to_string().as_str())
         })
-        .ok_or_else(|| {
-            Error::Restore(format!(
-                "pid {root}: restored in a new PID namespace, but not found under its init {init}"
-            ))
-        })?;
+        .ok_or(RestoreError::RootNotFound { root, init })?;
     Ok(Restored::InPidns {
         pid,
         init,
@@ -152,8 +151,11 @@ pub(super) fn restore_detached(cx: &RestoreContext, run: &Run) -> Result<Restore
                         .trim_end_matches(": not supported yet")
                         .to_string(),
                 }
+                .into()
             } else {
-                Error::Restore(text.to_string())
+                RestoreError::Detached {
+                    report: text.to_string(),
+                }
             })
         }
     }

@@ -5,7 +5,9 @@
 
 use std::ffi::CString;
 
-use crate::error::{Error, Result};
+use crate::restore::error::RestoreError;
+
+type Result<T, E = RestoreError> = std::result::Result<T, E>;
 use crate::fds::restore::Slots;
 use crate::fds::table::FileId;
 use crate::fds::{FileKind, OpenFiles};
@@ -62,8 +64,12 @@ pub fn plan(image: &Checkpoint) -> Result<Plan> {
     let mut children = Vec::new();
     for (p, t) in image.processes.iter().zip(&mut trees) {
         let (file_fds, exe_fd) = helper_fds(p, &image.files, &slots)?;
-        let cstr = |s: &str, what: &str| {
-            CString::new(s).map_err(|_| Error::Restore(format!("pid {}: bad {what} {s:?}", p.pid)))
+        let cstr = |s: &str, what| {
+            CString::new(s).map_err(|_| RestoreError::BadString {
+                pid: p.pid,
+                what,
+                value: s.to_string(),
+            })
         };
         let map_files = file_fds
             .iter()
@@ -84,12 +90,8 @@ pub fn plan(image: &Checkpoint) -> Result<Plan> {
                 .collect::<Result<Vec<_>>>()?;
         let mut taken: Vec<(u64, u64)> = own_maps.iter().map(|m| (m.start, m.end)).collect();
         taken.extend(p.mm.vmas.iter().map(|v| (v.start, v.end)));
-        let trampoline = find_gap(&taken, TRAMPOLINE_LEN, 0x10_0000).ok_or_else(|| {
-            Error::Restore(format!(
-                "pid {}: no free address range for the restore trampoline",
-                p.pid
-            ))
-        })?;
+        let trampoline = find_gap(&taken, TRAMPOLINE_LEN, 0x10_0000)
+            .ok_or(RestoreError::NoRoomForTrampoline { pid: p.pid })?;
         t.err_fd = exe_fd + 1;
         debug_assert!(t.err_fd < base);
         // A session leader's controlling terminal: the slot of a slave of
@@ -123,7 +125,7 @@ fn source_of(backing: &Backing, files: &OpenFiles, slots: &Slots) -> Result<Opti
     let slot_of = |found: Option<FileId>, what: String| {
         let slot = found
             .and_then(|id| slots.of(id))
-            .ok_or_else(|| Error::Restore(format!("{what} is missing from the image")))?;
+            .ok_or(RestoreError::MissingSource { what })?;
         Ok(Some(format!("/proc/self/fd/{slot}")))
     };
     match backing {

@@ -3,18 +3,20 @@
 //! difference names the field and the restore fails (the tree is killed:
 //! nothing half-restored runs).
 
-use crate::error::{Error, Result};
+use crate::restore::error::RestoreError;
+
+type Result<T, E = RestoreError> = std::result::Result<T, E>;
 use crate::restore::build::Built;
 use crate::restore::context::RestoreContext;
 use crate::sys::proc;
 
 pub(super) fn verify(cx: &RestoreContext, built: &[Built]) -> Result<()> {
     for (p, b) in cx.image.processes.iter().zip(built) {
-        let mismatch = |field: &str, got: String, want: String| {
-            Error::Restore(format!(
-                "pid {}: after the restore its {field} is {got}, the image says {want}",
-                p.pid
-            ))
+        let mismatch = |field, got, want| RestoreError::Mismatch {
+            pid: p.pid,
+            field,
+            got,
+            want,
         };
         let mut tids: Vec<i32> = proc::threads_of(p.pid);
         tids.sort_unstable();

@@ -7,6 +7,8 @@
 //! - [`remote`]: running system calls inside a stopped task ([`remote::RemoteCall`]);
 //! - [`fd`]: other processes' descriptors (`pidfd_getfd`, `kcmp`);
 //! - [`process`]: `clone3` and what a fresh restore child drops;
+//! - [`sockdiag`]: what sock_diag tells about a socket (a unix socket's
+//!   peer, an accept queue);
 //! - [`uffd`]: userfaultfds made inside a target;
 //! - [`names`]: signal and clock names.
 
@@ -19,4 +21,5 @@ pub mod proc;
 pub mod process;
 pub mod ptrace;
 pub mod remote;
+pub mod sockdiag;
 pub mod uffd;

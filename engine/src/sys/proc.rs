@@ -51,15 +51,24 @@ impl MapsEntry {
 }
 
 /// Parses the text of `/proc/PID/maps`.
-pub fn parse_maps(text: &str) -> std::result::Result<Vec<MapsEntry>, String> {
+pub fn parse_maps(text: &str) -> Result<Vec<MapsEntry>, MalformedMaps> {
     text.lines()
         .filter(|l| !l.is_empty())
         .map(parse_maps_line)
         .collect()
 }
 
-fn parse_maps_line(line: &str) -> std::result::Result<MapsEntry, String> {
-    let bad = || format!("malformed maps line {line:?}");
+/// A line of `/proc/PID/maps` crest cannot read.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed maps line {line:?}")]
+pub struct MalformedMaps {
+    line: String,
+}
+
+fn parse_maps_line(line: &str) -> Result<MapsEntry, MalformedMaps> {
+    let bad = || MalformedMaps {
+        line: line.to_string(),
+    };
     // Five space-separated fields, then padding, then the name (which may contain spaces).
     let mut rest = line;
     let mut fields = [""; 5];
@@ -210,7 +219,10 @@ pub fn release_memory(pidfd: &std::os::fd::OwnedFd) -> std::io::Result<()> {
 
 pub fn maps(pid: i32) -> Result<Vec<MapsEntry>> {
     let text = read(pid, "maps")?;
-    parse_maps(&text).map_err(|e| Error::Refused { pid, reason: e })
+    parse_maps(&text).map_err(|e| Error::Refused {
+        pid,
+        reason: e.to_string(),
+    })
 }
 
 /// A line such as `SigBlk:\t0000000000000000` from `/proc/PID/status`.

@@ -105,9 +105,9 @@ pub fn register(fd: &OwnedFd, start: u64, end: u64, mode: u64) -> std::io::Resul
 }
 
 /// Fills `[dst, dst + data.len())` of the registered, not yet populated
-/// memory with `data` (`UFFDIO_COPY`). Returns how many bytes were copied
-/// before an error, with the error.
-pub fn copy(fd: &OwnedFd, dst: u64, data: &[u8]) -> std::result::Result<(), (u64, std::io::Error)> {
+/// memory with `data` (`UFFDIO_COPY`). Its error says how many bytes were
+/// copied before it.
+pub fn copy(fd: &OwnedFd, dst: u64, data: &[u8]) -> Result<(), CopyError> {
     let mut done = 0u64;
     while done < data.len() as u64 {
         let mut c = UffdioCopy {
@@ -129,8 +129,17 @@ pub fn copy(fd: &OwnedFd, dst: u64, data: &[u8]) -> std::result::Result<(), (u64
             if e.raw_os_error() == Some(libc::EAGAIN) && c.copy > 0 {
                 continue;
             }
-            return Err((done, e));
+            return Err(CopyError { done, source: e });
         }
     }
     Ok(())
+}
+
+/// `UFFDIO_COPY` stopped after `done` bytes.
+#[derive(Debug, thiserror::Error)]
+#[error("UFFDIO_COPY stopped after {done} bytes: {source}")]
+pub struct CopyError {
+    pub done: u64,
+    #[source]
+    pub source: std::io::Error,
 }

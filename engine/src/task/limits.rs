@@ -14,23 +14,24 @@ pub struct Rlimit {
 
 /// Parses `/proc/PID/limits`: a header, then one row per resource in
 /// RLIMIT_* order, with a 25-column name and 20-column soft and hard values.
-pub fn parse_limits(text: &str) -> std::result::Result<Vec<Rlimit>, String> {
-    let value = |v: &str| -> std::result::Result<u64, String> {
+pub fn parse_limits(text: &str) -> Result<Vec<Rlimit>, LimitsError> {
+    let value = |v: &str| -> Result<u64, LimitsError> {
         match v.trim() {
             "unlimited" => Ok(libc::RLIM_INFINITY),
-            v => v.parse().map_err(|_| format!("bad limit {v:?}")),
+            v => v.parse().map_err(|_| LimitsError::Value {
+                value: v.to_string(),
+            }),
         }
+    };
+    let short = |line: &str| LimitsError::Short {
+        line: line.to_string(),
     };
     text.lines()
         .skip(1)
         .enumerate()
         .map(|(i, line)| {
-            let soft = line
-                .get(26..46)
-                .ok_or_else(|| format!("short line {line:?}"))?;
-            let hard = line
-                .get(47..67)
-                .ok_or_else(|| format!("short line {line:?}"))?;
+            let soft = line.get(26..46).ok_or_else(|| short(line))?;
+            let hard = line.get(47..67).ok_or_else(|| short(line))?;
             Ok(Rlimit {
                 resource: i as u32,
                 soft: value(soft)?,
@@ -38,6 +39,15 @@ pub fn parse_limits(text: &str) -> std::result::Result<Vec<Rlimit>, String> {
             })
         })
         .collect()
+}
+
+/// A `/proc/PID/limits` crest cannot read.
+#[derive(Debug, thiserror::Error)]
+pub enum LimitsError {
+    #[error("short line {line:?}")]
+    Short { line: String },
+    #[error("bad limit {value:?}")]
+    Value { value: String },
 }
 
 /// Sets `limits` on the calling process (the restore child). Raising a hard

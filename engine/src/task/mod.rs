@@ -220,7 +220,7 @@ pub fn restore_in_child(
     state: &ProcessState,
     main: &ThreadImage,
     comm: &CStr,
-) -> std::result::Result<(), String> {
+) -> Result<(), signals::SignalSetupError> {
     // SAFETY: plain syscalls on ourselves with values we own.
     unsafe {
         libc::umask(state.umask);
@@ -236,6 +236,17 @@ pub fn restore_in_child(
     )
 }
 
+/// Why the state of a restored process could not be set.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error("pid {pid}: thread {tid} came back as {got}")]
+    ThreadId { pid: i32, tid: i32, got: i32 },
+    #[error(transparent)]
+    Timer(#[from] timers::TimerError),
+    #[error(transparent)]
+    Engine(#[from] Error),
+}
+
 /// Sets the rest of the state of the restored process behind `remote` (its
 /// main thread, stopped at the trampoline; its memory and descriptors in
 /// place): itimers, pdeathsig, its other threads (created with their
@@ -246,7 +257,7 @@ pub fn restore(
     remote: &RemoteCall,
     threads: &[ThreadImage],
     state: &ProcessState,
-) -> Result<Vec<Tracee>> {
+) -> Result<Vec<Tracee>, TaskError> {
     let (t, pid, scratch) = (remote.tracee, remote.pid(), remote.scratch);
     let call = |nr: i64, args: [u64; 6], what: &str| remote.call(nr, args, what);
     timers::restore_itimers(remote, &state.itimers)?;
@@ -278,10 +289,11 @@ pub fn restore(
         remote.write_scratch(2048 + 256, &th.tid.to_ne_bytes())?;
         let tid = remote.clone_thread(args_at, 88)?;
         if tid != th.tid {
-            return Err(Error::Restore(format!(
-                "pid {pid}: thread {} came back as {tid}",
-                th.tid
-            )));
+            return Err(TaskError::ThreadId {
+                pid,
+                tid: th.tid,
+                got: tid,
+            });
         }
         tracees.push(Tracee { pid: tid });
     }

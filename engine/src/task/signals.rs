@@ -115,8 +115,23 @@ pub fn collect_altstack(remote: &RemoteCall) -> Result<Option<AltStack>> {
     }))
 }
 
-fn errno_msg(what: &str) -> String {
-    format!("{what}: {}", std::io::Error::last_os_error())
+/// A signal disposition, the alternate stack or a pending signal the restore
+/// child could not set on itself.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct SignalSetupError {
+    what: String,
+    #[source]
+    source: std::io::Error,
+}
+
+impl SignalSetupError {
+    fn last(what: impl Into<String>) -> SignalSetupError {
+        SignalSetupError {
+            what: what.into(),
+            source: std::io::Error::last_os_error(),
+        }
+    }
 }
 
 /// What the restore child sets on itself: its handlers, its (main thread's)
@@ -126,7 +141,7 @@ pub fn restore_in_child(
     altstack: Option<AltStack>,
     thread_pending: &[SigInfo],
     shared_pending: &[SigInfo],
-) -> std::result::Result<(), String> {
+) -> Result<(), SignalSetupError> {
     // SAFETY: rt_sigaction, sigaltstack, getpid and rt_(tg)sigqueueinfo on
     // ourselves, with buffers we own; the freshly cloned restore child is
     // single-threaded.
@@ -140,7 +155,10 @@ pub fn restore_in_child(
                 .map(|a| [a.handler, a.flags, a.restorer, a.mask])
                 .unwrap_or([0; 4]);
             if libc::syscall(libc::SYS_rt_sigaction, signo, k.as_ptr(), 0usize, 8usize) < 0 {
-                return Err(errno_msg(&format!("sigaction {}", signal_name(signo))));
+                return Err(SignalSetupError::last(format!(
+                    "sigaction {}",
+                    signal_name(signo)
+                )));
             }
         }
         let ss = match altstack {
@@ -156,7 +174,7 @@ pub fn restore_in_child(
             },
         };
         if libc::sigaltstack(&ss, std::ptr::null_mut()) < 0 {
-            return Err(errno_msg("sigaltstack"));
+            return Err(SignalSetupError::last("sigaltstack"));
         }
         let me = libc::getpid();
         for (info, shared) in thread_pending
@@ -176,7 +194,7 @@ pub fn restore_in_child(
                 )
             };
             if r < 0 {
-                return Err(errno_msg(&format!(
+                return Err(SignalSetupError::last(format!(
                     "queueing pending {}",
                     signal_name(info.signo())
                 )));

@@ -42,14 +42,16 @@ pub struct PosixTimer {
 /// Parses `/proc/PID/timers`: blocks of `ID:`, `signal: SIGNO/SIGVAL`,
 /// `notify: KIND/pid.N` (or `tid.N`) and `ClockID:` lines. The remaining time
 /// is not there; it stays 0 until [`collect_posix`] asks the kernel.
-pub fn parse_proc_timers(text: &str) -> std::result::Result<Vec<PosixTimer>, String> {
+pub fn parse_proc_timers(text: &str) -> Result<Vec<PosixTimer>, TimersError> {
     let mut out: Vec<PosixTimer> = Vec::new();
     for line in text.lines() {
         let Some((key, value)) = line.split_once(':') else {
             continue;
         };
         let value = value.trim();
-        let bad = || format!("unreadable line {line:?}");
+        let bad = || TimersError::Unreadable {
+            line: line.to_string(),
+        };
         if key == "ID" {
             out.push(PosixTimer {
                 id: value.parse().map_err(|_| bad())?,
@@ -64,7 +66,9 @@ pub fn parse_proc_timers(text: &str) -> std::result::Result<Vec<PosixTimer>, Str
             continue;
         }
         let Some(t) = out.last_mut() else {
-            return Err(format!("{line:?} before any ID line"));
+            return Err(TimersError::BeforeId {
+                line: line.to_string(),
+            });
         };
         match key {
             "signal" => {
@@ -94,6 +98,15 @@ pub fn parse_proc_timers(text: &str) -> std::result::Result<Vec<PosixTimer>, Str
         }
     }
     Ok(out)
+}
+
+/// A `/proc/PID/timers` crest cannot read.
+#[derive(Debug, thiserror::Error)]
+pub enum TimersError {
+    #[error("unreadable line {line:?}")]
+    Unreadable { line: String },
+    #[error("{line:?} before any ID line")]
+    BeforeId { line: String },
 }
 
 fn ns(sec: u64, nsec: u64) -> u64 {
@@ -219,7 +232,7 @@ const MAX_LINEAR_IDS: i32 = 4096;
 /// Recreates `timers` in the restored process through `remote` (its main
 /// thread), each with its old ID, then arms them. Runs
 /// after the process's threads exist (a timer may notify one of them).
-pub fn restore_posix(remote: &RemoteCall, timers: &[PosixTimer]) -> Result<()> {
+pub fn restore_posix(remote: &RemoteCall, timers: &[PosixTimer]) -> Result<(), TimerError> {
     if timers.is_empty() {
         return Ok(());
     }
@@ -245,7 +258,7 @@ pub fn restore_posix(remote: &RemoteCall, timers: &[PosixTimer]) -> Result<()> {
                     t.id,
                     t.id + 1
                 ),
-            ));
+            ).into());
         }
         crate::sys::ptrace::write_mem(pid, ev_at, &sigevent_bytes(t))?;
         let what = format!("timer_create of timer {}", t.id);
@@ -270,10 +283,7 @@ pub fn restore_posix(remote: &RemoteCall, timers: &[PosixTimer]) -> Result<()> {
                 "timer_delete",
             )?;
             if explicit || got > t.id {
-                return Err(Error::Restore(format!(
-                    "pid {pid}: timer {} came back as timer {got}",
-                    t.id
-                )));
+                return Err(TimerError::WrongId { pid, id: t.id, got });
             }
         }
     }
@@ -303,6 +313,15 @@ pub fn restore_posix(remote: &RemoteCall, timers: &[PosixTimer]) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// Why a POSIX timer could not be recreated with its ID.
+#[derive(Debug, thiserror::Error)]
+pub enum TimerError {
+    #[error("pid {pid}: timer {id} came back as timer {got}")]
+    WrongId { pid: i32, id: i32, got: i32 },
+    #[error(transparent)]
+    Engine(#[from] Error),
 }
 
 #[cfg(test)]
