@@ -343,3 +343,59 @@ pub enum PipeError {
         source: std::io::Error,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn inode_of(fd: &OwnedFd) -> u64 {
+        std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .unwrap()
+            .ino()
+    }
+
+    /// Restore, collect again: the same pipe (under its new inode).
+    #[test]
+    fn round_trip() {
+        let saved = Pipe {
+            inode: 1,
+            capacity: 128 * 1024,
+            data: b"written, not read yet".to_vec(),
+            fifo: None,
+        };
+        let end = |write, flags| PipeEnd {
+            inode: 1,
+            write,
+            flags,
+            fifo: None,
+        };
+        let mut pipes = Pipes::new(std::slice::from_ref(&saved));
+        let r = pipes
+            .restore(FileId(0), &end(false, libc::O_NONBLOCK))
+            .unwrap();
+        let w = pipes.restore(FileId(1), &end(true, 0)).unwrap();
+        assert_eq!(r.status_flags, Some(libc::O_NONBLOCK));
+        let inode = inode_of(&r.fd);
+        let ends = [
+            PipeEnd::collect(inode, libc::O_RDONLY, None),
+            PipeEnd::collect(inode, libc::O_WRONLY, None),
+        ];
+        let me = std::process::id() as i32;
+        let held = [
+            Held {
+                pid: me,
+                fd: r.fd.as_raw_fd(),
+                end: &ends[0],
+            },
+            Held {
+                pid: me,
+                fd: w.fd.as_raw_fd(),
+                end: &ends[1],
+            },
+        ];
+        let (again, verdicts) = resolve(&held, &[me]).unwrap();
+        assert_eq!(verdicts, [Resolved::Kept, Resolved::Kept]);
+        assert_eq!(again, [Pipe { inode, ..saved }]);
+    }
+}

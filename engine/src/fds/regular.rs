@@ -264,3 +264,77 @@ pub enum FileChanged {
     #[error("pid {pid}: fd {fd}: {path} was modified (mtime changed) since the dump")]
     Modified { pid: i32, fd: i32, path: String },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What collect reads of descriptor `fd` of this process.
+    fn collect_own(fd: i32) -> Regular {
+        let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();
+        let meta = std::fs::metadata(format!("/proc/self/fd/{fd}")).unwrap();
+        let info = crate::sys::proc::parse_fdinfo(
+            &std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap(),
+        );
+        Regular::collect(
+            link.to_string_lossy().into_owned(),
+            &meta,
+            info.flags & crate::fds::table::REOPEN_MASK,
+            info.pos,
+        )
+    }
+
+    /// Collect, restore, collect again: the same file at the same offset
+    /// with the same flags, and still the file that was dumped.
+    #[test]
+    fn round_trip() {
+        use std::io::{Seek, SeekFrom, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(b"0123456789").unwrap();
+        f.seek(SeekFrom::Start(4)).unwrap();
+        let saved = collect_own(std::os::fd::AsRawFd::as_raw_fd(&f));
+        assert_eq!(saved.pos, 4);
+        drop(f);
+        saved.verify(1, 3).unwrap();
+        let fd = saved.open(3).unwrap();
+        // SAFETY: a descriptor open_path just returned to us.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        assert_eq!(collect_own(std::os::fd::AsRawFd::as_raw_fd(&fd)), saved);
+    }
+
+    #[test]
+    fn a_file_changed_since_the_dump_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        std::fs::write(&path, b"before").unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        let saved = collect_own(std::os::fd::AsRawFd::as_raw_fd(&f));
+        std::fs::write(&path, b"after, longer").unwrap();
+        let e = saved.verify(7, 4).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                FileChanged::Resized {
+                    from: 6,
+                    to: 13,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "pid 7: fd 4: {} size changed from 6 to 13 bytes since the dump",
+                path.display()
+            )
+        );
+    }
+}

@@ -484,6 +484,73 @@ mod tests {
     use super::*;
     use rstest::rstest;
 
+    /// Collect, restore, collect again: the same pair at the same index, its
+    /// termios, window size and the data queued both ways.
+    #[test]
+    fn a_pty_pair_round_trips() {
+        let me = std::process::id() as i32;
+        let collect_own = |master: &OwnedFd| {
+            let fd = master.as_raw_fd();
+            let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap();
+            collect_master(me, fd, &info, 0).unwrap()
+        };
+        let ptmx = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open("/dev/ptmx")
+            .unwrap();
+        let (mut index, unlock): (libc::c_uint, libc::c_int) = (0, 0);
+        // SAFETY: TIOCGPTN writes one unsigned int, TIOCSPTLCK reads one int.
+        unsafe {
+            assert_eq!(libc::ioctl(ptmx.as_raw_fd(), libc::TIOCGPTN, &mut index), 0);
+            assert_eq!(libc::ioctl(ptmx.as_raw_fd(), libc::TIOCSPTLCK, &unlock), 0);
+        }
+        let mut slave = open_slave(index).unwrap();
+        // Raw, so that what is queued is exactly what was written.
+        let mut termios = raw(&get_termios(slave.as_raw_fd()).unwrap());
+        termios.c_cc[libc::VMIN] = 1;
+        set_termios(slave.as_raw_fd(), &termios).unwrap();
+        let ws = libc::winsize {
+            ws_row: 40,
+            ws_col: 100,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads one winsize we own.
+        let r = unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        assert_eq!(r, 0);
+        let mut master = File::from(OwnedFd::from(ptmx));
+        master.write_all(b"to the slave").unwrap();
+        slave.write_all(b"to the master").unwrap();
+        let master = OwnedFd::from(master);
+        // The line discipline passes written data on asynchronously.
+        let queued = |master: &OwnedFd, slave: i32| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while (readable(slave), readable(master.as_raw_fd())) != (12, 13) {
+                assert!(std::time::Instant::now() < deadline, "data never queued");
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        };
+        queued(&master, slave.as_raw_fd());
+        let saved = collect_own(&master);
+        let state = saved.state.as_ref().unwrap();
+        assert_eq!(
+            (state.to_slave.as_slice(), state.to_master.as_slice()),
+            (&b"to the slave"[..], &b"to the master"[..])
+        );
+        assert_eq!(state.winsize, [40, 100, 0, 0]);
+        drop((master, slave));
+
+        let restored = match Masters::default().restore(&saved).unwrap() {
+            Restored::Done(m) => m,
+            Restored::NotYet => panic!("a master needs nothing"),
+        };
+        let slave = open_slave(index).unwrap();
+        queued(&restored.fd, slave.as_raw_fd());
+        assert_eq!(collect_own(&restored.fd), saved);
+    }
+
     #[rstest]
     #[case(0x8800, Some(0))] // 136:0
     #[case(0x8805, Some(5))]

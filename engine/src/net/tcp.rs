@@ -848,6 +848,38 @@ pub enum TcpError {
 mod tests {
     use super::*;
 
+    /// Collect, restore, collect again: the same listener (under a new
+    /// inode), on its port, with its backlog and options.
+    #[test]
+    fn a_listener_round_trips() {
+        let me = std::process::id() as i32;
+        let collect_own = |sock: &OwnedFd| {
+            collect_listen(me, sock, libc::AF_INET, libc::O_NONBLOCK, true).unwrap()
+        };
+        let listener = OwnedFd::from(std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+        set_int(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            1,
+        )
+        .unwrap();
+        let saved = collect_own(&listener);
+        assert!(saved.nodelay && saved.reuseaddr);
+        drop(listener);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let restored = saved.restore(deadline).unwrap();
+        assert_eq!(restored.status_flags, Some(libc::O_NONBLOCK));
+        let again = collect_own(&restored.fd);
+        assert_eq!(
+            again,
+            TcpListen {
+                inode: again.inode,
+                ..saved
+            }
+        );
+    }
+
     fn v4(ip: [u8; 4], port: u16) -> Vec<u8> {
         let mut v = (libc::AF_INET as u16).to_ne_bytes().to_vec();
         v.extend_from_slice(&port.to_be_bytes());

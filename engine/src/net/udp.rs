@@ -344,6 +344,40 @@ fn requeue(u: &UdpSock, d: &Datagram) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
+    /// Collect, restore, collect again: the same socket (under a new inode),
+    /// bound where it was, its datagrams queued with their senders.
+    #[test]
+    fn round_trip() {
+        let me = std::process::id() as i32;
+        let collect_own = |sock: &OwnedFd| {
+            let copy = sock.try_clone().unwrap();
+            collect(me, sock.as_raw_fd(), &copy, libc::AF_INET, libc::O_NONBLOCK).unwrap()
+        };
+        let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = receiver.local_addr().unwrap();
+        sender.send_to(b"first", to).unwrap();
+        sender.send_to(b"second", to).unwrap();
+        let receiver = OwnedFd::from(receiver);
+        // Both queued before the peek.
+        while collect_own(&receiver).queue.len() < 2 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let saved = collect_own(&receiver);
+        drop((receiver, sender));
+        let mut socks = Sockets::new(vec![&saved]);
+        let restored = socks.restore(&saved).unwrap();
+        assert_eq!(restored.status_flags, Some(libc::O_NONBLOCK));
+        let again = collect_own(&restored.fd);
+        assert_eq!(
+            again,
+            UdpSock {
+                inode: again.inode,
+                ..saved
+            }
+        );
+    }
+
     #[test]
     fn the_port_of_a_saved_address() {
         let mut v4 = (libc::AF_INET as u16).to_ne_bytes().to_vec();

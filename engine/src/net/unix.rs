@@ -862,6 +862,94 @@ mod tests {
     use super::*;
     use rstest::rstest;
 
+    /// What collect makes of our own socket `sock` (its files in flight
+    /// are added to `files`).
+    fn collect_own(sock: &OwnedFd, files: &mut Vec<PassedFile>) -> UnixEnd {
+        let fd = sock.as_raw_fd();
+        let ty = get_int(fd, libc::SOL_SOCKET, libc::SO_TYPE).unwrap();
+        let copy = sock.try_clone().unwrap();
+        let mut in_flight = |f: PassedFile| {
+            files.push(f);
+            FileId(files.len() as u32 - 1)
+        };
+        let me = std::process::id() as i32;
+        match collect(me, fd, &copy, ty, libc::O_NONBLOCK, &[], &mut in_flight) {
+            Ok(Socket::Pair(end)) => end,
+            Ok(Socket::Listen(_)) => panic!("a pair collected as a listener"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Collect, restore, collect again: the same pair (under new inodes),
+    /// its messages queued both ways, a file in flight at its offset.
+    #[test]
+    fn a_pair_round_trips() {
+        let mut fds = [0i32; 2];
+        // SAFETY: socketpair writes two descriptors we then own.
+        let (a, b) = unsafe {
+            assert_eq!(
+                libc::socketpair(
+                    libc::AF_UNIX,
+                    libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+                    0,
+                    fds.as_mut_ptr()
+                ),
+                0
+            );
+            (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in-flight");
+        std::fs::write(&path, b"0123456789").unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        // SAFETY: lseek on a file we own.
+        unsafe { libc::lseek(file.as_raw_fd(), 5, libc::SEEK_SET) };
+        assert_eq!(send_with_files(b.as_raw_fd(), b"to a", &[]), 4);
+        assert_eq!(
+            send_with_files(b.as_raw_fd(), b"a file", &[file.as_raw_fd()]),
+            6
+        );
+        assert_eq!(send_with_files(a.as_raw_fd(), b"to b", &[]), 4);
+        drop(file);
+        let mut files = Vec::new();
+        let saved = [collect_own(&a, &mut files), collect_own(&b, &mut files)];
+        assert_eq!(saved[0].queue.len(), 2);
+        assert_eq!(files.len(), 1);
+        assert_eq!(files[0].pos, 5);
+        drop((a, b));
+
+        // The file in flight first, then the pair.
+        let opened: Vec<Opened> = files.iter().map(|f| f.restore().unwrap()).collect();
+        let raw = |id: FileId| opened.get(id.index()).map(|o| o.fd.as_raw_fd());
+        let mut pairs = Pairs::new(saved.iter().collect());
+        let mut restored = Vec::new();
+        for end in &saved {
+            match pairs.restore(end, &raw).unwrap() {
+                Restored::Done(o) => restored.push(o),
+                Restored::NotYet => panic!("its file in flight is open"),
+            }
+        }
+        drop(opened);
+
+        let mut files_again = Vec::new();
+        for (end, o) in saved.iter().zip(&restored) {
+            let again = collect_own(&o.fd, &mut files_again);
+            assert_eq!(
+                again,
+                UnixEnd {
+                    inode: again.inode,
+                    peer: again.peer,
+                    ..end.clone()
+                }
+            );
+        }
+        let on = |f: &PassedFile| PassedFile { on: 0, ..f.clone() };
+        assert_eq!(
+            files_again.iter().map(on).collect::<Vec<_>>(),
+            files.iter().map(on).collect::<Vec<_>>()
+        );
+    }
+
     #[rstest]
     #[case(b"/tmp/a.sock", "/tmp/a.sock", 2 + 11)]
     #[case(b"\0crest-wl-1", "@crest-wl-1", 2 + 11)]
