@@ -10,9 +10,7 @@ use std::time::Duration;
 use common::*;
 use crest_engine::dump::{AfterDump, DumpOptions, Scope};
 
-#[test]
 fn two_overlapping_dumps_keep_their_own_network_lock_and_sockets() {
-    require_root!();
     let a = sleep_on_loopback_connection(false);
     let b = sleep_on_loopback_connection(false);
     let tmp = tempfile::tempdir().unwrap();
@@ -66,4 +64,10 @@ fn two_overlapping_dumps_keep_their_own_network_lock_and_sockets() {
         c.child.kill().unwrap();
         c.child.wait().unwrap();
     }
+}
+
+fn main() -> std::process::ExitCode {
+    run(root_tests![
+        two_overlapping_dumps_keep_their_own_network_lock_and_sockets,
+    ])
 }

@@ -820,34 +820,4 @@ mod tests {
         let has = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
         assert!(has(&[127, 0, 0, 2]) && has(&0x1234u16.to_be_bytes()));
     }
-
-    /// Needs root and nf_tables (as the whole engine test suite runs).
-    #[test]
-    fn a_locked_connection_carries_nothing_until_released() {
-        use std::io::{Read, Write};
-        use std::net::{TcpListener, TcpStream};
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let mut cl = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
-        let (mut sv, _) = l.accept().expect("accept");
-        let local = crate::net::inet::sock_name(cl.as_raw_fd(), false).expect("getsockname");
-        let peer = crate::net::inet::sock_name(cl.as_raw_fd(), true).expect("getpeername");
-        let mut session = Session::default();
-        session
-            .lock(&local, &peer, "test connection")
-            .expect("lock");
-        let table = session.current().expect("held").table;
-        assert!(tables().expect("list").contains(&table));
-        cl.write_all(b"x").expect("write");
-        sv.set_read_timeout(Some(std::time::Duration::from_millis(400)))
-            .expect("timeout");
-        let mut b = [0u8; 1];
-        assert!(sv.read(&mut b).is_err(), "a byte passed the lock");
-        session.release();
-        assert!(!tables().expect("list").contains(&table));
-        // The sender retransmits it once the rules are gone.
-        sv.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-            .expect("timeout");
-        sv.read_exact(&mut b).expect("the byte after the lock");
-        assert_eq!(&b, b"x");
-    }
 }

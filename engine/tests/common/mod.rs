@@ -29,15 +29,47 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-/// Skips the calling test (with a visible reason) unless running as root.
-#[macro_export]
-macro_rules! require_root {
-    () => {
-        if !common::is_root() {
-            eprintln!("skipped: checkpoint/restore needs root (ptrace, clone3 set_tid)");
-            return;
+/// Why a root-only test is not run otherwise.
+pub const NEEDS_ROOT: &str = "needs root: checkpoint/restore uses ptrace and clone3 set_tid";
+
+/// A test that needs root: run as root, reported as ignored (with the
+/// reason) otherwise, never as passed.
+pub fn needs_root(name: &str, test: fn()) -> libtest_mimic::Trial {
+    may_not_apply(name, move || {
+        test();
+        None
+    })
+}
+
+/// A root-only test that may find it cannot run here: `test` returns why
+/// (reported as ignored), or `None` once it ran.
+pub fn may_not_apply(
+    name: &str,
+    test: impl FnOnce() -> Option<&'static str> + Send + 'static,
+) -> libtest_mimic::Trial {
+    libtest_mimic::Trial::ignorable_test(name, move || {
+        if !is_root() {
+            return Ok(libtest_mimic::Completion::ignored_with(NEEDS_ROOT));
         }
+        Ok(match test() {
+            None => libtest_mimic::Completion::Completed,
+            Some(why) => libtest_mimic::Completion::ignored_with(why),
+        })
+    })
+}
+
+/// Root-only tests, each named after its function.
+#[macro_export]
+macro_rules! root_tests {
+    ($($test:ident),* $(,)?) => {
+        vec![$(common::needs_root(stringify!($test), $test)),*]
     };
+}
+
+/// Runs `tests` as the test binary's main (`harness = false`), with cargo
+/// test's arguments and exit status.
+pub fn run(tests: Vec<libtest_mimic::Trial>) -> std::process::ExitCode {
+    libtest_mimic::run(&libtest_mimic::Arguments::from_args(), tests).exit_code()
 }
 
 /// A started workload in its own session, stdio in files of `dir`.
@@ -168,25 +200,31 @@ pub fn alive(pid: i32) -> bool {
 /// history of faults), so only the merged view is comparable across a restore.
 pub fn merged_maps(pid: i32) -> Vec<String> {
     let text = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    let maps = crest_engine::sys::proc::parse_maps(&text).expect("/proc/PID/maps parses");
     let mut out: Vec<(u64, u64, String)> = Vec::new();
-    for line in text.lines() {
-        let mut f = line.split_whitespace();
-        let range = f.next().unwrap_or("");
-        let (s, e) = range.split_once('-').unwrap_or(("0", "0"));
-        let (s, e) = (
-            u64::from_str_radix(s, 16).unwrap_or(0),
-            u64::from_str_radix(e, 16).unwrap_or(0),
+    for m in maps {
+        let flag = |on: bool, c: char| if on { c } else { '-' };
+        let key = format!(
+            "{}{}{}{} {:08x} {:02x}:{:02x} {} {}{}",
+            flag(m.read, 'r'),
+            flag(m.write, 'w'),
+            flag(m.exec, 'x'),
+            if m.shared { 's' } else { 'p' },
+            m.offset,
+            m.dev_major,
+            m.dev_minor,
+            m.inode,
+            m.name,
+            if m.deleted { " (deleted)" } else { "" }
         );
-        let rest: Vec<&str> = f.collect();
-        let key = rest.join(" ");
-        let anonymous = rest.len() == 4 && rest[3] == "0";
+        let anonymous = m.inode == 0 && m.name.is_empty();
         if let Some(last) = out.last_mut() {
-            if anonymous && last.1 == s && last.2 == key {
-                last.1 = e;
+            if anonymous && last.1 == m.start && last.2 == key {
+                last.1 = m.end;
                 continue;
             }
         }
-        out.push((s, e, key));
+        out.push((m.start, m.end, key));
     }
     out.into_iter()
         .map(|(s, e, k)| format!("{s:x}-{e:x} {k}"))
