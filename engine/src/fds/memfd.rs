@@ -46,7 +46,7 @@ pub struct Memfd {
 }
 
 impl Memfd {
-    /// A memfd descriptor as `files::collect` sees it; [`collect`] fills the rest.
+    /// A memfd descriptor as [`crate::fds::collect`] sees it; [`save`] fills the rest.
     pub fn from_fd(inode: u64, link: &str, flags: i32, pos: u64) -> Option<Memfd> {
         let name = link.strip_prefix("/memfd:")?.strip_suffix(" (deleted)")?;
         Some(Memfd {

@@ -13,7 +13,7 @@ use std::os::unix::fs::MetadataExt;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::fds::table::{access, OpenError};
+use crate::fds::table::{access, open_path, OpenError};
 
 /// What a file looked like at dump time, to notice it changed before a restore.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -215,24 +215,6 @@ impl Device {
             format!("{} ({}{cloexec})", self.path, access(self.flags))
         }
     }
-}
-
-/// Opens `path` with `flags` (close-on-exec; the caller places it) for
-/// descriptor `at`, at offset `pos`. Returns the new descriptor.
-pub fn open_path(at: i32, path: &str, flags: i32, pos: Option<u64>) -> Result<i32, OpenError> {
-    let c = std::ffi::CString::new(path).map_err(|_| OpenError::BadPath { fd: at })?;
-    // SAFETY: `c` is a valid NUL-terminated string; open returns a new fd or -1.
-    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(OpenError::last(at, format!("open {path}")));
-    }
-    if let Some(pos) = pos {
-        // SAFETY: lseek on the fd we just opened.
-        if unsafe { libc::lseek(fd, pos as i64, libc::SEEK_SET) } < 0 {
-            return Err(OpenError::last(at, format!("seek {path} to {pos}")));
-        }
-    }
-    Ok(fd)
 }
 
 /// A regular file that is not the one dumped: the restore stops (or, with

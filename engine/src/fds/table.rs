@@ -138,6 +138,24 @@ impl OpenError {
     }
 }
 
+/// Opens `path` with `flags` (close-on-exec; the caller places it) for
+/// descriptor `at`, at offset `pos`. Returns the new descriptor.
+pub fn open_path(at: i32, path: &str, flags: i32, pos: Option<u64>) -> Result<i32, OpenError> {
+    let c = std::ffi::CString::new(path).map_err(|_| OpenError::BadPath { fd: at })?;
+    // SAFETY: `c` is a valid NUL-terminated string; open returns a new fd or -1.
+    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(OpenError::last(at, format!("open {path}")));
+    }
+    if let Some(pos) = pos {
+        // SAFETY: lseek on the fd we just opened.
+        if unsafe { libc::lseek(fd, pos as i64, libc::SEEK_SET) } < 0 {
+            return Err(OpenError::last(at, format!("seek {path} to {pos}")));
+        }
+    }
+    Ok(fd)
+}
+
 /// An open file's access mode and status flags, for `crest show`.
 pub fn access(flags: i32) -> String {
     let mode = match flags & libc::O_ACCMODE {

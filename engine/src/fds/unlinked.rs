@@ -5,8 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CollectError, Error};
-use crate::fds::regular::open_path;
-use crate::fds::table::{access, OpenError};
+use crate::fds::table::{access, open_path, OpenError};
 
 /// Largest unlinked file whose contents a dump saves.
 pub const MAX_UNLINKED: u64 = 64 << 20;

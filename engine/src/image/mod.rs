@@ -2,7 +2,7 @@
 //! checksummed records) and the blobs beside it (page files and other
 //! contents, named by kind and id). It knows no kind of state: it hands out
 //! records and blobs by (kind, id); each kind owns its serde types, its
-//! record kind and its blob names ([`crate::model`] assembles the whole).
+//! record kind and its blob names (the engine's model module assembles the whole).
 //!
 //! `meta.crest` layout (little endian):
 //! ```text

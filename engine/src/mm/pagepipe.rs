@@ -332,7 +332,7 @@ struct Job {
 /// the target (2 MiB for 1 GiB).
 const PAGES_PER_RUN: usize = 1 << 18;
 
-/// The copy with the target checksumming its pages ([`crate::pagecrc`]):
+/// The copy with the target checksumming its pages ([`crate::mm::pagecrc`]):
 /// the copied chunks and the pieces set aside for crest to copy. `None` when
 /// the target cannot run crest's code. Sets `closed_by_target` when the code
 /// failed and closed the pipes' write ends.

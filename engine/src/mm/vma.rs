@@ -39,7 +39,7 @@ pub enum Backing {
         path: Option<String>,
     },
     /// An attachment (or part of one, split by mprotect) of SysV shm segment
-    /// `shmid`, saved once for the whole dump (see `crate::sysvshm`).
+    /// `shmid`, saved once for the whole dump (see `crate::mm::sysvshm`).
     SysvShm {
         shmid: i32,
         /// The key it was created with (its mappings' name, `/SYSV<key>`),
@@ -51,7 +51,7 @@ pub enum Backing {
         may_write: bool,
     },
     /// A mapping of memfd `inode` (saved once for the whole dump, see
-    /// `crate::memfd`). Private: pages the process wrote are in the image.
+    /// `crate::fds::memfd`). Private: pages the process wrote are in the image.
     Memfd {
         inode: u64,
         name: String,

@@ -90,7 +90,7 @@ pub fn sock_name(fd: i32, peer: bool) -> std::io::Result<Vec<u8>> {
     }
 }
 
-/// A saved sockaddr_in/sockaddr_in6 as text ("127.0.0.1:80", "[::1]:80").
+/// A saved sockaddr_in/sockaddr_in6 as text ("127.0.0.1:80", "\[::1\]:80").
 pub fn addr_text(raw: &[u8]) -> String {
     let family = raw
         .get(..2)

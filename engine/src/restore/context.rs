@@ -48,7 +48,7 @@ pub enum Restored {
 
 /// One restore's state, passed down: the image, its pages (checked), the
 /// plan and the options. Each process is then built through one remote-call
-/// handle at its trampoline ([`build`]).
+/// handle at its trampoline (`build`).
 pub struct RestoreContext<'a> {
     pub image: &'a Checkpoint,
     pub pages: &'a [Pages],

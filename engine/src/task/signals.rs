@@ -5,8 +5,8 @@
 //! PTRACE_PEEKSIGINFO). Restore: the restore child sets its handlers, its
 //! main thread's alternate stack and queues its pending signals itself
 //! ([`restore_in_child`]); the other threads' stacks and pending signals are
-//! given through remote calls in each ([`restore_thread`]); the masks are
-//! set last, with the registers.
+//! given through remote calls in each ([`restore_thread_pending`],
+//! [`restore_thread_altstack`]); the masks are set last, with the registers.
 
 use serde::{Deserialize, Serialize};
 
