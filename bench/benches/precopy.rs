@@ -7,7 +7,7 @@
 //! left running after each dump.
 
 use crest_bench::{Hog, ImageDir, Workload};
-use crest_engine::precopy::PreCopyOptions;
+use crest_engine::dump::PreCopyOptions;
 use criterion::{BenchmarkId, Criterion};
 
 const WORKLOAD: Workload = Workload::Writing {

@@ -13,9 +13,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use crest_engine::dump::PreCopyOptions;
 use crest_engine::dump::{dump, AfterDump, DumpOptions, Scope};
-use crest_engine::image::DumpStats;
-use crest_engine::precopy::PreCopyOptions;
+use crest_engine::model::DumpStats;
 
 const HOG_ENV: &str = "CREST_BENCH_HOG";
 

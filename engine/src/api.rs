@@ -28,7 +28,6 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::ProcessImage;
 
 pub const CONTINUED: u32 = 2;
 pub const RESTARTED: u32 = 3;
@@ -215,7 +214,7 @@ impl Handshake {
         if let Some(v) = state {
             for p in &self.parts {
                 if let Some(addr) = p.state_addr {
-                    crate::ptrace::write_mem(p.pid, addr, &v.to_ne_bytes())?;
+                    crate::sys::ptrace::write_mem(p.pid, addr, &v.to_ne_bytes())?;
                 }
             }
         }
@@ -233,7 +232,7 @@ impl Drop for Handshake {
         for p in &mut self.parts {
             p.conn = None;
             if let Some(addr) = p.state_addr {
-                if let Err(e) = crate::ptrace::write_mem(p.pid, addr, &FAILED.to_ne_bytes()) {
+                if let Err(e) = crate::sys::ptrace::write_mem(p.pid, addr, &FAILED.to_ne_bytes()) {
                     tracing::warn!(pid = p.pid, "could not tell libcrest the dump failed: {e}");
                 }
             }
@@ -287,13 +286,11 @@ impl Participant {
     }
 }
 
-/// Tells every restored library process that it was restarted: called while
-/// the processes are still stopped, before they resume.
-pub fn restarted(processes: &[ProcessImage]) -> Result<()> {
-    for p in processes {
-        if let Some(api) = &p.api {
-            crate::ptrace::write_mem(p.pid, api.state_addr, &RESTARTED.to_ne_bytes())?;
-        }
+/// Tells restored process `pid`, if it uses the library (`api`), that it was
+/// restarted: called while it is still stopped, before it resumes.
+pub fn restarted(pid: i32, api: Option<&ApiImage>) -> Result<()> {
+    if let Some(api) = api {
+        crate::sys::ptrace::write_mem(pid, api.state_addr, &RESTARTED.to_ne_bytes())?;
     }
     Ok(())
 }

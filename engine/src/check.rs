@@ -91,7 +91,7 @@ fn probe_rseq_config() -> (bool, String) {
         },
         Ok(nix::unistd::ForkResult::Parent { child }) => {
             let _ = nix::sys::wait::waitpid(child, None);
-            let res = crate::ptrace::Tracee {
+            let res = crate::sys::ptrace::Tracee {
                 pid: child.as_raw(),
             }
             .rseq();
@@ -190,55 +190,12 @@ fn probe_userfaultfd() -> (bool, String) {
     (true, "available".into())
 }
 
-pub(crate) fn probe_soft_dirty() -> (bool, String) {
-    // Writing 4 to clear_refs succeeds even without CONFIG_MEM_SOFT_DIRTY, so
-    // look for the bit itself on a page written after clearing.
-    if let Err(e) = std::fs::write("/proc/self/clear_refs", "4") {
-        return (false, format!("clear_refs refuses 4 ({e})"));
-    }
-    let mut page = vec![0u8; 2 * crate::PAGE_SIZE as usize];
-    let addr = (page.as_mut_ptr() as u64).next_multiple_of(crate::PAGE_SIZE);
-    // SAFETY: `addr` lies inside `page`, which we own.
-    unsafe { std::ptr::write_volatile(addr as *mut u8, 1) };
-    let Ok(f) = std::fs::File::open("/proc/self/pagemap") else {
-        return (false, "no /proc/self/pagemap".into());
-    };
-    let mut entry = Vec::new();
-    if crate::proc::read_pagemap(&f, addr, addr + crate::PAGE_SIZE, &mut entry).is_err() {
-        return (false, "cannot read /proc/self/pagemap".into());
-    }
-    drop(page);
-    if entry.first().is_some_and(|e| e & (1 << 55) != 0) {
-        (true, "written pages are marked soft-dirty".into())
-    } else {
-        (
-            false,
-            "written pages are not marked: CONFIG_MEM_SOFT_DIRTY is off".into(),
-        )
-    }
-}
-
-pub(crate) fn probe_pagemap_scan() -> (bool, String) {
-    const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
-    let Ok(f) = std::fs::File::open("/proc/self/pagemap") else {
-        return (false, "no /proc/self/pagemap".into());
-    };
-    use std::os::fd::AsRawFd;
-    let zero = [0u8; 96];
-    // SAFETY: an all-zero pm_scan_arg has size 0, which the kernel rejects with EINVAL before touching memory.
-    let r = unsafe { libc::ioctl(f.as_raw_fd(), PAGEMAP_SCAN, zero.as_ptr()) };
-    match errno_of(r as i64) {
-        Some(Errno::ENOTTY) => (false, "no PAGEMAP_SCAN ioctl (Linux 6.7+)".into()),
-        Some(Errno::EINVAL) | None => (true, "available".into()),
-        Some(e) => (false, e.to_string()),
-    }
-}
-
 fn has_cap(cap: u32) -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            crate::proc::status_field(&s, "CapEff").and_then(|v| u64::from_str_radix(v, 16).ok())
+            crate::sys::proc::status_field(&s, "CapEff")
+                .and_then(|v| u64::from_str_radix(v, 16).ok())
         })
         .is_some_and(|caps| caps & (1u64 << cap) != 0)
 }
@@ -311,7 +268,7 @@ pub fn check() -> Report {
         ),
         f(
             "nf_tables",
-            match crate::netlock::tables() {
+            match crate::net::netlock::tables() {
                 Ok(_) => (true, "available".into()),
                 Err(e) => (false, e.to_string()),
             },
@@ -326,13 +283,13 @@ pub fn check() -> Report {
         ),
         f(
             "soft-dirty",
-            probe_soft_dirty(),
+            crate::sys::proc::probe_soft_dirty(),
             false,
             "incremental dumps (pre-dump)",
         ),
         f(
             "PAGEMAP_SCAN",
-            probe_pagemap_scan(),
+            crate::sys::proc::probe_pagemap_scan(),
             false,
             "fast scans of touched and written pages",
         ),

@@ -44,11 +44,25 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
 
-    /// The restore cannot proceed on this machine (PID taken, kernel feature
-    /// missing, file changed since the dump …).
+/// Why one resource of a process (a descriptor, a socket) was not collected:
+/// crest cannot carry it (the dump is refused as unsupported, exit 3), or
+/// reading it failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectError {
+    /// What the resource is, as the kind says it ("an inotify", "a netlink
+    /// socket"): the caller names the descriptor ("fd 5 is …").
     #[error("{0}")]
-    Restore(String),
+    NotCarried(Box<dyn std::error::Error + Send + Sync>),
+    #[error(transparent)]
+    Failed(#[from] Error),
+}
+
+impl CollectError {
+    pub fn not_carried(why: impl std::error::Error + Send + Sync + 'static) -> CollectError {
+        CollectError::NotCarried(Box::new(why))
+    }
 }
 
 /// Exit status of `crest` when the target uses a feature not supported yet.

@@ -1,69 +1,42 @@
 //! crest: a checkpoint/restart engine for Linux processes.
 //!
-//! Dump: freeze ([`ptrace`]) → collect (one module per resource kind:
-//! [`mm`], [`task`], [`files`]) → write an [`image`] → kill, resume or stop.
-//! Restore: read and validate the image → fork a child with the original PID
-//! → the child sets up what it can on itself (files, signals, limits) → the
-//! restorer rebuilds its address space and registers through ptrace → resume.
+//! The two pipelines, each a short list of steps:
+//! - [`dump`]: freeze → collect → write → release;
+//! - [`restore`]: read → plan → fork → build → verify → resume.
+//!
+//! What they move, one module per kind of state, each with its collect half,
+//! its restore half and its image types together:
+//! - [`tree`]: the process tree (scope, sessions, groups, zombies; who forks whom);
+//! - [`task`]: per-task state (registers, FPU, signals, credentials, rseq,
+//!   robust list, scheduling, limits, timers);
+//! - [`mm`]: memory (mappings, the page files' one writer and one reader,
+//!   pre-copy, shared memory, SysV shm);
+//! - [`fds`]: descriptors (the fd tables, the table of open files, one
+//!   module per kind: regular files, pipes, memfds, eventfds, epoll,
+//!   signalfds, timerfds, ttys…);
+//! - [`net`]: sockets (unix, TCP, UDP) and the network lock;
+//! - [`api`]: the libcrest handshake.
+//!
+//! Below them: [`model`] (the whole image as typed data), [`image`] (the
+//! container: records and blobs by kind and id, knowing no kind) and [`sys`]
+//! (ptrace, /proc readers, remote system calls), which imports nothing above
+//! it. Beside them: [`show`] and [`check`], and [`error`].
 
 pub mod api;
 pub mod check;
 pub mod dump;
 pub mod error;
-pub mod files;
+pub mod fds;
 pub mod image;
-pub mod locks;
-pub mod memfd;
 pub mod mm;
-pub mod netlock;
-mod pagecrc;
-pub mod pagepipe;
-pub mod pipes;
-pub mod precopy;
-pub mod proc;
-pub mod ptrace;
+pub mod model;
+pub mod net;
 pub mod restore;
-pub mod savefiles;
 pub mod show;
-pub mod sockets;
-pub mod sysvshm;
+pub mod sys;
 pub mod task;
-pub mod tcp;
-pub mod timers;
-pub mod tty;
-pub mod udp;
-pub mod uffd;
-
-use serde::{Deserialize, Serialize};
+pub mod tree;
 
 pub use error::{Error, Result, EXIT_UNSUPPORTED};
-
-/// x86-64 base page size.
-pub const PAGE_SIZE: u64 = 4096;
-
-/// Everything the image holds about one process.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ProcessImage {
-    pub pid: i32,
-    pub ppid: i32,
-    pub pgid: i32,
-    pub sid: i32,
-    /// It was stopped (SIGSTOP, job control) when dumped, and is restored stopped.
-    #[serde(default)]
-    pub stopped: bool,
-    /// The main thread first.
-    pub threads: Vec<task::ThreadImage>,
-    pub state: task::ProcessState,
-    pub mm: mm::MmImage,
-    pub files: files::FilesImage,
-    /// The process took part through libcrest: where its state word is.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub api: Option<api::ApiImage>,
-    /// File locks it holds, taken again once its descriptors are in place.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub locks: Vec<locks::FileLock>,
-    /// A session leader's controlling terminal: the pts index of a pty in the dump.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ctty: Option<u32>,
-}
+pub use model::ProcessImage;
+pub use sys::PAGE_SIZE;

@@ -6,9 +6,11 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use crest_engine::dump::{AfterDump, DumpOptions, Scope};
-use crest_engine::precopy::{PreCopyOptions, Tracker};
-use crest_engine::restore::{RestoreOptions, Restored};
-use crest_engine::{check, image, show, Error};
+use crest_engine::dump::{PreCopyOptions, Tracker};
+use crest_engine::model::Checkpoint;
+use crest_engine::net::netlock::NftError;
+use crest_engine::restore::{RestoreError, RestoreOptions, Restored};
+use crest_engine::{check, show, Error};
 
 /// crest: checkpoint and restore Linux processes.
 #[derive(Debug, Parser)]
@@ -21,12 +23,39 @@ struct Cli {
     command: Command,
 }
 
-fn parse_relocation(s: &str) -> Result<(String, String), String> {
+/// A `--relocate` argument that is not OLD=NEW with two absolute paths.
+#[derive(Debug, thiserror::Error)]
+#[error("expected OLD=NEW, two absolute paths")]
+struct BadRelocation;
+
+fn parse_relocation(s: &str) -> Result<(String, String), BadRelocation> {
     match s.split_once('=') {
         Some((old, new)) if old.starts_with('/') && new.starts_with('/') => {
             Ok((old.to_string(), new.to_string()))
         }
-        _ => Err("expected OLD=NEW, two absolute paths".into()),
+        _ => Err(BadRelocation),
+    }
+}
+
+/// Why a command failed: the one line `crest: error: …` prints, and the
+/// exit status (3: something not supported yet; 1: anything else).
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error(transparent)]
+    Engine(#[from] Error),
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+    #[error(transparent)]
+    NetLock(#[from] NftError),
+}
+
+impl Failure {
+    fn exit_code(&self) -> i32 {
+        match self {
+            Failure::Engine(e) => e.exit_code(),
+            Failure::Restore(e) => e.exit_code(),
+            Failure::NetLock(_) => 1,
+        }
     }
 }
 
@@ -194,7 +223,7 @@ fn progress_bar() -> indicatif::ProgressBar {
     bar
 }
 
-fn run(cli: Cli) -> Result<u8, Error> {
+fn run(cli: Cli) -> Result<u8, Failure> {
     match cli.command {
         Command::Dump {
             pid,
@@ -278,8 +307,10 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 relocate,
                 port_wait: Duration::from_secs_f64(port_wait.max(0.0)),
                 restore_files: restore_files.map(|r| match r {
-                    RestoreFilesArg::Clobber => crest_engine::savefiles::RestoreFiles::Clobber,
-                    RestoreFilesArg::Anonymous => crest_engine::savefiles::RestoreFiles::Anonymous,
+                    RestoreFilesArg::Clobber => crest_engine::fds::savefiles::RestoreFiles::Clobber,
+                    RestoreFilesArg::Anonymous => {
+                        crest_engine::fds::savefiles::RestoreFiles::Anonymous
+                    }
                 }),
             };
             let restored = crest_engine::restore::restore(&opts, &bar)?;
@@ -323,14 +354,14 @@ fn run(cli: Cli) -> Result<u8, Error> {
                             Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as u8),
                             Ok(_) => continue,
                             Err(nix::errno::Errno::EINTR) => continue,
-                            Err(e) => return Err(Error::sys(pid, "waitpid", e)),
+                            Err(e) => return Err(Error::sys(pid, "waitpid", e).into()),
                         }
                     }
                 }
             }
         }
         Command::Show { dir, json } => {
-            let img = image::Image::read(&dir)?;
+            let img = Checkpoint::read(&dir)?;
             if json {
                 emit(&format!(
                     "{}\n",
@@ -342,9 +373,8 @@ fn run(cli: Cli) -> Result<u8, Error> {
             Ok(0)
         }
         Command::Unlock { dir, list } => {
-            let nft = |e: crest_engine::netlock::NftError| Error::Restore(e.to_string());
             if list {
-                let tables = crest_engine::netlock::tables().map_err(nft)?;
+                let tables = crest_engine::net::netlock::tables()?;
                 emit(
                     &tables
                         .iter()
@@ -354,10 +384,10 @@ fn run(cli: Cli) -> Result<u8, Error> {
                 return Ok(0);
             }
             let dir = dir.expect("clap requires DIR without --list");
-            let img = image::Image::read(&dir)?;
+            let img = Checkpoint::read(&dir)?;
             match &img.inventory.net_lock {
                 Some(lock) => {
-                    crest_engine::netlock::unlock(lock).map_err(nft)?;
+                    crest_engine::net::netlock::unlock(lock)?;
                     tracing::info!(table = lock.table, "removed");
                 }
                 None => tracing::info!("the image holds no network lock"),

@@ -2,10 +2,9 @@
 
 use std::fmt::Write;
 
-use crate::files::FdKind;
-use crate::image::Image;
 use crate::mm::Backing;
-use crate::task::{mask_names, signal_name};
+use crate::model::Checkpoint;
+use crate::sys::names::{clock_name, mask_names, signal_name};
 
 fn prot(p: i32) -> String {
     let b = |bit, c| if p & bit != 0 { c } else { '-' };
@@ -16,27 +15,6 @@ fn prot(p: i32) -> String {
     ]
     .iter()
     .collect()
-}
-
-fn access(flags: i32) -> String {
-    let mode = match flags & libc::O_ACCMODE {
-        libc::O_RDONLY => "read-only",
-        libc::O_WRONLY => "write-only",
-        _ => "read-write",
-    };
-    let mut s = mode.to_string();
-    for (bit, name) in [
-        (libc::O_APPEND, "append"),
-        (libc::O_NONBLOCK, "nonblock"),
-        (libc::O_DIRECT, "direct"),
-        (libc::O_SYNC, "sync"),
-    ] {
-        if flags & bit != 0 {
-            s.push_str(", ");
-            s.push_str(name);
-        }
-    }
-    s
 }
 
 fn sa_flags(flags: u64) -> String {
@@ -71,7 +49,7 @@ fn size(bytes: u64) -> String {
 }
 
 /// Renders `image` as text.
-pub fn render(image: &Image) -> String {
+pub fn render(image: &Checkpoint) -> String {
     let mut o = String::new();
     let h = &image.header;
     let s = &image.inventory.stats;
@@ -221,7 +199,7 @@ pub fn render(image: &Image) -> String {
                 o,
                 "  POSIX timer {} ({}, {notify}): {:.6} s left, interval {:.6} s",
                 t.id,
-                crate::timers::clock_name(t.clock),
+                clock_name(t.clock),
                 t.value_ns as f64 / 1e9,
                 t.interval_ns as f64 / 1e9
             );
@@ -240,7 +218,7 @@ pub fn render(image: &Image) -> String {
                 p.mm.chunks
                     .iter()
                     .filter(|c| c.vaddr >= v.start && c.vaddr < v.end)
-                    .map(|c| c.len / crate::PAGE_SIZE)
+                    .map(|c| c.len / crate::sys::PAGE_SIZE)
                     .sum();
             let what = match &v.backing {
                 Backing::Anon if v.name.is_empty() => "anonymous".to_string(),
@@ -280,154 +258,8 @@ pub fn render(image: &Image) -> String {
             );
         }
         let _ = writeln!(o, "  files:");
-        for f in &p.files.fds {
-            let cloexec = if f.cloexec { ", cloexec" } else { "" };
-            let what = match &f.kind {
-                FdKind::Regular {
-                    path,
-                    flags,
-                    pos,
-                    identity,
-                } => format!(
-                    "{path} ({}, offset {pos}, {} bytes{cloexec})",
-                    access(*flags),
-                    identity.size
-                ),
-                FdKind::Device { path, flags } => format!("{path} ({}{cloexec})", access(*flags)),
-                FdKind::Directory { path, pos, .. } => {
-                    format!("{path}, a directory (position {pos}{cloexec})")
-                }
-                FdKind::Unlinked {
-                    path,
-                    flags,
-                    pos,
-                    contents,
-                } => {
-                    format!(
-                        "{path}, unlinked ({}, offset {pos}, {} bytes saved{cloexec})",
-                        access(*flags),
-                        contents.len()
-                    )
-                }
-                FdKind::Dup { of } => format!("same open file as fd {of}{cloexec}"),
-                FdKind::Inherited { was } => format!("rebound to the restorer's own (was {was})"),
-                FdKind::Shmem {
-                    inode, size, path, ..
-                } => match path {
-                    Some(p) => format!("shared memory object {inode} ({size} bytes, {p} deleted)"),
-                    None => format!("shared memory object {inode} ({size} bytes)"),
-                },
-                FdKind::Eventfd { count, .. } => format!("eventfd, counter {count}{cloexec}"),
-                FdKind::TcpListen(l) if !l.listening => {
-                    format!("TCP socket, not connected{cloexec}")
-                }
-                FdKind::TcpListen(l) => {
-                    format!("listening TCP socket, backlog {}{cloexec}", l.backlog)
-                }
-                FdKind::UnixPair(e) => {
-                    format!("unix socket {} paired with {}{cloexec}", e.inode, e.peer)
-                }
-                FdKind::TcpConn(c) => format!("TCP connection {}{cloexec}", c.describe()),
-                FdKind::UnixListen(l) => format!(
-                    "listening unix socket {}{cloexec}",
-                    crate::sockets::unix_name_text(&l.name)
-                ),
-                FdKind::Udp(u) => {
-                    format!("UDP socket {}{cloexec}", crate::tcp::addr_text(&u.local))
-                }
-                FdKind::Signalfd { mask, .. } => {
-                    format!("signalfd for [{}]{cloexec}", mask_names(*mask).join(" "))
-                }
-                FdKind::Timerfd(t) => format!("{}{cloexec}", timerfd(t)),
-                FdKind::Memfd(m) => format!("{}{cloexec}", memfd(m)),
-                FdKind::Pty(e) => format!("{}{cloexec}", pty(e)),
-                FdKind::Epoll { watches, .. } => {
-                    let fds: Vec<String> = watches.iter().map(|w| w.fd.to_string()).collect();
-                    format!("epoll watching fds [{}]{cloexec}", fds.join(" "))
-                }
-                FdKind::Pipe { inode, write, .. } => format!(
-                    "{} end of pipe {inode}",
-                    if *write { "write" } else { "read" }
-                ),
-                FdKind::Shared { id } => {
-                    let file = image.inventory.shared_files.iter().find(|s| s.id == *id);
-                    match file.map(|s| &s.file) {
-                        Some(FdKind::Regular { path, pos, .. }) => {
-                            format!("{path} (shared with other processes, offset {pos}{cloexec})")
-                        }
-                        Some(FdKind::Directory { path, pos, .. }) => format!(
-                            "{path}, a directory (shared with other processes, position {pos}{cloexec})"
-                        ),
-                        Some(FdKind::Device { path, .. }) => {
-                            format!("{path} (shared with other processes{cloexec})")
-                        }
-                        Some(FdKind::Pipe { inode, write, .. }) => {
-                            let unread = image
-                                .inventory
-                                .pipes
-                                .iter()
-                                .find(|p| p.inode == *inode)
-                                .map_or(0, |p| p.data.len());
-                            let end = if *write { "write" } else { "read" };
-                            format!("{end} end of pipe {inode} ({unread} bytes unread{cloexec})")
-                        }
-                        Some(FdKind::UnixPair(e)) => {
-                            let queued: usize = e.queue.iter().map(|m| m.0.len()).sum();
-                            let ty = match e.ty {
-                                libc::SOCK_STREAM => "stream",
-                                libc::SOCK_DGRAM => "datagram",
-                                _ => "seqpacket",
-                            };
-                            format!("unix {ty} socket{} paired with {} ({} messages, {queued} bytes queued{cloexec})", if e.name.is_empty() { String::new() } else { format!(" at {}", crate::sockets::unix_name_text(&e.name)) }, e.peer, e.queue.len())
-                        }
-                        Some(FdKind::TcpListen(l)) if !l.listening => format!(
-                            "TCP socket {}, not connected (shared{cloexec})",
-                            crate::tcp::addr_text(&l.addr)
-                        ),
-                        Some(FdKind::TcpListen(l)) => {
-                            format!(
-                                "listening TCP socket {}, backlog {} (shared{cloexec})",
-                                crate::tcp::addr_text(&l.addr),
-                                l.backlog
-                            )
-                        }
-                        Some(FdKind::TcpConn(c)) => format!(
-                            "TCP connection {} ({} bytes to send, {} received unread{cloexec})",
-                            c.describe(),
-                            c.send_queue.len(),
-                            c.recv_queue.len()
-                        ),
-                        Some(FdKind::Pty(e)) => format!("{} (shared{cloexec})", pty(e)),
-                        Some(FdKind::UnixListen(l)) => format!(
-                            "listening unix socket {}, backlog {} (shared{cloexec})",
-                            crate::sockets::unix_name_text(&l.name),
-                            l.backlog
-                        ),
-                        Some(FdKind::Udp(u)) => format!(
-                            "UDP socket {}{} ({} datagrams queued{cloexec})",
-                            crate::tcp::addr_text(&u.local),
-                            if u.peer.is_empty() {
-                                String::new()
-                            } else {
-                                format!(" → {}", crate::tcp::addr_text(&u.peer))
-                            },
-                            u.queue.len()
-                        ),
-                        Some(FdKind::Eventfd { count, .. }) => {
-                            format!("eventfd, counter {count} (shared{cloexec})")
-                        }
-                        Some(FdKind::Memfd(m)) => format!("{} (shared{cloexec})", memfd(m)),
-                        Some(FdKind::Timerfd(t)) => format!("{} (shared{cloexec})", timerfd(t)),
-                        Some(FdKind::Signalfd { mask, .. }) => {
-                            format!(
-                                "signalfd for [{}] (shared{cloexec})",
-                                mask_names(*mask).join(" ")
-                            )
-                        }
-                        _ => format!("shared file {id} (missing from the image)"),
-                    }
-                }
-            };
+        for (i, f) in p.files.fds.iter().enumerate() {
+            let what = crate::fds::describe(&p.files, i, &image.files, &image.inventory.pipes);
             let _ = writeln!(o, "    {:>3}  {what}", f.fd);
         }
         if !p.locks.is_empty() {
@@ -440,33 +272,6 @@ pub fn render(image: &Image) -> String {
     o
 }
 
-fn memfd(m: &crate::memfd::Memfd) -> String {
-    format!(
-        "memfd:{} ({}, offset {}, {} bytes saved, mode {:o}, seals {:#x})",
-        m.name,
-        access(m.flags),
-        m.pos,
-        m.size,
-        m.mode,
-        m.seals
-    )
-}
-
-fn timerfd(t: &crate::timers::Timerfd) -> String {
-    let abs = if t.settime_flags & 1 != 0 {
-        ", absolute"
-    } else {
-        ""
-    };
-    format!(
-        "timerfd on {}{abs}: {:.6} s left, interval {:.6} s, {} unread expirations",
-        crate::timers::clock_name(t.clock),
-        t.value_ns as f64 / 1e9,
-        t.interval_ns as f64 / 1e9,
-        t.ticks
-    )
-}
-
 fn list_or_none(v: Vec<String>) -> String {
     if v.is_empty() {
         "none".into()
@@ -475,27 +280,7 @@ fn list_or_none(v: Vec<String>) -> String {
     }
 }
 
-/// The image as JSON: header, inventory and every process record.
-pub fn to_json(image: &Image) -> serde_json::Value {
-    serde_json::json!({
-        "dir": image.dir,
-        "header": image.header,
-        "inventory": image.inventory,
-        "processes": image.processes,
-    })
-}
-
-fn pty(e: &crate::tty::PtyEnd) -> String {
-    match &e.state {
-        Some(st) => format!(
-            "pty master of /dev/pts/{} ({} bytes to the slave, {} to the master, {}x{})",
-            e.index,
-            st.to_slave.len(),
-            st.to_master.len(),
-            st.winsize[1],
-            st.winsize[0]
-        ),
-        None if e.master => format!("pty master of /dev/pts/{}", e.index),
-        None => format!("/dev/pts/{} (pty slave)", e.index),
-    }
+/// The image as JSON: header, inventory, open files and every process record.
+pub fn to_json(image: &Checkpoint) -> serde_json::Value {
+    image.to_json()
 }

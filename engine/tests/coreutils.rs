@@ -13,9 +13,7 @@ const TIMEOUT: Duration = Duration::from_secs(120);
 /// `dd bs=1` copying a file one byte per syscall pair: dumped mid-copy and
 /// restored, it must produce exactly the input — offsets of both files, the
 /// process's memory and registers all have to be right.
-#[test]
 fn dd_copying_a_file_byte_by_byte_resumes_mid_copy() {
-    require_root!();
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("input");
     let output = tmp.path().join("output");
@@ -62,9 +60,7 @@ fn dd_copying_a_file_byte_by_byte_resumes_mid_copy() {
 }
 
 /// A restored `sleep` is the same process (PID, command line) and exits 0.
-#[test]
 fn sleep_keeps_its_pid_and_exits_normally() {
-    require_root!();
     let tmp = tempfile::tempdir().unwrap();
     let mut cmd = Command::new("sleep");
     cmd.arg("1.5")
@@ -171,9 +167,7 @@ fn shell_job_matches_uninterrupted_run(script: &str, progress: impl Fn(&[u8]) ->
 
 /// A real shell job: a loop, a subshell and a background child, dumped from
 /// the shell's session mid-run; its final output matches an uninterrupted run.
-#[test]
 fn shell_job_with_subshell_and_background_child_finishes_identically() {
-    require_root!();
     let script = "for i in $(seq 1 60); do echo \"tick $i\"; sleep 0.02; done; \
                   (echo sub; sleep 0.2; echo sub-done) & sleep 0.05; echo parent; wait; echo done";
     shell_job_matches_uninterrupted_run(script, |out| {
@@ -183,9 +177,16 @@ fn shell_job_with_subshell_and_background_child_finishes_identically() {
 
 /// `producer | transformer | consumer` dumped mid-stream produces byte for
 /// byte the output of an uninterrupted run (pipes with unread data in flight).
-#[test]
 fn pipeline_dumped_mid_stream_produces_identical_output() {
-    require_root!();
     let script = "seq 1 30000 | while read i; do echo \"line $i\"; done | cat";
     shell_job_matches_uninterrupted_run(script, |out| out.len() > 20_000);
+}
+
+fn main() -> std::process::ExitCode {
+    run(root_tests![
+        dd_copying_a_file_byte_by_byte_resumes_mid_copy,
+        sleep_keeps_its_pid_and_exits_normally,
+        shell_job_with_subshell_and_background_child_finishes_identically,
+        pipeline_dumped_mid_stream_produces_identical_output,
+    ])
 }

@@ -1,5 +1,5 @@
 //! Dump a running process, kill it, restore it: it carries on as if nothing
-//! happened. Needs root (skips with a message otherwise).
+//! happened. Needs root (reported as ignored otherwise).
 
 mod common;
 
@@ -68,14 +68,17 @@ fn foundation_round_trip(heap_mib: &str, cycles: usize) {
     );
 }
 
-#[test]
 fn foundation_workload_survives_dump_and_restore() {
-    require_root!();
     foundation_round_trip("64", 1);
 }
 
-#[test]
 fn a_restored_process_can_be_dumped_again() {
-    require_root!();
     foundation_round_trip("8", 2);
+}
+
+fn main() -> std::process::ExitCode {
+    run(root_tests![
+        foundation_workload_survives_dump_and_restore,
+        a_restored_process_can_be_dumped_again,
+    ])
 }

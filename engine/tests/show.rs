@@ -2,7 +2,9 @@
 
 use std::process::Command;
 
-use crest_engine::image::{DumpStats, Header, Inventory, MetaWriter, RecordKind};
+use crest_engine::fds::{OpenFile, OpenFiles};
+use crest_engine::image::Header;
+use crest_engine::model::{Checkpoint, DumpStats, Inventory};
 use crest_engine::ProcessImage;
 
 fn fixture_image(dir: &std::path::Path) {
@@ -14,21 +16,20 @@ fn fixture_image(dir: &std::path::Path) {
         engine_version: "0.1.0".into(),
         kernel: "6.12.0-test".into(),
     };
-    let mut meta = MetaWriter::new(&header);
     let stats = DumpStats {
         frozen_us: 12_345,
         memory_us: 6_789,
         pages_written: 3,
         pages_skipped: 40,
-        pre_copy: Some(crest_engine::image::PreCopyStats {
+        pre_copy: Some(crest_engine::mm::precopy::PreCopyStats {
             tracker: "uffd-wp".into(),
             rounds: vec![
-                crest_engine::image::PreCopyRound {
+                crest_engine::mm::precopy::PreCopyRound {
                     pages: 262_144,
                     us: 812_000,
                     frozen: false,
                 },
-                crest_engine::image::PreCopyRound {
+                crest_engine::mm::precopy::PreCopyRound {
                     pages: 4_096,
                     us: 9_500,
                     frozen: true,
@@ -36,18 +37,21 @@ fn fixture_image(dir: &std::path::Path) {
             ],
         }),
     };
-    meta.record(
-        RecordKind::Inventory,
+    let files: Vec<OpenFile> =
+        serde_json::from_str(include_str!("fixtures/files.json")).expect("fixture parses");
+    let files = OpenFiles::from_entries(files).expect("a consistent table");
+    Checkpoint::write(
+        dir,
+        &header,
         &Inventory {
             root_pid: 4242,
             pids: vec![4242],
             zombies: vec![],
-            shared_files: vec![],
             pipes: vec![],
             lost_session_leaders: vec![],
             lost_group_leaders: vec![],
             sysv_shm: vec![],
-            saved_files: vec![crest_engine::savefiles::SavedFile {
+            saved_files: vec![crest_engine::fds::savefiles::SavedFile {
                 path: "/data/input.txt".into(),
                 size: 4000,
                 mode: 0o644,
@@ -55,15 +59,16 @@ fn fixture_image(dir: &std::path::Path) {
                 image: "file-0.img".into(),
                 included: false,
             }],
-            net_lock: Some(crest_engine::netlock::NetLock {
+            net_lock: Some(crest_engine::net::netlock::NetLock {
                 table: "crest-77-1700000000-0".into(),
                 connections: vec!["10.0.0.2:40000 → 10.0.0.1:5432".into()],
             }),
             stats,
         },
-    );
-    meta.record(RecordKind::Process, &process);
-    meta.write_to(dir).unwrap();
+        &files,
+        &[process],
+    )
+    .unwrap();
 }
 
 fn show(args: &[&str]) -> String {

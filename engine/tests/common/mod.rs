@@ -29,15 +29,47 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-/// Skips the calling test (with a visible reason) unless running as root.
-#[macro_export]
-macro_rules! require_root {
-    () => {
-        if !common::is_root() {
-            eprintln!("skipped: checkpoint/restore needs root (ptrace, clone3 set_tid)");
-            return;
+/// Why a root-only test is not run otherwise.
+pub const NEEDS_ROOT: &str = "needs root: checkpoint/restore uses ptrace and clone3 set_tid";
+
+/// A test that needs root: run as root, reported as ignored (with the
+/// reason) otherwise, never as passed.
+pub fn needs_root(name: &str, test: fn()) -> libtest_mimic::Trial {
+    may_not_apply(name, move || {
+        test();
+        None
+    })
+}
+
+/// A root-only test that may find it cannot run here: `test` returns why
+/// (reported as ignored), or `None` once it ran.
+pub fn may_not_apply(
+    name: &str,
+    test: impl FnOnce() -> Option<&'static str> + Send + 'static,
+) -> libtest_mimic::Trial {
+    libtest_mimic::Trial::ignorable_test(name, move || {
+        if !is_root() {
+            return Ok(libtest_mimic::Completion::ignored_with(NEEDS_ROOT));
         }
+        Ok(match test() {
+            None => libtest_mimic::Completion::Completed,
+            Some(why) => libtest_mimic::Completion::ignored_with(why),
+        })
+    })
+}
+
+/// Root-only tests, each named after its function.
+#[macro_export]
+macro_rules! root_tests {
+    ($($test:ident),* $(,)?) => {
+        vec![$(common::needs_root(stringify!($test), $test)),*]
     };
+}
+
+/// Runs `tests` as the test binary's main (`harness = false`), with cargo
+/// test's arguments and exit status.
+pub fn run(tests: Vec<libtest_mimic::Trial>) -> std::process::ExitCode {
+    libtest_mimic::run(&libtest_mimic::Arguments::from_args(), tests).exit_code()
 }
 
 /// A started workload in its own session, stdio in files of `dir`.
@@ -168,25 +200,31 @@ pub fn alive(pid: i32) -> bool {
 /// history of faults), so only the merged view is comparable across a restore.
 pub fn merged_maps(pid: i32) -> Vec<String> {
     let text = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    let maps = crest_engine::sys::proc::parse_maps(&text).expect("/proc/PID/maps parses");
     let mut out: Vec<(u64, u64, String)> = Vec::new();
-    for line in text.lines() {
-        let mut f = line.split_whitespace();
-        let range = f.next().unwrap_or("");
-        let (s, e) = range.split_once('-').unwrap_or(("0", "0"));
-        let (s, e) = (
-            u64::from_str_radix(s, 16).unwrap_or(0),
-            u64::from_str_radix(e, 16).unwrap_or(0),
+    for m in maps {
+        let flag = |on: bool, c: char| if on { c } else { '-' };
+        let key = format!(
+            "{}{}{}{} {:08x} {:02x}:{:02x} {} {}{}",
+            flag(m.read, 'r'),
+            flag(m.write, 'w'),
+            flag(m.exec, 'x'),
+            if m.shared { 's' } else { 'p' },
+            m.offset,
+            m.dev_major,
+            m.dev_minor,
+            m.inode,
+            m.name,
+            if m.deleted { " (deleted)" } else { "" }
         );
-        let rest: Vec<&str> = f.collect();
-        let key = rest.join(" ");
-        let anonymous = rest.len() == 4 && rest[3] == "0";
+        let anonymous = m.inode == 0 && m.name.is_empty();
         if let Some(last) = out.last_mut() {
-            if anonymous && last.1 == s && last.2 == key {
-                last.1 = e;
+            if anonymous && last.1 == m.start && last.2 == key {
+                last.1 = m.end;
                 continue;
             }
         }
-        out.push((s, e, key));
+        out.push((m.start, m.end, key));
     }
     out.into_iter()
         .map(|(s, e, k)| format!("{s:x}-{e:x} {k}"))
@@ -205,4 +243,109 @@ pub fn spawn_in_own_session(cmd: &mut Command) -> Child {
         });
     }
     cmd.spawn().expect("spawn")
+}
+
+pub fn status_line(pid: i32, key: &str) -> String {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .unwrap_or("")
+        .to_string()
+}
+
+/// The target is running normally: not stopped, not traced.
+pub fn assert_unharmed(pid: i32) {
+    assert!(alive(pid), "pid {pid} should still run");
+    assert_eq!(
+        status_line(pid, "TracerPid:"),
+        "TracerPid:\t0",
+        "pid {pid} is still traced"
+    );
+    let state = status_line(pid, "State:");
+    assert!(
+        !state.contains("stopped") && !state.contains("tracing"),
+        "pid {pid} left {state}"
+    );
+}
+
+/// A `sleep 30` holding one end of a loopback TCP connection on fd 5, the
+/// other end (`server`) held by the test.
+pub struct SleepOnConnection {
+    pub child: std::process::Child,
+    pub server: std::net::TcpStream,
+    /// The sleeping end's address.
+    pub local: std::net::SocketAddr,
+    /// The test's end's address.
+    pub peer: std::net::SocketAddr,
+}
+
+/// Starts [`SleepOnConnection`], with a netlink socket on fd 6 too when
+/// `netlink_on_6`, every other descriptor above 2 closed; returns once its
+/// descriptors are in place.
+pub fn sleep_on_loopback_connection(netlink_on_6: bool) -> SleepOnConnection {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let peer = l.local_addr().unwrap();
+    let client = std::net::TcpStream::connect(peer).unwrap();
+    let (server, _) = l.accept().unwrap();
+    let local = client.local_addr().unwrap();
+    let cfd = client.as_raw_fd();
+    let mut cmd = std::process::Command::new("sleep");
+    cmd.arg("30");
+    // SAFETY: only async-signal-safe syscalls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(cfd, 5) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let mut first_closed = 6u32;
+            if netlink_on_6 {
+                let s = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE);
+                if s < 0 || libc::dup2(s, 6) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                first_closed = 7;
+            }
+            libc::syscall(libc::SYS_close_range, first_closed, u32::MAX, 0u32);
+            libc::syscall(libc::SYS_close_range, 3u32, 4u32, 0u32);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    drop(client);
+    let last_fd = if netlink_on_6 { 6 } else { 5 };
+    wait_for_file(
+        format!("/proc/{}/fd/{last_fd}", child.id()).as_ref(),
+        Duration::from_secs(60),
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    SleepOnConnection {
+        child,
+        server,
+        local,
+        peer,
+    }
+}
+
+/// Everything `s` sent was acknowledged by its peer within 3 s (SIOCOUTQ
+/// drains): no repair mode, no network lock holds the connection.
+pub fn assert_acknowledged(s: &std::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (TIOCOUTQ's number) writes one int.
+        let r = unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+        assert_eq!(r, 0);
+        if queued == 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "{queued} bytes still unacknowledged after 3 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
